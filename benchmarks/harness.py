@@ -1,0 +1,149 @@
+"""The one benchmark harness: warm-up, median of many runs, peak memory, a derived throughput
+figure next to the time, and a long-format results file that records the device and versions.
+
+Every benchmark script builds a list of :class:`Measurement` through :func:`measure` and hands
+it to :func:`write_results`, which appends one JSON object per line (long format: one row per
+(benchmark, implementation, shape)) and prints a table last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Measurement:
+    benchmark: str
+    impl: str
+    shape: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    runs: int
+    gbps: float | None = None
+    tflops: float | None = None
+    peak_mem_mb: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    *,
+    device: torch.device | str = "cpu",
+    warmup: int = 3,
+    min_runs: int = 10,
+    max_runs: int = 200,
+    budget_s: float = 2.0,
+) -> list[float]:
+    """Wall-clock times in ms of ``fn()`` after ``warmup`` calls; runs until ``budget_s`` is spent
+    (at least ``min_runs``, at most ``max_runs``). CUDA work is synchronised around each run."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def measure(
+    benchmark: str,
+    impl: str,
+    shape: str,
+    fn: Callable[[], Any],
+    *,
+    bytes_moved: float | None = None,
+    flops: float | None = None,
+    device: torch.device | str = "cpu",
+    **timing: Any,
+) -> Measurement:
+    """Time ``fn`` and derive GB/s from ``bytes_moved`` (and TFLOP/s from ``flops``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_fn(fn, device=device, **timing)
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    med = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return Measurement(
+        benchmark, impl, shape, med, q[1], q[7], len(times),
+        gbps=None if bytes_moved is None else bytes_moved / (med * 1e-3) / 1e9,
+        tflops=None if flops is None else flops / (med * 1e-3) / 1e12,
+        peak_mem_mb=peak,
+    )
+
+
+def environment() -> dict[str, Any]:
+    """Machine and versions, recorded with every results file."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        model = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo"],
+                               capture_output=True, text=True, timeout=5).stdout
+        info["cpu_model"] = model.split(":", 1)[-1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def format_table(rows: list[Measurement], baseline_impl: str | None = None) -> str:
+    """A plain-text table; ``x base`` is the speed-up over ``baseline_impl`` at the same shape."""
+    base = {(r.benchmark, r.shape): r.median_ms for r in rows if r.impl == baseline_impl}
+    header = f"{'benchmark':<28} {'impl':<22} {'shape':<26} {'median ms':>10} {'GB/s':>8} {'x base':>7}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        b = base.get((r.benchmark, r.shape))
+        speedup = f"{b / r.median_ms:7.2f}" if b else " " * 7
+        gbps = f"{r.gbps:8.2f}" if r.gbps is not None else " " * 8
+        lines.append(f"{r.benchmark:<28} {r.impl:<22} {r.shape:<26} {r.median_ms:10.3f} {gbps} {speedup}")
+    return "\n".join(lines)
+
+
+def write_results(rows: list[Measurement], name: str, directory: Path = RESULTS_DIR) -> Path:
+    """Write ``<directory>/<name>.jsonl``: one environment line, then one line per measurement."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.jsonl"
+    with path.open("w") as f:
+        f.write(json.dumps({"environment": environment(),
+                            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n")
+        for r in rows:
+            f.write(json.dumps(asdict(r)) + "\n")
+    return path

@@ -1,0 +1,1 @@
+"""Demonstrations run by ``iama demo <name>``; each module has add_arguments(parser) and run(args)."""

@@ -1,0 +1,41 @@
+"""iama_kernels: fused kernels for non-linear GRPO, with a float64 PyTorch reference.
+
+Public functions (each takes ``impl="auto" | "reference" | "cpu" | "cuda" | "triton"``):
+:func:`first_variation`, :func:`group_values`, :func:`group_advantages`, :func:`policy_loss`,
+:func:`nonlinear_grpo_loss`. The objective vocabulary lives in :mod:`iama_kernels.objectives`.
+"""
+
+from ._types import AdvantageOutput, NonlinearGRPOOutput, PolicyLossOutput
+from .advantages.api import first_variation, group_advantages, group_values
+from .nonlinear_grpo.api import nonlinear_grpo_loss
+from .objectives import (
+    BestOfN,
+    Criterion,
+    Mean,
+    Min,
+    Objective,
+    SmoothMin,
+    SoftBestOfN,
+    WeightedSum,
+)
+from .policy_loss.api import policy_loss
+
+__all__ = [
+    "AdvantageOutput",
+    "BestOfN",
+    "Criterion",
+    "Mean",
+    "Min",
+    "NonlinearGRPOOutput",
+    "Objective",
+    "PolicyLossOutput",
+    "SmoothMin",
+    "SoftBestOfN",
+    "WeightedSum",
+    "first_variation",
+    "group_advantages",
+    "group_values",
+    "nonlinear_grpo_loss",
+    "policy_loss",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,91 @@
+"""Cheap argument validation shared by every public function.
+
+Errors name the argument and say what was expected; they are raised before any backend runs, so
+every ``impl`` reports bad input identically.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .objectives import BestOfN, Objective
+
+ESTIMATORS = ("plugin", "unbiased")
+SCALES = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "token", "dr_grpo")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_float(name: str, t: object, *, allow_half: bool = True) -> torch.Tensor:
+    t = check_tensor(name, t)
+    allowed = FLOAT_DTYPES if allow_half else (torch.float32, torch.float64)
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{name} must have a floating dtype ({names}), got {t.dtype}")
+    return t
+
+
+def check_ndim(name: str, t: torch.Tensor, ndims: Sequence[int], shape_doc: str) -> None:
+    if t.dim() not in ndims:
+        raise ValueError(f"{name} must have shape {shape_doc}, got shape {tuple(t.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    if not items:
+        return
+    first_name, first = items[0]
+    for k, v in items[1:]:
+        if v.device != first.device:
+            raise ValueError(
+                f"{k} is on {v.device} but {first_name} is on {first.device}; "
+                "all tensors must be on one device"
+            )
+
+
+def check_finite_rewards(name: str, rewards: torch.Tensor, valid: torch.Tensor | None) -> None:
+    """Rewards ``[B, G]`` or ``[B, G, m]``: NaN/inf among valid samples names the first group."""
+    bad = ~torch.isfinite(rewards)
+    if valid is not None:
+        bad = bad & (valid if rewards.dim() == 2 else valid.unsqueeze(-1))
+    if bool(bad.any()):
+        idx = bad.nonzero()[0].tolist()
+        where = f"group {idx[0]}, sample {idx[1]}" + (f", criterion {idx[2]}" if len(idx) > 2 else "")
+        value = rewards[tuple(idx)].item()
+        raise ValueError(f"{name} must be finite, got {value} at {where}")
+
+
+def check_positive_float(name: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+    return v
+
+
+def check_group_sizes(objective: Objective, estimator: str, group_size: int | None) -> None:
+    """``estimator='unbiased'`` needs at least n samples per group for every BestOfN(n)."""
+    if estimator != "unbiased" or group_size is None:
+        return
+    for c in objective.criteria:
+        if isinstance(c.transform, BestOfN) and group_size < c.transform.n:
+            raise ValueError(
+                f"estimator='unbiased' needs group size G >= n, but criterion {c.name!r} uses "
+                f"{c.transform!r} with G={group_size}; use estimator='plugin' or a larger G"
+            )

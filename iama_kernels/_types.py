@@ -1,0 +1,54 @@
+"""Result types of the public functions (NamedTuples: unpackable and torch.compile-friendly)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class AdvantageOutput(NamedTuple):
+    """Result of :func:`iama_kernels.group_advantages`.
+
+    Attributes:
+        advantages: ``[B, G]`` centred (and scaled) advantages; 0 for invalid samples.
+        shaped: ``[B, G]`` the combined non-linear reward ``sum_i lambda_i s_i``, centred per group,
+            before scaling.
+        values: ``[B, m]`` per-group value estimates ``R_hat`` of each criterion (0 for a group
+            with no valid sample).
+        criterion_weights: ``[m]`` the ``lambda = dg/dR`` used to combine the criteria.
+    """
+
+    advantages: torch.Tensor
+    shaped: torch.Tensor
+    values: torch.Tensor
+    criterion_weights: torch.Tensor
+
+
+class PolicyLossOutput(NamedTuple):
+    """Result of :func:`iama_kernels.policy_loss`.
+
+    Attributes:
+        loss: scalar, differentiable with respect to ``logp``.
+        kl: scalar, mask-weighted mean over tokens of the k3 estimate (0 without ``ref_logp``).
+        clip_fraction: scalar, mask-weighted fraction of tokens whose clipped term is active.
+        ratio_mean: scalar, mask-weighted mean of ``exp(logp - old_logp)``.
+    """
+
+    loss: torch.Tensor
+    kl: torch.Tensor
+    clip_fraction: torch.Tensor
+    ratio_mean: torch.Tensor
+
+
+class NonlinearGRPOOutput(NamedTuple):
+    """Result of :func:`iama_kernels.nonlinear_grpo_loss`: the loss, its metrics and the
+    intermediate advantages, values and criterion weights (all but ``loss`` detached)."""
+
+    loss: torch.Tensor
+    advantages: torch.Tensor
+    kl: torch.Tensor
+    clip_fraction: torch.Tensor
+    ratio_mean: torch.Tensor
+    values: torch.Tensor
+    criterion_weights: torch.Tensor

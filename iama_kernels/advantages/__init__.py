@@ -1,0 +1,1 @@
+"""Order statistics, first variations, group values and advantages."""

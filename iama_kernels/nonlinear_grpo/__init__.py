@@ -1,0 +1,1 @@
+"""The one-pass op: advantages from rewards, then the token loss, in one call."""

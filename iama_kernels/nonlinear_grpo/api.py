@@ -1,0 +1,75 @@
+"""Public function ``nonlinear_grpo_loss``: rewards and log-probs in, loss and metrics out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .._dispatch import Backend, Call, choose, reference_check
+from .._types import NonlinearGRPOOutput
+from ..advantages.api import prepare_group_inputs
+from ..objectives import Criterion, Objective, Transform
+from ..policy_loss.api import check_token_inputs
+from . import reference
+
+_NONLINEAR_GRPO_BACKENDS: list[Backend] = [
+    Backend("reference", reference_check, reference.nonlinear_grpo_loss_ref),
+]
+
+
+def nonlinear_grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    objective: Objective | Transform | Criterion,
+    *,
+    estimator: str = "plugin",
+    scale: str = "group",
+    eps: float = 1e-4,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    loss_type: str = "grpo",
+    criterion_weights: torch.Tensor | Sequence[float] | None = None,
+    max_completion_length: int | None = None,
+    impl: str = "auto",
+) -> NonlinearGRPOOutput:
+    """The one-pass non-linear GRPO op: group rewards to advantages, then the token loss.
+
+    Equivalent to :func:`group_advantages` followed by :func:`policy_loss` on
+    ``advantages.reshape(-1)``; the fused backends do both in one launch.
+
+    Args:
+        logp, old_logp, ref_logp, mask: ``[B * G, T]`` as in :func:`policy_loss`; rows are
+            group-major (row ``b * G + g`` is sample ``g`` of group ``b``).
+        rewards: ``[B, G]`` or ``[B, G, m]`` floating rewards, finite.
+        objective, estimator, scale, eps, criterion_weights: as in :func:`group_advantages`.
+        eps_low, eps_high, beta, loss_type, max_completion_length: as in :func:`policy_loss`.
+        impl: ``"auto"`` or an explicit backend name.
+
+    Returns:
+        :class:`~iama_kernels.NonlinearGRPOOutput` ``(loss, advantages [B, G], kl,
+        clip_fraction, ratio_mean, values [B, m], criterion_weights [m])``; only ``loss``
+        carries a gradient (into ``logp``).
+    """
+    eps_low, eps_high, beta = check_token_inputs(
+        logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_type, max_completion_length
+    )
+    rewards, objective, criterion_weights, _, eps = prepare_group_inputs(
+        rewards, objective, estimator, scale, eps, criterion_weights, None
+    )
+    B, G, _ = rewards.shape
+    if logp.shape[0] != B * G:
+        raise ValueError(f"logp has {logp.shape[0]} rows but rewards has B * G = {B} * {G} = "
+                         f"{B * G} samples (rows must be group-major)")
+    if rewards.device != logp.device:
+        raise ValueError(f"rewards is on {rewards.device} but logp is on {logp.device}")
+    call = Call("nonlinear_grpo_loss", logp.device, impl != "auto",
+                {"G": G, "dtype": logp.dtype, "reward_dtype": rewards.dtype,
+                 "objective": objective, "max_n": objective.max_n(), "shape": tuple(logp.shape)})
+    backend = choose("nonlinear_grpo_loss", impl, _NONLINEAR_GRPO_BACKENDS, call)
+    return backend.run(logp, old_logp, ref_logp, mask, rewards, objective, estimator, scale, eps,
+                       eps_low, eps_high, beta, loss_type, criterion_weights, max_completion_length)

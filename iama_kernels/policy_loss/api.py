@@ -1,0 +1,128 @@
+"""Public function ``policy_loss`` and the argument checks shared with ``nonlinear_grpo_loss``."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .._checks import LOSS_TYPES, check_choice, check_float, check_positive_float, check_tensor
+from .._dispatch import Backend, Call, choose, reference_check
+from .._types import PolicyLossOutput
+from . import reference
+
+_POLICY_LOSS_BACKENDS: list[Backend] = [
+    Backend("reference", reference_check, reference.policy_loss_ref),
+]
+
+
+def check_token_inputs(
+    logp: object,
+    old_logp: object,
+    ref_logp: object,
+    mask: object,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    loss_type: str,
+    max_completion_length: int | None,
+) -> tuple[float, float, float]:
+    """Validate the per-token arguments; returns ``(eps_low, eps_high, beta)`` as floats."""
+    logp = check_float("logp", logp)
+    if logp.dim() != 2:
+        raise ValueError(f"logp must have shape [S, T], got {tuple(logp.shape)}")
+    shape = tuple(logp.shape)
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if t is None:
+            continue
+        t = check_float(name, t)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have the shape of logp {shape}, got {tuple(t.shape)}")
+        if t.device != logp.device:
+            raise ValueError(f"{name} is on {t.device} but logp is on {logp.device}")
+    mask = check_tensor("mask", mask)
+    if mask.is_complex() or not (mask.dtype == torch.bool or mask.is_floating_point()
+                                 or mask.dtype in (torch.uint8, torch.int8, torch.int16,
+                                                   torch.int32, torch.int64)):
+        raise TypeError(f"mask must be bool, integer or floating, got {mask.dtype}")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"mask must have the shape of logp {shape}, got {tuple(mask.shape)}")
+    if mask.device != logp.device:
+        raise ValueError(f"mask is on {mask.device} but logp is on {logp.device}")
+    eps_low = check_positive_float("eps_low", eps_low, allow_zero=True)
+    if eps_low >= 1:
+        raise ValueError(f"eps_low must be in [0, 1), got {eps_low}")
+    eps_high = check_positive_float("eps_high", eps_high, allow_zero=True)
+    beta = check_positive_float("beta", beta, allow_zero=True)
+    if beta > 0 and ref_logp is None:
+        raise ValueError(f"ref_logp is required when beta > 0 (got beta={beta})")
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    if max_completion_length is not None and (
+        isinstance(max_completion_length, bool)
+        or not isinstance(max_completion_length, numbers.Integral)
+        or max_completion_length < 1
+    ):
+        raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
+    return eps_low, eps_high, beta
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+    impl: str = "auto",
+) -> PolicyLossOutput:
+    """Clipped-ratio surrogate plus k3 KL penalty: one mirror-descent step as a GRPO loss.
+
+    Per token: ``rho = exp(logp - old_logp)``,
+    ``loss_t = -(min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) - beta * kl_t)`` with
+    ``kl_t = exp(ref - logp) - (ref - logp) - 1``.
+
+    Args:
+        logp: ``[S, T]`` log-probs of the sampled tokens under the policy being trained
+            (float16/bfloat16/float32/float64, with autograd). Half types compute in float32.
+        old_logp: ``[S, T]`` log-probs under the sampling policy, or ``None`` for
+            ``logp.detach()`` (one update per batch: the ratio is 1).
+        ref_logp: ``[S, T]`` log-probs under the reference policy; required when ``beta > 0``.
+        advantages: ``[S]`` one advantage per sequence (float).
+        mask: ``[S, T]`` bool, integer or floating token weights (1 = completion token). Tokens
+            with weight 0 are ignored entirely: their log-probs may be anything, even NaN.
+        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``.
+        beta: KL coefficient ``>= 0``.
+        loss_type: ``"grpo"`` (mean over each sequence's tokens, then over sequences; a row with
+            an empty mask contributes 0 and still counts as a sequence), ``"token"`` (sum over
+            tokens / number of tokens; DAPO) or ``"dr_grpo"`` (sum / (S * max_completion_length)).
+        max_completion_length: the ``dr_grpo`` normaliser; defaults to ``T``.
+        impl: ``"auto"`` or an explicit backend name.
+
+    Returns:
+        :class:`~iama_kernels.PolicyLossOutput` of scalars (float64 for float64 ``logp``, else
+        float32): ``loss`` and the detached metrics ``kl``, ``clip_fraction``, ``ratio_mean``
+        (mask-weighted means over tokens). ``d loss / d logp_t = w_t (-(rho A if the unclipped
+        term is active else 0) + beta (1 - exp(ref - logp)))``.
+    """
+    eps_low, eps_high, beta = check_token_inputs(
+        logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_type, max_completion_length
+    )
+    advantages = check_float("advantages", advantages)
+    if tuple(advantages.shape) != (logp.shape[0],):
+        raise ValueError(f"advantages must have shape [S] = [{logp.shape[0]}], "
+                         f"got {tuple(advantages.shape)}")
+    if advantages.device != logp.device:
+        raise ValueError(f"advantages is on {advantages.device} but logp is on {logp.device}")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(advantages).all()):
+        bad = int((~torch.isfinite(advantages)).nonzero()[0, 0])
+        raise ValueError(f"advantages must be finite, got {advantages[bad].item()} at sequence {bad}")
+    call = Call("policy_loss", logp.device, impl != "auto",
+                {"dtype": logp.dtype, "shape": tuple(logp.shape)})
+    backend = choose("policy_loss", impl, _POLICY_LOSS_BACKENDS, call)
+    return backend.run(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,
+                       loss_type, max_completion_length)

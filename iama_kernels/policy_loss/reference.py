@@ -1,0 +1,76 @@
+"""Eager PyTorch reference for the clipped-ratio + k3-KL policy loss (SPEC section 5).
+
+Autograd through these ops gives exactly the closed-form gradient of the SPEC: the clipped branch
+is detached, so the gradient is ``-rho A`` where the unclipped term is active (ties included) and 0
+where the clipped one is, plus ``beta (1 - exp(ref - logp))``. Tokens with mask 0 are never read
+into the arithmetic (``torch.where``, not a product), so padding may hold inf or NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._types import PolicyLossOutput
+from ..advantages.reference import compute_dtype
+
+
+def token_weights(
+    mask: torch.Tensor, loss_type: str, max_completion_length: int | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``[S, T]`` weight of each token's loss in the aggregate (so the loss is a plain sum).
+
+    grpo: ``m / (S * max(1, sum_t m))`` (a row with an empty mask contributes 0 but still counts
+    in the mean over sequences, as in TRL); token: ``m / max(1, sum m)``; dr_grpo:
+    ``m / (S * max_completion_length)`` with ``max_completion_length`` defaulting to ``T``.
+    """
+    m = mask.to(dtype)
+    S, T = m.shape
+    if loss_type == "grpo":
+        return m / (S * m.sum(-1, keepdim=True).clamp(min=1))
+    if loss_type == "token":
+        return m / m.sum().clamp(min=1)
+    length = T if max_completion_length is None else max_completion_length
+    return m / (S * length)
+
+
+def policy_loss_ref(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+) -> PolicyLossOutput:
+    """Reference :func:`iama_kernels.policy_loss`; arguments already validated."""
+    dtype = compute_dtype(logp.dtype)
+    keep = mask != 0
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+    lp = torch.where(keep, logp.to(dtype), zero)
+    old = lp.detach() if old_logp is None else torch.where(keep, old_logp.to(dtype), zero)
+    A = advantages.to(dtype).unsqueeze(-1)
+
+    ratio = torch.exp(lp - old)
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
+    unclipped_active = ratio * A <= clipped * A
+    surrogate = torch.where(unclipped_active, ratio * A, (clipped * A).detach())
+    if ref_logp is None:
+        kl = torch.zeros_like(lp)
+    else:
+        d = torch.where(keep, ref_logp.to(dtype), zero) - lp
+        kl = torch.exp(d) - d - 1
+    per_token = beta * kl - surrogate
+
+    w = token_weights(mask, loss_type, max_completion_length, dtype)
+    loss = torch.where(keep, per_token * w, zero).sum()
+
+    m = mask.to(dtype)
+    tokens = m.sum().clamp(min=1)
+    with torch.no_grad():
+        kl_mean = (kl * m).sum() / tokens
+        clip_fraction = ((~unclipped_active).to(dtype) * m).sum() / tokens
+        ratio_mean = (ratio * m).sum() / tokens
+    return PolicyLossOutput(loss, kl_mean.detach(), clip_fraction, ratio_mean.detach())

@@ -1,0 +1,42 @@
+"""Devices, markers and seeds for the whole suite.
+
+Capability skips go through markers decided here, at run time: ``gpu`` tests are skipped when no
+CUDA device is present; ``interpreter`` tests run Triton kernels on CPU tensors through
+``TRITON_INTERPRET=1``, which is set below on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when the kernel module is first
+# imported: set it here, before any test module imports triton, and only without a GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not _has_cuda():
+        skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if _has_cuda() else "cpu")
