@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv == ["demo"]:
-        argv.append(DEFAULT_DEMO)
+    # `iama demo [--flags]` runs the default demo with those flags.
+    flags_only = len(argv) == 1 or (argv[1].startswith("-") and argv[1] not in ("-h", "--help"))
+    if argv[:1] == ["demo"] and flags_only:
+        argv.insert(1, DEFAULT_DEMO)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo" and getattr(args, "run", None) is None:
