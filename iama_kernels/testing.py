@@ -3,14 +3,25 @@
 Tolerances follow one rule: a backend's error against the float64 reference must stay within a
 small multiple of the error that the same-dtype reference itself makes (plus a floor for outputs
 that are exactly representable), so that a tolerance never has to be guessed.
+
+The module also holds the independent oracles (subset enumeration, exact integration of the
+empirical-CDF formula, lgamma-based weights, the policy loss in plain Python loops), a reward
+generator with deliberate ties and constant groups, and :func:`reference_pair`, which gives the
+``(float64 oracle, same-dtype reference)`` pair that :func:`assert_matches_reference` takes.
 """
 
 from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
 
 def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b|`` computed in float64 (0 for empty tensors)."""
     return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
 
 
@@ -57,3 +68,412 @@ def assert_matches_reference(
             f"{name}: max abs error {err:.3e} exceeds the tolerance {max(bounds):.3e} "
             f"(oracle scale {float(oracle64.double().abs().max()):.3e})"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent oracles. None of them uses the package's weight tables or sorted-difference
+# formulas: they enumerate subsets, integrate the empirical CDF, or use lgamma-based weights, so
+# an agreement with the reference is evidence and not a tautology. All work in float64 (or exact
+# Python floats with math.fsum) and return float64 CPU tensors.
+# ---------------------------------------------------------------------------------------------
+
+
+def _floats(rewards_1d: torch.Tensor | Sequence[float]) -> list[float]:
+    """A group's rewards as Python floats (float64), from a 1-D tensor or a sequence."""
+    if isinstance(rewards_1d, torch.Tensor):
+        if rewards_1d.dim() != 1:
+            raise ValueError(f"rewards_1d must be 1-D, got shape {tuple(rewards_1d.shape)}")
+        return [float(v) for v in rewards_1d.detach().double().cpu().tolist()]
+    return [float(v) for v in rewards_1d]
+
+
+def _centred(values: list[float]) -> torch.Tensor:
+    mean = math.fsum(values) / len(values)
+    return torch.tensor([v - mean for v in values], dtype=torch.float64)
+
+
+def brute_force_unbiased(rewards_1d: torch.Tensor | Sequence[float], n: int) -> torch.Tensor:
+    """Unbiased BestOfN(n) first variation of one group by enumerating subsets, centred.
+
+    ``s_j = n * mean over all (n-1)-subsets S of the other G-1 samples of max(r_j, max S)``
+    (``itertools.combinations``; for ``n = 1`` the only subset is empty and ``s_j = r_j``), then
+    ``s - mean(s)``. Cost ``G * C(G-1, n-1)``: meant for G <= 10.
+
+    Args:
+        rewards_1d: ``[G]`` rewards (any float dtype; used as float64), ``G >= n``.
+        n: the BestOfN ``n >= 1``.
+    Returns:
+        ``[G]`` float64, centred.
+    """
+    r = _floats(rewards_1d)
+    G = len(r)
+    if not 1 <= n <= G:
+        raise ValueError(f"brute_force_unbiased needs 1 <= n <= G, got n={n}, G={G}")
+    s = []
+    for j in range(G):
+        others = r[:j] + r[j + 1 :]
+        maxima = [max((r[j], *subset)) for subset in itertools.combinations(others, n - 1)]
+        s.append(n * math.fsum(maxima) / len(maxima))
+    return _centred(s)
+
+
+def unbiased_value(rewards_1d: torch.Tensor | Sequence[float], n: int) -> float:
+    """Unbiased BestOfN(n) group value: the mean over all n-subsets of the group of their max.
+
+    Enumerates ``itertools.combinations(G, n)``; meant for ``C(G, n)`` up to ~1e5.
+    """
+    r = _floats(rewards_1d)
+    if not 1 <= n <= len(r):
+        raise ValueError(f"unbiased_value needs 1 <= n <= G, got n={n}, G={len(r)}")
+    maxima = [max(subset) for subset in itertools.combinations(r, n)]
+    return math.fsum(maxima) / len(maxima)
+
+
+def brute_force_plugin_value(rewards_1d: torch.Tensor | Sequence[float], n: int) -> float:
+    """Plug-in BestOfN(n) group value: ``E[max of n draws with replacement]`` from the group's
+    empirical distribution, by enumerating all ``G**n`` ordered draws (meant for ``G**n <= 1e5``).
+    """
+    r = _floats(rewards_1d)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if len(r) ** n > 200_000:
+        raise ValueError(f"G**n = {len(r)}**{n} is too many draws to enumerate")
+    maxima = [max(draw) for draw in itertools.product(r, repeat=n)]
+    return math.fsum(maxima) / len(maxima)
+
+
+def plugin_by_integration(rewards_1d: torch.Tensor | Sequence[float], n: int) -> torch.Tensor:
+    """Plug-in BestOfN(n) first variation by integrating SPEC's formula exactly, centred.
+
+    ``s(y) = -int_{r(y)}^{r_max} n C(t)^{n-1} dt`` with ``C(t) = #{i : r_i <= t} / G`` the
+    empirical CDF of the group (the sample itself included). ``C`` is a step function that is
+    constant between consecutive distinct rewards, so the integral is an exact sum over those
+    intervals; ``C`` is evaluated by counting at each interval's midpoint (not from sorted
+    positions), which keeps this independent of the reference's difference formula. Works for
+    any ``n >= 1`` and G up to a few thousand.
+
+    Returns:
+        ``[G]`` float64, centred.
+    """
+    r = _floats(rewards_1d)
+    G = len(r)
+    if n < 1 or G < 1:
+        raise ValueError(f"plugin_by_integration needs n >= 1 and G >= 1, got n={n}, G={G}")
+    levels = sorted(set(r))
+    # piece[i] = int over [levels[i], levels[i+1]) of n C(t)^(n-1) dt
+    pieces = []
+    for lo, hi in itertools.pairwise(levels):
+        mid = 0.5 * (lo + hi)
+        cdf = sum(1 for v in r if v <= mid) / G
+        pieces.append(n * cdf ** (n - 1) * (hi - lo))
+    # integral from levels[i] to the top = sum of pieces i..end (fsum: exact up to one rounding)
+    from_level = {lv: -math.fsum(pieces[i:]) for i, lv in enumerate(levels)}
+    return _centred([from_level[v] for v in r])
+
+
+class LogspaceUnbiasedWeights(NamedTuple):
+    """Weights of the unbiased BestOfN estimator computed through ``lgamma`` (see
+    :func:`logspace_unbiased_weights`)."""
+
+    others: torch.Tensor  # [G-1]: a_k = n C(k-1, n-2) / C(G-1, n-1), k = 1..G-1
+    value: torch.Tensor  # [G]:   v_k = C(k-1, n-1) / C(G, n),       k = 1..G
+
+
+def _log_comb(a: int, b: int) -> float:
+    return math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)
+
+
+def logspace_unbiased_weights(G: int, n: int) -> LogspaceUnbiasedWeights:
+    """The unbiased estimator's binomial weights in log space (float64, relative error ~1e-13
+    at G = 1024), independent of the exact integer arithmetic of ``iama_kernels._weights``.
+
+    ``others[k-1] = n C(k-1, n-2) / C(G-1, n-1)`` is the weight of the k-th smallest of the
+    other G-1 rewards in the leave-one-out U-statistic (all 0 for ``n = 1``);
+    ``value[k-1] = C(k-1, n-1) / C(G, n)`` is the weight of the k-th smallest reward in the
+    group value. Binomials with ``b < 0`` or ``b > a`` are 0.
+    """
+    if not 1 <= n <= G:
+        raise ValueError(f"logspace_unbiased_weights needs 1 <= n <= G, got G={G}, n={n}")
+    others = [0.0] * (G - 1)
+    if n >= 2:
+        log_den = _log_comb(G - 1, n - 1)
+        for k in range(n - 1, G):
+            others[k - 1] = n * math.exp(_log_comb(k - 1, n - 2) - log_den)
+    log_den = _log_comb(G, n)
+    value = [math.exp(_log_comb(k - 1, n - 1) - log_den) if k >= n else 0.0 for k in range(1, G + 1)]
+    return LogspaceUnbiasedWeights(torch.tensor(others, dtype=torch.float64),
+                                   torch.tensor(value, dtype=torch.float64))
+
+
+def logspace_unbiased_first_variation(rewards: torch.Tensor, n: int) -> torch.Tensor:
+    """Unbiased BestOfN(n) first variation of groups ``[..., G]`` straight from SPEC's formula.
+
+    ``s_j = sum_k others_k * max(r_j, r^{(-j)}_(k))`` with the lgamma weights of
+    :func:`logspace_unbiased_weights`, evaluated as a dense ``[G, G-1]`` matrix of the other
+    samples per sample (``O(G^2)`` memory and time per group; fine for G = 1024), then centred.
+    No suffix sums, no tie handling: ties agree only up to rounding.
+
+    Returns:
+        ``[..., G]`` float64.
+    """
+    x = rewards.detach().double().cpu()
+    G = x.shape[-1]
+    flat = x.reshape(-1, G)
+    if n == 1:
+        out = flat.clone()
+    else:
+        a = logspace_unbiased_weights(G, n).others
+        # column k of row j is the k-th smallest of the others: sorted[k] below j, sorted[k+1] from j.
+        rows = torch.arange(G).unsqueeze(1)
+        cols = torch.arange(G - 1).unsqueeze(0)
+        take = cols + (cols >= rows).long()  # [G, G-1] index into the sorted group
+        out = torch.empty_like(flat)
+        for b in range(flat.shape[0]):
+            xs, order = torch.sort(flat[b])
+            others = xs[take]
+            s_sorted = torch.maximum(xs.unsqueeze(1), others) @ a
+            out[b, order] = s_sorted
+    out = out - out.mean(-1, keepdim=True)
+    return out.reshape(x.shape)
+
+
+def logspace_unbiased_group_value(rewards: torch.Tensor, n: int) -> torch.Tensor:
+    """Unbiased BestOfN(n) value ``sum_k v_k r_(k)`` of groups ``[..., G]`` with lgamma weights."""
+    x = rewards.detach().double().cpu()
+    v = logspace_unbiased_weights(x.shape[-1], n).value
+    return (torch.sort(x, dim=-1).values * v).sum(-1)
+
+
+def plugin_group_value_by_cdf(rewards: torch.Tensor, n: int) -> torch.Tensor:
+    """Plug-in BestOfN(n) value of groups ``[..., G]``: ``E[max] = sum over distinct levels u of
+    u * (C(u)^n - C(u-)^n)`` with the empirical CDF counted directly (float64)."""
+    x = rewards.detach().double().cpu()
+    G = x.shape[-1]
+    flat = x.reshape(-1, G)
+    out = torch.empty(flat.shape[0], dtype=torch.float64)
+    for b in range(flat.shape[0]):
+        r = flat[b].tolist()
+        terms = []
+        for u in sorted(set(r)):
+            below = sum(1 for v in r if v < u) / G
+            upto = sum(1 for v in r if v <= u) / G
+            terms.append(u * (upto**n - below**n))
+        out[b] = math.fsum(terms)
+    return out.reshape(x.shape[:-1])
+
+
+def soft_best_of_n_oracle(
+    rewards_1d: torch.Tensor | Sequence[float], tau: float
+) -> tuple[torch.Tensor, float]:
+    """SoftBestOfN(tau) plug-in of one group from SPEC's formula, in Python float64.
+
+    ``w_j = exp((r_j - max r) / tau)``, ``R_hat = sum w r / sum w``,
+    ``s_j = (w_j / mean w) (r_j - R_hat)``, then centred. Weights are formed from the
+    differences to the maximum, so any reward/tau ratio stays finite.
+
+    Returns:
+        ``(s [G] float64 centred, R_hat)``.
+    """
+    r = _floats(rewards_1d)
+    top = max(r)
+    # (r - top) / tau: both factors are Python floats, so no float32 underflow of tau.
+    w = [1.0 if v == top else math.exp((v - top) / tau) for v in r]
+    r_hat = math.fsum(wi * v for wi, v in zip(w, r, strict=True)) / math.fsum(w)
+    mean_w = math.fsum(w) / len(w)
+    return _centred([wi / mean_w * (v - r_hat) for wi, v in zip(w, r, strict=True)]), r_hat
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs.
+# ---------------------------------------------------------------------------------------------
+
+
+def random_rewards(
+    B: int,
+    G: int,
+    *,
+    ties: bool = True,
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+    m: int | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Random group rewards ``[B, G]`` (or ``[B, G, m]``) that exercise ties and constant groups.
+
+    With ``ties=False`` every entry is standard normal. With ``ties=True`` group ``b`` is of kind
+    ``b % 4``:
+
+    * 0: entries drawn from a pool of about G/2 normal values (ties at random values, anywhere
+      in the sort order);
+    * 1: a few levels on the grid ``k/4``, ``|k| <= 4`` (many ties, exact in every float dtype);
+    * 2: binary ``{0, 1}`` (the pass@k setting);
+    * 3: a constant group (all G entries equal).
+
+    So any ``B >= 4`` contains every kind. Values are drawn in float64 and then cast, so ties
+    survive the cast to any ``dtype``.
+    """
+    shape = (B, G) if m is None else (B, G, m)
+    r = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if ties:
+        for b in range(B):
+            kind = b % 4
+            if kind == 0:
+                # G entries drawn from a pool of about G/2 normal values: ties at random values.
+                pool = torch.randn((G // 2 + 1, *r.shape[2:]), generator=generator, dtype=torch.float64)
+                idx = torch.randint(0, pool.shape[0], r[b].shape, generator=generator)
+                r[b] = torch.gather(pool, 0, idx)
+            elif kind == 1:
+                r[b] = torch.randint(-4, 5, r[b].shape, generator=generator).double() / 4
+            elif kind == 2:
+                r[b] = torch.randint(0, 2, r[b].shape, generator=generator).double()
+            elif kind == 3:
+                r[b] = r[b, :1].clone().expand_as(r[b])
+    return r.to(dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs (float64 oracle, same-dtype reference) for assert_matches_reference.
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_float64(x: object) -> object:
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        y = x.detach().to(torch.float64)
+        return y.requires_grad_(x.requires_grad)
+    return x
+
+
+def reference_pair(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """``(float64 oracle, same-dtype reference)`` outputs of a public op for one call.
+
+    ``fn`` is a public function (``first_variation``, ``group_values``, ``group_advantages``,
+    ``policy_loss``, ``nonlinear_grpo_loss``). Both calls use ``impl="reference"``; the oracle
+    call gets every floating tensor argument cast to float64 (bool/integer tensors and
+    non-tensors unchanged). Use as::
+
+        oracle64, ref = reference_pair(first_variation, rewards, BestOfN(4), estimator="unbiased")
+        assert_matches_reference(out, oracle64, ref)
+
+    For NamedTuple outputs both elements are NamedTuples; compare field by field.
+    """
+    kwargs = dict(kwargs, impl="reference")
+    with torch.no_grad():
+        oracle = fn(*(_to_float64(a) for a in args), **{k: _to_float64(v) for k, v in kwargs.items()})
+        same = fn(*args, **kwargs)
+    return oracle, same
+
+
+def reference_grad_pair(
+    fn: Callable[..., Any], *args: Any, wrt: int | str = 0, **kwargs: Any
+) -> tuple[tuple[Any, torch.Tensor], tuple[Any, torch.Tensor]]:
+    """Like :func:`reference_pair` for a differentiable op: also the gradient of the op's scalar
+    output (the first field of a NamedTuple output) with respect to argument ``wrt`` (a position
+    in ``args`` or a keyword name).
+
+    Returns:
+        ``((out64, grad64), (out, grad))``; ``grad`` has the dtype of the argument.
+    """
+    kwargs = dict(kwargs, impl="reference")
+
+    def run(cast: bool) -> tuple[Any, torch.Tensor]:
+        a = [(_to_float64(x) if cast else x) for x in args]
+        kw = {k: (_to_float64(v) if cast else v) for k, v in kwargs.items()}
+        if isinstance(wrt, int):
+            leaf = a[wrt].detach().clone().requires_grad_(True)
+            a[wrt] = leaf
+        else:
+            leaf = kw[wrt].detach().clone().requires_grad_(True)
+            kw[wrt] = leaf
+        out = fn(*a, **kw)
+        scalar = out[0] if isinstance(out, tuple) else out
+        (grad,) = torch.autograd.grad(scalar, leaf)
+        return out, grad
+
+    return run(True), run(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy loss by hand.
+# ---------------------------------------------------------------------------------------------
+
+
+class LoopPolicyLoss(NamedTuple):
+    """Result of :func:`policy_loss_by_loops` (float64 CPU tensors)."""
+
+    loss: torch.Tensor  # []
+    grad: torch.Tensor  # [S, T] d loss / d logp
+    kl: torch.Tensor  # []
+    clip_fraction: torch.Tensor  # []
+    ratio_mean: torch.Tensor  # []
+
+
+def policy_loss_by_loops(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+) -> LoopPolicyLoss:
+    """SPEC section 5 token by token in plain Python float64 loops: loss, gradient and metrics.
+
+    The gradient is the SPEC's closed form ``-(rho A unless clipped) + beta (1 - exp(ref - logp))``
+    times the token's aggregation weight; "clipped" is TRL's definition (``rho < 1 - eps_low`` with
+    ``A < 0`` or ``rho > 1 + eps_high`` with ``A > 0``), which is also ``clip_fraction``. Tokens
+    with mask 0 are skipped before their values are read. ``mask`` values are token weights.
+    """
+    lp = logp.detach().double().tolist()
+    old = lp if old_logp is None else old_logp.detach().double().tolist()
+    ref = None if ref_logp is None else ref_logp.detach().double().tolist()
+    adv = advantages.detach().double().tolist()
+    msk = mask.detach().double().tolist()
+    S, T = len(lp), len(lp[0]) if lp else 0
+    total = sum(math.fsum(row) for row in msk)
+    length = T if max_completion_length is None else max_completion_length
+    loss_terms, kl_terms, clip_terms, ratio_terms = [], [], [], []
+    grad = [[0.0] * T for _ in range(S)]
+    for s in range(S):
+        row_total = math.fsum(msk[s])
+        for t in range(T):
+            w = msk[s][t]
+            if w == 0:
+                continue
+            if loss_type == "grpo":
+                agg = w / (S * max(1.0, row_total))
+            elif loss_type == "token":
+                agg = w / max(1.0, total)
+            elif loss_type == "dr_grpo":
+                agg = w / (S * length)
+            else:
+                raise ValueError(f"unknown loss_type {loss_type!r}")
+            A = adv[s]
+            rho = math.exp(lp[s][t] - old[s][t])
+            clipped = (rho < 1 - eps_low and A < 0) or (rho > 1 + eps_high and A > 0)
+            surr = min(rho * A, min(max(rho, 1 - eps_low), 1 + eps_high) * A)
+            kl, dkl = 0.0, 0.0
+            if ref is not None:
+                d = ref[s][t] - lp[s][t]
+                kl = math.exp(d) - d - 1
+                dkl = 1 - math.exp(d)
+            loss_terms.append(agg * (beta * kl - surr))
+            grad[s][t] = agg * (-(0.0 if clipped else rho * A) + beta * dkl)
+            kl_terms.append(w * kl)
+            clip_terms.append(w * float(clipped))
+            ratio_terms.append(w * rho)
+    tokens = max(1.0, total)
+
+    def t64(v: object) -> torch.Tensor:
+        return torch.tensor(v, dtype=torch.float64)
+
+    return LoopPolicyLoss(
+        t64(math.fsum(loss_terms)),
+        t64(grad).reshape(S, T),
+        t64(math.fsum(kl_terms) / tokens),
+        t64(math.fsum(clip_terms) / tokens),
+        t64(math.fsum(ratio_terms) / tokens),
+    )

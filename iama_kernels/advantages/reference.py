@@ -54,7 +54,10 @@ def sorted_first_variation_and_value(
             suffix = torch.cat([suffix, torch.zeros_like(x[..., :1])], dim=-1)
             s = x * _vec(unbiased_prefix_sums(g, n), x) + suffix
     elif isinstance(transform, SoftBestOfN):
-        w = torch.exp((x - x[..., -1:]) / transform.tau)
+        # The maximum (and its ties) get weight exactly 1 even when tau underflows to 0 in the
+        # compute dtype (e.g. tau = 1e-50 in float32), where 0 / tau would be NaN.
+        d = x - x[..., -1:]
+        w = torch.where(d == 0, 1.0, torch.exp(d / transform.tau))
         r_hat = (w * x).sum(-1, keepdim=True) / w.sum(-1, keepdim=True)
         s = w / w.mean(-1, keepdim=True) * (x - r_hat)
         value = r_hat.squeeze(-1)
