@@ -12,7 +12,7 @@ DEMOS = {
     "toy": "the paper's Prop. 3.1 toy problem solved by exact non-linear mirror descent",
     "length": "the length task: plain GRPO vs IAMA with BestOfN(4) on a tiny language model",
 }
-DEFAULT_DEMO = "toy"
+DEFAULT_DEMO = "length"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import _cpu_backend as _cb
+from .. import _triton_backend as _tb
 from .._checks import (
     ESTIMATORS,
     SCALES,
@@ -20,15 +22,21 @@ from .._checks import (
 from .._dispatch import Backend, Call, choose, reference_check
 from .._types import AdvantageOutput
 from ..objectives import Criterion, Objective, Transform, as_objective
-from . import reference
+from . import cpu, reference
 
 _FIRST_VARIATION_BACKENDS: list[Backend] = [
+    Backend("cpu", _cb.cpu_check, cpu.first_variation_cpu, _cb.cpu_announce),
+    Backend("triton", _tb.check_triton, _tb.first_variation_triton, _tb.announce_triton),
     Backend("reference", reference_check, reference.first_variation_ref),
 ]
 _GROUP_VALUES_BACKENDS: list[Backend] = [
+    Backend("cpu", _cb.cpu_check, cpu.group_values_cpu, _cb.cpu_announce),
+    Backend("triton", _tb.check_triton, _tb.group_values_triton, _tb.announce_triton),
     Backend("reference", reference_check, reference.group_values_ref),
 ]
 _GROUP_ADVANTAGES_BACKENDS: list[Backend] = [
+    Backend("cpu", _cb.cpu_check, cpu.group_advantages_cpu, _cb.cpu_announce),
+    Backend("triton", _tb.check_triton, _tb.group_advantages_triton, _tb.announce_triton),
     Backend("reference", reference_check, reference.group_advantages_ref),
 ]
 

@@ -6,14 +6,18 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import _cpu_backend as _cb
+from .. import _triton_backend as _tb
 from .._dispatch import Backend, Call, choose, reference_check
 from .._types import NonlinearGRPOOutput
 from ..advantages.api import prepare_group_inputs
 from ..objectives import Criterion, Objective, Transform
 from ..policy_loss.api import check_token_inputs
-from . import reference
+from . import cpu, reference
 
 _NONLINEAR_GRPO_BACKENDS: list[Backend] = [
+    Backend("cpu", _cb.cpu_check, cpu.nonlinear_grpo_loss_cpu, _cb.cpu_announce),
+    Backend("triton", _tb.check_triton, _tb.nonlinear_grpo_loss_triton, _tb.announce_triton),
     Backend("reference", reference_check, reference.nonlinear_grpo_loss_ref),
 ]
 

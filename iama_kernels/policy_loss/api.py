@@ -6,12 +6,16 @@ import numbers
 
 import torch
 
+from .. import _cpu_backend as _cb
+from .. import _triton_backend as _tb
 from .._checks import LOSS_TYPES, check_choice, check_float, check_positive_float, check_tensor
 from .._dispatch import Backend, Call, choose, reference_check
 from .._types import PolicyLossOutput
-from . import reference
+from . import cpu, reference
 
 _POLICY_LOSS_BACKENDS: list[Backend] = [
+    Backend("cpu", _cb.cpu_check, cpu.policy_loss_cpu, _cb.cpu_announce),
+    Backend("triton", _tb.check_triton, _tb.policy_loss_triton, _tb.announce_triton),
     Backend("reference", reference_check, reference.policy_loss_ref),
 ]
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The one script to run on a machine with a CUDA GPU, from a checkout of this repository:
+#   bash benchmarks/gpu/run_device.sh
+# It builds nothing: the Triton kernels compile on first use. It runs the `gpu`-marked Triton tests
+# (with a timeout), then the benchmark, and writes everything under $OUT (default
+# benchmarks/results/gpu): gpu_tests.log, gpu_tests.xml, gpu_bench.{csv,jsonl}, bench.log,
+# nvidia-smi.txt. The benchmark's table is printed last, then one status line.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-benchmarks/results/gpu}"
+export OUT
+mkdir -p "$OUT"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
+PY="${PYTHON:-python}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-300}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-300}"
+
+(nvidia-smi; "$PY" -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)") \
+    > "$OUT/nvidia-smi.txt" 2>&1
+
+echo "== gpu tests (timeout ${TEST_TIMEOUT}s)"
+timeout "$TEST_TIMEOUT" "$PY" -m pytest -q -m gpu tests/test_triton.py -p no:cacheprovider \
+    --durations=10 --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
+test_rc=$?
+tail -n 25 "$OUT/gpu_tests.log"
+
+echo "== benchmark (timeout ${BENCH_TIMEOUT}s)"
+timeout "$BENCH_TIMEOUT" "$PY" benchmarks/gpu/run_gpu.py --out "$OUT" > "$OUT/bench.log" 2>&1
+bench_rc=$?
+tail -n 60 "$OUT/bench.log"
+echo "gpu tests rc=$test_rc, benchmark rc=$bench_rc (124 = timed out); results in $OUT"
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -1,0 +1,290 @@
+"""GPU benchmark of the Triton backend: one run, one table.
+
+Measures, on the current CUDA device:
+
+1. device copy bandwidth (``dst.copy_(src)`` of 512 MiB: read + write), the roofline;
+2. for 1M and 16M tokens (T = 1024 tokens per row, G = 8 and 16, m = 2 criteria, float32 logp,
+   old/ref log-probs, bool mask):
+   * ``fused``: ``nonlinear_grpo_loss(impl="triton")`` forward (which computes and stores the
+     gradient) and forward + backward; ``fused kernel``: its launcher alone (no argument
+     validation, whose finiteness checks synchronise with the host, no autograd);
+   * ``separate``: ``group_advantages`` then ``policy_loss``, both ``impl="triton"``;
+   * ``eager``: ``nonlinear_grpo_loss(impl="reference")`` (PyTorch eager);
+   * ``compiled``: ``torch.compile`` of the reference function;
+   with GB/s computed from the bytes the op must move at least (read logp, old, ref: 4 B each,
+   mask: 1 B, write the gradient: 4 B = 17 B per token; rewards are negligible) and the ratio to
+   the copy bandwidth, to eager and to compiled;
+3. ``group_advantages`` alone at B * G up to 65536: through the public function (validation, one
+   host sync for the finiteness check, lambda from the values: two launches) and the kernel alone
+   with the criterion weights given (one launch, timed with CUDA graphs so that launch overhead
+   is excluded).
+
+Timing: ``triton.testing.do_bench`` medians (warm-up and compilation excluded). Results go to
+``<out>/gpu_bench.csv`` and ``<out>/gpu_bench.jsonl`` (long format with the environment, via
+benchmarks/harness.py); ``<out>`` is ``--out``, else ``$OUT``, else benchmarks/results/. The
+table is printed last. Sized to finish in a few minutes on an H100.
+
+``--smoke`` runs the same code at toy sizes on CPU tensors through the Triton interpreter
+(``TRITON_INTERPRET=1``), without torch.compile, so that the script is tested without a GPU.
+
+Run from the repository root: ``PYTHONPATH=. python benchmarks/gpu/run_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import Measurement, format_table, write_results  # noqa: E402
+from iama_kernels import (  # noqa: E402
+    BestOfN,
+    Criterion,
+    Objective,
+    SoftBestOfN,
+    WeightedSum,
+    group_advantages,
+    nonlinear_grpo_loss,
+    policy_loss,
+)
+from iama_kernels.nonlinear_grpo.reference import nonlinear_grpo_loss_ref  # noqa: E402
+
+BYTES_PER_TOKEN = 4 + 4 + 4 + 1 + 4  # logp, old, ref (float32), mask (bool), gradient (float32)
+OBJECTIVE = Objective([Criterion("a", BestOfN(4)), Criterion("b", SoftBestOfN(0.5))],
+                      WeightedSum([0.5, 0.5]))
+
+
+def output_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"])
+    return ROOT / "benchmarks" / "results"
+
+
+class Timer:
+    """Median time in ms of a callable: do_bench on CUDA, a short wall-clock loop otherwise."""
+
+    def __init__(self, device: torch.device, smoke: bool) -> None:
+        self.device = device
+        self.smoke = smoke
+
+    def __call__(self, fn: Callable[[], Any], graph: bool = False) -> float:
+        if self.device.type == "cuda":
+            import triton.testing
+
+            if graph:  # replays a CUDA graph: launch overhead excluded (small outputs only)
+                return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+            return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        fn()  # warm-up (and interpreter set-up)
+        times = []
+        for _ in range(2 if self.smoke else 5):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def row(benchmark: str, impl: str, shape: str, ms: float, nbytes: float | None,
+        **extra: Any) -> Measurement:
+    gbps = None if nbytes is None else nbytes / (ms * 1e-3) / 1e9
+    return Measurement(benchmark, impl, shape, ms, ms, ms, 1, gbps=gbps, extra=extra)
+
+
+def copy_bandwidth(timer: Timer, device: torch.device, smoke: bool) -> Measurement:
+    n = (1 << 20) if smoke else (128 << 20)  # float32 elements: 4 MiB or 512 MiB
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    return row("copy", "torch", f"{n * 4 >> 20} MiB", ms, 2 * n * 4)
+
+
+def token_inputs(tokens: int, G: int, T: int, device: torch.device, seed: int = 0):
+    S = tokens // T
+    B = S // G
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    logp = (-torch.rand(S, T, generator=g) * 3).to(device)
+    old = (logp.cpu() + 0.1 * torch.randn(S, T, generator=g)).to(device)
+    ref = (logp.cpu() + 0.1 * torch.randn(S, T, generator=g)).to(device)
+    lengths = torch.randint(T // 4, T + 1, (S, 1), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths).to(device)
+    rewards = torch.randint(0, 5, (B, G, 2), generator=g).float().to(device)
+    return logp, old, ref, mask, rewards
+
+
+def bench_tokens(timer: Timer, device: torch.device, tokens: int, G: int, T: int,
+                 compiled: Callable[..., Any] | None) -> list[Measurement]:
+    logp, old, ref, mask, rewards = token_inputs(tokens, G, T, device)
+    shape = f"N={tokens} G={G} T={T} m=2"
+    nbytes = tokens * BYTES_PER_TOKEN
+    kw = {"beta": 0.04, "loss_type": "grpo"}
+    leaf = logp.clone().requires_grad_(True)
+
+    def fused_fwd() -> None:
+        nonlinear_grpo_loss(leaf, old, ref, mask, rewards, OBJECTIVE, impl="triton", **kw)
+
+    def fwd_bwd(impl: str) -> Callable[[], None]:
+        def run() -> None:
+            leaf.grad = None
+            nonlinear_grpo_loss(leaf, old, ref, mask, rewards, OBJECTIVE, impl=impl, **kw).loss.backward()
+        return run
+
+    def separate() -> None:
+        leaf.grad = None
+        adv = group_advantages(rewards, OBJECTIVE, impl="triton").advantages
+        policy_loss(leaf, old, ref, adv.reshape(-1), mask, impl="triton", **kw).loss.backward()
+
+    from iama_kernels.advantages.triton import transform_codes
+    from iama_kernels.nonlinear_grpo.triton import _nonlinear_grpo_fwd
+
+    codes, taus = transform_codes(OBJECTIVE.transforms)
+    lam = torch.tensor([0.5, 0.5], device=device)
+    frozen = leaf.detach()
+
+    def fused_kernel() -> None:  # the launcher alone: no validation, no autograd bookkeeping
+        _nonlinear_grpo_fwd(frozen, old, ref, mask, rewards, lam, codes, taus, "plugin", 1e-4, 1,
+                            0.2, 0.2, kw["beta"], kw["loss_type"], 0, True)
+
+    rows = [
+        row("nonlinear_grpo fwd", "fused kernel", shape, timer(fused_kernel), nbytes),
+        row("nonlinear_grpo fwd", "fused", shape, timer(fused_fwd), nbytes),
+        row("nonlinear_grpo fwd+bwd", "fused", shape, timer(fwd_bwd("triton")), nbytes),
+        row("nonlinear_grpo fwd+bwd", "separate", shape, timer(separate), nbytes),
+        row("nonlinear_grpo fwd+bwd", "eager", shape, timer(fwd_bwd("reference")), nbytes),
+    ]
+    if compiled is not None:
+
+        def compiled_run() -> None:
+            leaf.grad = None
+            compiled(leaf, old, ref, mask, rewards, OBJECTIVE, **kw).loss.backward()
+
+        compiled_run()  # compile outside the timing
+        rows.append(row("nonlinear_grpo fwd+bwd", "compiled", shape, timer(compiled_run), nbytes))
+    return rows
+
+
+def bench_group_advantages(timer: Timer, device: torch.device, samples: int, G: int) -> list[Measurement]:
+    from iama_kernels.advantages.triton import _group_advantages_fwd, transform_codes
+
+    B = samples // G
+    g = torch.Generator(device="cpu").manual_seed(1)
+    rewards = torch.randint(0, 5, (B, G, 2), generator=g).float().to(device)
+    weights = torch.tensor([0.5, 0.5], device=device)
+    codes, taus = transform_codes(OBJECTIVE.transforms)
+    shape = f"B*G={samples} G={G} m=2"
+    nbytes = samples * (2 * 4 + 4 + 4)  # rewards in, advantages and shaped out
+    api = timer(lambda: group_advantages(rewards, OBJECTIVE, impl="triton"))
+    kernel = timer(lambda: _group_advantages_fwd(rewards, None, weights, codes, taus, "plugin", 1e-4, 1,
+                                                 False), graph=True)
+    return [row("group_advantages", "triton api", shape, api, nbytes),
+            row("group_advantages", "triton kernel", shape, kernel, nbytes)]
+
+
+def add_ratios(rows: list[Measurement], copy_gbps: float) -> None:
+    """Ratios next to each row: fraction of copy bandwidth, speed-up over eager and compiled."""
+    by = {(r.benchmark, r.impl, r.shape): r.median_ms for r in rows}
+    for r in rows:
+        if r.gbps is not None and r.benchmark != "copy":
+            r.extra["frac_copy_bw"] = r.gbps / copy_gbps
+        for base in ("eager", "compiled"):
+            b = by.get(("nonlinear_grpo fwd+bwd", base, r.shape))
+            if b is not None and r.benchmark.startswith("nonlinear_grpo"):
+                r.extra[f"x_{base}"] = b / r.median_ms
+
+
+def targets(rows: list[Measurement]) -> list[str]:
+    """The H100 targets, as lines (informational: they are checked by reading, not asserted)."""
+    out = []
+    for r in rows:
+        if r.impl.startswith("fused") and r.benchmark == "nonlinear_grpo fwd":
+            out.append(f"{r.impl} fwd {r.shape}: {100 * r.extra.get('frac_copy_bw', 0):.0f}% of copy "
+                       "bandwidth (target >= 80%)")
+        if r.impl == "fused" and r.benchmark == "nonlinear_grpo fwd+bwd":
+            xe, xc = r.extra.get("x_eager"), r.extra.get("x_compiled")
+            out.append(f"fused fwd+bwd {r.shape}: {xe or 0:.1f}x eager (target >= 5), "
+                       + (f"{xc:.2f}x compiled (target >= 1.5)" if xc else "compiled not measured"))
+        if r.benchmark == "group_advantages":
+            out.append(f"group_advantages {r.impl} {r.shape}: {1e3 * r.median_ms:.1f} us "
+                       "(target <= 15 us)")
+    return out
+
+
+def write_csv(rows: list[Measurement], path: Path) -> None:
+    keys = ["frac_copy_bw", "x_eager", "x_compiled"]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["benchmark", "impl", "shape", "median_ms", "gbps", *keys])
+        for r in rows:
+            w.writerow([r.benchmark, r.impl, r.shape, f"{r.median_ms:.5f}",
+                        "" if r.gbps is None else f"{r.gbps:.1f}",
+                        *("" if r.extra.get(k) is None else f"{r.extra[k]:.3f}" for k in keys)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy sizes on CPU through the Triton interpreter (TRITON_INTERPRET=1)")
+    parser.add_argument("--out", default=None, help="output directory (default: $OUT or benchmarks/results)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    parser.add_argument("--compile-budget-s", type=float, default=180.0,
+                        help="stop measuring torch.compile once this many seconds have passed")
+    args = parser.parse_args(argv)
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif args.smoke and os.environ.get("TRITON_INTERPRET") == "1":
+        device = torch.device("cpu")
+    else:
+        print("run_gpu.py needs a CUDA device (or --smoke with TRITON_INTERPRET=1)", file=sys.stderr)
+        return 2
+    smoke = args.smoke
+    timer = Timer(device, smoke)
+    out = output_dir(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    rows = [copy_bandwidth(timer, device, smoke)]
+    copy_gbps = rows[0].gbps or 1.0
+    token_sizes = [512, 1024] if smoke else [1 << 20, 1 << 24]
+    T = 32 if smoke else 1024
+    # One compiled function for every shape: after the first shape change torch.compile
+    # recompiles once with dynamic shapes and reuses that graph (keeps compile time bounded).
+    compiled = None if smoke or args.no_compile else torch.compile(nonlinear_grpo_loss_ref)
+    for tokens in token_sizes:
+        for G in (8, 16):
+            if compiled is not None and time.perf_counter() - start > args.compile_budget_s:
+                print("compile budget spent: torch.compile rows skipped from here", flush=True)
+                compiled = None
+            rows += bench_tokens(timer, device, tokens, G, T, compiled)
+            print(f"[{time.perf_counter() - start:6.1f}s] tokens={tokens} G={G} done", flush=True)
+    for samples in ([32, 64] if smoke else [8192, 65536]):
+        for G in (8, 16):
+            rows += bench_group_advantages(timer, device, samples, G)
+    add_ratios(rows, copy_gbps)
+
+    write_csv(rows, out / "gpu_bench.csv")
+    write_results(rows, "gpu_bench", out)
+    summary = targets(rows)
+    (out / "gpu_bench_summary.txt").write_text("\n".join(summary) + "\n")
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (interpreter)'}; "
+          f"copy bandwidth {copy_gbps:.0f} GB/s; total {time.perf_counter() - start:.0f}s; "
+          f"results in {out}")
+    print("\n".join(summary))
+    print(format_table(rows, baseline_impl="eager"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

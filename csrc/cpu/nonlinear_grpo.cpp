@@ -1,0 +1,27 @@
+// CPU glue for iama::nonlinear_grpo_fwd: group rewards to advantages, then the token loss, in one
+// op call (the group work is tiny next to the token pass; on the CPU the gain of the one-pass op
+// is one dispatch and no Python between the two halves).
+#include <ATen/ops/empty.h>
+
+#include "common.h"
+#include "ops.h"
+
+namespace iama::cpu {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nonlinear_grpo_fwd(
+    const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
+    const at::Tensor& mask, const at::Tensor& rewards, const at::Tensor& criterion_weights, at::IntArrayRef kinds,
+    at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,
+    double eps_low, double eps_high, double beta, c10::string_view loss_type,
+    std::optional<int64_t> max_completion_length) {
+  TORCH_CHECK_VALUE(rewards.dim() == 3, "rewards must have shape [B, G, m], got ", rewards.sizes());
+  TORCH_CHECK_VALUE(logp.dim() == 2 && logp.size(0) == rewards.size(0) * rewards.size(1), "logp must have B * G = ",
+                    rewards.size(0) * rewards.size(1), " rows (group-major), got shape ", logp.sizes());
+  auto [adv, shaped, values] =
+      group_advantages(rewards, std::nullopt, criterion_weights, kinds, ns, taus, estimator, scale, eps);
+  auto [loss, kl, clip, ratio, grad] = policy_loss_fwd(logp, old_logp, ref_logp, adv.reshape({-1}), mask, eps_low,
+                                                       eps_high, beta, loss_type, max_completion_length);
+  return {loss, adv, kl, clip, ratio, values, grad};
+}
+
+}  // namespace iama::cpu

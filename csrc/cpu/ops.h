@@ -1,0 +1,37 @@
+// CPU implementations of the iama ops (schemas in csrc/registration.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+
+namespace iama::cpu {
+
+// rewards [B, G, m] (any float dtype, any strides), valid [B, G] bool or None
+//   -> (s [B, G, m] centred first variations, values [B, m]), float64 for float64 rewards else float32.
+std::tuple<at::Tensor, at::Tensor> group_stats(const at::Tensor& rewards, const std::optional<at::Tensor>& valid,
+                                               at::IntArrayRef kinds, at::IntArrayRef ns,
+                                               at::ArrayRef<double> taus, c10::string_view estimator);
+
+// rewards [B, G, m], valid [B, G] or None, lam [m] -> (advantages [B, G], shaped [B, G], values [B, m]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_advantages(
+    const at::Tensor& rewards, const std::optional<at::Tensor>& valid, const at::Tensor& lam, at::IntArrayRef kinds,
+    at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps);
+
+// -> (loss, kl, clip_fraction, ratio_mean) scalars in the compute dtype, and grad [S, T] (logp's dtype).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd(
+    const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
+    const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
+    c10::string_view loss_type, std::optional<int64_t> max_completion_length);
+
+// -> (loss, advantages [B, G], kl, clip_fraction, ratio_mean, values [B, m], grad [B * G, T]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nonlinear_grpo_fwd(
+    const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
+    const at::Tensor& mask, const at::Tensor& rewards, const at::Tensor& criterion_weights, at::IntArrayRef kinds,
+    at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,
+    double eps_low, double eps_high, double beta, c10::string_view loss_type,
+    std::optional<int64_t> max_completion_length);
+
+}  // namespace iama::cpu

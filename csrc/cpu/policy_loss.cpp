@@ -1,0 +1,130 @@
+// CPU glue for iama::policy_loss_fwd: checks, dtype and layout preparation, then the token pass
+// (token_pass.h), which computes the per-token loss, its metrics and d loss / d logp in one pass.
+//
+// Half-precision log-probs are read as they are and computed in float32; the gradient is written
+// in logp's dtype (the autograd backward only multiplies it by grad_output). Rows may have any
+// stride as long as each row is contiguous; other layouts are copied once.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+#include "ops.h"
+#include "token_pass.h"
+
+namespace iama::cpu {
+namespace {
+
+// A [S, T] view whose rows are contiguous (the row stride may be anything): read in place.
+at::Tensor rows_contiguous(const at::Tensor& t) {
+  if (t.size(1) <= 1 || t.stride(1) == 1) return t;
+  return t.contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd(
+    const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
+    const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
+    c10::string_view loss_type, std::optional<int64_t> max_completion_length) {
+  check_cpu(logp, "logp");
+  check_floating(logp, "logp");
+  TORCH_CHECK_VALUE(logp.dim() == 2, "logp must have shape [S, T], got ", logp.sizes());
+  const int64_t S = logp.size(0), T = logp.size(1);
+  for (const auto& [opt, name] : {std::pair{&old_logp, "old_logp"}, std::pair{&ref_logp, "ref_logp"}}) {
+    if (!opt->has_value()) continue;
+    check_cpu(**opt, name);
+    check_floating(**opt, name);
+    TORCH_CHECK_VALUE((*opt)->sizes() == logp.sizes(), name, " must have the shape of logp ", logp.sizes(), ", got ",
+                      (*opt)->sizes());
+  }
+  check_cpu(advantages, "advantages");
+  check_floating(advantages, "advantages");
+  TORCH_CHECK_VALUE(advantages.dim() == 1 && advantages.size(0) == S, "advantages must have shape [S] = [", S,
+                    "], got ", advantages.sizes());
+  check_cpu(mask, "mask");
+  TORCH_CHECK_VALUE(mask.sizes() == logp.sizes(), "mask must have the shape of logp ", logp.sizes(), ", got ",
+                    mask.sizes());
+  TORCH_CHECK_TYPE(!mask.is_complex(), "mask must be bool, integer or floating, got ", mask.scalar_type());
+  TORCH_CHECK_VALUE(eps_low >= 0 && eps_low < 1, "eps_low must be in [0, 1), got ", eps_low);
+  TORCH_CHECK_VALUE(eps_high >= 0 && std::isfinite(eps_high), "eps_high must be finite and >= 0, got ", eps_high);
+  TORCH_CHECK_VALUE(beta >= 0 && std::isfinite(beta), "beta must be finite and >= 0, got ", beta);
+  TORCH_CHECK_VALUE(beta == 0 || ref_logp.has_value(), "ref_logp is required when beta > 0 (got beta=", beta, ")");
+  const int kind = parse_loss_type(loss_type);
+  TORCH_CHECK_VALUE(!max_completion_length.has_value() || *max_completion_length >= 1,
+                    "max_completion_length must be a positive int, got ", max_completion_length.value_or(0));
+
+  const at::ScalarType lp_dt = logp.scalar_type();
+  const at::ScalarType ct = compute_dtype(lp_dt);
+  // old/ref are read in logp's dtype when they share it, otherwise both in the compute dtype
+  // (as the reference converts them); an absent one reads logp itself (ratio 1, kl 0 exactly).
+  const bool mixed = (old_logp.has_value() && old_logp->scalar_type() != lp_dt) ||
+                     (ref_logp.has_value() && ref_logp->scalar_type() != lp_dt);
+  const at::ScalarType aux_dt = mixed ? ct : lp_dt;
+  const at::Tensor lp = rows_contiguous(logp);
+  at::Tensor lp_as_aux;
+  auto aux = [&](const std::optional<at::Tensor>& t) -> at::Tensor {
+    if (t.has_value()) return rows_contiguous(t->to(aux_dt));
+    if (aux_dt == lp_dt) return lp;
+    if (!lp_as_aux.defined()) lp_as_aux = rows_contiguous(logp.to(aux_dt));
+    return lp_as_aux;
+  };
+  const at::Tensor old = aux(old_logp);
+  const at::Tensor ref = aux(ref_logp);
+  const bool byte_mask = mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte;
+  const at::Tensor mk = rows_contiguous(byte_mask ? mask : mask.to(ct));
+  const at::Tensor adv64 = advantages.to(ct).to(at::kDouble).contiguous();
+
+  at::Tensor grad = at::empty({S, T}, logp.options().memory_format(at::MemoryFormat::Contiguous));
+  TokenProblem p;
+  p.S = S;
+  p.T = T;
+  p.logp_dtype = lp_dt == at::kFloat    ? TokenDtype::kFloat32
+                 : lp_dt == at::kDouble ? TokenDtype::kFloat64
+                 : lp_dt == at::kHalf   ? TokenDtype::kFloat16
+                                        : TokenDtype::kBFloat16;
+  p.aux_in_compute_dtype = mixed;
+  p.byte_mask = byte_mask;
+  p.logp = lp.const_data_ptr();
+  p.old = old.const_data_ptr();
+  p.ref = ref.const_data_ptr();
+  p.mask = mk.const_data_ptr();
+  p.s_logp = lp.stride(0);
+  p.s_old = old.stride(0);
+  p.s_ref = ref.stride(0);
+  p.s_mask = mk.stride(0);
+  p.grad = grad.mutable_data_ptr();
+  p.adv = adv64.const_data_ptr<double>();
+  p.loss_type = kind;
+  p.eps_low = eps_low;
+  p.eps_high = eps_high;
+  p.beta = beta;
+
+  std::vector<double> rows(static_cast<size_t>(S) * kRowFields, 0.0);
+  std::vector<double> mask_sums;
+  if (S > 0 && T > 0) {
+    if (kind == kLossToken) {
+      mask_sums.resize(S);
+      mask_row_sums(p, mask_sums);
+      double total = 0.0;
+      for (double v : mask_sums) total += v;
+      p.row_mask_sums = mask_sums.data();
+      p.uniform_scale = 1.0 / std::max(1.0, total);
+    } else if (kind == kLossDrGrpo) {
+      p.uniform_scale = 1.0 / (static_cast<double>(S) * static_cast<double>(max_completion_length.value_or(T)));
+    }
+    token_pass(p, rows);
+  }
+  double sums[kRowFields] = {0.0, 0.0, 0.0, 0.0, 0.0};
+  for (int64_t r = 0; r < S; ++r) {
+    for (int q = 0; q < kRowFields; ++q) sums[q] += rows[r * kRowFields + q];
+  }
+  const double tokens = std::max(1.0, sums[4]);
+  const auto opts = logp.options().dtype(ct);
+  return {at::scalar_tensor(sums[0], opts), at::scalar_tensor(sums[1] / tokens, opts),
+          at::scalar_tensor(sums[2] / tokens, opts), at::scalar_tensor(sums[3] / tokens, opts), grad};
+}
+
+}  // namespace iama::cpu

@@ -1,0 +1,44 @@
+// The token pass of the policy loss: interface between the torch glue (policy_loss.cpp) and the
+// kernels, which are compiled twice (token_pass_generic.cpp for any x86-64/other CPU,
+// token_pass_avx2.cpp with AVX2+FMA) and chosen at run time by token_pass().
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace iama::cpu {
+
+enum class TokenDtype { kFloat32, kFloat64, kFloat16, kBFloat16 };
+
+struct TokenProblem {
+  int64_t S = 0, T = 0;
+  TokenDtype logp_dtype = TokenDtype::kFloat32;
+  bool aux_in_compute_dtype = false;  // old/ref stored in the compute dtype instead of logp's
+  bool byte_mask = true;              // mask as uint8 (bool) instead of the compute dtype
+  const void* logp = nullptr;
+  const void* old = nullptr;
+  const void* ref = nullptr;
+  const void* mask = nullptr;
+  int64_t s_logp = 0, s_old = 0, s_ref = 0, s_mask = 0;  // row strides (elements); rows are contiguous
+  void* grad = nullptr;                                  // [S, T] contiguous, logp's dtype
+  const double* adv = nullptr;                           // [S]
+  const double* row_mask_sums = nullptr;                 // [S] when known in advance ("token")
+  int loss_type = 0;                                     // iama::LossKind
+  double uniform_scale = 0.0;                            // w_scale for "token" and "dr_grpo"
+  double eps_low = 0.2, eps_high = 0.2, beta = 0.0;
+};
+
+// Per-row results in rows[r * kRowFields + q]: loss, m * kl, clipped weight, m * ratio, mask sum.
+constexpr int kRowFields = 5;
+
+// Runs the pass with the best kernel build for this CPU.
+void token_pass(const TokenProblem& p, std::vector<double>& rows);
+// Mask sums of every row (for loss_type "token").
+void mask_row_sums(const TokenProblem& p, std::vector<double>& out);
+
+// The builds (token_pass_generic.cpp, token_pass_avx2.cpp); token_pass_avx2 returns false when
+// the AVX2 build is not compiled in (non-x86 targets).
+void token_pass_generic(const TokenProblem& p, std::vector<double>& rows);
+bool token_pass_avx2(const TokenProblem& p, std::vector<double>& rows);
+
+}  // namespace iama::cpu

@@ -1,0 +1,86 @@
+// Templates of the token pass, included by token_pass_generic.cpp and token_pass_avx2.cpp (each
+// compiles them for its instruction set, in its own iama::<IAMA_ISA_NAMESPACE>).
+//
+// at::parallel_for over blocks of rows; each row is handled by iama::policy_loss_row (the tiled,
+// vectorisable loop of csrc/include/iama/loss.h) and leaves its sums in its own slot, which the
+// caller adds in row order, so the result does not depend on the number of threads.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "iama/loss.h"
+#include "token_pass.h"
+
+namespace iama::cpu {
+namespace IAMA_ISA_NAMESPACE {
+
+template <typename lp_t, typename aux_t, typename mask_t>
+void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
+  using acc_t = std::conditional_t<std::is_same_v<lp_t, double>, double, float>;
+  const acc_t lo = static_cast<acc_t>(1.0 - p.eps_low);
+  const acc_t hi = static_cast<acc_t>(1.0 + p.eps_high);
+  const acc_t beta = static_cast<acc_t>(p.beta);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.T));
+  at::parallel_for(0, p.S, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const mask_t* mk = static_cast<const mask_t*>(p.mask) + r * p.s_mask;
+      const double msum = p.row_mask_sums != nullptr ? p.row_mask_sums[r] : mask_row_sum(mk, p.T);
+      const double w_scale =
+          p.loss_type == kLossGrpo ? 1.0 / (static_cast<double>(p.S) * std::max(1.0, msum)) : p.uniform_scale;
+      const RowSums sums = policy_loss_row<lp_t, aux_t, mask_t, acc_t>(
+          static_cast<const lp_t*>(p.logp) + r * p.s_logp, static_cast<const aux_t*>(p.old) + r * p.s_old,
+          static_cast<const aux_t*>(p.ref) + r * p.s_ref, mk, p.T, static_cast<acc_t>(p.adv[r]),
+          static_cast<acc_t>(w_scale), lo, hi, beta, static_cast<lp_t*>(p.grad) + r * p.T);
+      double* out = rows.data() + r * kRowFields;
+      out[0] = sums.loss;
+      out[1] = sums.kl;
+      out[2] = sums.clip;
+      out[3] = sums.ratio;
+      out[4] = msum;
+    }
+  });
+}
+
+template <typename lp_t, typename aux_t>
+void dispatch_mask(const TokenProblem& p, std::vector<double>& rows) {
+  using acc_t = std::conditional_t<std::is_same_v<lp_t, double>, double, float>;
+  if (p.byte_mask) {
+    token_kernel<lp_t, aux_t, uint8_t>(p, rows);
+  } else {
+    token_kernel<lp_t, aux_t, acc_t>(p, rows);
+  }
+}
+
+// logp dtype x (old/ref in logp's dtype or in float32) x mask kind: 12 instantiations.
+inline void dispatch_token_pass(const TokenProblem& p, std::vector<double>& rows) {
+  switch (p.logp_dtype) {
+    case TokenDtype::kFloat32:
+      dispatch_mask<float, float>(p, rows);
+      break;
+    case TokenDtype::kFloat64:
+      dispatch_mask<double, double>(p, rows);
+      break;
+    case TokenDtype::kFloat16:
+      if (p.aux_in_compute_dtype) {
+        dispatch_mask<c10::Half, float>(p, rows);
+      } else {
+        dispatch_mask<c10::Half, c10::Half>(p, rows);
+      }
+      break;
+    case TokenDtype::kBFloat16:
+      if (p.aux_in_compute_dtype) {
+        dispatch_mask<c10::BFloat16, float>(p, rows);
+      } else {
+        dispatch_mask<c10::BFloat16, c10::BFloat16>(p, rows);
+      }
+      break;
+  }
+}
+
+}  // namespace IAMA_ISA_NAMESPACE
+}  // namespace iama::cpu

@@ -1,0 +1,109 @@
+// Shared definitions of the iama kernel headers: no torch headers, usable from C++ and CUDA.
+//
+// Every kernel function is marked IAMA_HD, which expands to `__host__ __device__` under nvcc so
+// that the CPU glue (csrc/cpu) and a CUDA build include the very same mathematics.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define IAMA_HD __host__ __device__
+#else
+#define IAMA_HD
+#endif
+
+#if !defined(__CUDA_ARCH__)
+#include <string.h>  // memcpy for the host float exp below
+#endif
+
+// Every kernel lives in iama::<IAMA_ISA_NAMESPACE> (an inline namespace, so code says iama::...).
+// A translation unit that compiles the kernels for another instruction set (the CPU glue builds
+// the token loop twice, for AVX2+FMA and for the baseline, and picks one at run time) defines
+// IAMA_ISA_NAMESPACE first, which gives its copies of these inline functions distinct symbols:
+// the linker can then never substitute one copy for the other.
+#ifndef IAMA_ISA_NAMESPACE
+#define IAMA_ISA_NAMESPACE generic
+#endif
+#define IAMA_NAMESPACE_BEGIN \
+  namespace iama {           \
+  inline namespace IAMA_ISA_NAMESPACE {
+#define IAMA_NAMESPACE_END \
+  }                        \
+  }
+
+IAMA_NAMESPACE_BEGIN
+
+// Codes shared with the Python side (iama_kernels/_cpu_ops.py); keep the numbers in sync.
+enum TransformKind : int { kMean = 0, kBestOfN = 1, kSoftBestOfN = 2 };
+enum EstimatorKind : int { kPlugin = 0, kUnbiased = 1 };
+enum ScaleKind : int { kScaleGroup = 0, kScaleBatch = 1, kScaleNone = 2 };
+enum LossKind : int { kLossGrpo = 0, kLossToken = 1, kLossDrGrpo = 2 };
+
+// One criterion's inference-time transform: Mean, BestOfN(n) or SoftBestOfN(tau).
+struct CriterionSpec {
+  int kind;
+  int n;
+  double tau;
+};
+
+// exp in double: the libm / CUDA libdevice one.
+IAMA_HD inline double exp_acc(double x) { return ::exp(x); }
+
+// exp in float. On the device this is expf. On the host a branch-free version (Cody-Waite range
+// reduction, degree-7 Taylor polynomial, two-step scaling by 2^k so that the denormal range and
+// overflow to inf come out right) so that the token loop vectorises: glibc's expf is a call the
+// compiler cannot vectorise without -ffast-math, which would also break NaN handling. Accuracy
+// is about 1 ulp; exp(0) is exactly 1 (so a ratio of identical log-probs is exactly 1).
+IAMA_HD inline float exp_acc(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::expf(x);
+#else
+  const bool is_nan = !(x == x);
+  float xc = x < -104.0f ? -104.0f : x;  // exp(-104) is below the smallest denormal
+  xc = xc > 89.0f ? 89.0f : xc;           // exp(89) overflows to inf below
+  xc = is_nan ? 0.0f : xc;
+  // k = round(x / ln 2) by the 1.5 * 2^23 trick (no libm call, vectorises).
+  const float shifter = 12582912.0f;
+  const float kf = (xc * 1.44269504088896341f + shifter) - shifter;
+  const float r = (xc - kf * 0.693145751953125f) - kf * 1.42860682030941723212e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t k = static_cast<int32_t>(kf);
+  const int32_t k1 = k >> 1;  // k = k1 + k2 with both halves in the normal exponent range
+  const int32_t k2 = k - k1;
+  const int32_t b1 = (k1 + 127) << 23;
+  const int32_t b2 = (k2 + 127) << 23;
+  float s1, s2;
+  memcpy(&s1, &b1, sizeof(float));
+  memcpy(&s2, &b2, sizeof(float));
+  const float y = p * s1 * s2;
+  return is_nan ? x : y;
+#endif
+}
+
+// The k3 KL estimate exp(d) - d - 1 given ed = exp(d). For |d| < 1/2 the direct formula cancels
+// (it is d^2/2 + ...), so a Taylor series (to d^9, truncation < 1e-9 relative) is used there.
+template <typename acc_t>
+IAMA_HD inline acc_t k3_from_exp(acc_t d, acc_t ed) {
+  acc_t q = acc_t(1) / acc_t(362880);
+  q = q * d + acc_t(1) / acc_t(40320);
+  q = q * d + acc_t(1) / acc_t(5040);
+  q = q * d + acc_t(1) / acc_t(720);
+  q = q * d + acc_t(1) / acc_t(120);
+  q = q * d + acc_t(1) / acc_t(24);
+  q = q * d + acc_t(1) / acc_t(6);
+  q = q * d + acc_t(0.5);
+  const acc_t series = q * d * d;
+  const acc_t direct = ed - d - acc_t(1);
+  const acc_t ad = d < acc_t(0) ? -d : d;
+  return ad < acc_t(0.5) ? series : direct;
+}
+
+IAMA_NAMESPACE_END  // namespace iama

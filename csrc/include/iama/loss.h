@@ -1,0 +1,117 @@
+// The clipped-ratio + k3-KL policy loss per token, forward and backward (SPEC section 5).
+//
+// Per token, with m the mask weight and w = m * w_scale its aggregation weight:
+//   ratio = exp(logp - old);  active = ratio A <= clip(ratio, 1 - eps_low, 1 + eps_high) A
+//   kl    = exp(ref - logp) - (ref - logp) - 1
+//   loss  = w (beta kl - (ratio A if active else clip(ratio) A))
+//   grad  = w (-(ratio A if active else 0) + beta (1 - exp(ref - logp)))     (d loss / d logp)
+// Tokens with m == 0 are never read into the arithmetic: their inputs are replaced by 0 before
+// use (so NaN/inf padding cannot leak) and they contribute exactly 0.
+#pragma once
+
+#include "common.h"
+
+IAMA_NAMESPACE_BEGIN
+
+template <typename acc_t>
+struct TokenTerms {
+  acc_t grad;   // d loss / d logp
+  acc_t loss;   // the token's share of the loss
+  acc_t kl;     // m * kl
+  acc_t clip;   // m if the clipped term is strictly active, else 0
+  acc_t ratio;  // m * ratio
+};
+
+template <typename acc_t>
+IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t ref, acc_t A, acc_t w_scale,
+                                             acc_t lo, acc_t hi, acc_t beta) {
+  const bool keep = m != acc_t(0);
+  lp = keep ? lp : acc_t(0);
+  old = keep ? old : acc_t(0);
+  ref = keep ? ref : acc_t(0);
+  const acc_t ratio = exp_acc(lp - old);
+  const acc_t clipped = ratio < lo ? lo : (ratio > hi ? hi : ratio);
+  const acc_t unclipped_term = ratio * A;
+  const acc_t clipped_term = clipped * A;
+  const bool active = unclipped_term <= clipped_term;
+  const acc_t d = ref - lp;
+  const acc_t ed = exp_acc(d);
+  const acc_t kl = k3_from_exp(d, ed);
+  const acc_t w = m * w_scale;
+  TokenTerms<acc_t> t;
+  t.loss = keep ? (beta * kl - (active ? unclipped_term : clipped_term)) * w : acc_t(0);
+  t.grad = keep ? w * (beta * (acc_t(1) - ed) - (active ? unclipped_term : acc_t(0))) : acc_t(0);
+  t.kl = kl * m;
+  t.clip = active ? acc_t(0) : m;
+  t.ratio = ratio * m;
+  return t;
+}
+
+// Sums of one row's token terms: loss, m * kl, clipped weight, m * ratio.
+struct RowSums {
+  double loss, kl, clip, ratio;
+};
+
+// One row of T tokens: writes grad[0..T) and returns the row's sums.
+//
+// Tokens go in tiles of kTile: a loop with no cross-token dependency computes every token's terms
+// into small arrays (it vectorises), then each array is summed pairwise in acc_t down to 8 lanes,
+// which are added to double accumulators. Summation error per tile is a few ulp of acc_t, and the
+// row sum is in double, so float32 rows of any length keep ~1e-7 relative accuracy.
+template <typename lp_t, typename aux_t, typename mask_t, typename acc_t>
+IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old, const aux_t* ref,
+                                const mask_t* __restrict__ mask, int64_t T, acc_t A, acc_t w_scale, acc_t lo,
+                                acc_t hi, acc_t beta, lp_t* __restrict__ grad) {
+  constexpr int kTile = 64;
+  RowSums sums = {0.0, 0.0, 0.0, 0.0};
+  acc_t t_loss[kTile], t_kl[kTile], t_clip[kTile], t_ratio[kTile];
+  for (int64_t t0 = 0; t0 < T; t0 += kTile) {
+    const int len = (T - t0) < kTile ? static_cast<int>(T - t0) : kTile;
+    for (int j = 0; j < len; ++j) {
+      const int64_t t = t0 + j;
+      const TokenTerms<acc_t> tt =
+          token_terms<acc_t>(static_cast<acc_t>(mask[t]), static_cast<acc_t>(logp[t]), static_cast<acc_t>(old[t]),
+                             static_cast<acc_t>(ref[t]), A, w_scale, lo, hi, beta);
+      grad[t] = static_cast<lp_t>(tt.grad);
+      t_loss[j] = tt.loss;
+      t_kl[j] = tt.kl;
+      t_clip[j] = tt.clip;
+      t_ratio[j] = tt.ratio;
+    }
+    for (int j = len; j < kTile; ++j) {
+      t_loss[j] = acc_t(0);
+      t_kl[j] = acc_t(0);
+      t_clip[j] = acc_t(0);
+      t_ratio[j] = acc_t(0);
+    }
+    for (int width = kTile / 2; width >= 8; width /= 2) {
+      for (int j = 0; j < width; ++j) {
+        t_loss[j] += t_loss[j + width];
+        t_kl[j] += t_kl[j + width];
+        t_clip[j] += t_clip[j + width];
+        t_ratio[j] += t_ratio[j + width];
+      }
+    }
+    for (int j = 0; j < 8; ++j) {
+      sums.loss += static_cast<double>(t_loss[j]);
+      sums.kl += static_cast<double>(t_kl[j]);
+      sums.clip += static_cast<double>(t_clip[j]);
+      sums.ratio += static_cast<double>(t_ratio[j]);
+    }
+  }
+  return sums;
+}
+
+// Sum of a row's mask weights (the grpo normaliser and the metrics' token count), in double.
+template <typename mask_t>
+IAMA_HD inline double mask_row_sum(const mask_t* mask, int64_t T) {
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t t = 0;
+  for (; t + 4 <= T; t += 4) {
+    for (int l = 0; l < 4; ++l) part[l] += static_cast<double>(mask[t + l]);
+  }
+  for (; t < T; ++t) part[0] += static_cast<double>(mask[t]);
+  return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
+IAMA_NAMESPACE_END  // namespace iama

@@ -1,0 +1,38 @@
+// The iama operator library: every op's schema in one place, and the CPU implementations.
+//
+// Ops (the Python side, iama_kernels/_cpu_ops.py, registers their fake (meta) functions and the
+// autograd formulas of the two loss ops):
+//   group_stats         per-criterion centred first variations and group values
+//   group_advantages    first variations, lambda-combination of the criteria, centring and scale
+//   policy_loss_fwd     loss, metrics and the per-token gradient d loss / d logp
+//   nonlinear_grpo_fwd  the one-pass op: rewards and log-probs to loss, metrics and gradient
+#include <torch/library.h>
+
+#include "cpu/ops.h"
+
+TORCH_LIBRARY(iama, m) {
+  m.set_python_module("iama_kernels._cpu_ops");
+  m.def(
+      "group_stats(Tensor rewards, Tensor? valid, int[] kinds, int[] ns, float[] taus, str estimator)"
+      " -> (Tensor s, Tensor values)");
+  m.def(
+      "group_advantages(Tensor rewards, Tensor? valid, Tensor lam, int[] kinds, int[] ns, float[] taus,"
+      " str estimator, str scale, float eps) -> (Tensor advantages, Tensor shaped, Tensor values)");
+  m.def(
+      "policy_loss_fwd(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask,"
+      " float eps_low, float eps_high, float beta, str loss_type, int? max_completion_length)"
+      " -> (Tensor loss, Tensor kl, Tensor clip_fraction, Tensor ratio_mean, Tensor grad)");
+  m.def(
+      "nonlinear_grpo_fwd(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor mask, Tensor rewards,"
+      " Tensor criterion_weights, int[] kinds, int[] ns, float[] taus, str estimator, str scale, float eps,"
+      " float eps_low, float eps_high, float beta, str loss_type, int? max_completion_length)"
+      " -> (Tensor loss, Tensor advantages, Tensor kl, Tensor clip_fraction, Tensor ratio_mean, Tensor values,"
+      " Tensor grad)");
+}
+
+TORCH_LIBRARY_IMPL(iama, CPU, m) {
+  m.impl("group_stats", &iama::cpu::group_stats);
+  m.impl("group_advantages", &iama::cpu::group_advantages);
+  m.impl("policy_loss_fwd", &iama::cpu::policy_loss_fwd);
+  m.impl("nonlinear_grpo_fwd", &iama::cpu::nonlinear_grpo_fwd);
+}

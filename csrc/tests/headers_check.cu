@@ -1,0 +1,51 @@
+// Compile check: the kernel headers build as CUDA device code (nvcc -c, no torch needed).
+// Each kernel instantiates the header functions in __global__ code the way a CUDA backend would
+// (one thread per group, one thread per row); nothing here is launched.
+#include "iama/group.h"
+#include "iama/loss.h"
+#include "iama/sort.h"
+#include "iama/weights.h"
+
+__global__ void fill_tables(int g, int n, int estimator, double* table) {
+  if (threadIdx.x == 0) iama::fill_bestofn_table(g, n, estimator, table);
+}
+
+__global__ void group_kernel(const float* rewards, const bool* valid, int B, int G, int m,
+                             const iama::CriterionSpec* specs, int estimator, iama::TableIndex tables,
+                             float* scratch_keys, int32_t* scratch_ints, double* scratch_acc,
+                             iama::KeyIndex<double>* pairs, const double* lam, float* s_out, float* values,
+                             float* adv, float* shaped_out) {
+  const int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  iama::GroupScratch<float, double> w{scratch_keys + b * G, scratch_ints + 5 * b * G,
+                                      scratch_ints + 5 * b * G + G, scratch_ints + 5 * b * G + 2 * G,
+                                      scratch_acc + 6 * b * G, scratch_acc + 6 * b * G + G, pairs + 2 * b * G};
+  iama::group_first_variation<float, float, double>(rewards + b * G * m, m, 1, valid ? valid + b * G : nullptr,
+                                                    1, G, m, specs, estimator, tables, w, s_out + b * G * m,
+                                                    values + b * m);
+  double* shaped = scratch_acc + 6 * b * G + 2 * G;
+  double* canonical = shaped + G;
+  const int count = iama::combine_group<float, double>(s_out + b * G * m, lam, valid ? valid + b * G : nullptr, 1,
+                                                       G, m, w.order, w.xs, shaped, canonical);
+  const double mean = iama::sum_of(canonical, count) / (count > 0 ? count : 1);
+  const double denom =
+      iama::scale_denominator<double>(count, iama::sum_of_squared_deviations(canonical, count, mean), 1e-4);
+  iama::scale_group<double, float>(shaped, valid ? valid + b * G : nullptr, 1, G, denom, adv + b * G,
+                                   shaped_out + b * G);
+}
+
+__global__ void loss_kernel(const float* logp, const float* old, const float* ref, const unsigned char* mask,
+                            const float* adv, int S, int T, float* grad, iama::RowSums* sums) {
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= S) return;
+  const double msum = iama::mask_row_sum(mask + r * T, T);
+  sums[r] = iama::policy_loss_row<float, float, unsigned char, float>(
+      logp + r * T, old + r * T, ref + r * T, mask + r * T, T, adv[r], static_cast<float>(1.0 / (S * msum)), 0.8f,
+      1.2f, 0.04f, grad + r * T);
+}
+
+__global__ void loss_kernel_f64(const double* logp, const double* mask, double* out) {
+  const iama::TokenTerms<double> t = iama::token_terms<double>(mask[0], logp[0], logp[1], logp[2], 1.0, 1.0, 0.8,
+                                                               1.2, 0.1);
+  out[0] = t.grad + t.loss + t.kl + t.clip + t.ratio;
+}

@@ -1,0 +1,52 @@
+"""C++ CPU backend of ``nonlinear_grpo_loss`` (``csrc/cpu/nonlinear_grpo.cpp``): one op call from
+rewards and log-probs to the loss, its metrics, the advantages and the per-token gradient.
+
+lambda must be known before the group values are combined. A weighted sum's lambda is its
+weights; for ``Min``/``SmoothMin`` (without ``criterion_weights``) the group values are computed
+first by ``iama::group_stats`` and the aggregator's gradient gives lambda.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._cpu_backend import objective_codes
+from .._types import NonlinearGRPOOutput
+from ..advantages.cpu import criterion_weights_for
+from ..advantages.reference import compute_dtype
+from ..objectives import Objective, WeightedSum
+
+
+def nonlinear_grpo_loss_cpu(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    objective: Objective,
+    estimator: str = "plugin",
+    scale: str = "group",
+    eps: float = 1e-4,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    loss_type: str = "grpo",
+    criterion_weights: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+) -> NonlinearGRPOOutput:
+    """Rewards ``[B, G, m]`` and ``[B * G, T]`` token inputs -> :class:`NonlinearGRPOOutput`."""
+    kinds, ns, taus = objective_codes(objective)
+    dtype = compute_dtype(rewards.dtype)
+    if criterion_weights is not None:
+        lam = criterion_weights.to(dtype)
+    elif isinstance(objective.aggregate, WeightedSum):
+        lam = criterion_weights_for(objective, None, None, dtype, rewards.device)
+    else:
+        _, values = torch.ops.iama.group_stats(rewards, None, kinds, ns, taus, estimator)
+        lam = criterion_weights_for(objective, values, None, dtype, rewards.device)
+    loss, advantages, kl, clip_fraction, ratio_mean, values, _ = torch.ops.iama.nonlinear_grpo_fwd(
+        logp, old_logp, ref_logp, mask, rewards, lam, kinds, ns, taus, estimator, scale, eps,
+        eps_low, eps_high, beta, loss_type, max_completion_length,
+    )
+    return NonlinearGRPOOutput(loss, advantages.detach(), kl.detach(), clip_fraction.detach(),
+                               ratio_mean.detach(), values.detach(), lam)

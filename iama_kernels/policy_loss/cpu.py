@@ -1,0 +1,31 @@
+"""C++ CPU backend of ``policy_loss`` (``csrc/cpu/policy_loss.cpp``).
+
+One pass over the tokens computes the loss, the metrics and ``d loss / d logp``; the op's
+autograd formula (``iama_kernels._cpu_ops``) scales that saved gradient by ``grad_output``.
+Arguments arrive validated by the public function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._types import PolicyLossOutput
+
+
+def policy_loss_cpu(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+) -> PolicyLossOutput:
+    """``[S, T]`` log-probs, ``[S]`` advantages, ``[S, T]`` mask -> :class:`PolicyLossOutput`."""
+    loss, kl, clip_fraction, ratio_mean, _ = torch.ops.iama.policy_loss_fwd(
+        logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length
+    )
+    return PolicyLossOutput(loss, kl.detach(), clip_fraction.detach(), ratio_mean.detach())

@@ -1,0 +1,329 @@
+"""Triton kernels for the clipped-ratio + k3-KL token loss, forward and backward.
+
+The forward kernel streams each row's tokens once (logp, old_logp, ref_logp, mask), writes the
+per-token gradient ``d loss / d logp`` and per-program partial sums of the loss and the metrics;
+a one-program kernel reduces the partials in a fixed order (deterministic, no atomics) into
+``stats = [loss, kl, clip_fraction, ratio_mean, post_scale]``. No other ``[S, T]`` tensor is
+created.
+
+Token weights (``policy_loss/reference.py::token_weights``):
+
+* ``grpo``: ``w_t = m_t / (S max(1, sum_t m_t))`` needs the row's mask total before the first
+  gradient is written: a program owns whole rows, so it sums the row's mask first and then
+  streams the row. The second read of the mask (1 byte per token for a bool mask) comes from
+  cache, not from memory.
+* ``dr_grpo``: a constant ``1 / (S L)``, applied in the kernel.
+* ``token``: ``w_t = m_t / max(1, sum m)`` needs a batch-wide total, which no program has: the
+  kernel writes ``m_t g_t`` and the constant ``1 / max(1, sum m)`` (``post_scale``) is applied by
+  the backward, which multiplies by ``grad_output`` anyway, so it costs nothing extra.
+
+Backward: ``grad_logp = grad * (grad_loss * post_scale)`` in ``logp``'s dtype. On CUDA the
+gradient is stored in ``logp``'s dtype; on the CPU interpreter it is stored in float32 (the
+interpreter rounds float32 to bfloat16 by truncation) and converted once in the backward.
+
+Tokens with mask 0 are never loaded (masked loads): NaN or inf there cannot leak.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._types import PolicyLossOutput
+
+LOSS_TYPE_CODES = {"grpo": 0, "token": 1, "dr_grpo": 2}
+N_PARTIALS = 8  # loss, mask total, kl sum, clipped sum, ratio sum (padded to 8)
+_SM_COUNT: dict[torch.device, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); 4 for the CPU interpreter."""
+    if device.type != "cuda":
+        return 4
+    n = _SM_COUNT.get(device)
+    if n is None:
+        n = _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+def token_block(T: int) -> tuple[int, int]:
+    """``(BLOCK_T, num_warps)`` for rows of ``T`` tokens."""
+    block = min(1024, max(16, triton.next_power_of_2(T)))
+    return block, (4 if block <= 512 else 8)
+
+
+def grad_dtype(logp: torch.Tensor) -> torch.dtype:
+    """Stored gradient dtype: logp's on CUDA; float32 on the interpreter (see module doc)."""
+    return logp.dtype if logp.device.type == "cuda" else torch.float32
+
+
+def mask_arg(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask is passed as uint8 (same storage, no copy)."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+@triton.jit
+def _token_row(
+    a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr,
+    s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
+    T, eps_low, eps_high, beta, norm,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Stream one row with advantage ``a``; returns its (weighted loss, mask total, kl sum,
+    clipped sum, ratio sum). ``norm``: ``1/S`` (grpo), ``1/(S L)`` (dr_grpo), unused (token)."""
+    offs = tl.arange(0, BLOCK_T)
+    if LOSS_TYPE == 0:
+        msum_row = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + offs
+            msum_row += tl.load(mask_ptr + row * s_mr + t * s_mt, mask=t < T, other=0).to(tl.float32)
+        wscale = norm / tl.maximum(tl.sum(msum_row, axis=0), 1.0)
+    elif LOSS_TYPE == 2:
+        wscale = norm
+    else:
+        wscale = 1.0
+    loss_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    m_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    kl_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    clip_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    ratio_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    lo = 1.0 - eps_low
+    hi = 1.0 + eps_high
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + offs
+        m = tl.load(mask_ptr + row * s_mr + t * s_mt, mask=t < T, other=0).to(tl.float32)
+        keep = m != 0
+        lp = tl.load(logp_ptr + row * s_lr + t * s_lt, mask=keep, other=0.0).to(tl.float32)
+        if HAS_OLD:
+            old = tl.load(old_ptr + row * s_or + t * s_ot, mask=keep, other=0.0).to(tl.float32)
+            ratio = tl.exp(lp - old)
+        else:
+            ratio = tl.full([BLOCK_T], 1.0, tl.float32)
+        clipped = tl.minimum(tl.maximum(ratio, lo), hi)
+        ra = ratio * a
+        ca = clipped * a
+        active = ra <= ca  # the unclipped term is the one min() takes (ties included)
+        surr = tl.where(active, ra, ca)
+        g = -tl.where(active, ra, 0.0)
+        if HAS_REF:
+            ref = tl.load(ref_ptr + row * s_rr + t * s_rt, mask=keep, other=0.0).to(tl.float32)
+            d = ref - lp
+            ed = tl.exp(d)
+            kl = ed - d - 1.0
+            per = beta * kl - surr
+            g += beta * (1.0 - ed)
+            kl_acc += tl.where(keep, m * kl, 0.0)
+        else:
+            per = -surr
+        loss_acc += tl.where(keep, m * per, 0.0)
+        m_acc += m
+        clip_acc += tl.where(keep & (~active), m, 0.0)
+        ratio_acc += tl.where(keep, m * ratio, 0.0)
+        if WRITE_GRAD:
+            gw = tl.where(keep, (m * wscale) * g, 0.0)
+            tl.store(grad_ptr + row * s_gr + t * s_gt, gw, mask=t < T)
+    return (tl.sum(loss_acc, axis=0) * wscale, tl.sum(m_acc, axis=0), tl.sum(kl_acc, axis=0),
+            tl.sum(clip_acc, axis=0), tl.sum(ratio_acc, axis=0))
+
+
+@triton.jit
+def _store_partials(partial_ptr, pid, loss, msum, kl, clip, ratio, NP: tl.constexpr):
+    tl.store(partial_ptr + pid * NP + 0, loss)
+    tl.store(partial_ptr + pid * NP + 1, msum)
+    tl.store(partial_ptr + pid * NP + 2, kl)
+    tl.store(partial_ptr + pid * NP + 3, clip)
+    tl.store(partial_ptr + pid * NP + 4, ratio)
+
+
+@triton.jit
+def _policy_loss_fwd_kernel(
+    logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr, partial_ptr,
+    s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_a,
+    S, T, rows_per_prog, eps_low, eps_high, beta, norm,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr,
+):
+    """Program ``pid`` streams rows ``[pid * rows_per_prog, ...)`` and writes its partials."""
+    pid = tl.program_id(0)
+    loss = 0.0
+    msum = 0.0
+    kl = 0.0
+    clip = 0.0
+    ratio = 0.0
+    start = pid * rows_per_prog
+    end = tl.minimum(start + rows_per_prog, S)
+    for row in range(start, end):
+        a = tl.load(adv_ptr + row * s_a).to(tl.float32)
+        r_loss, r_m, r_kl, r_clip, r_ratio = _token_row(
+            a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr,
+            s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
+            T, eps_low, eps_high, beta, norm,
+            HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T,
+        )
+        loss += r_loss
+        msum += r_m
+        kl += r_kl
+        clip += r_clip
+        ratio += r_ratio
+    _store_partials(partial_ptr, pid, loss, msum, kl, clip, ratio, NP)
+
+
+@triton.jit
+def _finalize_kernel(partial_ptr, P, out_ptr, LOSS_TYPE: tl.constexpr, NP: tl.constexpr,
+                     BLOCK_P: tl.constexpr):
+    """Sum ``[P, NP]`` partials (fixed order) into ``[loss, kl, clip, ratio, post_scale]``."""
+    offs = tl.arange(0, BLOCK_P)
+    loss = tl.zeros([BLOCK_P], dtype=tl.float32)
+    msum = tl.zeros([BLOCK_P], dtype=tl.float32)
+    kl = tl.zeros([BLOCK_P], dtype=tl.float32)
+    clip = tl.zeros([BLOCK_P], dtype=tl.float32)
+    ratio = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + offs
+        inb = p < P
+        loss += tl.load(partial_ptr + p * NP + 0, mask=inb, other=0.0)
+        msum += tl.load(partial_ptr + p * NP + 1, mask=inb, other=0.0)
+        kl += tl.load(partial_ptr + p * NP + 2, mask=inb, other=0.0)
+        clip += tl.load(partial_ptr + p * NP + 3, mask=inb, other=0.0)
+        ratio += tl.load(partial_ptr + p * NP + 4, mask=inb, other=0.0)
+    tokens = tl.maximum(tl.sum(msum, axis=0), 1.0)
+    total = tl.sum(loss, axis=0)
+    if LOSS_TYPE == 1:
+        post = 1.0 / tokens
+        total = total / tokens
+    else:
+        post = 1.0
+    tl.store(out_ptr + 0, total)
+    tl.store(out_ptr + 1, tl.sum(kl, axis=0) / tokens)
+    tl.store(out_ptr + 2, tl.sum(clip, axis=0) / tokens)
+    tl.store(out_ptr + 3, tl.sum(ratio, axis=0) / tokens)
+    tl.store(out_ptr + 4, post)
+
+
+def finalize(partials: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """``[5]`` float32 ``[loss, kl, clip_fraction, ratio_mean, post_scale]`` from partials."""
+    stats = torch.empty(5, dtype=torch.float32, device=partials.device)
+    P = partials.shape[0]
+    block = min(1024, max(16, triton.next_power_of_2(P)))
+    _finalize_kernel[(1,)](partials, P, stats, LOSS_TYPE=LOSS_TYPE_CODES[loss_type],
+                           NP=N_PARTIALS, BLOCK_P=block, num_warps=4)
+    return stats
+
+
+def row_norm(S: int, T: int, loss_type: str, max_completion_length: int | None) -> float:
+    """The constant part of the token weight applied in the kernel (see module doc)."""
+    if loss_type == "grpo":
+        return 1.0 / max(S, 1)
+    if loss_type == "dr_grpo":
+        return 1.0 / (max(S, 1) * (T if max_completion_length is None else max_completion_length))
+    return 1.0
+
+
+def token_args(
+    logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+    mask: torch.Tensor, need_grad: bool,
+) -> tuple[list, torch.Tensor]:
+    """Pointer and stride arguments shared by the token kernels, and the gradient buffer."""
+    S, T = logp.shape
+    grad = torch.empty((S, T) if need_grad else (0, 0), dtype=grad_dtype(logp), device=logp.device)
+    old = logp if old_logp is None else old_logp
+    ref = logp if ref_logp is None else ref_logp
+    m = mask_arg(mask)
+    g_strides = grad.stride() if need_grad else (0, 0)
+    args = [logp, old, ref, m, grad,
+            *logp.stride(), *old.stride(), *ref.stride(), *m.stride(), *g_strides]
+    return args, grad
+
+
+def _policy_loss_fwd(
+    logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
+    loss_type: str, max_completion_length: int, need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward launch: ``stats [5]`` float32 and the gradient (``[S, T]``, or empty)."""
+    S, T = logp.shape
+    max_len = None if max_completion_length <= 0 else max_completion_length
+    args, grad = token_args(logp, old_logp, ref_logp, mask, need_grad)
+    rows_per_prog = max(1, min(64, S // (4 * sm_count(logp.device))))
+    P = triton.cdiv(S, rows_per_prog) if S else 0
+    launch = bool(P and T)
+    # Every program writes its partials: no fill needed unless nothing is launched.
+    partials = (torch.empty if launch else torch.zeros)(
+        max(P, 1), N_PARTIALS, dtype=torch.float32, device=logp.device)
+    block_t, warps = token_block(T)
+    if launch:
+        _policy_loss_fwd_kernel[(P,)](
+            *args[:5], advantages, partials, *args[5:], advantages.stride(0),
+            S, T, rows_per_prog, eps_low, eps_high, beta,
+            row_norm(S, T, loss_type, max_len),
+            HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
+            LOSS_TYPE=LOSS_TYPE_CODES[loss_type], WRITE_GRAD=need_grad, BLOCK_T=block_t,
+            NP=N_PARTIALS, num_warps=warps,
+        )
+    return finalize(partials, loss_type), grad
+
+
+@torch.library.custom_op("iama_triton::policy_loss", mutates_args=())
+def _policy_loss_op(
+    logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
+    loss_type: str, max_completion_length: int, need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _policy_loss_fwd(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,
+                            loss_type, max_completion_length, need_grad)
+
+
+@_policy_loss_op.register_fake
+def _(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
+      max_completion_length, need_grad):
+    shape = tuple(logp.shape) if need_grad else (0, 0)
+    return (logp.new_empty(5, dtype=torch.float32),
+            logp.new_empty(shape, dtype=grad_dtype(logp)))
+
+
+def backward_logp(grad: torch.Tensor, stats: torch.Tensor, grad_stats: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """``d loss / d logp`` times ``grad_output``: the saved gradient times one scalar."""
+    return (grad * (grad_stats[0] * stats[4])).to(dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    stats, grad = output
+    ctx.save_for_backward(grad, stats)
+    ctx.logp_dtype = inputs[0].dtype
+    ctx.n_inputs = len(inputs)
+
+
+def _backward(ctx, grad_stats, grad_grad):
+    grad, stats = ctx.saved_tensors
+    return (backward_logp(grad, stats, grad_stats, ctx.logp_dtype),) + (None,) * (ctx.n_inputs - 1)
+
+
+_policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def needs_grad(logp: torch.Tensor) -> bool:
+    return logp.requires_grad and torch.is_grad_enabled()
+
+
+def policy_loss_triton(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+) -> PolicyLossOutput:
+    """Triton :func:`iama_kernels.policy_loss`; arguments already validated. float32 outputs."""
+    stats, _ = _policy_loss_op(
+        logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
+        0 if max_completion_length is None else int(max_completion_length), needs_grad(logp),
+    )
+    metrics = stats.detach()
+    return PolicyLossOutput(stats[0], metrics[1], metrics[2], metrics[3])

@@ -1,0 +1,137 @@
+"""One ``torch.compile(fullgraph=True)`` test per public function, for ``impl="cpu"`` (the
+``iama`` custom ops, traced through their fake functions and autograd formulas) and
+``impl="reference"`` (eager torch ops): the compiled result equals the eager one, and the loss
+functions backpropagate through the compiled graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from iama_kernels import (
+    BestOfN,
+    Criterion,
+    Objective,
+    SmoothMin,
+    SoftBestOfN,
+    first_variation,
+    group_advantages,
+    group_values,
+    nonlinear_grpo_loss,
+    policy_loss,
+)
+from iama_kernels.testing import random_rewards
+
+
+@pytest.fixture(params=["cpu", "reference"])
+def impl(request: pytest.FixtureRequest) -> str:
+    """Each test runs for both backends; ``cpu`` is skipped when the extension cannot be built."""
+    if request.param == "cpu":
+        from iama_kernels import _extension
+
+        try:
+            _extension.load()
+        except _extension.ExtensionUnavailable as error:
+            pytest.skip(f"C++ CPU extension unavailable: {error}")
+    torch._dynamo.reset()
+    return request.param
+
+
+OBJECTIVE = Objective([Criterion("a", BestOfN(3)), Criterion("b", SoftBestOfN(0.3))], SmoothMin([1, 1], 2.0))
+
+
+def _assert_same(compiled: object, eager: object) -> None:
+    """Inductor fuses and reorders the float32 torch arithmetic around the ops (the reference, and
+    lambda for the C++ path), so results agree to a few float32 ulps of the outputs' scale
+    (measured: <= 3e-7 absolute on values of order 1), not bit for bit."""
+    compiled = compiled if isinstance(compiled, tuple) else (compiled,)
+    eager = eager if isinstance(eager, tuple) else (eager,)
+    for a, b in zip(compiled, eager, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=4e-6 * scale)
+
+
+def _token_inputs(S: int, T: int) -> tuple[torch.Tensor, ...]:
+    logp = -torch.rand(S, T)
+    old = logp + 0.2 * torch.randn(S, T)
+    ref = logp + 0.2 * torch.randn(S, T)
+    mask = torch.rand(S, T) < 0.8
+    return logp, old, ref, mask
+
+
+def test_first_variation_compiles(impl):
+    rewards = random_rewards(6, 7)
+
+    def fn(r: torch.Tensor) -> torch.Tensor:
+        return first_variation(r, BestOfN(3), estimator="unbiased", impl=impl)
+
+    _assert_same(torch.compile(fn, fullgraph=True)(rewards), fn(rewards))
+
+
+def test_group_values_compiles(impl):
+    rewards = random_rewards(6, 7)
+
+    def fn(r: torch.Tensor) -> torch.Tensor:
+        return group_values(r, SoftBestOfN(0.5), impl=impl)
+
+    _assert_same(torch.compile(fn, fullgraph=True)(rewards), fn(rewards))
+
+
+# Objective.max_n() (iama_kernels/objectives.py) calls max() on a generator with default=, which
+# dynamo cannot trace; the two functions whose dispatch calls it do not compile with fullgraph
+# until it is written without one. The marker only accepts that exact failure.
+MAX_N_GRAPH_BREAK = pytest.mark.xfail(
+    raises=torch._dynamo.exc.Unsupported, strict=False,
+    reason="Objective.max_n uses max(<generator>, default=1), which torch.compile cannot trace",
+)
+
+
+@MAX_N_GRAPH_BREAK
+def test_group_advantages_compiles(impl):
+    rewards = random_rewards(6, 7, m=2)
+    # The reference's valid-mask path loops over the distinct valid counts (data-dependent), so a
+    # valid mask is compiled through the C++ ops only.
+    valid = None
+    if impl == "cpu":
+        valid = torch.rand(6, 7) < 0.8
+        valid[:, :3] = True
+
+    def fn(r: torch.Tensor, v: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        return tuple(group_advantages(r, OBJECTIVE, estimator="unbiased", scale="batch", valid=v, impl=impl))
+
+    _assert_same(torch.compile(fn, fullgraph=True)(rewards, valid), fn(rewards, valid))
+
+
+def test_policy_loss_compiles_and_backpropagates(impl):
+    logp, old, ref, mask = _token_inputs(6, 33)
+    adv = torch.randn(6)
+
+    def fn(lp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(policy_loss(lp, old, ref, adv, mask, beta=0.04, impl=impl))
+
+    results = []
+    for f in (torch.compile(fn, fullgraph=True), fn):
+        x = logp.clone().requires_grad_(True)
+        out = f(x)
+        out[0].backward()
+        results.append((*[t.detach() for t in out], x.grad))
+    _assert_same(results[0], results[1])
+
+
+@MAX_N_GRAPH_BREAK
+def test_nonlinear_grpo_loss_compiles_and_backpropagates(impl):
+    B, G, T = 3, 5, 17
+    rewards = random_rewards(B, G, m=2)
+    logp, old, ref, mask = _token_inputs(B * G, T)
+
+    def fn(lp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(nonlinear_grpo_loss(lp, old, ref, mask, rewards, OBJECTIVE, beta=0.04, impl=impl))
+
+    results = []
+    for f in (torch.compile(fn, fullgraph=True), fn):
+        x = logp.clone().requires_grad_(True)
+        out = f(x)
+        out[0].backward()
+        results.append((*[t.detach() for t in out], x.grad))
+    _assert_same(results[0], results[1])

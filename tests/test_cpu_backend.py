@@ -1,0 +1,554 @@
+"""The C++ CPU backend (``impl="cpu"``) against the float64 reference, op by op.
+
+Tolerances come from measured error: with float32 inputs the backend computes group statistics
+in double and the token loss with ~1 ulp exps, and its measured error against the float64 oracle
+is below 1e-7 relative (advantages, loss, metrics) and within a small multiple of the float32
+reference's own error (per-token gradients); the bounds below are 1e-5 relative, as specified.
+float64 agrees to ~1e-12 (bound 1e-10: a division by a small group std amplifies the rounding of
+both sides; the unbiased weights of G = 1024 come from a ratio recurrence, ~1e-13).
+
+Every test takes the ``cpu_ext`` fixture, which builds the extension on first use and skips the
+test with the reason when it cannot be built (no compiler, no ninja).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import iama_kernels as ik
+from iama_kernels import (
+    BestOfN,
+    Criterion,
+    Mean,
+    Min,
+    Objective,
+    SmoothMin,
+    SoftBestOfN,
+    WeightedSum,
+    first_variation,
+    group_advantages,
+    group_values,
+    nonlinear_grpo_loss,
+    policy_loss,
+)
+from iama_kernels._dispatch import Call, choose
+from iama_kernels.testing import (
+    assert_matches_reference,
+    policy_loss_by_loops,
+    random_rewards,
+    reference_pair,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+REL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+@pytest.fixture(scope="session")
+def cpu_ext() -> None:
+    """Builds (or reuses) the C++ extension; skips with the reason when it cannot be built."""
+    from iama_kernels import _extension
+
+    try:
+        _extension.load()
+    except _extension.ExtensionUnavailable as error:
+        pytest.skip(f"C++ CPU extension unavailable: {error}")
+
+
+def _rel(dtype: torch.dtype) -> float:
+    return REL[torch.float64 if dtype == torch.float64 else torch.float32]
+
+
+def _check_all(out: tuple, oracle: tuple, rel: float) -> None:
+    names = tuple(getattr(oracle, "_fields", range(len(oracle))))
+    for name, a, b in zip(names, out, oracle, strict=True):
+        assert a.dtype == b.dtype or b.dtype == torch.float64, name
+        # kl: for |ref - logp| < 1/2 the kernels sum the series of exp(d) - d - 1 instead of
+        # forming it, which is more accurate than the float64 oracle itself (its cancellation
+        # leaves ~1e-10 relative error in the mean kl): a float64 kl is checked to 1e-9.
+        tol = max(rel, 1e-9) if name == "kl" else rel
+        assert_matches_reference(a.detach(), b.detach(), rel=tol, name=str(name))
+
+
+TRANSFORMS = [Mean(), BestOfN(1), BestOfN(2), BestOfN(3), BestOfN(7), SoftBestOfN(0.3), SoftBestOfN(1e-6)]
+
+
+# ------------------------------------------------------------------------------------------
+# first_variation / group_values
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("G", [1, 2, 3, 7, 13, 16, 100])
+@pytest.mark.parametrize("estimator", ["plugin", "unbiased"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_first_variation_and_values_match_reference(cpu_ext, G, estimator, dtype):
+    rewards = random_rewards(12, G, dtype=dtype) * 3 + 1e3  # an offset: the min shift must keep precision
+    for transform in TRANSFORMS:
+        if estimator == "unbiased" and isinstance(transform, BestOfN) and transform.n > G:
+            continue
+        s = first_variation(rewards, transform, estimator=estimator, impl="cpu")
+        v = group_values(rewards, transform, estimator=estimator, impl="cpu")
+        s64, s_ref = reference_pair(first_variation, rewards, transform, estimator=estimator)
+        v64, _ = reference_pair(group_values, rewards, transform, estimator=estimator)
+        assert s.dtype == s_ref.dtype
+        assert_matches_reference(s, s64, rel=_rel(dtype), name=f"first_variation {transform}")
+        assert_matches_reference(v, v64, rel=_rel(dtype), name=f"group_values {transform}")
+        # Centred per group, and exactly 0 for constant groups (kind 3 of random_rewards).
+        assert float(s.double().sum(-1).abs().max()) <= 1e-4 * max(1.0, float(s.abs().max()))
+        assert torch.equal(s[3::4], torch.zeros_like(s[3::4]))
+
+
+@pytest.mark.parametrize("estimator", ["plugin", "unbiased"])
+@pytest.mark.parametrize("n", [2, 37, 512, 1024])
+def test_large_groups_stay_finite_and_accurate(cpu_ext, estimator, n):
+    """G = 1024 with any n: binomial weights without overflow (C(1023, 511) ~ 1e306)."""
+    rewards = random_rewards(4, 1024, dtype=torch.float32, ties=False)
+    for dtype in (torch.float32, torch.float64):
+        r = rewards.to(dtype)
+        s = first_variation(r, BestOfN(n), estimator=estimator, impl="cpu")
+        v = group_values(r, BestOfN(n), estimator=estimator, impl="cpu")
+        s64, _ = reference_pair(first_variation, r, BestOfN(n), estimator=estimator)
+        v64, _ = reference_pair(group_values, r, BestOfN(n), estimator=estimator)
+        assert torch.isfinite(s).all() and torch.isfinite(v).all()
+        # float64: the recurrence's error (one rounding per step over ~1000 steps) bounds this.
+        rel = 1e-5 if dtype == torch.float32 else 1e-10
+        assert_matches_reference(s, s64, rel=rel, name="s")
+        assert_matches_reference(v, v64, rel=rel, name="value")
+
+
+def test_half_rewards_and_leading_dims(cpu_ext):
+    rewards = random_rewards(6, 9, dtype=torch.float64).reshape(2, 3, 9)
+    for dtype in (torch.float16, torch.bfloat16):
+        r = rewards.to(dtype)
+        s = first_variation(r, BestOfN(3), estimator="unbiased", impl="cpu")
+        v = group_values(r, SoftBestOfN(0.5), impl="cpu")
+        assert s.shape == (2, 3, 9) and s.dtype == torch.float32 and v.shape == (2, 3)
+        s64, _ = reference_pair(first_variation, r, BestOfN(3), estimator="unbiased")
+        v64, _ = reference_pair(group_values, r, SoftBestOfN(0.5))
+        assert_matches_reference(s, s64, rel=1e-5)
+        assert_matches_reference(v, v64, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# group_advantages
+# ------------------------------------------------------------------------------------------
+
+OBJECTIVES = {
+    "sum": Objective([Criterion("a", BestOfN(4)), Criterion("b", SoftBestOfN(0.2)), Criterion("c", Mean())],
+                     WeightedSum([0.5, 0.3, 0.2])),
+    "min": Objective([Criterion("a", BestOfN(3)), Criterion("b", BestOfN(2))], Min()),
+    "smooth": Objective([Criterion("a", BestOfN(5)), Criterion("b", SoftBestOfN(0.5))],
+                        SmoothMin([1, 2], 3.0)),
+    "single": BestOfN(4),
+}
+
+
+def _rewards_for(objective, B: int, G: int, dtype: torch.dtype, ties: bool = True) -> torch.Tensor:
+    m = len(ik.objectives.as_objective(objective))
+    r = random_rewards(B, G, m=m, dtype=dtype, ties=ties)
+    r[3::4] = r[3::4, :1]  # constant groups (already so with ties)
+    return r[..., 0] if isinstance(objective, BestOfN) else r
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+@pytest.mark.parametrize("G", [3, 8, 13])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("estimator", ["plugin", "unbiased"])
+def test_group_advantages_match_reference(cpu_ext, name, G, scale, estimator):
+    objective = OBJECTIVES[name]
+    if estimator == "unbiased" and ik.objectives.as_objective(objective).max_n() > G:
+        pytest.skip("unbiased needs G >= n")
+    for dtype in (torch.float32, torch.float64):
+        for eps in (1e-4, 0.0):
+            # eps = 0 divides by the std: groups whose first variation is constant only up to
+            # rounding (binary rewards with few zeros under BestOfN) give rounding noise divided by
+            # its own std in every implementation, so eps = 0 runs on continuous rewards.
+            rewards = _rewards_for(objective, 9, G, dtype, ties=eps > 0)
+            kw = dict(estimator=estimator, scale=scale, eps=eps)
+            out = group_advantages(rewards, objective, impl="cpu", **kw)
+            oracle, ref = reference_pair(group_advantages, rewards, objective, **kw)
+            assert [t.dtype for t in out] == [t.dtype for t in ref]
+            _check_all(out, oracle, _rel(dtype))
+            # constant groups (every 4th) get exactly 0
+            assert torch.equal(out.advantages[3::4], torch.zeros_like(out.advantages[3::4]))
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("estimator", ["plugin", "unbiased"])
+def test_group_advantages_with_valid_mask(cpu_ext, scale, estimator):
+    objective = OBJECTIVES["smooth"]
+    B, G = 16, 11
+    rewards = random_rewards(B, G, m=2, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    valid = torch.rand(B, G, generator=gen) < 0.7
+    valid[0] = False  # an empty group: value 0, left out of the batch values
+    valid[1] = True
+    valid[2, :5] = True  # at least n = 5 valid samples where the group is not empty
+    valid[2, 5:] = False
+    counts = valid.sum(-1)
+    valid[(counts > 0) & (counts < 5)] = True
+    rewards[~valid] = float("nan")  # invalid samples are never read into the arithmetic
+    kw = dict(estimator=estimator, scale=scale, valid=valid)
+    out = group_advantages(rewards, objective, impl="cpu", **kw)
+    oracle, _ = reference_pair(group_advantages, rewards, objective, **kw)
+    _check_all(out, oracle, 1e-5)
+    assert torch.equal(out.advantages[~valid], torch.zeros_like(out.advantages[~valid]))
+    assert torch.equal(out.values[0], torch.zeros_like(out.values[0]))
+
+
+def test_group_advantages_with_criterion_weights(cpu_ext):
+    objective = OBJECTIVES["min"]
+    rewards = random_rewards(10, 6, m=2, dtype=torch.float32)
+    for weights in ([0.25, 0.75], torch.tensor([1.0, 0.0], dtype=torch.float64)):
+        out = group_advantages(rewards, objective, criterion_weights=weights, impl="cpu")
+        oracle, _ = reference_pair(group_advantages, rewards, objective, criterion_weights=weights)
+        _check_all(out, oracle, 1e-5)
+
+
+def test_group_advantages_large_group(cpu_ext):
+    objective = Objective([Criterion("a", BestOfN(300)), Criterion("b", BestOfN(1024))])
+    rewards = random_rewards(4, 1024, m=2, dtype=torch.float32)
+    out = group_advantages(rewards, objective, estimator="unbiased", impl="cpu")
+    oracle, _ = reference_pair(group_advantages, rewards, objective, estimator="unbiased")
+    _check_all(out, oracle, 1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_ties_are_bit_identical_whatever_the_order(cpu_ext, m, scale):
+    """Tied samples get identical outputs, and permuting a group permutes its outputs bit for bit
+    (every reduction inside a group runs in a canonical order)."""
+    objective = Objective([Criterion(f"c{i}", t) for i, t in enumerate([BestOfN(4), SoftBestOfN(0.3)][:m])])
+    B, G = 8, 13
+    for dtype in (torch.float32, torch.float64):
+        base = random_rewards(B, 5, m=m, dtype=dtype)
+        rewards = base[:, torch.arange(G) % 5]  # every sample has 1-2 exact copies
+        for estimator in ("plugin", "unbiased"):
+            out = group_advantages(rewards, objective, estimator=estimator, scale=scale, impl="cpu")
+            adv = out.advantages
+            for j in range(G):
+                assert torch.equal(adv[:, j], adv[:, j % 5]), "tied samples differ"
+            perm = torch.randperm(G)
+            kw = dict(estimator=estimator, scale=scale, impl="cpu")
+            out_p = group_advantages(rewards[:, perm], objective, **kw)
+            assert torch.equal(out_p.advantages, adv[:, perm])
+            assert torch.equal(out_p.shaped, out.shaped[:, perm])
+            assert torch.equal(out_p.values, out.values)
+            t0 = objective.transforms[0]
+            s = first_variation(rewards[..., 0], t0, estimator=estimator, impl="cpu")
+            s_p = first_variation(rewards[:, perm, 0], t0, estimator=estimator, impl="cpu")
+            assert torch.equal(s_p, s[:, perm])
+
+
+def test_non_contiguous_rewards(cpu_ext):
+    objective = OBJECTIVES["smooth"]
+    rewards = random_rewards(8, 7, m=2, dtype=torch.float32)
+    expected = group_advantages(rewards, objective, estimator="unbiased", impl="cpu")
+    transposed = rewards.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+    sliced = torch.stack([rewards, rewards], -1)[..., 0]  # strides (28, 4, 2)
+    for r in (transposed, sliced, rewards[..., [0, 1]]):
+        out = group_advantages(r, objective, estimator="unbiased", impl="cpu")
+        for a, b in zip(out, expected, strict=True):
+            assert torch.equal(a, b)
+    # and a strided 2-D batch for first_variation
+    wide = random_rewards(6, 10, dtype=torch.float64)
+    s = first_variation(wide.t().contiguous().t(), BestOfN(3), impl="cpu")
+    assert torch.equal(s, first_variation(wide, BestOfN(3), impl="cpu"))
+
+
+# ------------------------------------------------------------------------------------------
+# policy_loss
+# ------------------------------------------------------------------------------------------
+
+
+def _token_inputs(S: int, T: int, dtype: torch.dtype, *, seed: int = 0, mask_kind: str = "bool"):
+    gen = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(S, T, generator=gen, dtype=torch.float64) * 3
+    old = logp + 0.3 * torch.randn(S, T, generator=gen, dtype=torch.float64)
+    ref = logp + 0.2 * torch.randn(S, T, generator=gen, dtype=torch.float64)
+    keep = torch.rand(S, T, generator=gen) < 0.8
+    keep[1] = False  # an empty row
+    adv = torch.randn(S, generator=gen, dtype=torch.float64)
+    logp = torch.where(keep, logp, torch.nan)  # padding may hold NaN: never read
+    old = torch.where(keep, old, torch.inf)
+    if mask_kind == "bool":
+        mask = keep
+    elif mask_kind == "int":
+        mask = keep.to(torch.int32) * 2
+    else:
+        mask = keep.to(torch.float32) * torch.rand(S, T, generator=gen).add(0.5)
+    return logp.to(dtype), old.to(dtype), ref.to(dtype), adv.to(torch.float32), mask
+
+
+def _loss_and_grad(impl: str, logp, *args, **kwargs):
+    x = logp.detach().clone().requires_grad_(True)
+    out = policy_loss(x, *args, impl=impl, **kwargs)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    return out, grad
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "token", "dr_grpo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask_kind", ["bool", "int", "float"])
+def test_policy_loss_matches_reference(cpu_ext, loss_type, dtype, mask_kind):
+    S, T = 9, 131  # odd sizes: tiles of 64 tokens plus a tail
+    logp, old, ref, adv, mask = _token_inputs(S, T, dtype, mask_kind=mask_kind)
+    for beta, with_old, with_ref in ((0.04, True, True), (0.0, False, False), (0.1, False, True)):
+        kw = dict(eps_low=0.2, eps_high=0.28, beta=beta, loss_type=loss_type,
+                  max_completion_length=150 if loss_type == "dr_grpo" else None)
+        o = old if with_old else None
+        r = ref if with_ref else None
+        out, grad = _loss_and_grad("cpu", logp, o, r, adv, mask, **kw)
+        ref_out, ref_grad = _loss_and_grad("reference", logp, o, r, adv, mask, **kw)
+        o64 = None if o is None else o.double()
+        r64 = None if r is None else r.double()
+        oracle, grad64 = _loss_and_grad("reference", logp.double(), o64, r64, adv, mask, **kw)
+        assert out.loss.dtype == ref_out.loss.dtype and grad.dtype == logp.dtype
+        # the inputs are exactly the same numbers in every dtype: the error is the kernel's own
+        _check_all(out, oracle, _rel(dtype))
+        assert_matches_reference(grad, grad64, ref_grad, factor=2.0, rel=_rel(dtype), name="grad")
+        padding = mask == 0
+        assert torch.isfinite(grad).all() and torch.equal(grad[padding], torch.zeros_like(grad[padding]))
+
+
+def test_policy_loss_matches_the_loop_oracle(cpu_ext):
+    logp, old, ref, adv, mask = _token_inputs(5, 70, torch.float64, mask_kind="float")
+    for loss_type in ("grpo", "token", "dr_grpo"):
+        out, grad = _loss_and_grad("cpu", logp, old, ref, adv, mask, beta=0.05, loss_type=loss_type)
+        oracle = policy_loss_by_loops(logp, old, ref, adv, mask, beta=0.05, loss_type=loss_type)
+        for a, b in ((out.loss, oracle.loss), (out.clip_fraction, oracle.clip_fraction),
+                     (out.ratio_mean, oracle.ratio_mean), (grad, oracle.grad)):
+            assert_matches_reference(a, b, rel=1e-12)
+        # kl: the kernel's series for small |d| is more accurate than exp(d) - d - 1 in float64
+        assert_matches_reference(out.kl, oracle.kl, rel=1e-9)
+
+
+def test_policy_loss_mixed_dtypes_and_layouts(cpu_ext):
+    S, T = 6, 40
+    logp, old, ref, adv, mask = _token_inputs(S, T, torch.float32)
+    cases = {
+        "bf16 logp, f32 old/ref": (logp.bfloat16(), old, ref),
+        "f16 logp, f16 old, f32 ref": (logp.half(), old.half(), ref),
+        "f32 logp, f64 old": (logp, old.double(), ref),
+        "transposed": (logp.t().contiguous().t(), old.t().contiguous().t(), ref),
+        "sliced": (torch.cat([logp, logp], 1)[:, :T], torch.cat([old, old], 1)[:, T:], ref[:, :]),
+    }
+    for name, (lp, o, r) in cases.items():
+        out, grad = _loss_and_grad("cpu", lp, o, r, adv, mask, beta=0.02)
+        ref_out, ref_grad = _loss_and_grad("reference", lp, o, r, adv, mask, beta=0.02)
+        _check_all(out, ref_out, 1e-5)
+        assert grad.dtype == lp.dtype, name
+        tol = 1e-5 if lp.dtype == torch.float32 else 1e-2
+        assert_matches_reference(grad, ref_grad.double(), rel=tol, name=name)
+    # a non-contiguous mask
+    out, _ = _loss_and_grad("cpu", logp, old, ref, adv, mask.t().contiguous().t(), beta=0.02)
+    expected, _ = _loss_and_grad("cpu", logp, old, ref, adv, mask, beta=0.02)
+    assert torch.equal(out.loss, expected.loss)
+
+
+def test_policy_loss_backward_scales_by_grad_output(cpu_ext):
+    logp, old, ref, adv, mask = _token_inputs(4, 20, torch.float32)
+    x = logp.clone().requires_grad_(True)
+    out = policy_loss(x, old, ref, adv, mask, beta=0.1, impl="cpu")
+    (g1,) = torch.autograd.grad(out.loss, x, retain_graph=True)
+    (g3,) = torch.autograd.grad(3 * out.loss, x)
+    assert torch.allclose(g3, 3 * g1, rtol=1e-6, atol=0)
+    assert not out.kl.requires_grad and not out.clip_fraction.requires_grad
+
+
+def test_empty_and_fully_masked_batches(cpu_ext):
+    for S, T in ((0, 5), (3, 0), (4, 6)):
+        logp = torch.zeros(S, T)
+        mask = torch.zeros(S, T, dtype=torch.bool)
+        adv = torch.ones(S)
+        out = policy_loss(logp, None, None, adv, mask, impl="cpu")
+        expected = policy_loss(logp, None, None, adv, mask, impl="reference")
+        for a, b in zip(out, expected, strict=True):
+            assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# nonlinear_grpo_loss
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sum", "smooth", "single"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_nonlinear_grpo_loss_matches_reference(cpu_ext, name, dtype):
+    objective = OBJECTIVES[name]
+    B, G, T = 5, 7, 45
+    rewards = _rewards_for(objective, B, G, torch.float64 if dtype == torch.float64 else torch.float32)
+    logp, old, ref, _, mask = _token_inputs(B * G, T, dtype)
+    kw = dict(estimator="unbiased", scale="group", beta=0.04, loss_type="token")
+    x = logp.clone().requires_grad_(True)
+    out = nonlinear_grpo_loss(x, old, ref, mask, rewards, objective, impl="cpu", **kw)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    x64 = logp.double().requires_grad_(True)
+    oracle = nonlinear_grpo_loss(x64, old.double(), ref.double(), mask, rewards.double(), objective,
+                                 impl="reference", **kw)
+    (grad64,) = torch.autograd.grad(oracle.loss, x64)
+    rel = _rel(dtype)
+    _check_all(out, oracle, rel)
+    assert grad.dtype == dtype
+    assert_matches_reference(grad, grad64, rel=rel if dtype != torch.bfloat16 else 1e-2, name="grad")
+    # the one-pass op equals the two ops run separately, bit for bit
+    adv = group_advantages(rewards, objective, estimator="unbiased", impl="cpu").advantages
+    sep = policy_loss(logp, old, ref, adv.reshape(-1), mask, beta=0.04, loss_type="token", impl="cpu")
+    assert torch.equal(out.loss.detach(), sep.loss) and torch.equal(out.advantages, adv)
+
+
+# ------------------------------------------------------------------------------------------
+# torch.library: opcheck, dispatch, errors
+# ------------------------------------------------------------------------------------------
+
+
+def _op_samples() -> list[tuple[str, tuple]]:
+    torch.manual_seed(0)
+    r = random_rewards(4, 6, m=2, dtype=torch.float32)
+    valid = torch.rand(4, 6) < 0.8
+    valid[:, :3] = True
+    lam = torch.tensor([0.4, 0.6])
+    S, T = 24, 10
+    logp = (-torch.rand(S, T)).requires_grad_(True)
+    old = logp.detach() + 0.1 * torch.randn(S, T)
+    ref = logp.detach() + 0.1 * torch.randn(S, T)
+    mask = torch.rand(S, T) < 0.8
+    adv = torch.randn(S)
+    codes = ([1, 2], [3, 1], [1.0, 0.5])
+    return [
+        ("group_stats", (r, None, *codes, "plugin")),
+        ("group_stats", (r.double(), valid, *codes, "unbiased")),
+        ("group_advantages", (r, valid, lam, *codes, "unbiased", "group", 1e-4)),
+        ("group_advantages", (r.double(), None, lam, *codes, "plugin", "batch", 0.0)),
+        ("policy_loss_fwd", (logp, old, ref, adv, mask, 0.2, 0.2, 0.04, "grpo", None)),
+        ("policy_loss_fwd", (logp, None, None, adv, mask.float(), 0.1, 0.3, 0.0, "dr_grpo", 12)),
+        ("nonlinear_grpo_fwd", (logp, old, ref, mask, r, lam, *codes, "plugin", "group", 1e-4, 0.2, 0.2, 0.04,
+                                "token", None)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_opcheck(cpu_ext, index):
+    name, args = _op_samples()[index]
+    torch.library.opcheck(getattr(torch.ops.iama, name).default, args)
+
+
+def test_auto_picks_cpu_for_cpu_tensors_and_refuses_other_devices(cpu_ext):
+    from iama_kernels._cpu_backend import cpu_check
+    from iama_kernels.policy_loss.api import _POLICY_LOSS_BACKENDS
+
+    names = [b.name for b in _POLICY_LOSS_BACKENDS]
+    assert names.index("cpu") < names.index("reference")
+    call = Call("policy_loss", torch.device("cpu"), False, {"dtype": torch.float32, "shape": (2, 3)})
+    assert choose("policy_loss", "auto", _POLICY_LOSS_BACKENDS, call).name == "cpu"
+    gpu = Call("policy_loss", torch.device("cuda", 0), True, {"dtype": torch.float32, "shape": (2, 3)})
+    reason = cpu_check(gpu)
+    assert reason is not None and "CPU tensors only" in reason
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        choose("policy_loss", "cpu", _POLICY_LOSS_BACKENDS, gpu)
+
+
+BAD_CALLS = [
+    lambda impl: group_advantages(torch.randn(2, 3, 2), BestOfN(2), impl=impl),
+    lambda impl: group_advantages(torch.randn(2, 3), BestOfN(4), estimator="unbiased", impl=impl),
+    lambda impl: group_advantages(torch.randn(2, 3), BestOfN(2), scale="std", impl=impl),
+    lambda impl: group_advantages(torch.tensor([[0.0, float("nan")]]), Mean(), impl=impl),
+    lambda impl: first_variation(torch.randn(2, 3).int(), Mean(), impl=impl),
+    lambda impl: policy_loss(torch.randn(2, 3), None, None, torch.randn(3), torch.ones(2, 3), impl=impl),
+    lambda impl: policy_loss(torch.randn(2, 3), None, None, torch.randn(2), torch.ones(2, 3), beta=0.1,
+                             impl=impl),
+    lambda impl: nonlinear_grpo_loss(torch.randn(5, 3), None, None, torch.ones(5, 3), torch.randn(2, 3),
+                                     Mean(), impl=impl),
+]
+
+
+@pytest.mark.parametrize("index", range(len(BAD_CALLS)))
+def test_bad_input_errors_are_the_same(cpu_ext, index):
+    call = BAD_CALLS[index]
+    errors = []
+    for impl in ("reference", "cpu"):
+        with pytest.raises((ValueError, TypeError)) as info:
+            call(impl)
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
+
+
+def test_kernel_checks_reject_bad_op_arguments(cpu_ext):
+    r = torch.randn(2, 3, 1)
+    with pytest.raises(ValueError, match="estimator"):
+        torch.ops.iama.group_stats(r, None, [0], [1], [1.0], "median")
+    with pytest.raises(ValueError, match="one entry per criterion"):
+        torch.ops.iama.group_stats(r, None, [0, 1], [1], [1.0], "plugin")
+    with pytest.raises(ValueError, match="valid samples per group"):
+        torch.ops.iama.group_stats(r, torch.tensor([[True, False, False]] * 2), [1], [2], [1.0], "unbiased")
+    with pytest.raises(ValueError, match="ref_logp is required"):
+        torch.ops.iama.policy_loss_fwd(torch.zeros(2, 2), None, None, torch.zeros(2), torch.ones(2, 2),
+                                       0.2, 0.2, 0.1, "grpo", None)
+
+
+def test_baseline_build_matches_the_avx2_build(cpu_ext):
+    """The token pass is compiled twice (baseline and AVX2+FMA, chosen at run time); the
+    baseline one must give the same results (IAMA_CPU_NO_AVX2 forces it, in a subprocess)."""
+    script = textwrap.dedent("""
+        import torch, iama_kernels as ik
+        from iama_kernels import _extension
+        _extension.load()
+        g = torch.Generator().manual_seed(0)
+        logp = -torch.rand(7, 300, generator=g); old = logp + 0.2 * torch.randn(7, 300, generator=g)
+        ref = logp + 0.2 * torch.randn(7, 300, generator=g); mask = torch.rand(7, 300, generator=g) < 0.9
+        out = torch.ops.iama.policy_loss_fwd(logp, old, ref, torch.randn(7, generator=g), mask, 0.2, 0.2,
+                                             0.05, "grpo", None)
+        torch.save([t for t in out], __import__("sys").argv[1])
+    """)
+    results = []
+    for flag in ("0", "1"):
+        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"iama_token_pass_{os.getpid()}_{flag}.pt"
+        env = dict(os.environ, IAMA_CPU_NO_AVX2=flag)
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, cwd=REPO, timeout=300)
+        results.append(torch.load(path))
+        path.unlink()
+    for a, b in zip(*results, strict=True):
+        assert_matches_reference(a, b.double(), rel=1e-6)
+
+
+def test_missing_compiler_is_reported_and_auto_falls_back(tmp_path):
+    """Without a compiler: importing works, impl='cpu' says what to install, impl='auto' runs the
+    reference and logs it once."""
+    script = textwrap.dedent("""
+        import logging, torch
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        import iama_kernels as ik
+        r = torch.randn(3, 4)
+        try:
+            ik.first_variation(r, ik.BestOfN(2), impl="cpu")
+        except ValueError as error:
+            print("CPU-ERROR:", error)
+        a = ik.first_variation(r, ik.BestOfN(2))
+        b = ik.first_variation(r, ik.BestOfN(2))
+        assert torch.equal(a, ik.first_variation(r, ik.BestOfN(2), impl="reference"))
+    """)
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), IAMA_BUILD_DIR=str(tmp_path / "build"))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "CPU-ERROR:" in done.stdout and "install" in done.stdout and "C++" in done.stdout
+    assert done.stderr.count("impl='auto' uses 'reference' because 'cpu' is unavailable") == 1
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None,
+                    reason="nvcc not installed: the CUDA compile check of the kernel headers needs it")
+def test_headers_compile_with_nvcc(tmp_path):
+    """The torch-free kernel headers compile as CUDA (__host__ __device__) code."""
+    done = subprocess.run(
+        ["nvcc", "-std=c++17", "-c", "-I", str(REPO / "csrc" / "include"), str(REPO / "csrc" / "tests" /
+         "headers_check.cu"), "-o", str(tmp_path / "headers_check.o")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

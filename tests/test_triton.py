@@ -1,0 +1,476 @@
+"""The Triton backend against the float64 reference.
+
+Every test runs in two lanes (the ``lane`` fixture): ``interpreter`` (CPU tensors through
+``TRITON_INTERPRET=1``, which tests/conftest.py sets on machines without CUDA; small sizes because
+the interpreter runs Python per block) and ``gpu`` (the same checks at larger sizes on CUDA,
+skipped without a device). Tolerances: float32 outputs within a relative error of 1e-5 of the
+float64 oracle (relative to the oracle's largest magnitude), or within 4x the error of the
+same-dtype reference where that is larger (bf16 gradients, cancelling loss sums).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from iama_kernels import (
+    BestOfN,
+    Criterion,
+    Mean,
+    Min,
+    Objective,
+    SmoothMin,
+    SoftBestOfN,
+    WeightedSum,
+    first_variation,
+    group_advantages,
+    group_values,
+    nonlinear_grpo_loss,
+    policy_loss,
+)
+from iama_kernels._dispatch import Call
+from iama_kernels._triton_backend import MAX_GROUP_SIZE, check_triton, interpreter_enabled
+from iama_kernels.testing import (
+    assert_matches_reference,
+    random_rewards,
+    reference_grad_pair,
+    reference_pair,
+)
+
+# The interpreter indexes with 0-d arrays (a NumPy deprecation inside triton, not ours).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+REL = 1e-5
+ROOT = Path(__file__).resolve().parents[1]
+GS = [2, 3, 8, 13, 16, 64]
+
+
+@dataclass(frozen=True)
+class Lane:
+    device: torch.device
+    groups: int  # groups per batch in the group-level tests (a multiple of 4: every reward kind)
+    tokens: int  # tokens per row in the token-level tests
+
+
+@pytest.fixture(params=[pytest.param("interpreter", marks=pytest.mark.interpreter),
+                        pytest.param("gpu", marks=pytest.mark.gpu)])
+def lane(request: pytest.FixtureRequest) -> Lane:
+    pytest.importorskip("triton")
+    if request.param == "interpreter":
+        if not interpreter_enabled():
+            pytest.skip("TRITON_INTERPRET is not set (machines with CUDA run the gpu lane)")
+        return Lane(torch.device("cpu"), groups=8, tokens=24)
+    return Lane(torch.device("cuda"), groups=256, tokens=777)
+
+
+def _n_values(G: int) -> list[int]:
+    """Every n for small groups; a sample (the edges and the middle) for larger ones."""
+    if G <= 8:
+        return list(range(1, G + 1))
+    return sorted({1, 2, 3, G // 2, G - 1, G})
+
+
+def _rewards(lane: Lane, G: int, seed: int, m: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return random_rewards(lane.groups, G, generator=g, m=m).to(lane.device)
+
+
+def _close(out: torch.Tensor, oracle: torch.Tensor, same: torch.Tensor | None = None,
+           name: str = "output") -> None:
+    assert out.device == oracle.device
+    assert_matches_reference(out.detach().cpu(), oracle.detach().cpu(),
+                             None if same is None else same.detach().cpu(), rel=REL, name=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# first_variation and group_values
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", ["plugin", "unbiased"])
+@pytest.mark.parametrize(("G", "n"), [(G, n) for G in GS for n in _n_values(G)])
+def test_best_of_n_matches_reference(lane: Lane, G: int, n: int, estimator: str) -> None:
+    r = _rewards(lane, G, seed=100 * G + n)
+    tr = BestOfN(n)
+    out = first_variation(r, tr, estimator=estimator, impl="triton")
+    assert out.dtype == torch.float32 and out.shape == r.shape
+    oracle, _ = reference_pair(first_variation, r, tr, estimator=estimator)
+    _close(out, oracle, name=f"first_variation G={G} n={n} {estimator}")
+    values = group_values(r, tr, estimator=estimator, impl="triton")
+    oracle_v, _ = reference_pair(group_values, r, tr, estimator=estimator)
+    _close(values, oracle_v, name=f"group_values G={G} n={n} {estimator}")
+
+
+@pytest.mark.parametrize("transform", [Mean(), SoftBestOfN(0.2), SoftBestOfN(3.0)], ids=repr)
+@pytest.mark.parametrize("G", GS)
+def test_mean_and_soft_match_reference(lane: Lane, G: int, transform: object) -> None:
+    r = _rewards(lane, G, seed=G)
+    out = first_variation(r, transform, impl="triton")
+    oracle, _ = reference_pair(first_variation, r, transform)
+    _close(out, oracle, name=f"first_variation G={G} {transform!r}")
+    values = group_values(r, transform, impl="triton")
+    oracle_v, _ = reference_pair(group_values, r, transform)
+    _close(values, oracle_v, name=f"group_values G={G} {transform!r}")
+
+
+def test_half_rewards_and_leading_dims(lane: Lane) -> None:
+    """bf16 rewards are read and converted in the kernel; any leading shape is accepted."""
+    r = _rewards(lane, 8, seed=3).to(torch.bfloat16).reshape(2, -1, 8)
+    out = first_variation(r, BestOfN(3), estimator="unbiased", impl="triton")
+    oracle, _ = reference_pair(first_variation, r, BestOfN(3), estimator="unbiased")
+    assert out.dtype == torch.float32 and out.shape == r.shape
+    _close(out, oracle)
+
+
+@pytest.mark.parametrize("estimator", ["plugin", "unbiased"])
+@pytest.mark.parametrize("transform", [BestOfN(2), BestOfN(5), SoftBestOfN(0.5), Mean()], ids=repr)
+@pytest.mark.parametrize("G", [5, 13])
+def test_ties_are_bit_identical_across_permutations(
+    lane: Lane, G: int, transform: object, estimator: str
+) -> None:
+    r = _rewards(lane, G, seed=7 * G)  # kinds: pooled ties, grid ties, binary, constant
+    base = first_variation(r, transform, estimator=estimator, impl="triton")
+    adv = group_advantages(r, transform, estimator=estimator, impl="triton").advantages
+    g = torch.Generator().manual_seed(G)
+    for _ in range(3):
+        perm = torch.randperm(G, generator=g).to(lane.device)
+        out = first_variation(r[:, perm], transform, estimator=estimator, impl="triton")
+        assert torch.equal(out, base[:, perm])
+        out = group_advantages(r[:, perm], transform, estimator=estimator, impl="triton").advantages
+        assert torch.equal(out, adv[:, perm])
+    # Within a group, equal rewards give equal results, bit for bit.
+    same = r[:, :, None] == r[:, None, :]
+    for res in (base, adv):
+        assert torch.equal(torch.where(same, res[:, :, None], 0), torch.where(same, res[:, None, :], 0))
+    # Constant groups (kind 3) are exactly zero.
+    assert torch.equal(base[3::4], torch.zeros_like(base[3::4]))
+    assert torch.equal(adv[3::4], torch.zeros_like(adv[3::4]))
+
+
+# ------------------------------------------------------------------------------------------------
+# group_advantages
+# ------------------------------------------------------------------------------------------------
+
+OBJECTIVES = {
+    "single": Objective([Criterion("r", BestOfN(3))], WeightedSum([0.5])),
+    "wsum": Objective([Criterion("a", BestOfN(4)), Criterion("b", SoftBestOfN(0.5))],
+                      WeightedSum([0.3, 0.7])),
+    "min": Objective([Criterion("a", BestOfN(2)), Criterion("b", Mean()), Criterion("c", BestOfN(3))],
+                     Min()),
+    "smoothmin": Objective([Criterion("a", BestOfN(3)), Criterion("b", BestOfN(2))],
+                           SmoothMin([1.0, 2.0], 3.0)),
+}
+
+
+def _adv_fields(out: object, oracle: object, name: str) -> None:
+    for field in ("advantages", "shaped", "values", "criterion_weights"):
+        _close(getattr(out, field), getattr(oracle, field), name=f"{name}: {field}")
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+@pytest.mark.parametrize(("G", "estimator"), [(3, "plugin"), (8, "unbiased"), (16, "plugin")])
+def test_group_advantages_matches_reference(
+    lane: Lane, G: int, estimator: str, objective: str, scale: str
+) -> None:
+    obj = OBJECTIVES[objective]
+    r = _rewards(lane, G, seed=G, m=len(obj))
+    out = group_advantages(r, obj, estimator=estimator, scale=scale, impl="triton")
+    oracle, _ = reference_pair(group_advantages, r, obj, estimator=estimator, scale=scale)
+    _adv_fields(out, oracle, f"G={G} {objective} {scale}")
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+@pytest.mark.parametrize("estimator", ["plugin", "unbiased"])
+@pytest.mark.parametrize("G", [5, 16])
+def test_group_advantages_with_valid_mask(lane: Lane, G: int, estimator: str, scale: str) -> None:
+    obj = OBJECTIVES["wsum"]  # BestOfN(4): unbiased needs >= 4 valid samples per group
+    r = _rewards(lane, G, seed=G + 1, m=2)
+    g = torch.Generator().manual_seed(G)
+    valid = torch.rand(r.shape[:2], generator=g) < 0.7
+    valid[valid.sum(-1) < 4] = True
+    valid[0] = False  # a group with no valid sample
+    valid[1, :4] = True
+    valid[1, 4:] = False  # exactly n valid samples
+    valid = valid.to(lane.device)
+    r = torch.where(valid[..., None], r, torch.full_like(r, float("nan")))  # never read
+    out = group_advantages(r, obj, estimator=estimator, scale=scale, valid=valid, impl="triton")
+    oracle, _ = reference_pair(group_advantages, r, obj, estimator=estimator, scale=scale, valid=valid)
+    _adv_fields(out, oracle, f"G={G} valid {estimator} {scale}")
+    assert torch.equal(out.advantages[~valid], torch.zeros_like(out.advantages[~valid]))
+
+
+def test_group_advantages_with_given_weights(lane: Lane) -> None:
+    obj = OBJECTIVES["min"]
+    r = _rewards(lane, 8, seed=5, m=3)
+    w = torch.tensor([0.2, 0.5, 0.3], device=lane.device)
+    out = group_advantages(r, obj, criterion_weights=w, impl="triton")
+    oracle, _ = reference_pair(group_advantages, r, obj, criterion_weights=w)
+    _adv_fields(out, oracle, "given weights")
+
+
+# ------------------------------------------------------------------------------------------------
+# policy_loss
+# ------------------------------------------------------------------------------------------------
+
+
+def _token_inputs(lane: Lane, S: int, dtype: torch.dtype, seed: int, float_mask: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    T = lane.tokens
+    logp = -torch.rand(S, T, generator=g, dtype=torch.float64) * 3
+    old = logp + 0.3 * torch.randn(S, T, generator=g, dtype=torch.float64)
+    ref = logp + 0.3 * torch.randn(S, T, generator=g, dtype=torch.float64)
+    keep = torch.rand(S, T, generator=g) < 0.8
+    keep[1] = False  # an empty row
+    keep[2, T // 2:] = False  # a short row
+    # Padding holds NaN and inf: it must never reach the arithmetic.
+    logp = torch.where(keep, logp, torch.tensor(float("nan"), dtype=torch.float64))
+    old = torch.where(keep, old, torch.tensor(float("inf"), dtype=torch.float64))
+    mask = keep
+    if float_mask:
+        weights = torch.randint(1, 4, (S, T), generator=g).to(torch.float32) / 2
+        mask = torch.where(keep, weights, 0.0)
+    cast = [t.to(dtype).to(lane.device) for t in (logp, old, ref)]
+    return (*cast, mask.to(lane.device))
+
+
+def _loss_fields(out: object, oracle: object, same: object, name: str) -> None:
+    for field in ("loss", "kl", "clip_fraction", "ratio_mean"):
+        _close(getattr(out, field), getattr(oracle, field), getattr(same, field), name=f"{name}: {field}")
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize(("has_old", "has_ref"), [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_type", ["grpo", "token", "dr_grpo"])
+def test_policy_loss_matches_reference(
+    lane: Lane, loss_type: str, dtype: torch.dtype, has_old: bool, has_ref: bool
+) -> None:
+    S = 6 if lane.device.type == "cpu" else 300
+    logp, old, ref, mask = _token_inputs(lane, S, dtype, seed=S + has_old + 2 * has_ref)
+    old = old if has_old else None
+    ref = ref if has_ref else None
+    adv = torch.randn(S, generator=torch.Generator().manual_seed(1)).to(lane.device)
+    kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.04 if has_ref else 0.0, "loss_type": loss_type,
+          "max_completion_length": lane.tokens + 5 if loss_type == "dr_grpo" else None}
+    x = logp.detach().clone().requires_grad_(True)
+    out = policy_loss(x, old, ref, adv, mask, impl="triton", **kw)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    (oracle, grad64), (same, grad_same) = reference_grad_pair(policy_loss, logp, old, ref, adv, mask, **kw)
+    name = f"{loss_type} {dtype} old={has_old} ref={has_ref}"
+    _loss_fields(out, oracle, same, name)
+    assert grad.dtype == dtype and grad.shape == logp.shape
+    _close(grad, grad64, grad_same, name=f"{name}: grad")
+    assert torch.equal(grad[~mask.bool()], torch.zeros_like(grad[~mask.bool()]))
+
+
+def test_policy_loss_float_mask_and_strides(lane: Lane) -> None:
+    """Floating token weights; transposed (non-contiguous) log-probs; strided advantages."""
+    S = 5 if lane.device.type == "cpu" else 200
+    logp, old, ref, mask = _token_inputs(lane, S, torch.float32, seed=11, float_mask=True)
+    logp_t = logp.t().contiguous().t()  # same values, column-major strides
+    adv = torch.randn(2 * S, generator=torch.Generator().manual_seed(2)).to(lane.device)[::2]
+    kw = {"beta": 0.1, "loss_type": "token"}
+    x = logp_t.detach().clone().requires_grad_(True)
+    out = policy_loss(x, old, ref, adv, mask, impl="triton", **kw)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    (oracle, grad64), (same, grad_same) = reference_grad_pair(policy_loss, logp, old, ref, adv, mask, **kw)
+    _loss_fields(out, oracle, same, "float mask")
+    _close(grad, grad64, grad_same, name="float mask: grad")
+
+
+def test_backward_scales_with_grad_output(lane: Lane) -> None:
+    """``d (c * loss) = c * d loss`` for every loss type (token applies its scale in backward)."""
+    logp, old, ref, mask = _token_inputs(lane, 4, torch.float32, seed=3)
+    adv = torch.randn(4, generator=torch.Generator().manual_seed(3)).to(lane.device)
+    for loss_type in ("grpo", "token", "dr_grpo"):
+        grads = []
+        for c in (1.0, -2.5):
+            x = logp.detach().clone().requires_grad_(True)
+            out = policy_loss(x, old, ref, adv, mask, beta=0.1, loss_type=loss_type, impl="triton")
+            (c * out.loss).backward()
+            grads.append(x.grad)
+        torch.testing.assert_close(grads[1], -2.5 * grads[0], rtol=1e-6, atol=0)
+
+
+def test_no_grad_path(lane: Lane) -> None:
+    """Without autograd the gradient is not written; the loss is the same."""
+    logp, old, ref, mask = _token_inputs(lane, 4, torch.float32, seed=4)
+    adv = torch.randn(4, generator=torch.Generator().manual_seed(4)).to(lane.device)
+    with torch.no_grad():
+        a = policy_loss(logp, old, ref, adv, mask, beta=0.1, impl="triton")
+    b = policy_loss(logp.clone().requires_grad_(True), old, ref, adv, mask, beta=0.1, impl="triton")
+    assert torch.equal(a.loss, b.loss.detach()) and not a.loss.requires_grad
+
+
+# ------------------------------------------------------------------------------------------------
+# nonlinear_grpo_loss (the fused op)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("objective", ["single", "wsum"])
+@pytest.mark.parametrize("G", GS)
+def test_nonlinear_grpo_matches_reference(lane: Lane, G: int, objective: str, scale: str) -> None:
+    obj = OBJECTIVES[objective]
+    B = 4 if lane.device.type == "cpu" else 64
+    estimator = "unbiased" if G % 2 and obj.max_n() <= G else "plugin"
+    loss_type = ("grpo", "token", "dr_grpo")[GS.index(G) % 3]
+    dtype = {3: torch.bfloat16, 16: torch.bfloat16, 13: torch.float16}.get(G, torch.float32)
+    g = torch.Generator().manual_seed(G)
+    rewards = random_rewards(B, G, generator=g, m=len(obj)).to(lane.device)
+    logp, old, ref, mask = _token_inputs(lane, B * G, dtype, seed=G)
+    kw = {"estimator": estimator, "scale": scale, "beta": 0.05, "loss_type": loss_type,
+          "eps_low": 0.2, "eps_high": 0.3}
+    x = logp.detach().clone().requires_grad_(True)
+    out = nonlinear_grpo_loss(x, old, ref, mask, rewards, obj, impl="triton", **kw)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    (oracle, grad64), (same, grad_same) = reference_grad_pair(
+        nonlinear_grpo_loss, logp, old, ref, mask, rewards, obj, **kw)
+    name = f"G={G} {objective} {scale} {estimator} {loss_type} {dtype}"
+    _loss_fields(out, oracle, same, name)
+    for field in ("advantages", "values", "criterion_weights"):
+        _close(getattr(out, field), getattr(oracle, field), name=f"{name}: {field}")
+    assert grad.dtype == dtype
+    _close(grad, grad64, grad_same, name=f"{name}: grad")
+
+
+def test_nonlinear_grpo_equals_separate_ops(lane: Lane) -> None:
+    """The fused op gives the advantages of group_advantages and the loss of policy_loss on them."""
+    obj = OBJECTIVES["smoothmin"]
+    G, B = 8, 4
+    rewards = random_rewards(B, G, generator=torch.Generator().manual_seed(9), m=2).to(lane.device)
+    logp, old, ref, mask = _token_inputs(lane, B * G, torch.float32, seed=9)
+    fused = nonlinear_grpo_loss(logp, old, ref, mask, rewards, obj, beta=0.1, impl="triton")
+    adv = group_advantages(rewards, obj, impl="triton")
+    sep = policy_loss(logp, old, ref, adv.advantages.reshape(-1), mask, beta=0.1, impl="triton")
+    # Same arithmetic, but different kernels (warp layouts, so reduction orders) on a GPU.
+    torch.testing.assert_close(fused.advantages, adv.advantages, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused.values, adv.values, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused.loss, sep.loss, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dispatch, registration, compile
+# ------------------------------------------------------------------------------------------------
+
+
+def test_auto_never_picks_the_interpreter() -> None:
+    call = Call("first_variation", torch.device("cpu"), False, {"G": 4, "dtype": torch.float32})
+    assert "impl='triton'" in (check_triton(call) or "")
+    explicit = Call("first_variation", torch.device("cpu"), True, {"G": 4, "dtype": torch.float32})
+    assert (check_triton(explicit) is None) == interpreter_enabled()
+
+
+def test_refusals_name_the_reason(lane: Lane) -> None:
+    r = torch.randn(2, MAX_GROUP_SIZE + 1, device=lane.device)
+    with pytest.raises(ValueError, match=f"G={MAX_GROUP_SIZE + 1}"):
+        first_variation(r, BestOfN(2), impl="triton")
+    with pytest.raises(ValueError, match="float64"):
+        group_advantages(torch.randn(2, 4, dtype=torch.float64, device=lane.device), BestOfN(2),
+                         impl="triton")
+
+
+def test_gpu_auto_uses_triton(lane: Lane) -> None:
+    if lane.device.type != "cuda":
+        pytest.skip("auto picks triton only for CUDA tensors")
+    call = Call("policy_loss", lane.device, False, {"dtype": torch.float32, "shape": (2, 3)})
+    assert check_triton(call) is None
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **env)
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+def test_import_does_not_import_triton() -> None:
+    """``import iama_kernels`` works without triton and loads no kernel module."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import iama_kernels\n"
+        "kernels = [m for m in sys.modules if m.startswith('iama_kernels') and m.endswith('.triton')]\n"
+        "assert not kernels, kernels\n"
+        "print('ok')\n"
+    )
+    proc = _run_python(code)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_missing_triton_says_how_to_install() -> None:
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from iama_kernels import BestOfN, first_variation\n"
+        "try:\n"
+        "    first_variation(torch.randn(2, 4), BestOfN(2), impl='triton')\n"
+        "except ValueError as e:\n"
+        "    assert 'install' in str(e) and 'triton' in str(e), e\n"
+        "    print('ok')\n"
+    )
+    proc = _run_python(code, TRITON_INTERPRET="1")
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_custom_ops_pass_opcheck(lane: Lane) -> None:
+    from iama_kernels.advantages.triton import _group_advantages_op
+    from iama_kernels.nonlinear_grpo.triton import _nonlinear_grpo_op
+    from iama_kernels.policy_loss.triton import _policy_loss_op
+
+    dev = lane.device
+    logp, old, ref, mask = _token_inputs(lane, 4, torch.float32, seed=1)
+    logp = torch.where(mask, logp, 0.0).requires_grad_(True)  # opcheck compares gradients
+    adv = torch.randn(4, device=dev)
+    rewards = torch.randn(2, 2, 1, device=dev)
+    lam = torch.ones(1, device=dev)
+    torch.library.opcheck(_policy_loss_op, (logp, old, ref, adv, mask, 0.2, 0.2, 0.1, "grpo", 0, True))
+    torch.library.opcheck(_nonlinear_grpo_op, (logp, old, ref, mask, rewards, lam, [2], [1.0], "plugin",
+                                               1e-4, 1, 0.2, 0.2, 0.1, "token", 0, True))
+    torch.library.opcheck(_group_advantages_op, (rewards, None, lam, [-1], [0.5], "plugin", 1e-4, 1, False))
+
+
+def test_torch_compile_traces_around_the_ops(lane: Lane) -> None:
+    logp, old, ref, mask = _token_inputs(lane, 4, torch.float32, seed=2)
+    adv = torch.randn(4, device=lane.device)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return 2 * policy_loss(x, old, ref, adv, mask, beta=0.1, impl="triton").loss
+
+    x1 = logp.detach().clone().requires_grad_(True)
+    x2 = logp.detach().clone().requires_grad_(True)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    compiled(x1).backward()
+    f(x2).backward()
+    assert torch.equal(x1.grad, x2.grad)
+
+
+@pytest.mark.interpreter
+def test_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks/gpu/run_gpu.py --smoke runs end to end (interpreter on CPU, tiny sizes)."""
+    if torch.cuda.is_available():
+        pytest.skip("the smoke run is for machines without CUDA; run_device.sh runs the real one")
+    pytest.importorskip("triton")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1", OUT=str(tmp_path / "out"))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu/run_gpu.py"), "--smoke",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert (tmp_path / "gpu_bench.csv").exists() and (tmp_path / "gpu_bench.jsonl").exists()
+    assert "fused" in proc.stdout
+
+
+def test_kernels_compile_for_sm90() -> None:
+    """Triton's real compiler (not the interpreter) builds every kernel for an H100, no GPU needed."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/_triton_aot.py")], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.strip().endswith("ok")
