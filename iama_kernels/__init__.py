@@ -5,6 +5,7 @@ Public functions (each takes ``impl="auto" | "reference" | "cpu" | "cuda" | "tri
 :func:`nonlinear_grpo_loss`. The objective vocabulary lives in :mod:`iama_kernels.objectives`.
 """
 
+from ._checks import set_data_checks
 from ._types import AdvantageOutput, NonlinearGRPOOutput, PolicyLossOutput
 from .advantages.api import first_variation, group_advantages, group_values
 from .nonlinear_grpo.api import nonlinear_grpo_loss
@@ -37,5 +38,6 @@ __all__ = [
     "group_values",
     "nonlinear_grpo_loss",
     "policy_loss",
+    "set_data_checks",
 ]
 __version__ = "0.1.0"

@@ -14,6 +14,24 @@ import torch
 from .objectives import BestOfN, Objective
 
 ESTIMATORS = ("plugin", "unbiased")
+_data_checks = True
+
+
+def set_data_checks(enabled: bool) -> None:
+    """Turn the data-dependent checks on or off (default on).
+
+    Shape, dtype, device and option checks always run. The data-dependent ones (rewards and
+    advantages finite, enough valid samples per group for ``"unbiased"``) read values back to
+    the host, which on a GPU waits for the device once per call; a trainer that has validated
+    its rewards can turn them off. They are also skipped while ``torch.compile`` traces.
+    """
+    global _data_checks
+    _data_checks = bool(enabled)
+
+
+def data_checks_enabled() -> bool:
+    return _data_checks and not torch.compiler.is_compiling()
+
 SCALES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "token", "dr_grpo")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -270,7 +270,12 @@ class Objective:
 
     def max_n(self) -> int:
         """The largest BestOfN ``n`` among the criteria (1 when there is none)."""
-        return max((t.n for t in self.transforms if isinstance(t, BestOfN)), default=1)
+        # A plain loop: torch.compile(fullgraph=True) cannot trace max() over a generator.
+        largest = 1
+        for c in self.criteria:
+            if isinstance(c.transform, BestOfN) and c.transform.n > largest:
+                largest = c.transform.n
+        return largest
 
 
 def as_objective(objective: Objective | Transform | Criterion, name: str = "objective") -> Objective:

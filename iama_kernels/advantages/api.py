@@ -18,6 +18,7 @@ from .._checks import (
     check_positive_float,
     check_same_device,
     check_tensor,
+    data_checks_enabled,
 )
 from .._dispatch import Backend, Call, choose, reference_check
 from .._types import AdvantageOutput
@@ -41,11 +42,6 @@ _GROUP_ADVANTAGES_BACKENDS: list[Backend] = [
 ]
 
 
-def _checking() -> bool:
-    """Data-dependent checks (finiteness, per-group counts) are skipped while tracing."""
-    return not torch.compiler.is_compiling()
-
-
 def _as_transform(transform: object) -> Transform:
     if isinstance(transform, Criterion):
         return transform.transform
@@ -65,7 +61,7 @@ def _check_group_rewards(rewards: object, transform: Transform, estimator: str) 
         raise ValueError(f"rewards must have non-empty groups (G >= 1), got shape {tuple(rewards.shape)}")
     check_choice("estimator", estimator, ESTIMATORS)
     check_group_sizes(as_objective(transform), estimator, G)
-    if _checking() and rewards.numel():
+    if data_checks_enabled() and rewards.numel():
         check_finite_rewards("rewards", rewards.reshape(-1, G), None)
     return rewards
 
@@ -166,7 +162,7 @@ def prepare_group_inputs(
         if tuple(criterion_weights.shape) != (m,):
             raise ValueError(f"criterion_weights must have shape [m] = [{m}], "
                              f"got {tuple(criterion_weights.shape)}")
-        if _checking() and not bool(torch.isfinite(criterion_weights).all()):
+        if data_checks_enabled() and not bool(torch.isfinite(criterion_weights).all()):
             raise ValueError(f"criterion_weights must be finite, got {criterion_weights.tolist()}")
     if valid is not None:
         valid = check_tensor("valid", valid)
@@ -176,7 +172,7 @@ def prepare_group_inputs(
             raise ValueError(f"valid must have shape [B, G] = [{B}, {G}], got {tuple(valid.shape)}")
     check_same_device(rewards=rewards, criterion_weights=criterion_weights, valid=valid)
     check_group_sizes(objective, estimator, G)
-    if _checking():
+    if data_checks_enabled():
         check_finite_rewards("rewards", rewards, valid)
         if valid is not None and estimator == "unbiased" and objective.max_n() > 1:
             counts = valid.sum(-1)

@@ -8,7 +8,14 @@ import torch
 
 from .. import _cpu_backend as _cb
 from .. import _triton_backend as _tb
-from .._checks import LOSS_TYPES, check_choice, check_float, check_positive_float, check_tensor
+from .._checks import (
+    LOSS_TYPES,
+    check_choice,
+    check_float,
+    check_positive_float,
+    check_tensor,
+    data_checks_enabled,
+)
 from .._dispatch import Backend, Call, choose, reference_check
 from .._types import PolicyLossOutput
 from . import cpu, reference
@@ -122,7 +129,7 @@ def policy_loss(
                          f"got {tuple(advantages.shape)}")
     if advantages.device != logp.device:
         raise ValueError(f"advantages is on {advantages.device} but logp is on {logp.device}")
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(advantages).all()):
+    if data_checks_enabled() and not bool(torch.isfinite(advantages).all()):
         bad = int((~torch.isfinite(advantages)).nonzero()[0, 0])
         raise ValueError(f"advantages must be finite, got {advantages[bad].item()} at sequence {bad}")
     call = Call("policy_loss", logp.device, impl != "auto",
