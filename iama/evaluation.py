@@ -83,19 +83,6 @@ def _as_reward_fns(reward_fns: object, objective: Objective) -> dict[str, Reward
     return fns
 
 
-def _score(rollout: Rollout, reward_fns: Mapping[str, RewardFn], objective: Objective) -> torch.Tensor:
-    """:func:`iama.rollout.score`, but a function that raises is re-run one prompt at a time so
-    that the error names the prompt it fails on. Returns ``[B, G, m]`` float32."""
-    try:
-        return score(rollout, reward_fns, objective)
-    except ValueError as error:
-        if error.__cause__ is None or rollout.num_groups == 1:
-            raise
-        for b in range(rollout.num_groups):
-            score(rollout.select_groups([b]), reward_fns, objective)  # raises naming prompt b
-        raise  # the batch failed but no single prompt does: report the batch error
-
-
 # --------------------------------------------------------------------------------------------
 # The inference-time algorithms
 # --------------------------------------------------------------------------------------------
@@ -145,7 +132,7 @@ def _candidates(
     rollout = generator.generate(prompts, n, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_p=top_p, generator=rng)
     objective = Objective([Criterion("reward")])
-    rewards = _score(rollout, {"reward": reward_fn}, objective)[..., 0].cpu()  # [B, n]
+    rewards = score(rollout, {"reward": reward_fn}, objective)[..., 0].cpu()  # [B, n]
     return rollout, rewards
 
 
@@ -362,7 +349,7 @@ class Evaluator:
             if len(rollout.prompts) != asked * self.samples or rollout.group_size != self.samples:
                 raise ValueError(f"generator returned {len(rollout.prompts)} rows in groups of "
                                  f"{rollout.group_size} for {asked} prompts x {self.samples} samples")
-            rewards.append(_score(rollout, self.reward_fns, self.objective).cpu())
+            rewards.append(score(rollout, self.reward_fns, self.objective).cpu())
             rollouts.append(rollout)
         all_rewards = torch.cat(rewards, 0)
         values = criterion_values(all_rewards, self.objective, estimator=self.estimator)

@@ -87,3 +87,12 @@ def test_toy_demo_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         assert run["monotone"]
     assert results["rate"]["bound_holds"]
     assert "bound holds at every T: True" in printed
+
+
+def test_import_iama_is_light_and_lazy_names_resolve() -> None:
+    code = (
+        "import sys, iama; assert 'transformers' not in sys.modules, 'import iama pulled transformers'; "
+        "assert iama.TrainerConfig.__name__ == 'TrainerConfig'; "
+        "assert callable(iama.mirror_descent) and callable(iama.best_of_n)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
