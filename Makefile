@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint build bench clean
+.PHONY: demo test test-fast lint build check-cuda-headers bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# Ahead-of-time build of the C++ CPU extension (otherwise built on first use of impl="cpu"/"auto").
+build: $(STAMP)
+	$(PY) -c "from iama_kernels._extension import main; raise SystemExit(main())"
+
+# Compile check of the kernel headers as CUDA code (needs nvcc; also a test, skipped without it).
+check-cuda-headers:
+	mkdir -p build && nvcc -std=c++17 -c -I csrc/include csrc/tests/headers_check.cu -o build/headers_check.o
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_cpu.py

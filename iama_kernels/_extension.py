@@ -9,7 +9,7 @@ reuse the build; ninja rebuilds only what changed. The shared library registers 
 with ``torch.library``; loading it also imports :mod:`iama_kernels._cpu_ops`, which registers
 their fake functions and autograd formulas.
 
-Ahead of time: ``make build`` (or ``python -m iama_kernels._extension``) runs the same build.
+Ahead of time: ``make build`` runs the same build (it calls :func:`main`).
 
 When the build is impossible (no C++ compiler, no ninja, a failed compilation), :func:`load`
 raises :class:`ExtensionUnavailable` with the remedy, :func:`unavailable_reason` returns it as a
@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import torch
 
-__all__ = ["ExtensionUnavailable", "build_directory", "load", "sources", "unavailable_reason"]
+__all__ = ["ExtensionUnavailable", "build_directory", "load", "main", "sources", "unavailable_reason"]
 
 NAME = "iama_cpu_ops"
 _REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +38,7 @@ _SOURCES = (
     "cpu/policy_loss.cpp",
     "cpu/token_pass_generic.cpp",
     "cpu/token_pass_avx2.cpp",
+    "cpu/token_pass_avx512.cpp",
     "cpu/nonlinear_grpo.cpp",
 )
 # -O3 lets GCC vectorise the token loop (csrc/include/iama/loss.h); -fno-trapping-math lets it
@@ -46,6 +48,9 @@ _SOURCES = (
 # at::parallel_for uses in this torch build (the wheel ships libgomp, which the extension shares).
 _CFLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-DNDEBUG"]
 _LDFLAGS = ["-fopenmp"]
+
+# The ops that csrc/registration.cpp defines (checked after loading).
+OPS = ("group_stats", "group_advantages", "policy_loss_fwd", "nonlinear_grpo_fwd")
 
 _lock = threading.Lock()
 _loaded = False
@@ -124,14 +129,20 @@ def _build(verbose: bool) -> None:
         )
     except ExtensionUnavailable:
         raise
-    except (RuntimeError, OSError, ImportError, SystemExit) as error:
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError, SystemExit) as error:
         message = str(error).strip().splitlines()
         tail = "\n".join(message[-20:])
         raise ExtensionUnavailable(
             "building the iama C++ extension failed (it needs a C++17 compiler with OpenMP, e.g. g++, "
             "and ninja); "
-            f"rerun with `python -m iama_kernels._extension` to see the full log. Last lines:\n{tail}"
+            f"run `make build` to see the full log. Last lines:\n{tail}"
         ) from error
+    missing = [op for op in OPS if not hasattr(torch.ops.iama, op)]
+    if missing:
+        raise ExtensionUnavailable(
+            f"the loaded iama library lacks the ops {missing} (a stale build?); delete "
+            f"{build_directory()} and retry"
+        )
 
 
 def load(verbose: bool = False) -> None:
@@ -171,8 +182,9 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _main() -> int:
-    """Ahead-of-time build (``make build``): compile, load, and print where the library lives."""
+def main() -> int:
+    """Ahead-of-time build (``make build``): compile, load, and print where the library lives;
+    ``-v`` in the command line shows the compiler's output."""
     try:
         load(verbose="-v" in sys.argv[1:])
     except ExtensionUnavailable as error:
@@ -183,4 +195,4 @@ def _main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    raise SystemExit(main())

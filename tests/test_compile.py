@@ -78,16 +78,6 @@ def test_group_values_compiles(impl):
     _assert_same(torch.compile(fn, fullgraph=True)(rewards), fn(rewards))
 
 
-# Objective.max_n() (iama_kernels/objectives.py) calls max() on a generator with default=, which
-# dynamo cannot trace; the two functions whose dispatch calls it do not compile with fullgraph
-# until it is written without one. The marker only accepts that exact failure.
-MAX_N_GRAPH_BREAK = pytest.mark.xfail(
-    raises=torch._dynamo.exc.Unsupported, strict=False,
-    reason="Objective.max_n uses max(<generator>, default=1), which torch.compile cannot trace",
-)
-
-
-@MAX_N_GRAPH_BREAK
 def test_group_advantages_compiles(impl):
     rewards = random_rewards(6, 7, m=2)
     # The reference's valid-mask path loops over the distinct valid counts (data-dependent), so a
@@ -119,7 +109,6 @@ def test_policy_loss_compiles_and_backpropagates(impl):
     _assert_same(results[0], results[1])
 
 
-@MAX_N_GRAPH_BREAK
 def test_nonlinear_grpo_loss_compiles_and_backpropagates(impl):
     B, G, T = 3, 5, 17
     rewards = random_rewards(B, G, m=2)

@@ -1,6 +1,7 @@
 // The token pass of the policy loss: interface between the torch glue (policy_loss.cpp) and the
-// kernels, which are compiled twice (token_pass_generic.cpp for any x86-64/other CPU,
-// token_pass_avx2.cpp with AVX2+FMA) and chosen at run time by token_pass().
+// kernels, which are compiled three times (token_pass_generic.cpp for any CPU,
+// token_pass_avx2.cpp with AVX2+FMA, token_pass_avx512.cpp with AVX-512) and chosen at run time
+// by token_pass().
 #pragma once
 
 #include <cstdint>
@@ -36,9 +37,9 @@ void token_pass(const TokenProblem& p, std::vector<double>& rows);
 // Mask sums of every row (for loss_type "token").
 void mask_row_sums(const TokenProblem& p, std::vector<double>& out);
 
-// The builds (token_pass_generic.cpp, token_pass_avx2.cpp); token_pass_avx2 returns false when
-// the AVX2 build is not compiled in (non-x86 targets).
+// The builds; token_pass_avx2/avx512 return false when they are not compiled in (non-x86 targets).
 void token_pass_generic(const TokenProblem& p, std::vector<double>& rows);
 bool token_pass_avx2(const TokenProblem& p, std::vector<double>& rows);
+bool token_pass_avx512(const TokenProblem& p, std::vector<double>& rows);
 
 }  // namespace iama::cpu

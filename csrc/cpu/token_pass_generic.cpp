@@ -1,5 +1,6 @@
 // The token pass for any CPU (baseline instruction set), its run-time choice, and the mask sums.
 #include <cstdlib>
+#include <string>
 
 #include "token_pass_impl.h"
 
@@ -8,13 +9,27 @@ namespace iama::cpu {
 void token_pass_generic(const TokenProblem& p, std::vector<double>& rows) { generic::dispatch_token_pass(p, rows); }
 
 namespace {
-bool cpu_has_avx2_fma() {
+// The widest build this CPU runs: 2 = AVX-512, 1 = AVX2 + FMA, 0 = baseline. IAMA_CPU_ISA=generic,
+// avx2 or avx512 caps it (to test the narrower builds on a wide machine).
+int cpu_level() {
+  static const int level = [] {
+    int have = 0;
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) have = 1;
+    if (have == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+      have = 2;
+    }
 #endif
+    const char* cap = std::getenv("IAMA_CPU_ISA");
+    if (cap != nullptr) {
+      const std::string c(cap);
+      if (c == "generic") have = 0;
+      if (c == "avx2" && have > 1) have = 1;
+    }
+    return have;
+  }();
+  return level;
 }
 
 template <typename mask_t>
@@ -27,12 +42,9 @@ void mask_sums_kernel(const TokenProblem& p, std::vector<double>& out) {
 }  // namespace
 
 void token_pass(const TokenProblem& p, std::vector<double>& rows) {
-  // IAMA_CPU_NO_AVX2=1 forces the baseline build (to test it on AVX2 machines).
-  static const bool no_avx2 = [] {
-    const char* v = std::getenv("IAMA_CPU_NO_AVX2");
-    return v != nullptr && v[0] != '\0' && v[0] != '0';
-  }();
-  if (!no_avx2 && cpu_has_avx2_fma() && token_pass_avx2(p, rows)) return;
+  const int level = cpu_level();
+  if (level >= 2 && token_pass_avx512(p, rows)) return;
+  if (level >= 1 && token_pass_avx2(p, rows)) return;
   token_pass_generic(p, rows);
 }
 

@@ -6,8 +6,9 @@
 //   (exact zeros for the minimum and for constant groups; large offsets lose no precision);
 // * every member of a run of tied rewards takes the value computed at the run's last sorted
 //   position, so ties are bit-identical whatever order they arrive in;
-// * every reduction over a group runs in sorted order (of the rewards, or of the combined values
-//   for the scale), so permuting a group permutes its outputs bit for bit;
+// * every reduction over a group runs in a canonical order (sorted rewards; for the scale, the
+//   sorted order of one criterion with ties on it ordered by value), so permuting a group
+//   permutes its outputs bit for bit;
 // * accumulation is in acc_t (double on the CPU) and results are rounded once at the end.
 #pragma once
 
@@ -127,7 +128,7 @@ struct GroupScratch {
   in_t* keys;             // [G] valid rewards of one criterion, in input order
   int32_t* index;         // [G] their sample indices
   int32_t* pos;           // [G] their sorted positions
-  int32_t* order;         // [G] sample index at each sorted position (also rank scratch)
+  int32_t* order;         // [G] sample index at each sorted position
   acc_t* xs;              // [G] sorted rewards
   acc_t* s;               // [G] first variation at each sorted position
   KeyIndex<acc_t>* pairs;  // [2 G] for groups larger than kRankSortMax
@@ -137,7 +138,7 @@ struct GroupScratch {
 template <typename in_t, typename acc_t>
 IAMA_HD inline void sort_group(int g, GroupScratch<in_t, acc_t>& w) {
   if (g <= kRankSortMax) {
-    rank_positions(w.keys, g, w.pos, w.order);
+    rank_positions(w.keys, g, w.pos);
     for (int k = 0; k < g; ++k) {
       w.xs[w.pos[k]] = static_cast<acc_t>(w.keys[k]);
       w.order[w.pos[k]] = w.index[k];
@@ -167,11 +168,12 @@ IAMA_HD void group_first_variation(const in_t* r, int64_t sg, int64_t sc, const 
   for (int i = 0; i < m; ++i) {
     int g = 0;
     for (int j = 0; j < G; ++j) {
-      s_out[j * m + i] = out_t(0);
       if (valid == nullptr || valid[j * sv]) {
         w.keys[g] = r[j * sg + i * sc];
         w.index[g] = j;
         ++g;
+      } else {
+        s_out[j * m + i] = out_t(0);
       }
     }
     if (g == 0) {

@@ -105,6 +105,12 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
 // Sum of a row's mask weights (the grpo normaliser and the metrics' token count), in double.
 template <typename mask_t>
 IAMA_HD inline double mask_row_sum(const mask_t* mask, int64_t T) {
+  if constexpr (sizeof(mask_t) == 1) {
+    // bool / uint8 masks: an exact integer sum (vectorises into byte sums).
+    int64_t total = 0;
+    for (int64_t t = 0; t < T; ++t) total += mask[t];
+    return static_cast<double>(total);
+  }
   double part[4] = {0.0, 0.0, 0.0, 0.0};
   int64_t t = 0;
   for (; t + 4 <= T; t += 4) {

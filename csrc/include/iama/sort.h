@@ -68,22 +68,29 @@ IAMA_HD inline void sort_ascending(E* a, E* tmp, int n) {
 constexpr int kRankSortMax = 64;
 
 // pos[i] = the sorted position of keys[i]: #{j : k_j < k_i} + #{j < i : k_j == k_i}.
-// One fixed-length loop of single comparisons per element (it vectorises), then equal keys, which
-// share their count of smaller keys, take consecutive positions in input order (seen: [n] ints).
+// One fixed-length loop of plain comparisons per element (it vectorises, and is what one thread
+// per element does on a GPU), which also counts equal keys; only when some keys tie does a
+// second loop add #{j < i : k_j == k_i}, giving tied keys consecutive positions in input order.
 // Keys must not be NaN.
 template <typename T>
-IAMA_HD inline void rank_positions(const T* keys, int n, int32_t* pos, int32_t* seen) {
+IAMA_HD inline void rank_positions(const T* keys, int n, int32_t* pos) {
+  int32_t equal_pairs = 0;
   for (int i = 0; i < n; ++i) {
     const T ki = keys[i];
-    int32_t r = 0;
-    for (int j = 0; j < n; ++j) r += static_cast<int32_t>(keys[j] < ki);
-    pos[i] = r;
-    seen[i] = 0;
+    int32_t less = 0, equal = 0;
+    for (int j = 0; j < n; ++j) {
+      less += static_cast<int32_t>(keys[j] < ki);
+      equal += static_cast<int32_t>(keys[j] == ki);
+    }
+    pos[i] = less;
+    equal_pairs += equal;
   }
-  for (int i = 0; i < n; ++i) {
-    const int32_t p = pos[i];
-    pos[i] = p + seen[p];
-    seen[p] += 1;
+  if (equal_pairs == n) return;  // every key equals only itself
+  for (int i = 1; i < n; ++i) {
+    const T ki = keys[i];
+    int32_t before = 0;
+    for (int j = 0; j < i; ++j) before += static_cast<int32_t>(keys[j] == ki);
+    pos[i] += before;
   }
 }
 
