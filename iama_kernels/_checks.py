@@ -77,9 +77,13 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 
 def check_finite_rewards(name: str, rewards: torch.Tensor, valid: torch.Tensor | None) -> None:
     """Rewards ``[B, G]`` or ``[B, G, m]``: NaN/inf among valid samples names the first group."""
-    bad = ~torch.isfinite(rewards)
     if valid is not None:
-        bad = bad & (valid if rewards.dim() == 2 else valid.unsqueeze(-1))
+        rewards = torch.where(valid if rewards.dim() == 2 else valid.unsqueeze(-1), rewards, 0)
+    # Fast path: one reduction. A NaN or inf element makes the sum non-finite, so a finite sum
+    # proves every element finite; a non-finite sum (or an overflow) gets the exact search.
+    if bool(torch.isfinite(rewards.sum())):
+        return
+    bad = ~torch.isfinite(rewards)
     if bool(bad.any()):
         idx = bad.nonzero()[0].tolist()
         where = f"group {idx[0]}, sample {idx[1]}" + (f", criterion {idx[2]}" if len(idx) > 2 else "")

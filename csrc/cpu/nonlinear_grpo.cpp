@@ -17,8 +17,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK_VALUE(rewards.dim() == 3, "rewards must have shape [B, G, m], got ", rewards.sizes());
   TORCH_CHECK_VALUE(logp.dim() == 2 && logp.size(0) == rewards.size(0) * rewards.size(1), "logp must have B * G = ",
                     rewards.size(0) * rewards.size(1), " rows (group-major), got shape ", logp.sizes());
-  auto [adv, shaped, values] =
-      group_advantages(rewards, std::nullopt, criterion_weights, kinds, ns, taus, estimator, scale, eps);
+  at::Tensor adv, values;
+  {
+    // The shaped rewards are not returned: freed before the token pass allocates its gradient.
+    auto [a, shaped, v] =
+        group_advantages(rewards, std::nullopt, criterion_weights, kinds, ns, taus, estimator, scale, eps);
+    adv = a;
+    values = v;
+  }
   auto [loss, kl, clip, ratio, grad] = policy_loss_fwd(logp, old_logp, ref_logp, adv.reshape({-1}), mask, eps_low,
                                                        eps_high, beta, loss_type, max_completion_length);
   return {loss, adv, kl, clip, ratio, values, grad};

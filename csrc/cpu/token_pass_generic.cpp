@@ -2,6 +2,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "group_fast.h"
 #include "token_pass_impl.h"
 
 namespace iama::cpu {
@@ -40,6 +41,8 @@ void mask_sums_kernel(const TokenProblem& p, std::vector<double>& out) {
   });
 }
 }  // namespace
+
+int cpu_isa_level() { return cpu_level(); }
 
 void token_pass(const TokenProblem& p, std::vector<double>& rows) {
   const int level = cpu_level();

@@ -13,6 +13,14 @@
 #define IAMA_HD
 #endif
 
+// IAMA_INLINE: always inline on the host (a caller that knows a group's size at compile time, as
+// the CPU glue's fixed-size pass does, then gets loops with constant trip counts).
+#if defined(__GNUC__) && !defined(__CUDA_ARCH__)
+#define IAMA_INLINE __attribute__((always_inline)) inline
+#else
+#define IAMA_INLINE inline
+#endif
+
 #if !defined(__CUDA_ARCH__)
 #include <string.h>  // memcpy for the host float exp below
 #endif

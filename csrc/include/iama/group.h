@@ -21,7 +21,7 @@ IAMA_NAMESPACE_BEGIN
 // Sum of x and of (x - centre)^2 over an array in a canonical order. Four interleaved partial
 // sums (a fixed order, so still deterministic) keep the additions from waiting on each other.
 template <typename acc_t>
-IAMA_HD inline acc_t sum_of(const acc_t* x, int n) {
+IAMA_HD IAMA_INLINE acc_t sum_of(const acc_t* x, int n) {
   acc_t part[4] = {0, 0, 0, 0};
   int k = 0;
   for (; k + 4 <= n; k += 4) {
@@ -31,7 +31,7 @@ IAMA_HD inline acc_t sum_of(const acc_t* x, int n) {
   return (part[0] + part[1]) + (part[2] + part[3]);
 }
 template <typename acc_t>
-IAMA_HD inline acc_t sum_of_squared_deviations(const acc_t* x, int n, acc_t centre) {
+IAMA_HD IAMA_INLINE acc_t sum_of_squared_deviations(const acc_t* x, int n, acc_t centre) {
   acc_t part[4] = {0, 0, 0, 0};
   int k = 0;
   for (; k + 4 <= n; k += 4) {
@@ -47,7 +47,7 @@ IAMA_HD inline acc_t sum_of_squared_deviations(const acc_t* x, int n, acc_t cent
 //   table: the BestOfN table of (g, n, estimator) (see weights.h); unused for other transforms
 //   s:     [g] output, centred first variation at each sorted position
 template <typename acc_t>
-IAMA_HD acc_t sorted_first_variation(const acc_t* xs, int g, const CriterionSpec& c, int estimator,
+IAMA_HD IAMA_INLINE acc_t sorted_first_variation(const acc_t* xs, int g, const CriterionSpec& c, int estimator,
                                      const double* table, acc_t* s) {
   const acc_t shift = xs[0];
   acc_t value = 0;
@@ -195,7 +195,7 @@ IAMA_HD void group_first_variation(const in_t* r, int64_t sg, int64_t sc, const 
 // insertion sort restricted to each run costs count - 1 comparisons when nothing ties).
 //   s[j * m + i] (centred first variations), lam[m], valid[j * sv] (nullptr: all valid)
 template <typename s_t, typename acc_t>
-IAMA_HD int combine_group(const s_t* s, const acc_t* lam, const bool* valid, int64_t sv, int G, int m,
+IAMA_HD IAMA_INLINE int combine_group(const s_t* s, const acc_t* lam, const bool* valid, int64_t sv, int G, int m,
                           const int32_t* order, const acc_t* xs, acc_t* shaped, acc_t* canonical) {
   int count = 0;
   for (int j = 0; j < G; ++j) {

@@ -56,8 +56,9 @@ struct RowSums {
 //
 // Tokens go in tiles of kTile: a loop with no cross-token dependency computes every token's terms
 // into small arrays (it vectorises), then each array is summed pairwise in acc_t down to 8 lanes,
-// which are added to double accumulators. Summation error per tile is a few ulp of acc_t, and the
-// row sum is in double, so float32 rows of any length keep ~1e-7 relative accuracy.
+// which are added lane by lane to 8 double accumulators, summed pairwise at the end of the row.
+// Summation error per tile is a few ulp of acc_t, and the row sum is in double, so float32 rows
+// of any length keep ~1e-7 relative accuracy.
 template <typename lp_t, typename aux_t, typename mask_t, typename acc_t>
 IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old, const aux_t* ref,
                                 const mask_t* __restrict__ mask, int64_t T, acc_t A, acc_t w_scale, acc_t lo,
@@ -65,6 +66,11 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
   constexpr int kTile = 64;
   RowSums sums = {0.0, 0.0, 0.0, 0.0};
   acc_t t_loss[kTile], t_kl[kTile], t_clip[kTile], t_ratio[kTile];
+  // Each tile's 8 lanes go to 8 double accumulators (lane j of every tile into slot j): one
+  // vector conversion and one vector add per tile and quantity, where a scalar sum would make
+  // 8 dependent additions.
+  double lane_loss[8], lane_kl[8], lane_clip[8], lane_ratio[8];
+  for (int j = 0; j < 8; ++j) lane_loss[j] = lane_kl[j] = lane_clip[j] = lane_ratio[j] = 0.0;
   for (int64_t t0 = 0; t0 < T; t0 += kTile) {
     const int len = (T - t0) < kTile ? static_cast<int>(T - t0) : kTile;
     for (int j = 0; j < len; ++j) {
@@ -93,12 +99,25 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       }
     }
     for (int j = 0; j < 8; ++j) {
-      sums.loss += static_cast<double>(t_loss[j]);
-      sums.kl += static_cast<double>(t_kl[j]);
-      sums.clip += static_cast<double>(t_clip[j]);
-      sums.ratio += static_cast<double>(t_ratio[j]);
+      lane_loss[j] += static_cast<double>(t_loss[j]);
+      lane_kl[j] += static_cast<double>(t_kl[j]);
+      lane_clip[j] += static_cast<double>(t_clip[j]);
+      lane_ratio[j] += static_cast<double>(t_ratio[j]);
     }
   }
+  // The 8 lanes, pairwise in a fixed order.
+  for (int width = 4; width >= 1; width /= 2) {
+    for (int j = 0; j < width; ++j) {
+      lane_loss[j] += lane_loss[j + width];
+      lane_kl[j] += lane_kl[j + width];
+      lane_clip[j] += lane_clip[j + width];
+      lane_ratio[j] += lane_ratio[j + width];
+    }
+  }
+  sums.loss = lane_loss[0];
+  sums.kl = lane_kl[0];
+  sums.clip = lane_clip[0];
+  sums.ratio = lane_ratio[0];
   return sums;
 }
 
