@@ -11,7 +11,7 @@ OUT="${OUT:-benchmarks/results/gpu}"
 export OUT
 mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-300}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-300}"
 
