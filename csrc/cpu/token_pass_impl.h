@@ -32,10 +32,23 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       const double msum = p.row_mask_sums != nullptr ? p.row_mask_sums[r] : mask_row_sum(mk, p.T);
       const double w_scale =
           p.loss_type == kLossGrpo ? 1.0 / (static_cast<double>(p.S) * std::max(1.0, msum)) : p.uniform_scale;
-      const RowSums sums = policy_loss_row<lp_t, aux_t, mask_t, acc_t>(
-          static_cast<const lp_t*>(p.logp) + r * p.s_logp, static_cast<const aux_t*>(p.old) + r * p.s_old,
-          static_cast<const aux_t*>(p.ref) + r * p.s_ref, mk, p.T, static_cast<acc_t>(p.adv[r]),
-          static_cast<acc_t>(w_scale), lo, hi, beta, static_cast<lp_t*>(p.grad) + r * p.T);
+      const lp_t* lp_row = static_cast<const lp_t*>(p.logp) + r * p.s_logp;
+      const aux_t* old_row = static_cast<const aux_t*>(p.old) + r * p.s_old;
+      const aux_t* ref_row = static_cast<const aux_t*>(p.ref) + r * p.s_ref;
+      lp_t* grad_row = static_cast<lp_t*>(p.grad) + r * p.T;
+      RowSums sums;
+#ifdef IAMA_TOKEN_ROW_F32_BYTE
+      // A build with a hand-vectorised row for the most common case (float32, bool mask) uses it.
+      if constexpr (std::is_same_v<lp_t, float> && std::is_same_v<aux_t, float> && std::is_same_v<mask_t, uint8_t>) {
+        sums = policy_loss_row_f32_byte(lp_row, old_row, ref_row, mk, p.T, static_cast<float>(p.adv[r]),
+                                        static_cast<float>(w_scale), lo, hi, beta, grad_row);
+      } else
+#endif
+      {
+        sums = policy_loss_row<lp_t, aux_t, mask_t, acc_t>(lp_row, old_row, ref_row, mk, p.T,
+                                                           static_cast<acc_t>(p.adv[r]), static_cast<acc_t>(w_scale),
+                                                           lo, hi, beta, grad_row);
+      }
       double* out = rows.data() + r * kRowFields;
       out[0] = sums.loss;
       out[1] = sums.kl;

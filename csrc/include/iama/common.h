@@ -67,13 +67,16 @@ IAMA_HD inline float exp_acc(float x) {
 #if defined(__CUDA_ARCH__)
   return ::expf(x);
 #else
-  const bool is_nan = !(x == x);
+  // The clamps keep a NaN (a comparison with NaN is false), which then runs through the
+  // polynomial and comes out as NaN: no separate NaN test is needed.
   float xc = x < -104.0f ? -104.0f : x;  // exp(-104) is below the smallest denormal
   xc = xc > 89.0f ? 89.0f : xc;           // exp(89) overflows to inf below
-  xc = is_nan ? 0.0f : xc;
-  // k = round(x / ln 2) by the 1.5 * 2^23 trick (no libm call, vectorises).
+  // k = round(x / ln 2) by the 1.5 * 2^23 trick (no libm call, vectorises): the low bits of
+  // k_shifted hold k as an integer, read as bits rather than by a float-to-int conversion (which
+  // a NaN would make undefined). Whatever the bits, |k| < 2^31 and the sums below cannot overflow.
   const float shifter = 12582912.0f;
-  const float kf = (xc * 1.44269504088896341f + shifter) - shifter;
+  const float k_shifted = xc * 1.44269504088896341f + shifter;
+  const float kf = k_shifted - shifter;
   const float r = (xc - kf * 0.693145751953125f) - kf * 1.42860682030941723212e-6f;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
@@ -83,16 +86,18 @@ IAMA_HD inline float exp_acc(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t k = static_cast<int32_t>(kf);
+  uint32_t kbits, sbits;
+  memcpy(&kbits, &k_shifted, sizeof(float));
+  memcpy(&sbits, &shifter, sizeof(float));
+  const int32_t k = static_cast<int32_t>(kbits - sbits);
   const int32_t k1 = k >> 1;  // k = k1 + k2 with both halves in the normal exponent range
   const int32_t k2 = k - k1;
-  const int32_t b1 = (k1 + 127) << 23;
-  const int32_t b2 = (k2 + 127) << 23;
+  const uint32_t b1 = static_cast<uint32_t>(k1 + 127) << 23;
+  const uint32_t b2 = static_cast<uint32_t>(k2 + 127) << 23;
   float s1, s2;
   memcpy(&s1, &b1, sizeof(float));
   memcpy(&s2, &b2, sizeof(float));
-  const float y = p * s1 * s2;
-  return is_nan ? x : y;
+  return p * s1 * s2;
 #endif
 }
 

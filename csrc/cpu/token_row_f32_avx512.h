@@ -1,0 +1,148 @@
+// One row of the policy-loss token pass for float32 log-probs and a byte (bool / uint8) mask,
+// written with AVX-512 intrinsics. Included only by token_pass_avx512.cpp, after its target pragma.
+//
+// It computes what iama::policy_loss_row<float, float, uint8_t, float> (csrc/include/iama/loss.h)
+// computes, in the same order of operations and the same summation tree (tiles of 64 tokens,
+// pairwise down to 8 lanes, 8 double accumulators), but leaves less to the auto-vectoriser, which
+// on this loop spills its per-tile arrays and turns every clamp and select into a compare and a
+// blend. What the intrinsics save:
+//   * exp: vmaxps/vminps clamps (their NaN rule passes a NaN x through, so no NaN test) and
+//     vscalefps for the 2^k scaling (one rounding, as the two-step scaling of exp_acc, so the
+//     denormal range and overflow to inf come out the same);
+//   * masking: only the two differences (logp - old, ref - logp) are zeroed where the mask is 0;
+//     every other term is then finite and is zeroed by masked arithmetic, not by selects;
+//   * the 64-token tile's four term vectors stay in registers.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "iama/loss.h"
+
+namespace iama::cpu {
+namespace IAMA_ISA_NAMESPACE {
+
+// exp_acc(float) on 16 lanes: Cody-Waite reduction, the same degree-7 polynomial, vscalefps.
+inline __m512 exp16(__m512 x) {
+  // max(c, x) and min(c, x) return x when x is NaN, so a NaN runs through to the result.
+  __m512 xc = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+  xc = _mm512_min_ps(_mm512_set1_ps(89.0f), xc);
+  const __m512 shifter = _mm512_set1_ps(12582912.0f);
+  const __m512 kf = _mm512_sub_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), shifter), shifter);
+  __m512 r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(0.693145751953125f), xc);
+  r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, kf);
+}
+
+// k3_from_exp on 16 lanes: the Taylor series for |d| < 1/2, ed - d - 1 elsewhere (NaN included).
+inline __m512 k3_16(__m512 d, __m512 ed) {
+  __m512 q = _mm512_set1_ps(1.0f / 362880.0f);
+  q = _mm512_fmadd_ps(q, d, _mm512_set1_ps(1.0f / 40320.0f));
+  q = _mm512_fmadd_ps(q, d, _mm512_set1_ps(1.0f / 5040.0f));
+  q = _mm512_fmadd_ps(q, d, _mm512_set1_ps(1.0f / 720.0f));
+  q = _mm512_fmadd_ps(q, d, _mm512_set1_ps(1.0f / 120.0f));
+  q = _mm512_fmadd_ps(q, d, _mm512_set1_ps(1.0f / 24.0f));
+  q = _mm512_fmadd_ps(q, d, _mm512_set1_ps(1.0f / 6.0f));
+  q = _mm512_fmadd_ps(q, d, _mm512_set1_ps(0.5f));
+  const __m512 series = _mm512_mul_ps(_mm512_mul_ps(q, d), d);
+  const __m512 direct = _mm512_sub_ps(_mm512_sub_ps(ed, d), _mm512_set1_ps(1.0f));
+  const __mmask16 small = _mm512_cmp_ps_mask(_mm512_abs_ps(d), _mm512_set1_ps(0.5f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(small, direct, series);
+}
+
+struct Terms16 {
+  __m512 loss, kl, clip, ratio;
+};
+
+// The terms of 16 tokens starting at t; lanes outside `lanes` are not read and give 0.
+inline Terms16 token_terms16(const float* logp, const float* old, const float* ref, const uint8_t* mask, float* grad,
+                             int64_t t, __mmask16 lanes, __m512 A, __m512 w_scale, __m512 lo, __m512 hi,
+                             __m512 beta) {
+  const __m128i mb = _mm_maskz_loadu_epi8(lanes, mask + t);
+  const __mmask16 keep = _mm_test_epi8_mask(mb, mb);
+  const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb));
+  const __m512 lp = _mm512_maskz_loadu_ps(keep, logp + t);
+  const __m512 d_old = _mm512_maskz_sub_ps(keep, lp, _mm512_maskz_loadu_ps(keep, old + t));
+  const __m512 d = _mm512_maskz_sub_ps(keep, _mm512_maskz_loadu_ps(keep, ref + t), lp);
+  const __m512 ratio = exp16(d_old);
+  // max(lo, ratio) then min(hi, .): a NaN ratio stays NaN, as in token_terms.
+  const __m512 clipped = _mm512_min_ps(hi, _mm512_max_ps(lo, ratio));
+  const __m512 unclipped_term = _mm512_mul_ps(ratio, A);
+  const __m512 clipped_term = _mm512_mul_ps(clipped, A);
+  const __mmask16 active = _mm512_cmp_ps_mask(unclipped_term, clipped_term, _CMP_LE_OQ);
+  const __m512 ed = exp16(d);
+  const __m512 kl = k3_16(d, ed);
+  const __m512 w = _mm512_mul_ps(m, w_scale);
+  Terms16 s;
+  const __m512 chosen = _mm512_mask_blend_ps(active, clipped_term, unclipped_term);
+  s.loss = _mm512_maskz_mul_ps(keep, _mm512_fmsub_ps(beta, kl, chosen), w);
+  const __m512 g = _mm512_maskz_mul_ps(
+      keep, w,
+      _mm512_fmsub_ps(beta, _mm512_sub_ps(_mm512_set1_ps(1.0f), ed), _mm512_maskz_mov_ps(active, unclipped_term)));
+  _mm512_mask_storeu_ps(grad + t, lanes, g);
+  s.kl = _mm512_mul_ps(kl, m);
+  s.clip = _mm512_maskz_mov_ps(static_cast<__mmask16>(~active), m);
+  s.ratio = _mm512_mul_ps(ratio, m);
+  return s;
+}
+
+// The 8-lane partial sum of one 64-token tile (4 vectors, pairwise as in policy_loss_row),
+// widened to double.
+inline __m512d tile_sum(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  const __m512 s = _mm512_add_ps(_mm512_add_ps(v0, v2), _mm512_add_ps(v1, v3));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+  return _mm512_cvtps_pd(h);
+}
+
+inline double lanes_sum(__m512d v) {
+  alignas(64) double lane[8];
+  _mm512_store_pd(lane, v);
+  for (int width = 4; width >= 1; width /= 2) {
+    for (int j = 0; j < width; ++j) lane[j] += lane[j + width];
+  }
+  return lane[0];
+}
+
+// policy_loss_row for float32 logp/old/ref and a byte mask.
+inline RowSums policy_loss_row_f32_byte(const float* logp, const float* old, const float* ref, const uint8_t* mask,
+                                        int64_t T, float A_, float w_scale_, float lo_, float hi_, float beta_,
+                                        float* grad) {
+  const __m512 A = _mm512_set1_ps(A_), w_scale = _mm512_set1_ps(w_scale_), lo = _mm512_set1_ps(lo_),
+               hi = _mm512_set1_ps(hi_), beta = _mm512_set1_ps(beta_);
+  __m512d acc_loss = _mm512_setzero_pd(), acc_kl = _mm512_setzero_pd(), acc_clip = _mm512_setzero_pd(),
+          acc_ratio = _mm512_setzero_pd();
+  auto lanes_from = [T](int64_t t) -> __mmask16 {
+    const int64_t left = T - t;
+    if (left >= 16) return static_cast<__mmask16>(0xFFFF);
+    if (left <= 0) return static_cast<__mmask16>(0);
+    return static_cast<__mmask16>((1u << left) - 1u);
+  };
+  for (int64_t t0 = 0; t0 < T; t0 += 64) {
+    const bool full = T - t0 >= 64;
+    Terms16 v[4];
+    // Unrolled, so that the four vectors stay in registers and their chains interleave.
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const int64_t t = t0 + 16 * q;
+      const __mmask16 lanes = full ? static_cast<__mmask16>(0xFFFF) : lanes_from(t);
+      v[q] = token_terms16(logp, old, ref, mask, grad, t, lanes, A, w_scale, lo, hi, beta);
+    }
+    acc_loss = _mm512_add_pd(acc_loss, tile_sum(v[0].loss, v[1].loss, v[2].loss, v[3].loss));
+    acc_kl = _mm512_add_pd(acc_kl, tile_sum(v[0].kl, v[1].kl, v[2].kl, v[3].kl));
+    acc_clip = _mm512_add_pd(acc_clip, tile_sum(v[0].clip, v[1].clip, v[2].clip, v[3].clip));
+    acc_ratio = _mm512_add_pd(acc_ratio, tile_sum(v[0].ratio, v[1].ratio, v[2].ratio, v[3].ratio));
+  }
+  return RowSums{lanes_sum(acc_loss), lanes_sum(acc_kl), lanes_sum(acc_clip), lanes_sum(acc_ratio)};
+}
+
+}  // namespace IAMA_ISA_NAMESPACE
+}  // namespace iama::cpu
