@@ -41,15 +41,23 @@ def group_values_cpu(rewards: torch.Tensor, transform: Transform, estimator: str
     return values.reshape(rewards.shape[:-1])
 
 
-def criterion_weights_for(
-    objective: Objective, values: torch.Tensor | None, valid: torch.Tensor | None, dtype: torch.dtype,
-    device: torch.device,
+def resolve_criterion_weights(
+    rewards: torch.Tensor,
+    objective: Objective,
+    estimator: str,
+    criterion_weights: torch.Tensor | None,
+    valid: torch.Tensor | None,
 ) -> torch.Tensor:
-    """lambda ``[m]`` = ``objective.aggregate.gradient`` of the batch-level values. A weighted sum's
-    gradient does not depend on the values, so ``values`` may then be ``None``."""
+    """lambda ``[m]`` in the compute dtype: the given ``criterion_weights``, a weighted sum's
+    weights (its gradient does not depend on the values), or ``objective.aggregate.gradient`` of
+    the batch-level values from a first ``group_stats`` pass."""
+    dtype = compute_dtype(rewards.dtype)
+    if criterion_weights is not None:
+        return criterion_weights.to(dtype)
     if isinstance(objective.aggregate, WeightedSum):
-        return torch.tensor(objective.aggregate.weights, dtype=dtype, device=device)
-    assert values is not None
+        return torch.tensor(objective.aggregate.weights, dtype=dtype, device=rewards.device)
+    kinds, ns, taus = objective_codes(objective)
+    _, values = torch.ops.iama.group_stats(rewards, valid, kinds, ns, taus, estimator)
     return objective.aggregate.gradient(batch_values(values, valid))
 
 
@@ -64,14 +72,7 @@ def group_advantages_cpu(
 ) -> AdvantageOutput:
     """Rewards ``[B, G, m]`` -> :class:`AdvantageOutput` (float64 for float64 rewards, else float32)."""
     kinds, ns, taus = objective_codes(objective)
-    dtype = compute_dtype(rewards.dtype)
-    if criterion_weights is not None:
-        lam = criterion_weights.to(dtype)
-    elif isinstance(objective.aggregate, WeightedSum):
-        lam = criterion_weights_for(objective, None, None, dtype, rewards.device)
-    else:
-        _, values = torch.ops.iama.group_stats(rewards, valid, kinds, ns, taus, estimator)
-        lam = criterion_weights_for(objective, values, valid, dtype, rewards.device)
+    lam = resolve_criterion_weights(rewards, objective, estimator, criterion_weights, valid)
     advantages, shaped, values = torch.ops.iama.group_advantages(
         rewards, valid, lam, kinds, ns, taus, estimator, scale, eps
     )

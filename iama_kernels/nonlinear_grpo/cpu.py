@@ -12,9 +12,8 @@ import torch
 
 from .._cpu_backend import objective_codes
 from .._types import NonlinearGRPOOutput
-from ..advantages.cpu import criterion_weights_for
-from ..advantages.reference import compute_dtype
-from ..objectives import Objective, WeightedSum
+from ..advantages.cpu import resolve_criterion_weights
+from ..objectives import Objective
 
 
 def nonlinear_grpo_loss_cpu(
@@ -36,14 +35,7 @@ def nonlinear_grpo_loss_cpu(
 ) -> NonlinearGRPOOutput:
     """Rewards ``[B, G, m]`` and ``[B * G, T]`` token inputs -> :class:`NonlinearGRPOOutput`."""
     kinds, ns, taus = objective_codes(objective)
-    dtype = compute_dtype(rewards.dtype)
-    if criterion_weights is not None:
-        lam = criterion_weights.to(dtype)
-    elif isinstance(objective.aggregate, WeightedSum):
-        lam = criterion_weights_for(objective, None, None, dtype, rewards.device)
-    else:
-        _, values = torch.ops.iama.group_stats(rewards, None, kinds, ns, taus, estimator)
-        lam = criterion_weights_for(objective, values, None, dtype, rewards.device)
+    lam = resolve_criterion_weights(rewards, objective, estimator, criterion_weights, None)
     loss, advantages, kl, clip_fraction, ratio_mean, values, _ = torch.ops.iama.nonlinear_grpo_fwd(
         logp, old_logp, ref_logp, mask, rewards, lam, kinds, ns, taus, estimator, scale, eps,
         eps_low, eps_high, beta, loss_type, max_completion_length,
