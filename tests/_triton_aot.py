@@ -5,11 +5,19 @@ The interpreter lane runs the kernels' Python semantics; this script runs Triton
 interpreter accepts but a GPU build rejects (loop-carried types, layouts, unsupported ops). Run by
 tests/test_triton.py in a fresh process with TRITON_INTERPRET unset (the interpreter replaces the
 kernels when it is set at import). Prints one line per kernel and "ok" at the end.
+
+It also checks the width of the token loads in the PTX. A launch on contiguous tensors whose row
+length is a multiple of 16 is specialised by Triton's JIT (integer arguments equal to 1 become
+constants; pointers and integers divisible by 16 are marked so); compiled the same way here, each
+of logp, old and ref must be read by one 16-byte vector load per thread and block
+(``ld.global.v4.b32``): the token pass is memory-bound, and predicated scalar loads (what a mask
+that depends on each token's value gives) multiply the load instructions by 4 to 8.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -19,7 +27,7 @@ from triton.compiler import ASTSource
 
 from iama_kernels.advantages.triton import _group_advantages_fwd_kernel, group_warps
 from iama_kernels.nonlinear_grpo.triton import _nonlinear_grpo_fwd_kernel
-from iama_kernels.policy_loss.triton import _finalize_kernel, _policy_loss_fwd_kernel
+from iama_kernels.policy_loss.triton import _finalize_kernel, _policy_loss_fwd_kernel, token_block
 
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {
@@ -29,13 +37,33 @@ TYPES = {
     "logp_ptr": "*bf16", "grad_ptr": "*bf16", "valid_ptr": "*u8", "mask_ptr": "*u8",
     **{name: "fp32" for name in ("eps", "eps_low", "eps_high", "beta", "norm")},
 }
+# What the JIT specialises for contiguous [S, T] tensors with T % 16 == 0.
+UNIT_STRIDES = {name: 1 for name in ("s_lt", "s_ot", "s_rt", "s_mt", "s_gt")}
+ALIGNED = ("s_lr", "s_or", "s_rr", "s_mr", "s_gr", "T")
+VECTOR_LOAD = "ld.global.v4.b32"
 
 
-def compile_kernel(fn: triton.runtime.JITFunction, consts: dict, num_warps: int) -> None:
-    signature = {name: "constexpr" if name in consts else TYPES.get(name, "i32") for name in fn.arg_names}
-    triton.compile(ASTSource(fn, signature, constexprs=consts), target=TARGET,
-                   options={"num_warps": num_warps})
+def compile_kernel(fn: triton.runtime.JITFunction, consts: dict, num_warps: int,
+                   types: dict | None = None, aligned: bool = False) -> str:
+    """Compile for sm_90 and return the PTX; ``aligned``: the contiguous-launch specialisation."""
+    types = {**TYPES, **(types or {})}
+    signature = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
+    attrs = {}
+    if aligned:
+        div16 = [n for n in fn.arg_names if n.endswith("_ptr") or n in ALIGNED]
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16 if n not in consts}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs), target=TARGET,
+                            options={"num_warps": num_warps})
     print(fn.__name__, consts, "compiled", flush=True)
+    return kernel.asm["ptx"]
+
+
+def check_vector_loads(ptx: str, loads: int, name: str) -> None:
+    found = len(re.findall(re.escape(VECTOR_LOAD) + r"\b", ptx))
+    if found < loads:
+        raise SystemExit(f"{name}: {found} {VECTOR_LOAD} in the PTX, expected >= {loads} "
+                         "(one per log-prob tensor): the token loads are not 16-byte vectors")
+    print(f"{name}: {found} x {VECTOR_LOAD}", flush=True)
 
 
 def main() -> None:
@@ -50,6 +78,20 @@ def main() -> None:
         compile_kernel(_nonlinear_grpo_fwd_kernel, {"BG": BG, "M": M, "SCALE": 1, "HAS_OLD": True,
                                                     "HAS_REF": True, "LOSS_TYPE": 0, "WRITE_GRAD": True,
                                                     "BLOCK_T": 512, "NP": 8}, max(4, group_warps(BG)))
+    # Load widths of the contiguous launch, float32 and bfloat16 log-probs, at the launchers' warps.
+    for dtype, itemsize in (("fp32", 4), ("bf16", 2)):
+        block_t, warps = token_block(1024, itemsize)
+        types = {name: f"*{dtype}" for name in ("logp_ptr", "old_ptr", "ref_ptr", "grad_ptr")}
+        for loss_type in (0, 1):
+            consts = {"HAS_OLD": True, "HAS_REF": True, "LOSS_TYPE": loss_type, "WRITE_GRAD": True,
+                      "BLOCK_T": block_t, "NP": 8, **UNIT_STRIDES}
+            ptx = compile_kernel(_policy_loss_fwd_kernel, consts, warps, types, aligned=True)
+            check_vector_loads(ptx, 3, f"policy_loss {dtype} loss_type={loss_type}")
+        consts = {"BG": 16, "M": 2, "SCALE": 1, "HAS_OLD": True, "HAS_REF": True, "LOSS_TYPE": 0,
+                  "WRITE_GRAD": True, "BLOCK_T": block_t, "NP": 8, "stride_rm": 1, **UNIT_STRIDES}
+        ptx = compile_kernel(_nonlinear_grpo_fwd_kernel, consts, max(warps, group_warps(16)), types,
+                             aligned=True)
+        check_vector_loads(ptx, 3, f"nonlinear_grpo {dtype}")
     print("ok")
 
 

@@ -3,17 +3,24 @@
 Measures, on the current CUDA device:
 
 1. device copy bandwidth (``dst.copy_(src)`` of 512 MiB: read + write), the roofline;
-2. for 1M and 16M tokens (T = 1024 tokens per row, G = 8 and 16, m = 2 criteria, float32 logp,
-   old/ref log-probs, bool mask):
+2. for 1M and 16M tokens (T = 1024 tokens per row, G = 8 and 16, m = 2 criteria, float32
+   logp, old/ref log-probs, bool prefix mask with about 3/8 padding; and bfloat16 log-probs at
+   G = 16):
+   * a correctness check first: the launch below against the float64 reference at that size;
+   * ``fused kernel, graph``: the launcher alone (no argument validation, whose finiteness checks
+     synchronise with the host, no autograd), replayed in a CUDA graph over enough input sets to
+     defeat the L2 cache: the kernel time without launch overhead; ``fused kernel``: the same
+     launcher, launched from Python;
    * ``fused``: ``nonlinear_grpo_loss(impl="triton")`` forward (which computes and stores the
-     gradient) and forward + backward; ``fused kernel``: its launcher alone (no argument
-     validation, whose finiteness checks synchronise with the host, no autograd);
+     gradient) and forward + backward;
    * ``separate``: ``group_advantages`` then ``policy_loss``, both ``impl="triton"``;
    * ``eager``: ``nonlinear_grpo_loss(impl="reference")`` (PyTorch eager);
-   * ``compiled``: ``torch.compile`` of the reference function;
-   with GB/s computed from the bytes the op must move at least (read logp, old, ref: 4 B each,
-   mask: 1 B, write the gradient: 4 B = 17 B per token; rewards are negligible) and the ratio to
-   the copy bandwidth, to eager and to compiled;
+   * ``compiled``: ``torch.compile`` of the reference function (float32 only);
+   with GB/s computed from the fewest bytes the op must move (:func:`floor_bytes`: the mask and
+   the gradient for every token, logp/old/ref up to each row's last valid token; rewards are
+   negligible) and the ratio to the copy bandwidth, to eager and to compiled. The backward of
+   ``fused`` moves more (it scales the saved gradient by ``grad_output``: one more read and
+   write of it), so its fraction of the copy bandwidth is lower by design;
 3. ``group_advantages`` alone at B * G up to 65536: through the public function (validation, one
    host sync for the finiteness check, lambda from the values: two launches) and the kernel alone
    with the criterion weights given (one launch, timed with CUDA graphs so that launch overhead
@@ -22,7 +29,8 @@ Measures, on the current CUDA device:
 Timing: ``triton.testing.do_bench`` medians (warm-up and compilation excluded). Results go to
 ``<out>/gpu_bench.csv`` and ``<out>/gpu_bench.jsonl`` (long format with the environment, via
 benchmarks/harness.py); ``<out>`` is ``--out``, else ``$OUT``, else benchmarks/results/. The
-table is printed last. Sized to finish in a few minutes on an H100.
+table is printed last, then the correctness checks; the exit status is 1 if a measurement
+raised or a check failed. Sized to finish in a few minutes on an H100.
 
 ``--smoke`` runs the same code at toy sizes on CPU tensors through the Triton interpreter
 (``TRITON_INTERPRET=1``), without torch.compile, so that the script is tested without a GPU.
@@ -38,6 +46,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,8 +69,9 @@ from iama_kernels import (  # noqa: E402
     policy_loss,
 )
 from iama_kernels.nonlinear_grpo.reference import nonlinear_grpo_loss_ref  # noqa: E402
+from iama_kernels.testing import max_rel_error, reference_grad_pair  # noqa: E402
 
-BYTES_PER_TOKEN = 4 + 4 + 4 + 1 + 4  # logp, old, ref (float32), mask (bool), gradient (float32)
+CHECK_REL = 1e-5  # float32 arithmetic, as in tests/test_triton.py
 OBJECTIVE = Objective([Criterion("a", BestOfN(4)), Criterion("b", SoftBestOfN(0.5))],
                       WeightedSum([0.5, 0.5]))
 
@@ -75,13 +85,26 @@ def output_dir(arg: str | None) -> Path:
 
 
 class Timer:
-    """Median time in ms of a callable: do_bench on CUDA, a short wall-clock loop otherwise."""
+    """Median time in ms of a callable: do_bench on CUDA, a short wall-clock loop otherwise.
+
+    A measurement that raises is logged with its traceback and returns NaN, so that one failure
+    does not cost the rest of a run on a machine lent for a few minutes; ``failures`` counts them
+    and the script's exit status reports them."""
 
     def __init__(self, device: torch.device, smoke: bool) -> None:
         self.device = device
         self.smoke = smoke
+        self.failures = 0
 
     def __call__(self, fn: Callable[[], Any], graph: bool = False) -> float:
+        try:
+            return self._time(fn, graph)
+        except Exception:  # reported, counted, and the run goes on
+            self.failures += 1
+            traceback.print_exc()
+            return float("nan")
+
+    def _time(self, fn: Callable[[], Any], graph: bool) -> float:
         if self.device.type == "cuda":
             import triton.testing
 
@@ -111,24 +134,68 @@ def copy_bandwidth(timer: Timer, device: torch.device, smoke: bool) -> Measureme
     return row("copy", "torch", f"{n * 4 >> 20} MiB", ms, 2 * n * 4)
 
 
-def token_inputs(tokens: int, G: int, T: int, device: torch.device, seed: int = 0):
+def token_inputs(tokens: int, G: int, T: int, device: torch.device, dtype: torch.dtype,
+                 seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """``logp, old, ref [S, T]`` in ``dtype``, a bool prefix mask (lengths uniform in
+    ``[T/4, T]``: about 3/8 of the tokens are padding) and integer rewards ``[B, G, 2]``."""
     S = tokens // T
     B = S // G
     g = torch.Generator(device="cpu").manual_seed(seed)
-    logp = (-torch.rand(S, T, generator=g) * 3).to(device)
-    old = (logp.cpu() + 0.1 * torch.randn(S, T, generator=g)).to(device)
-    ref = (logp.cpu() + 0.1 * torch.randn(S, T, generator=g)).to(device)
+    logp = -torch.rand(S, T, generator=g) * 3
+    old = logp + 0.1 * torch.randn(S, T, generator=g)
+    ref = logp + 0.1 * torch.randn(S, T, generator=g)
     lengths = torch.randint(T // 4, T + 1, (S, 1), generator=g)
     mask = (torch.arange(T)[None, :] < lengths).to(device)
     rewards = torch.randint(0, 5, (B, G, 2), generator=g).float().to(device)
-    return logp, old, ref, mask, rewards
+    return (*(x.to(device=device, dtype=dtype) for x in (logp, old, ref)), mask, rewards)
+
+
+def floor_bytes(logp: torch.Tensor, mask: torch.Tensor) -> int:
+    """The fewest bytes the token pass must move: the mask read and the gradient written for every
+    token, and logp, old and ref read up to each row's last valid token (the padding after it is
+    never needed, and the Triton kernels do not read it). Rewards are negligible."""
+    S, T = mask.shape
+    last = T - torch.flip(mask, dims=[1]).to(torch.uint8).argmax(dim=1)
+    extent = int(torch.where(mask.any(dim=1), last, 0).sum())
+    return S * T * (mask.element_size() + logp.element_size()) + 3 * logp.element_size() * extent
+
+
+def graph_sets(nbytes: int) -> int:
+    """Input sets to rotate through in a CUDA-graph replay so that each set's data has left the
+    L2 cache (60 MB on an H200) before it is read again: at least 256 MiB in all, at most 16."""
+    return max(1, min(16, -(-(256 << 20) // nbytes)))
+
+
+def check_launch(timer: Timer, launch: Callable[..., tuple[torch.Tensor, ...]],
+                 inputs: tuple[torch.Tensor, ...], kw: dict[str, Any]) -> dict[str, Any]:
+    """Correct first: the benchmarked launch against the float64 reference at the benchmark's
+    size, by the test suite's rule: the relative error of the loss and of every gradient element
+    (padding included, so an unwritten element shows) within ``CHECK_REL`` or within 4 times the
+    error of the same-dtype reference (long cancelling sums, bfloat16 gradients). A check that
+    raises counts as a failure."""
+    logp, old, ref, mask, rewards = inputs
+    try:
+        stats, _, _, grad = launch(*inputs)
+        (oracle, grad64), (same, grad_same) = reference_grad_pair(
+            nonlinear_grpo_loss, logp, old, ref, mask, rewards, OBJECTIVE, **kw)
+        errors = {"loss_rel_err": max_rel_error(stats[0], oracle.loss),
+                  "loss_rel_err_same": max_rel_error(same.loss, oracle.loss),
+                  "grad_rel_err": max_rel_error(grad, grad64),
+                  "grad_rel_err_same": max_rel_error(grad_same, grad64)}
+        ok = all(errors[k] <= max(CHECK_REL, 4 * errors[f"{k}_same"])
+                 for k in ("loss_rel_err", "grad_rel_err"))
+        return {**errors, "check_ok": ok}
+    except Exception:  # reported, counted, and the run goes on
+        timer.failures += 1
+        traceback.print_exc()
+        return {"loss_rel_err": float("nan"), "grad_rel_err": float("nan"), "check_ok": False}
 
 
 def bench_tokens(timer: Timer, device: torch.device, tokens: int, G: int, T: int,
-                 compiled: Callable[..., Any] | None) -> list[Measurement]:
-    logp, old, ref, mask, rewards = token_inputs(tokens, G, T, device)
-    shape = f"N={tokens} G={G} T={T} m=2"
-    nbytes = tokens * BYTES_PER_TOKEN
+                 dtype: torch.dtype, compiled: Callable[..., Any] | None) -> list[Measurement]:
+    logp, old, ref, mask, rewards = token_inputs(tokens, G, T, device, dtype)
+    shape = f"N={tokens} G={G} T={T} m=2 {str(dtype).replace('torch.', '')}"
+    nbytes = floor_bytes(logp, mask)
     kw = {"beta": 0.04, "loss_type": "grpo"}
     leaf = logp.clone().requires_grad_(True)
 
@@ -151,14 +218,30 @@ def bench_tokens(timer: Timer, device: torch.device, tokens: int, G: int, T: int
 
     codes, taus = transform_codes(OBJECTIVE.transforms)
     lam = torch.tensor([0.5, 0.5], device=device)
+
+    def launch(x: torch.Tensor, o: torch.Tensor, r: torch.Tensor, m: torch.Tensor,
+               rw: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The launcher alone: no validation (its finiteness checks synchronise with the host),
+        no autograd bookkeeping."""
+        return _nonlinear_grpo_fwd(x, o, r, m, rw, lam, codes, taus, "plugin", 1e-4, 1,
+                                   0.2, 0.2, kw["beta"], kw["loss_type"], 0, True)
+
     frozen = leaf.detach()
+    sets = [(frozen, old, ref, mask, rewards)]
+    if device.type == "cuda":  # more input sets for the graph replay (see graph_sets)
+        sets += [token_inputs(tokens, G, T, device, dtype, seed=k)
+                 for k in range(1, graph_sets(nbytes))]
 
-    def fused_kernel() -> None:  # the launcher alone: no validation, no autograd bookkeeping
-        _nonlinear_grpo_fwd(frozen, old, ref, mask, rewards, lam, codes, taus, "plugin", 1e-4, 1,
-                            0.2, 0.2, kw["beta"], kw["loss_type"], 0, True)
+    def fused_kernel_sets() -> None:
+        for inputs in sets:
+            launch(*inputs)
 
+    errors = check_launch(timer, launch, sets[0], kw)
+    graph_ms = timer(fused_kernel_sets, graph=True) / len(sets)
     rows = [
-        row("nonlinear_grpo fwd", "fused kernel", shape, timer(fused_kernel), nbytes),
+        row("nonlinear_grpo fwd", "fused kernel, graph", shape, graph_ms, nbytes, sets=len(sets),
+            **errors),
+        row("nonlinear_grpo fwd", "fused kernel", shape, timer(lambda: launch(*sets[0])), nbytes),
         row("nonlinear_grpo fwd", "fused", shape, timer(fused_fwd), nbytes),
         row("nonlinear_grpo fwd+bwd", "fused", shape, timer(fwd_bwd("triton")), nbytes),
         row("nonlinear_grpo fwd+bwd", "separate", shape, timer(separate), nbytes),
@@ -208,6 +291,10 @@ def targets(rows: list[Measurement]) -> list[str]:
     """The H100 targets, as lines (informational: they are checked by reading, not asserted)."""
     out = []
     for r in rows:
+        if "check_ok" in r.extra:
+            ok = r.extra["check_ok"]
+            out.append(f"check {r.shape}: loss rel err {r.extra['loss_rel_err']:.1e}, grad rel err "
+                       f"{r.extra['grad_rel_err']:.1e} vs float64 ({'ok' if ok else 'FAIL'})")
         if r.impl.startswith("fused") and r.benchmark == "nonlinear_grpo fwd":
             out.append(f"{r.impl} fwd {r.shape}: {100 * r.extra.get('frac_copy_bw', 0):.0f}% of copy "
                        "bandwidth (target >= 80%)")
@@ -219,6 +306,10 @@ def targets(rows: list[Measurement]) -> list[str]:
             out.append(f"group_advantages {r.impl} {r.shape}: {1e3 * r.median_ms:.1f} us "
                        "(target <= 15 us)")
     return out
+
+
+def failed_checks(rows: list[Measurement]) -> int:
+    return sum(line.endswith("FAIL)") for line in targets(rows))
 
 
 def write_csv(rows: list[Measurement], path: Path) -> None:
@@ -262,13 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     # One compiled function for every shape: after the first shape change torch.compile
     # recompiles once with dynamic shapes and reuses that graph (keeps compile time bounded).
     compiled = None if smoke or args.no_compile else torch.compile(nonlinear_grpo_loss_ref)
-    for tokens in token_sizes:
-        for G in (8, 16):
-            if compiled is not None and time.perf_counter() - start > args.compile_budget_s:
-                print("compile budget spent: torch.compile rows skipped from here", flush=True)
-                compiled = None
-            rows += bench_tokens(timer, device, tokens, G, T, compiled)
-            print(f"[{time.perf_counter() - start:6.1f}s] tokens={tokens} G={G} done", flush=True)
+    # float32 at every size and G; bfloat16 log-probs (what a bf16 model gives) at G = 16.
+    cases = [(tokens, G, torch.float32) for tokens in token_sizes for G in (8, 16)]
+    cases += [(tokens, 16, torch.bfloat16) for tokens in token_sizes]
+    for tokens, G, dtype in cases:
+        if compiled is not None and time.perf_counter() - start > args.compile_budget_s:
+            print("compile budget spent: torch.compile rows skipped from here", flush=True)
+            compiled = None
+        rows += bench_tokens(timer, device, tokens, G, T, dtype,
+                             compiled if dtype == torch.float32 else None)
+        print(f"[{time.perf_counter() - start:6.1f}s] tokens={tokens} G={G} {dtype} done", flush=True)
     for samples in ([32, 64] if smoke else [8192, 65536]):
         for G in (8, 16):
             rows += bench_group_advantages(timer, device, samples, G)
@@ -283,7 +377,11 @@ def main(argv: list[str] | None = None) -> int:
           f"results in {out}")
     print("\n".join(summary))
     print(format_table(rows, baseline_impl="eager"))
-    return 0
+    bad = failed_checks(rows)
+    if timer.failures or bad:
+        print(f"{timer.failures} measurement(s) raised (tracebacks above), {bad} correctness "
+              "check(s) failed", flush=True)
+    return 1 if timer.failures or bad else 0
 
 
 if __name__ == "__main__":

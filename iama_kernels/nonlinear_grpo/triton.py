@@ -123,7 +123,7 @@ def _nonlinear_grpo_fwd(
     rpp = rows_per_program(B, G, dev)
     splits = triton.cdiv(G, rpp)
     partials = torch.empty(B * splits, N_PARTIALS, dtype=torch.float32, device=dev)
-    block_t, warps = token_block(T)
+    block_t, warps = token_block(T, logp.element_size())
     _nonlinear_grpo_fwd_kernel[(B, splits)](
         rewards, *rewards.stride(), tables, crit, lam, adv, values, G, eps,
         *args[:5], partials, *args[5:],

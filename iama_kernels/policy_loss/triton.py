@@ -9,9 +9,9 @@ created.
 Token weights (``policy_loss/reference.py::token_weights``):
 
 * ``grpo``: ``w_t = m_t / (S max(1, sum_t m_t))`` needs the row's mask total before the first
-  gradient is written: a program owns whole rows, so it sums the row's mask first and then
-  streams the row. The second read of the mask (1 byte per token for a bool mask) comes from
-  cache, not from memory.
+  gradient is written: a program owns whole rows, so it reads the row's mask first (the pre-pass
+  below) and then streams the row. The second read of the mask (1 byte per token for a bool
+  mask) comes from cache, not from memory.
 * ``dr_grpo``: a constant ``1 / (S L)``, applied in the kernel.
 * ``token``: ``w_t = m_t / max(1, sum m)`` needs a batch-wide total, which no program has: the
   kernel writes ``m_t g_t`` and the constant ``1 / max(1, sum m)`` (``post_scale``) is applied by
@@ -21,7 +21,16 @@ Backward: ``grad_logp = grad * (grad_loss * post_scale)`` in ``logp``'s dtype. O
 gradient is stored in ``logp``'s dtype; on the CPU interpreter it is stored in float32 (the
 interpreter rounds float32 to bfloat16 by truncation) and converted once in the backward.
 
-Tokens with mask 0 are never loaded (masked loads): NaN or inf there cannot leak.
+Loads. The pre-pass over a row's mask also finds the row's extent (one past its last valid
+token). Log-probs past the extent (the padding of shorter completions) are never loaded, so they
+cost no memory traffic; inside it, logp, old and ref are loaded whole, with a mask that depends
+only on the extent rounded up to 16 tokens, which keeps the loads 16-byte vectors (a mask that
+depends on each token's value splits every vector into predicated scalar loads; see
+tests/_triton_aot.py). Values under mask 0 inside the extent (holes) are loaded but only ever
+selected away (``where``, never multiplied by 0): NaN or inf there cannot leak.
+
+Warps: a token block of ``BLOCK_T`` tokens gets as many threads as give each thread 16 bytes of
+every log-prob tensor (4 float32 or 8 bfloat16 tokens: one vector load each).
 """
 
 from __future__ import annotations
@@ -47,10 +56,11 @@ def sm_count(device: torch.device) -> int:
     return n
 
 
-def token_block(T: int) -> tuple[int, int]:
-    """``(BLOCK_T, num_warps)`` for rows of ``T`` tokens."""
+def token_block(T: int, itemsize: int) -> tuple[int, int]:
+    """``(BLOCK_T, num_warps)`` for rows of ``T`` tokens of ``itemsize``-byte log-probs: up to
+    1024 tokens a block, 16 bytes of each log-prob tensor per thread (see module doc)."""
     block = min(1024, max(16, triton.next_power_of_2(T)))
-    return block, (4 if block <= 512 else 8)
+    return block, max(1, min(8, block * itemsize // (16 * 32)))
 
 
 def grad_dtype(logp: torch.Tensor) -> torch.dtype:
@@ -74,11 +84,17 @@ def _token_row(
     """Stream one row with advantage ``a``; returns its (weighted loss, mask total, kl sum,
     clipped sum, ratio sum). ``norm``: ``1/S`` (grpo), ``1/(S L)`` (dr_grpo), unused (token)."""
     offs = tl.arange(0, BLOCK_T)
+    # Pre-pass over the row's mask: its total (the grpo weight) and its extent (one past the last
+    # valid token, rounded up to 16 tokens so that the loads below keep whole 16-byte vectors).
+    msum_row = tl.zeros([BLOCK_T], dtype=tl.float32)
+    reach = tl.zeros([BLOCK_T], dtype=tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + offs
+        mk = tl.load(mask_ptr + row * s_mr + t * s_mt, mask=t < T, other=0)
+        msum_row += mk.to(tl.float32)
+        reach = tl.maximum(reach, tl.where(mk != 0, t + 1, 0))
+    extent = (tl.max(reach, axis=0) + 15) // 16 * 16
     if LOSS_TYPE == 0:
-        msum_row = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            t = t0 + offs
-            msum_row += tl.load(mask_ptr + row * s_mr + t * s_mt, mask=t < T, other=0).to(tl.float32)
         wscale = norm / tl.maximum(tl.sum(msum_row, axis=0), 1.0)
     elif LOSS_TYPE == 2:
         wscale = norm
@@ -93,11 +109,13 @@ def _token_row(
     hi = 1.0 + eps_high
     for t0 in range(0, T, BLOCK_T):
         t = t0 + offs
-        m = tl.load(mask_ptr + row * s_mr + t * s_mt, mask=t < T, other=0).to(tl.float32)
+        inb = t < T
+        m = tl.load(mask_ptr + row * s_mr + t * s_mt, mask=inb, other=0).to(tl.float32)
         keep = m != 0
-        lp = tl.load(logp_ptr + row * s_lr + t * s_lt, mask=keep, other=0.0).to(tl.float32)
+        live = inb & (t < extent)
+        lp = tl.load(logp_ptr + row * s_lr + t * s_lt, mask=live, other=0.0).to(tl.float32)
         if HAS_OLD:
-            old = tl.load(old_ptr + row * s_or + t * s_ot, mask=keep, other=0.0).to(tl.float32)
+            old = tl.load(old_ptr + row * s_or + t * s_ot, mask=live, other=0.0).to(tl.float32)
             ratio = tl.exp(lp - old)
         else:
             ratio = tl.full([BLOCK_T], 1.0, tl.float32)
@@ -108,7 +126,7 @@ def _token_row(
         surr = tl.where(active, ra, ca)
         g = -tl.where(active, ra, 0.0)
         if HAS_REF:
-            ref = tl.load(ref_ptr + row * s_rr + t * s_rt, mask=keep, other=0.0).to(tl.float32)
+            ref = tl.load(ref_ptr + row * s_rr + t * s_rt, mask=live, other=0.0).to(tl.float32)
             d = ref - lp
             ed = tl.exp(d)
             kl = ed - d - 1.0
@@ -252,7 +270,7 @@ def _policy_loss_fwd(
     # Every program writes its partials: no fill needed unless nothing is launched.
     partials = (torch.empty if launch else torch.zeros)(
         max(P, 1), N_PARTIALS, dtype=torch.float32, device=logp.device)
-    block_t, warps = token_block(T)
+    block_t, warps = token_block(T, logp.element_size())
     if launch:
         _policy_loss_fwd_kernel[(P,)](
             *args[:5], advantages, partials, *args[5:], advantages.stride(0),
