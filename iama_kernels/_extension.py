@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -185,7 +186,17 @@ def load(verbose: bool = False) -> None:
         _loaded = True
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn: Callable[[], str | None]) -> Callable[[], str | None]:
+    """``torch.compiler.assume_constant_result`` without its cost at import: that decorator
+    imports ``torch._dynamo`` (and with it triton), close to a second per ``import iama_kernels``,
+    only to set this marker, which torch.compile reads when it traces a call of ``fn`` (it then
+    calls ``fn`` once and uses the result as a constant). tests/test_compile.py checks that the
+    public decorator sets the same marker, so a torch that changes it fails a test."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@_assume_constant_result
 def unavailable_reason() -> str | None:
     """``None`` when the extension is loaded (building it on first use), else why it cannot be."""
     if _loaded:

@@ -5,6 +5,11 @@ functions backpropagate through the compiled graph."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -124,3 +129,47 @@ def test_nonlinear_grpo_loss_compiles_and_backpropagates(impl):
         out[0].backward()
         results.append((*[t.detach() for t in out], x.grad))
     _assert_same(results[0], results[1])
+
+
+def test_constant_marker_matches_torch() -> None:
+    """``_extension.unavailable_reason`` is marked for torch.compile without importing dynamo at
+    import time; the marker must be the one ``torch.compiler.assume_constant_result`` sets."""
+    from iama_kernels import _extension
+
+    def probe() -> None:
+        return None
+
+    marked = torch.compiler.assume_constant_result(probe)
+    markers = {k: v for k, v in vars(marked).items() if k.startswith("_dynamo")}
+    assert markers == {"_dynamo_marked_constant": True}
+    assert _extension.unavailable_reason._dynamo_marked_constant is True
+
+
+def test_first_use_under_compile_in_a_fresh_process() -> None:
+    """A process whose first call of the C++ backend is traced by torch.compile(fullgraph=True):
+    the extension is loaded at trace time (the constant-marked probe), not through a graph break.
+    Also: ``import iama_kernels`` itself imports neither torch._dynamo nor triton."""
+    from iama_kernels import _extension
+
+    try:
+        _extension.load()  # build here (once) so that the child only loads
+    except _extension.ExtensionUnavailable as error:
+        pytest.skip(f"C++ CPU extension unavailable: {error}")
+    code = (
+        "import sys, torch\n"
+        "import iama_kernels as ik\n"
+        "assert 'torch._dynamo' not in sys.modules and 'triton' not in sys.modules\n"
+        "logp = -torch.rand(6, 9); mask = torch.rand(6, 9) < 0.8; adv = torch.randn(6)\n"
+        "f = torch.compile(lambda x: ik.policy_loss(x, x.detach(), None, adv, mask, impl='cpu').loss,\n"
+        "                  fullgraph=True, backend='aot_eager')\n"
+        "x = logp.clone().requires_grad_(True)\n"
+        "f(x).backward()\n"
+        "y = logp.clone().requires_grad_(True)\n"
+        "ik.policy_loss(y, y.detach(), None, adv, mask, impl='cpu').loss.backward()\n"
+        "assert torch.equal(x.grad, y.grad)\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
