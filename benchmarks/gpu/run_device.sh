@@ -20,8 +20,15 @@ BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
 (nvidia-smi; "$PY" -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)") \
     > "$OUT/nvidia-smi.txt" 2>&1
 
-echo "== gpu tests (timeout ${TEST_TIMEOUT}s)"
-timeout "$TEST_TIMEOUT" "$PY" -m pytest -q -m gpu tests/test_triton.py -p no:cacheprovider \
+# Compiling the kernels' specialisations dominates the tests on a fresh machine: spread them over
+# processes when pytest-xdist is installed (one GPU is enough for these small tests, and Triton's
+# on-disk cache is shared). TEST_WORKERS=0 runs them in one process.
+WORKERS="${TEST_WORKERS:-8}"
+XDIST=()
+if [ "$WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "$WORKERS"); fi
+
+echo "== gpu tests (timeout ${TEST_TIMEOUT}s, ${XDIST[*]:-one process})"
+timeout "$TEST_TIMEOUT" "$PY" -m pytest -q -m gpu tests/test_triton.py -p no:cacheprovider "${XDIST[@]}" \
     --durations=10 --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
 test_rc=$?
 tail -n 25 "$OUT/gpu_tests.log"
