@@ -323,13 +323,24 @@ def write_csv(rows: list[Measurement], path: Path) -> None:
                         *("" if r.extra.get(k) is None else f"{r.extra[k]:.3f}" for k in keys)])
 
 
+def save(rows: list[Measurement], copy_gbps: float, out: Path) -> list[str]:
+    """Ratios, then ``gpu_bench.csv``, ``gpu_bench.jsonl`` and ``gpu_bench_summary.txt`` (the
+    target and check lines, also returned) for the rows measured so far."""
+    add_ratios(rows, copy_gbps)
+    write_csv(rows, out / "gpu_bench.csv")
+    write_results(rows, "gpu_bench", out)
+    summary = targets(rows)
+    (out / "gpu_bench_summary.txt").write_text("\n".join(summary) + "\n")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true",
                         help="toy sizes on CPU through the Triton interpreter (TRITON_INTERPRET=1)")
     parser.add_argument("--out", default=None, help="output directory (default: $OUT or benchmarks/results)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
-    parser.add_argument("--compile-budget-s", type=float, default=180.0,
+    parser.add_argument("--compile-budget-s", type=float, default=120.0,
                         help="stop measuring torch.compile once this many seconds have passed")
     args = parser.parse_args(argv)
 
@@ -362,16 +373,12 @@ def main(argv: list[str] | None = None) -> int:
             compiled = None
         rows += bench_tokens(timer, device, tokens, G, T, dtype,
                              compiled if dtype == torch.float32 else None)
+        save(rows, copy_gbps, out)  # after every case: a run stopped by its timeout keeps its rows
         print(f"[{time.perf_counter() - start:6.1f}s] tokens={tokens} G={G} {dtype} done", flush=True)
     for samples in ([32, 64] if smoke else [8192, 65536]):
         for G in (8, 16):
             rows += bench_group_advantages(timer, device, samples, G)
-    add_ratios(rows, copy_gbps)
-
-    write_csv(rows, out / "gpu_bench.csv")
-    write_results(rows, "gpu_bench", out)
-    summary = targets(rows)
-    (out / "gpu_bench_summary.txt").write_text("\n".join(summary) + "\n")
+    summary = save(rows, copy_gbps, out)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (interpreter)'}; "
           f"copy bandwidth {copy_gbps:.0f} GB/s; total {time.perf_counter() - start:.0f}s; "
           f"results in {out}")
