@@ -270,6 +270,41 @@ def test_policy_loss_matches_reference(
     assert torch.equal(grad[~mask.bool()], torch.zeros_like(grad[~mask.bool()]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_extents_on_aligned_rows(lane: Lane, dtype: torch.dtype) -> None:
+    """Rows of a multiple of 16 tokens (on a GPU: the specialisation with 16-byte loads bounded by
+    each row's extent, rounded up to 16 tokens). Extents end at every edge of that rounding: on
+    the first token, on either side of a 16-token boundary, on the last token; holes before the
+    extent and the padding after it hold NaN and inf."""
+    T = 48 if lane.device.type == "cpu" else 1024
+    ends = [0, 1, 15, 16, 17, 31, 32, 33, T - 17, T - 16, T - 1, T]
+    S = len(ends)
+    g = torch.Generator().manual_seed(21)
+    logp = -torch.rand(S, T, generator=g, dtype=torch.float64) * 3
+    old = logp + 0.3 * torch.randn(S, T, generator=g, dtype=torch.float64)
+    ref = logp + 0.3 * torch.randn(S, T, generator=g, dtype=torch.float64)
+    keep = (torch.arange(T)[None, :] < torch.tensor(ends)[:, None]) & (torch.rand(S, T, generator=g) < 0.9)
+    for s, end in enumerate(ends):
+        if end:
+            keep[s, end - 1] = True  # the extent ends exactly there
+    logp = torch.where(keep, logp, float("nan"))
+    old = torch.where(keep, old, float("inf"))
+    ref = torch.where(keep, ref, float("-inf"))
+    logp, old, ref = (x.to(dtype).to(lane.device) for x in (logp, old, ref))
+    mask = keep.to(lane.device)
+    adv = torch.randn(S, generator=g).to(lane.device)
+    for loss_type in ("grpo", "token"):
+        kw = {"beta": 0.05, "loss_type": loss_type}
+        x = logp.detach().clone().requires_grad_(True)
+        out = policy_loss(x, old, ref, adv, mask, impl="triton", **kw)
+        (grad,) = torch.autograd.grad(out.loss, x)
+        (oracle, grad64), (same, grad_same) = reference_grad_pair(policy_loss, logp, old, ref, adv, mask,
+                                                                  **kw)
+        _loss_fields(out, oracle, same, f"extents {loss_type} {dtype}")
+        _close(grad, grad64, grad_same, name=f"extents {loss_type} {dtype}: grad")
+        assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))
+
+
 def test_policy_loss_float_mask_and_strides(lane: Lane) -> None:
     """Floating token weights; transposed (non-contiguous) log-probs; strided advantages."""
     S = 5 if lane.device.type == "cpu" else 200
