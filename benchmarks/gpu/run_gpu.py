@@ -16,6 +16,8 @@ Measures, on the current CUDA device:
    * ``separate``: ``group_advantages`` then ``policy_loss``, both ``impl="triton"``;
    * ``eager``: ``nonlinear_grpo_loss(impl="reference")`` (PyTorch eager);
    * ``compiled``: ``torch.compile`` of the reference function (float32 only);
+   and float32 at 16M tokens with G = 64 (no compiled row), for the register lead in
+   ``benchmarks/gpu/NOTES.md``;
    with GB/s computed from the fewest bytes the op must move (:func:`floor_bytes`: the mask and
    the gradient for every token, logp/old/ref up to each row's last valid token; rewards are
    negligible) and the ratio to the copy bandwidth, to eager and to compiled. The backward of
@@ -367,12 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     # float32 at every size and G; bfloat16 log-probs (what a bf16 model gives) at G = 16.
     cases = [(tokens, G, torch.float32) for tokens in token_sizes for G in (8, 16)]
     cases += [(tokens, 16, torch.bfloat16) for tokens in token_sizes]
+    if not smoke:  # G = 64: the register lead in benchmarks/gpu/NOTES.md (fused vs separate)
+        cases.append((token_sizes[-1], 64, torch.float32))
     for tokens, G, dtype in cases:
         if compiled is not None and time.perf_counter() - start > args.compile_budget_s:
             print("compile budget spent: torch.compile rows skipped from here", flush=True)
             compiled = None
         rows += bench_tokens(timer, device, tokens, G, T, dtype,
-                             compiled if dtype == torch.float32 else None)
+                             compiled if dtype == torch.float32 and G <= 16 else None)
         save(rows, copy_gbps, out)  # after every case: a run stopped by its timeout keeps its rows
         print(f"[{time.perf_counter() - start:6.1f}s] tokens={tokens} G={G} {dtype} done", flush=True)
     for samples in ([32, 64] if smoke else [8192, 65536]):
