@@ -4,8 +4,8 @@
 # It builds nothing: the Triton kernels compile on first use. It runs the `gpu`-marked Triton tests
 # (with a timeout), then the benchmark, and writes everything under $OUT (default
 # benchmarks/results/gpu): gpu_tests.log, gpu_tests.xml, gpu_bench.{csv,jsonl}, bench.log,
-# nvidia-smi.txt. The benchmark's table is printed last, then its correctness checks and one
-# status line.
+# nvidia-smi.txt. The benchmark's check and target lines and its table are printed last, then
+# one status line.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-benchmarks/results/gpu}"

@@ -31,8 +31,8 @@ Measures, on the current CUDA device:
 Timing: ``triton.testing.do_bench`` medians (warm-up and compilation excluded). Results go to
 ``<out>/gpu_bench.csv`` and ``<out>/gpu_bench.jsonl`` (long format with the environment, via
 benchmarks/harness.py); ``<out>`` is ``--out``, else ``$OUT``, else benchmarks/results/. The
-table is printed last, then the correctness checks; the exit status is 1 if a measurement
-raised or a check failed. Sized to finish in a few minutes on an H100.
+check and target lines, then the table, are printed last; the exit status is 1 if a
+measurement raised or a check failed. Sized to finish in a few minutes on an H100.
 
 ``--smoke`` runs the same code at toy sizes on CPU tensors through the Triton interpreter
 (``TRITON_INTERPRET=1``), without torch.compile, so that the script is tested without a GPU.
@@ -71,7 +71,11 @@ from iama_kernels import (  # noqa: E402
     policy_loss,
 )
 from iama_kernels.nonlinear_grpo.reference import nonlinear_grpo_loss_ref  # noqa: E402
-from iama_kernels.testing import max_rel_error, reference_grad_pair  # noqa: E402
+from iama_kernels.testing import (  # noqa: E402
+    assert_matches_reference,
+    max_rel_error,
+    reference_grad_pair,
+)
 
 CHECK_REL = 1e-5  # float32 arithmetic, as in tests/test_triton.py
 OBJECTIVE = Objective([Criterion("a", BestOfN(4)), Criterion("b", SoftBestOfN(0.5))],
@@ -99,12 +103,16 @@ class Timer:
         self.failures = 0
 
     def __call__(self, fn: Callable[[], Any], graph: bool = False) -> float:
+        return self.attempt(lambda: self._time(fn, graph), float("nan"))
+
+    def attempt(self, fn: Callable[[], Any], fallback: Any) -> Any:
+        """``fn()``, or ``fallback`` when it raises (traceback printed, failure counted)."""
         try:
-            return self._time(fn, graph)
+            return fn()
         except Exception:  # reported, counted, and the run goes on
             self.failures += 1
             traceback.print_exc()
-            return float("nan")
+            return fallback
 
     def _time(self, fn: Callable[[], Any], graph: bool) -> float:
         if self.device.type == "cuda":
@@ -171,26 +179,30 @@ def graph_sets(nbytes: int) -> int:
 def check_launch(timer: Timer, launch: Callable[..., tuple[torch.Tensor, ...]],
                  inputs: tuple[torch.Tensor, ...], kw: dict[str, Any]) -> dict[str, Any]:
     """Correct first: the benchmarked launch against the float64 reference at the benchmark's
-    size, by the test suite's rule: the relative error of the loss and of every gradient element
-    (padding included, so an unwritten element shows) within ``CHECK_REL`` or within 4 times the
-    error of the same-dtype reference (long cancelling sums, bfloat16 gradients). A check that
-    raises counts as a failure."""
+    size, by the test suite's rule (``assert_matches_reference``: within ``CHECK_REL`` of the
+    oracle's scale or 4 times the error of the same-dtype reference), for the loss and every
+    gradient element (padding included, so an unwritten element shows). The relative errors are
+    recorded; a check that raises counts as a failure."""
     logp, old, ref, mask, rewards = inputs
-    try:
+
+    def check() -> dict[str, Any]:
         stats, _, _, grad = launch(*inputs)
         (oracle, grad64), (same, grad_same) = reference_grad_pair(
             nonlinear_grpo_loss, logp, old, ref, mask, rewards, OBJECTIVE, **kw)
-        errors = {"loss_rel_err": max_rel_error(stats[0], oracle.loss),
-                  "loss_rel_err_same": max_rel_error(same.loss, oracle.loss),
-                  "grad_rel_err": max_rel_error(grad, grad64),
-                  "grad_rel_err_same": max_rel_error(grad_same, grad64)}
-        ok = all(errors[k] <= max(CHECK_REL, 4 * errors[f"{k}_same"])
-                 for k in ("loss_rel_err", "grad_rel_err"))
-        return {**errors, "check_ok": ok}
-    except Exception:  # reported, counted, and the run goes on
-        timer.failures += 1
-        traceback.print_exc()
-        return {"loss_rel_err": float("nan"), "grad_rel_err": float("nan"), "check_ok": False}
+        try:
+            assert_matches_reference(stats[0], oracle.loss, same.loss, rel=CHECK_REL, name="loss")
+            assert_matches_reference(grad, grad64, grad_same, rel=CHECK_REL, name="grad")
+            ok = True
+        except AssertionError as failure:
+            print(f"check failed: {failure}", flush=True)
+            ok = False
+        return {"loss_rel_err": max_rel_error(stats[0], oracle.loss),
+                "loss_rel_err_same": max_rel_error(same.loss, oracle.loss),
+                "grad_rel_err": max_rel_error(grad, grad64),
+                "grad_rel_err_same": max_rel_error(grad_same, grad64), "check_ok": ok}
+
+    return timer.attempt(check, {"loss_rel_err": float("nan"), "grad_rel_err": float("nan"),
+                                 "check_ok": False})
 
 
 def bench_tokens(timer: Timer, device: torch.device, tokens: int, G: int, T: int,

@@ -84,8 +84,9 @@ def _token_row(
     """Stream one row with advantage ``a``; returns its (weighted loss, mask total, kl sum,
     clipped sum, ratio sum). ``norm``: ``1/S`` (grpo), ``1/(S L)`` (dr_grpo), unused (token)."""
     offs = tl.arange(0, BLOCK_T)
-    # Pre-pass over the row's mask: its total (the grpo weight) and its extent (one past the last
-    # valid token, rounded up to 16 tokens so that the loads below keep whole 16-byte vectors).
+    # Pre-pass over the row's mask: its total (returned, and the grpo weight) and its extent (one
+    # past the last valid token, rounded up to 16 tokens so that the loads below keep whole
+    # 16-byte vectors).
     msum_row = tl.zeros([BLOCK_T], dtype=tl.float32)
     reach = tl.zeros([BLOCK_T], dtype=tl.int32)
     for t0 in range(0, T, BLOCK_T):
@@ -94,14 +95,14 @@ def _token_row(
         msum_row += mk.to(tl.float32)
         reach = tl.maximum(reach, tl.where(mk != 0, t + 1, 0))
     extent = (tl.max(reach, axis=0) + 15) // 16 * 16
+    msum = tl.sum(msum_row, axis=0)
     if LOSS_TYPE == 0:
-        wscale = norm / tl.maximum(tl.sum(msum_row, axis=0), 1.0)
+        wscale = norm / tl.maximum(msum, 1.0)
     elif LOSS_TYPE == 2:
         wscale = norm
     else:
         wscale = 1.0
     loss_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
-    m_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     kl_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     clip_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     ratio_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -136,13 +137,12 @@ def _token_row(
         else:
             per = -surr
         loss_acc += tl.where(keep, m * per, 0.0)
-        m_acc += m
         clip_acc += tl.where(keep & (~active), m, 0.0)
         ratio_acc += tl.where(keep, m * ratio, 0.0)
         if WRITE_GRAD:
             gw = tl.where(keep, (m * wscale) * g, 0.0)
             tl.store(grad_ptr + row * s_gr + t * s_gt, gw, mask=t < T)
-    return (tl.sum(loss_acc, axis=0) * wscale, tl.sum(m_acc, axis=0), tl.sum(kl_acc, axis=0),
+    return (tl.sum(loss_acc, axis=0) * wscale, msum, tl.sum(kl_acc, axis=0),
             tl.sum(clip_acc, axis=0), tl.sum(ratio_acc, axis=0))
 
 
