@@ -12,17 +12,25 @@ constants; pointers and integers divisible by 16 are marked so); compiled the sa
 of logp, old and ref must be read by one 16-byte vector load per thread and block
 (``ld.global.v4.b32``): the token pass is memory-bound, and predicated scalar loads (what a mask
 that depends on each token's value gives) multiply the load instructions by 4 to 8.
+
+And it checks register counts (ptxas -v, the ptxas Triton ships): the group block's pairwise
+tiles set the count of the whole fused kernel, token loop included, so at G = 64 the fused kernel
+must leave room for two 8-warp programs per multiprocessor (at most 128 registers: 65536 / 512),
+and the group kernel at G = 128 (16 warps, the register limit) must not spill.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from iama_kernels.advantages.triton import _group_advantages_fwd_kernel, group_warps
@@ -66,6 +74,42 @@ def check_vector_loads(ptx: str, loads: int, name: str) -> None:
     print(f"{name}: {found} x {VECTOR_LOAD}", flush=True)
 
 
+def registers(ptx: str, name: str) -> tuple[int, int]:
+    """``(registers per thread, spill-store bytes)`` of the PTX's kernel, from ``ptxas -v``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([get_ptxas(TARGET.arch).path, "-v", f"--gpu-name=sm_{TARGET.arch}a", path,
+                               "-o", os.path.join(tmp, "kernel.cubin")],
+                              capture_output=True, text=True, check=True)
+    regs = re.search(r"Used (\d+) registers", proc.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", proc.stderr)
+    if regs is None or spill is None:
+        raise SystemExit(f"{name}: no register count in the ptxas output:\n{proc.stderr}")
+    print(f"{name}: {regs.group(1)} registers, {spill.group(1)} bytes spilled", flush=True)
+    return int(regs.group(1)), int(spill.group(1))
+
+
+def check_registers() -> None:
+    fp32 = {name: "*fp32" for name in ("logp_ptr", "old_ptr", "ref_ptr", "grad_ptr")}
+    block_t, warps = token_block(1024, 4)
+    for BG in (16, 64, 128):
+        consts = {"BG": BG, "M": 2, "SCALE": 1, "HAS_OLD": True, "HAS_REF": True, "LOSS_TYPE": 0,
+                  "WRITE_GRAD": True, "BLOCK_T": block_t, "NP": 8, "stride_rm": 1, **UNIT_STRIDES}
+        num_warps = max(warps, group_warps(BG))
+        ptx = compile_kernel(_nonlinear_grpo_fwd_kernel, consts, num_warps, fp32, aligned=True)
+        regs, _ = registers(ptx, f"nonlinear_grpo fp32 BG={BG} ({num_warps} warps)")
+        if BG == 64 and regs > 65536 // (2 * 32 * num_warps):
+            raise SystemExit(f"nonlinear_grpo at BG=64: {regs} registers leave room for one "
+                             "program per multiprocessor (the group block's tiles grew)")
+    consts = {"BG": 128, "M": 2, "NC": 1, "HAS_VALID": True, "SCALE": 1, "VALUES_ONLY": False}
+    ptx = compile_kernel(_group_advantages_fwd_kernel, consts, group_warps(128))
+    _, spill = registers(ptx, "group_advantages BG=128 M=2")
+    if spill:
+        raise SystemExit(f"group_advantages at BG=128 spills {spill} bytes per thread")
+
+
 def main() -> None:
     for BG, M, valid, scale in [(8, 2, False, 1), (64, 1, True, 0), (128, 3, True, 1)]:
         compile_kernel(_group_advantages_fwd_kernel, {"BG": BG, "M": M, "NC": 1, "HAS_VALID": valid,
@@ -92,6 +136,7 @@ def main() -> None:
         ptx = compile_kernel(_nonlinear_grpo_fwd_kernel, consts, max(warps, group_warps(16)), types,
                              aligned=True)
         check_vector_loads(ptx, 3, f"nonlinear_grpo {dtype}")
+    check_registers()
     print("ok")
 
 

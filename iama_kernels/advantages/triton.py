@@ -4,7 +4,8 @@ A program loads its group's rewards ``[G, m]`` into registers and, per criterion
 
 1. ranks the samples by pairwise comparison (``rank_j = #{r_i < r_j} + #{i < j : r_i = r_j}``, a
    permutation; ``last_j = #{r_i <= r_j} - 1`` is the last sorted position of ``j``'s tied run)
-   instead of sorting: ``G <= 128`` fits in registers and a ``[G, G]`` comparison is cheap there;
+   instead of sorting: ``G <= 128`` fits in registers and a ``[G, G]`` comparison is cheap there
+   (done in strips of 16 rows, see ``_group_block``);
 2. moves the shifted rewards ``x = r - min`` into sorted order with a one-hot ``[G, G]`` sum
    (exact: one non-zero term), so that every reduction below runs over sorted positions in a
    fixed order and the result does not depend on the input order, ties included;
@@ -45,6 +46,7 @@ from .._weights import plugin_increments, unbiased_others_weights, unbiased_pref
 from ..objectives import BestOfN, Objective, SoftBestOfN, Transform, WeightedSum
 from .reference import batch_values, scale_advantages
 
+ROW_CHUNK = tl.constexpr(16)  # rows of a pairwise tile strip (see _group_block)
 SCALE_CODES = {"none": 0, "group": 1, "batch": 0}  # "batch": the kernel writes unscaled values
 
 # (G, criterion key, per-count rows?, device) -> float32 table [NC, 4, BG]; see criterion_table.
@@ -59,9 +61,9 @@ def block_size(G: int) -> int:
 
 
 def group_warps(G: int) -> int:
-    """Warps for a group's ``[BG, BG]`` register tiles. Compiled for sm_90 (ptxas -v): BG <= 32
-    fits 4 warps and BG = 64 fits 8 without spills; BG = 128 spills about 1 KiB per thread to
-    local memory even with 16 warps (the register limit), which is acceptable for the largest G."""
+    """Warps for a group's pairwise tiles. Compiled for sm_90 (ptxas -v, two criteria): BG <= 32
+    fits 4 warps, BG = 64 fits 8 in 128 registers and BG = 128 fits 16 (the register limit, 128)
+    without spills; fewer warps at BG = 128 spill (4 warps: 268 bytes per thread)."""
     BG = block_size(G)
     return 4 if BG <= 32 else (8 if BG == 64 else 16)
 
@@ -159,6 +161,17 @@ def constant_lambda(objective: Objective, device: torch.device) -> torch.Tensor 
 
 
 @triton.jit
+def _rows(v, c0: tl.constexpr, CH: tl.constexpr, BG: tl.constexpr):
+    """Entries ``[c0, c0 + CH)`` of the ``[BG]`` vector ``v`` as a ``[CH, 1]`` column: the row
+    operand of a ``[CH, BG]`` tile (exact: a one-hot sum, or the vector itself when CH = BG)."""
+    if CH == BG:
+        return v[:, None]
+    else:
+        pick = (c0 + tl.arange(0, CH))[:, None] == tl.arange(0, BG)[None, :]
+        return tl.sum(tl.where(pick, v[None, :], 0), axis=1)[:, None]
+
+
+@triton.jit
 def _group_block(
     b, rewards_ptr, stride_rb, stride_rg, stride_rm,
     valid_ptr, stride_vb, stride_vg,
@@ -170,7 +183,17 @@ def _group_block(
 
     ``values[b, i]`` is stored when ``WRITE_VALUES`` and ``write_group``. Lanes ``>= G`` and
     invalid samples hold 0.
+
+    Registers: every ``[BG]`` vector is indexed along axis 1 of the pairwise tiles (what an
+    axis-0 reduction returns), which Triton spreads over the threads; and the tiles are
+    ``[CH, BG]`` strips (``CH = min(BG, ROW_CHUNK)`` rows at a time, summed strip by strip) rather
+    than ``[BG, BG]``. A vector indexed along axis 0 of a ``[BG, BG]`` tile is held whole by every
+    thread of a row group (16 registers at BG = 64, 8 warps), and this block sets the register
+    count of the fused kernel, token loop included: whole tiles with such vectors need 201
+    registers at BG = 64 (one 8-warp program per multiprocessor), strips 128 (two), and at
+    BG = 128 strips do not spill (tests/_triton_aot.py checks both; benchmarks/gpu/NOTES.md).
     """
+    CH: tl.constexpr = ROW_CHUNK if BG > ROW_CHUNK else BG
     offs = tl.arange(0, BG)
     in_g = offs < G
     if HAS_VALID:
@@ -185,27 +208,36 @@ def _group_block(
         trow = tl.maximum(count - 1, 0)
     else:
         trow = 0
-    row_k = offs[:, None]  # axis 0: another sample, or a sorted position
-    col_j = offs[None, :]  # axis 1: the sample being ranked, or a sorted position
+    col = offs[None, :]  # axis 1: the sample being ranked, or a sorted position
+    sub = tl.arange(0, CH)[:, None]  # axis 0, plus the strip's start: another sample or position
     shaped = tl.zeros([BG], dtype=tl.float32)
-    onehot0 = row_k == col_j
+    rank0 = offs
     for i in tl.static_range(M):
         r = tl.load(rewards_ptr + b * stride_rb + offs * stride_rg + i * stride_rm,
                     mask=ok, other=0.0).to(tl.float32)
         key = tl.where(ok, r, float("inf"))
         rmin = tl.min(key, axis=0)
         x = tl.where(ok, r - rmin, 0.0)  # exact zeros for the minimum and constant groups
-        key_i = key[:, None]
         key_j = key[None, :]
-        before = (key_i < key_j) | ((key_i == key_j) & (row_k < col_j))
-        rank = tl.sum(before.to(tl.int32), axis=0)
-        last = tl.sum((key_i <= key_j).to(tl.int32), axis=0) - 1
-        onehot = rank[None, :] == row_k  # [k, j]: sample j sits at sorted position k
+        rank = tl.zeros([BG], dtype=tl.int32)
+        last = tl.full([BG], -1, dtype=tl.int32)
+        for c0 in tl.static_range(0, BG, CH):  # rows: the other samples
+            key_i = _rows(key, c0, CH, BG)
+            before = (key_i < key_j) | ((key_i == key_j) & (c0 + sub < col))
+            rank += tl.sum(before.to(tl.int32), axis=0)
+            last += tl.sum((key_i <= key_j).to(tl.int32), axis=0)
         if i == 0:
-            onehot0 = onehot
-        xs = tl.sum(tl.where(onehot, x[None, :], 0.0), axis=1)
-        ps = tl.sum(tl.where(onehot, last[None, :], 0), axis=1)
-        xnext = tl.sum(tl.where(rank[None, :] == row_k + 1, x[None, :], 0.0), axis=1)
+            rank0 = rank
+        xs = tl.zeros([BG], dtype=tl.float32)
+        ps = tl.zeros([BG], dtype=tl.int32)
+        xnext = tl.zeros([BG], dtype=tl.float32)
+        for c0 in tl.static_range(0, BG, CH):  # rows: samples j; columns: sorted positions k
+            rank_j = _rows(rank, c0, CH, BG)
+            x_j = _rows(x, c0, CH, BG)
+            at = rank_j == col  # sample j sits at sorted position k
+            xs += tl.sum(tl.where(at, x_j, 0.0), axis=0)
+            ps += tl.sum(tl.where(at, _rows(last, c0, CH, BG), 0), axis=0)
+            xnext += tl.sum(tl.where(rank_j == col + 1, x_j, 0.0), axis=0)
         gap = tl.where(offs + 1 < count, xnext - xs, 0.0)
         xmax = tl.max(tl.where(valid_k, xs, -float("inf")), axis=0)
         # Every row of D + U sums to the same constant (n unbiased, 1 Mean, 0 plug-in), so the
@@ -218,10 +250,13 @@ def _group_block(
         lg = tl.load(tbase + BG + offs) * gap
         uy = tl.load(tbase + 2 * BG + offs) * y
         vw = tl.load(tbase + 3 * BG + offs)
-        q = offs[None, :]
-        p = ps[:, None]
-        terms = tl.where(q < p, lg[None, :], tl.where((q > p) & (q < count), uy[None, :], 0.0))
-        s_bon = d_last * y + tl.sum(terms, axis=1)
+        p = ps[None, :]
+        s_bon = d_last * y
+        for c0 in tl.static_range(0, BG, CH):  # rows: positions q of position k's sum
+            q = c0 + sub
+            terms = tl.where(q < p, _rows(lg, c0, CH, BG),
+                             tl.where((q > p) & (q < count), _rows(uy, c0, CH, BG), 0.0))
+            s_bon += tl.sum(terms, axis=0)
         # SoftBestOfN plug-in (sorted order; ties have equal x and so equal s).
         is_soft = tl.load(crit_ptr + 2 * i)
         tau = tl.load(crit_ptr + 2 * i + 1)
@@ -243,11 +278,18 @@ def _group_block(
             value = tl.where(count > 0, value, 0.0)
             tl.store(values_ptr + b * M + i, value, mask=write_group)
         lam = tl.load(lam_ptr + i)
-        shaped += lam * tl.sum(tl.where(onehot, centred[:, None], 0.0), axis=0)
+        back = tl.zeros([BG], dtype=tl.float32)  # sorted order back to sample order (exact)
+        for c0 in tl.static_range(0, BG, CH):  # rows: sorted positions k; columns: samples j
+            back += tl.sum(tl.where(rank[None, :] == c0 + sub, _rows(centred, c0, CH, BG), 0.0),
+                           axis=0)
+        shaped += lam * back
     shaped = tl.where(ok, shaped, 0.0)
     if SCALE == 1:
         # Group std over the first criterion's sorted order (fixed order: permutation invariant).
-        sh = tl.sum(tl.where(onehot0, shaped[None, :], 0.0), axis=1)
+        sh = tl.zeros([BG], dtype=tl.float32)
+        for c0 in tl.static_range(0, BG, CH):
+            sh += tl.sum(tl.where(_rows(rank0, c0, CH, BG) == col, _rows(shaped, c0, CH, BG), 0.0),
+                         axis=0)
         mu = tl.sum(sh, axis=0) / tl.maximum(count_f, 1.0)
         dev = tl.where(valid_k, sh - mu, 0.0)
         var = tl.sum(dev * dev, axis=0) / tl.maximum(count_f - 1.0, 1.0)
