@@ -26,7 +26,7 @@ Measures, on the current CUDA device:
 3. ``group_advantages`` alone at B * G up to 65536: through the public function (validation, one
    host sync for the finiteness check, lambda from the values: two launches) and the kernel alone
    with the criterion weights given (one launch, timed with CUDA graphs so that launch overhead
-   is excluded).
+   is excluded), at the default warp count and at the other counts of 1, 2 and 4.
 
 Timing: ``triton.testing.do_bench`` medians (warm-up and compilation excluded). Results go to
 ``<out>/gpu_bench.csv`` and ``<out>/gpu_bench.jsonl`` (long format with the environment, via
@@ -273,7 +273,7 @@ def bench_tokens(timer: Timer, device: torch.device, tokens: int, G: int, T: int
 
 
 def bench_group_advantages(timer: Timer, device: torch.device, samples: int, G: int) -> list[Measurement]:
-    from iama_kernels.advantages.triton import _group_advantages_fwd, transform_codes
+    from iama_kernels.advantages.triton import _group_advantages_fwd, group_warps, transform_codes
 
     B = samples // G
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -283,10 +283,19 @@ def bench_group_advantages(timer: Timer, device: torch.device, samples: int, G: 
     shape = f"B*G={samples} G={G} m=2"
     nbytes = samples * (2 * 4 + 4 + 4)  # rewards in, advantages and shaped out
     api = timer(lambda: group_advantages(rewards, OBJECTIVE, impl="triton"))
-    kernel = timer(lambda: _group_advantages_fwd(rewards, None, weights, codes, taus, "plugin", 1e-4, 1,
-                                                 False), graph=True)
-    return [row("group_advantages", "triton api", shape, api, nbytes),
-            row("group_advantages", "triton kernel", shape, kernel, nbytes)]
+
+    def kernel(warps: int | None) -> float:
+        return timer(lambda: _group_advantages_fwd(rewards, None, weights, codes, taus, "plugin",
+                                                   1e-4, 1, False, warps), graph=True)
+
+    rows = [row("group_advantages", "triton api", shape, api, nbytes),
+            row("group_advantages", "triton kernel", shape, kernel(None), nbytes)]
+    # Other warp counts for the same kernel (see benchmarks/gpu/NOTES.md, "Warps of the group
+    # kernel"): which one the default should be is this table's call.
+    default = group_warps(G)
+    rows += [row("group_advantages", f"triton kernel, {w} warp{'s' * (w > 1)}", shape, kernel(w),
+                 nbytes) for w in (1, 2, 4) if w != default]
+    return rows
 
 
 def add_ratios(rows: list[Measurement], copy_gbps: float) -> None:

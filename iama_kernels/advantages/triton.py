@@ -333,10 +333,12 @@ def _group_advantages_fwd(
     eps: float,
     scale_code: int,
     values_only: bool,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch one program per group on rewards ``[B, G, m]`` (any strides, half/float32).
 
-    ``lam [m]`` float32; ``codes, taus`` from :func:`transform_codes`. Returns float32
+    ``lam [m]`` float32; ``codes, taus`` from :func:`transform_codes`; ``num_warps`` defaults to
+    :func:`group_warps` (the benchmark times other counts). Returns float32
     ``advantages [B, G]``, ``shaped [B, G]`` (both empty when ``values_only``) and
     ``values [B, m]``.
     """
@@ -355,7 +357,7 @@ def _group_advantages_fwd(
         rewards, *rewards.stride(), valid_arg, *vstrides,
         tables, crit, lam, adv, shaped, values, G, eps,
         BG=tables.shape[-1], M=m, NC=tables.shape[1], HAS_VALID=valid is not None,
-        SCALE=scale_code, VALUES_ONLY=values_only, num_warps=group_warps(G),
+        SCALE=scale_code, VALUES_ONLY=values_only, num_warps=num_warps or group_warps(G),
     )
     return adv, shaped, values
 
