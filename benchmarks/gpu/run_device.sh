@@ -28,10 +28,14 @@ XDIST=()
 if [ "$WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "$WORKERS"); fi
 
 echo "== gpu tests (timeout ${TEST_TIMEOUT}s, ${XDIST[*]:-one process})"
-timeout "$TEST_TIMEOUT" "$PY" -m pytest -q -m gpu tests/test_triton.py -p no:cacheprovider "${XDIST[@]}" \
+# -v: one line per result as it happens, so a run stopped by the timeout (which leaves no junit
+# file and no summary) still shows what passed and what failed.
+timeout "$TEST_TIMEOUT" "$PY" -m pytest -v -m gpu tests/test_triton.py -p no:cacheprovider "${XDIST[@]}" \
     --durations=10 --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
 test_rc=$?
-tail -n 25 "$OUT/gpu_tests.log"
+grep -E "^(FAILED|ERROR) " "$OUT/gpu_tests.log" | head -n 20
+tail -n 12 "$OUT/gpu_tests.log"
+echo "gpu tests: $(grep -cE ' PASSED( |$)' "$OUT/gpu_tests.log") passed, $(grep -cE ' FAILED( |$)' "$OUT/gpu_tests.log") failed, $(grep -cE ' ERROR( |$)' "$OUT/gpu_tests.log") errors as they ran (rc=$test_rc)"
 
 echo "== benchmark (timeout ${BENCH_TIMEOUT}s)"
 timeout "$BENCH_TIMEOUT" "$PY" benchmarks/gpu/run_gpu.py --out "$OUT" > "$OUT/bench.log" 2>&1
