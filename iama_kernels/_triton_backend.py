@@ -13,6 +13,9 @@ Where the kernels run:
 * float64 inputs are refused: the kernels compute in float32 (half inputs are loaded and
   converted to float32 inside the kernel); the reference keeps float64 exact.
 * Groups are held in registers: ``G <= MAX_GROUP_SIZE``.
+* Token tensors may have any number of elements (row offsets are 64-bit), but offsets within a
+  row are 32-bit: ``(T - 1) * stride(1) < 2**31``, which holds for rows stored contiguously
+  unless ``T`` itself is near ``2**31``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from ._dispatch import Call
 
 MAX_GROUP_SIZE = 128
+MAX_ROW_SPAN = 2**31 - 1  # the largest offset within a row the token kernels index (int32)
 _import_error: list[str] = []
 
 
@@ -69,6 +73,10 @@ def _check(call: Call) -> str | None:
     if G is not None and G > MAX_GROUP_SIZE:
         return (f"group size G={G} > {MAX_GROUP_SIZE}: the kernel keeps a whole group in "
                 "registers; use another impl for larger groups")
+    span = call.details.get("row_span", 0)
+    if span > MAX_ROW_SPAN:
+        return (f"a row of the token tensors spans {span} elements ((T - 1) * stride(1)), past "
+                "the kernels' 32-bit offsets within a row; pass tensors whose rows are contiguous")
     return _triton_missing()
 
 

@@ -361,6 +361,38 @@ def test_backward_scales_with_grad_output(lane: Lane) -> None:
         torch.testing.assert_close(grads[1], -2.5 * grads[0], rtol=1e-6, atol=0)
 
 
+def _check_tail_rows(device: torch.device, S: int, T: int, tail: int) -> None:
+    """The gradient of the last ``tail`` rows of an ``[S, T]`` call equals that of a call on
+    those rows alone (grpo weights carry ``1/S``, hence the rescaling)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    logp = torch.full((S, T), -1.0, device=device)
+    logp[-tail:] = -3 * torch.rand(tail, T, generator=g, device=device)
+    ref = torch.full((S, T), -1.2, device=device)
+    ref[-tail:] = logp[-tail:] + 0.3 * torch.randn(tail, T, generator=g, device=device)
+    mask = torch.ones(S, T, dtype=torch.bool, device=device)
+    mask[-tail:] = torch.rand(tail, T, generator=g, device=device) < 0.7
+    adv = torch.randn(S, generator=g, device=device)
+    x = logp.requires_grad_(True)
+    (grad,) = torch.autograd.grad(policy_loss(x, None, ref, adv, mask, beta=0.1, impl="triton").loss, x)
+    grad_tail = grad[-tail:] * S
+    del grad, x
+    part = logp[-tail:].detach().clone().requires_grad_(True)
+    out = policy_loss(part, None, ref[-tail:], adv[-tail:], mask[-tail:], beta=0.1, impl="triton")
+    (grad_part,) = torch.autograd.grad(out.loss, part)
+    torch.testing.assert_close(grad_tail, grad_part * tail, rtol=1e-6, atol=0)
+
+
+def test_tail_rows_of_a_large_call(lane: Lane) -> None:
+    """Rows whose offsets pass 2**31 elements (row bases are 64-bit in the kernels): on a GPU a
+    call of 2**31 + 2**19 float32 tokens (about 30 GB with the gradient); in the interpreter the
+    same check at a toy size."""
+    if lane.device.type == "cpu":
+        _check_tail_rows(lane.device, S=20, T=24, tail=4)
+    else:
+        T = 32768
+        _check_tail_rows(lane.device, S=2**31 // T + 16, T=T, tail=16)
+
+
 def test_no_grad_path(lane: Lane) -> None:
     """Without autograd the gradient is not written; the loss is the same."""
     logp, old, ref, mask = _token_inputs(lane, 4, torch.float32, seed=4)
@@ -437,6 +469,13 @@ def test_refusals_name_the_reason(lane: Lane) -> None:
     with pytest.raises(ValueError, match="float64"):
         group_advantages(torch.randn(2, 4, dtype=torch.float64, device=lane.device), BestOfN(2),
                          impl="triton")
+    # A mask whose rows span 2**31 elements (a strided view of an untouched 2 GiB buffer).
+    wide = torch.empty(2**31 + 64, dtype=torch.uint8, device=lane.device)
+    wide = wide.as_strided((2, 3), (1, 2**30 + 1))
+    wide.fill_(1)
+    logp = torch.zeros(2, 3, device=lane.device)
+    with pytest.raises(ValueError, match="spans 2147483650 elements"):
+        policy_loss(logp, None, None, torch.zeros(2, device=lane.device), wide, impl="triton")
 
 
 def test_gpu_auto_uses_triton(lane: Lane) -> None:

@@ -12,7 +12,7 @@ from .._dispatch import Backend, Call, choose, reference_check
 from .._types import NonlinearGRPOOutput
 from ..advantages.api import prepare_group_inputs
 from ..objectives import Criterion, Objective, Transform
-from ..policy_loss.api import check_token_inputs
+from ..policy_loss.api import check_token_inputs, row_span
 from . import cpu, reference
 
 _NONLINEAR_GRPO_BACKENDS: list[Backend] = [
@@ -73,7 +73,8 @@ def nonlinear_grpo_loss(
         raise ValueError(f"rewards is on {rewards.device} but logp is on {logp.device}")
     call = Call("nonlinear_grpo_loss", logp.device, impl != "auto",
                 {"G": G, "dtype": logp.dtype, "reward_dtype": rewards.dtype,
-                 "objective": objective, "max_n": objective.max_n(), "shape": tuple(logp.shape)})
+                 "objective": objective, "max_n": objective.max_n(), "shape": tuple(logp.shape),
+                 "row_span": row_span(logp, old_logp, ref_logp, mask)})
     backend = choose("nonlinear_grpo_loss", impl, _NONLINEAR_GRPO_BACKENDS, call)
     return backend.run(logp, old_logp, ref_logp, mask, rewards, objective, estimator, scale, eps,
                        eps_low, eps_high, beta, loss_type, criterion_weights, max_completion_length)

@@ -77,6 +77,16 @@ def check_token_inputs(
     return eps_low, eps_high, beta
 
 
+def row_span(*tensors: torch.Tensor | None) -> int:
+    """The largest offset within a row, ``(T - 1) * stride(1)``, over the ``[S, T]`` tensors
+    given (a backend that indexes rows in 32 bits needs it below ``2**31``)."""
+    span = 0
+    for t in tensors:  # a plain loop: torch.compile traces it (not max() over a generator)
+        if t is not None and t.shape[1] > 0:
+            span = max(span, (t.shape[1] - 1) * t.stride(1))
+    return span
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -133,7 +143,8 @@ def policy_loss(
         bad = int((~torch.isfinite(advantages)).nonzero()[0, 0])
         raise ValueError(f"advantages must be finite, got {advantages[bad].item()} at sequence {bad}")
     call = Call("policy_loss", logp.device, impl != "auto",
-                {"dtype": logp.dtype, "shape": tuple(logp.shape)})
+                {"dtype": logp.dtype, "shape": tuple(logp.shape),
+                 "row_span": row_span(logp, old_logp, ref_logp, mask)})
     backend = choose("policy_loss", impl, _POLICY_LOSS_BACKENDS, call)
     return backend.run(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,
                        loss_type, max_completion_length)

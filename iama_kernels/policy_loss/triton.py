@@ -84,6 +84,14 @@ def _token_row(
     """Stream one row with advantage ``a``; returns its (weighted loss, mask total, kl sum,
     clipped sum, ratio sum). ``norm``: ``1/S`` (grpo), ``1/(S L)`` (dr_grpo), unused (token)."""
     offs = tl.arange(0, BLOCK_T)
+    # Row bases in 64 bits: a tensor of 2**31 elements or more (65536 rows of 32768 tokens) has
+    # row offsets past int32; offsets within a row stay 32-bit vectors.
+    r64 = tl.cast(row, tl.int64)
+    logp_row = logp_ptr + r64 * s_lr
+    old_row = old_ptr + r64 * s_or
+    ref_row = ref_ptr + r64 * s_rr
+    mask_row = mask_ptr + r64 * s_mr
+    grad_row = grad_ptr + r64 * s_gr
     # Pre-pass over the row's mask: its total (returned, and the grpo weight) and its extent (one
     # past the last valid token, rounded up to 16 tokens so that the loads below keep whole
     # 16-byte vectors).
@@ -91,7 +99,7 @@ def _token_row(
     reach = tl.zeros([BLOCK_T], dtype=tl.int32)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + offs
-        mk = tl.load(mask_ptr + row * s_mr + t * s_mt, mask=t < T, other=0)
+        mk = tl.load(mask_row + t * s_mt, mask=t < T, other=0)
         msum_row += mk.to(tl.float32)
         reach = tl.maximum(reach, tl.where(mk != 0, t + 1, 0))
     extent = (tl.max(reach, axis=0) + 15) // 16 * 16
@@ -111,12 +119,12 @@ def _token_row(
     for t0 in range(0, T, BLOCK_T):
         t = t0 + offs
         inb = t < T
-        m = tl.load(mask_ptr + row * s_mr + t * s_mt, mask=inb, other=0).to(tl.float32)
+        m = tl.load(mask_row + t * s_mt, mask=inb, other=0).to(tl.float32)
         keep = m != 0
         live = inb & (t < extent)
-        lp = tl.load(logp_ptr + row * s_lr + t * s_lt, mask=live, other=0.0).to(tl.float32)
+        lp = tl.load(logp_row + t * s_lt, mask=live, other=0.0).to(tl.float32)
         if HAS_OLD:
-            old = tl.load(old_ptr + row * s_or + t * s_ot, mask=live, other=0.0).to(tl.float32)
+            old = tl.load(old_row + t * s_ot, mask=live, other=0.0).to(tl.float32)
             ratio = tl.exp(lp - old)
         else:
             ratio = tl.full([BLOCK_T], 1.0, tl.float32)
@@ -127,7 +135,7 @@ def _token_row(
         surr = tl.where(active, ra, ca)
         g = -tl.where(active, ra, 0.0)
         if HAS_REF:
-            ref = tl.load(ref_ptr + row * s_rr + t * s_rt, mask=live, other=0.0).to(tl.float32)
+            ref = tl.load(ref_row + t * s_rt, mask=live, other=0.0).to(tl.float32)
             d = ref - lp
             ed = tl.exp(d)
             kl = ed - d - 1.0
@@ -141,7 +149,7 @@ def _token_row(
         ratio_acc += tl.where(keep, m * ratio, 0.0)
         if WRITE_GRAD:
             gw = tl.where(keep, (m * wscale) * g, 0.0)
-            tl.store(grad_ptr + row * s_gr + t * s_gt, gw, mask=t < T)
+            tl.store(grad_row + t * s_gt, gw, mask=t < T)
     return (tl.sum(loss_acc, axis=0) * wscale, msum, tl.sum(kl_acc, axis=0),
             tl.sum(clip_acc, axis=0), tl.sum(ratio_acc, axis=0))
 
