@@ -74,26 +74,22 @@ def _nonlinear_grpo_fwd_kernel(
     )
     offs = tl.arange(0, BG)
     tl.store(adv_ptr + b * G + offs, adv, mask=(offs < G) & first)
-    loss = 0.0
+    loss = tl.zeros([BLOCK_T], dtype=tl.float32)
+    kl = tl.zeros([BLOCK_T], dtype=tl.float32)
+    clip = tl.zeros([BLOCK_T], dtype=tl.float32)
+    ratio = tl.zeros([BLOCK_T], dtype=tl.float32)
     msum = 0.0
-    kl = 0.0
-    clip = 0.0
-    ratio = 0.0
     start = split * rows_per_prog
     end = tl.minimum(start + rows_per_prog, G)
     for j in range(start, end):
         a = tl.sum(tl.where(offs == j, adv, 0.0), axis=0)  # sample j's advantage (one lane)
-        r_loss, r_m, r_kl, r_clip, r_ratio = _token_row(
+        loss, kl, clip, ratio, r_m = _token_row(
             a, b * G + j, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr,
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
-            T, eps_low, eps_high, beta, norm,
+            T, eps_low, eps_high, beta, norm, loss, kl, clip, ratio,
             HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T,
         )
-        loss += r_loss
         msum += r_m
-        kl += r_kl
-        clip += r_clip
-        ratio += r_ratio
     _store_partials(partial_ptr, b * tl.num_programs(1) + split, loss, msum, kl, clip, ratio, NP)
 
 

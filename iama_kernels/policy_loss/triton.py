@@ -1,7 +1,8 @@
 """Triton kernels for the clipped-ratio + k3-KL token loss, forward and backward.
 
 The forward kernel streams each row's tokens once (logp, old_logp, ref_logp, mask), writes the
-per-token gradient ``d loss / d logp`` and per-program partial sums of the loss and the metrics;
+per-token gradient ``d loss / d logp`` and per-program partial sums of the loss and the metrics
+(kept per lane over a program's rows and reduced across lanes once, at the program's end);
 a one-program kernel reduces the partials in a fixed order (deterministic, no atomics) into
 ``stats = [loss, kl, clip_fraction, ratio_mean, post_scale]``. No other ``[S, T]`` tensor is
 created.
@@ -74,15 +75,26 @@ def mask_arg(mask: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _sum_and_max(a_sum, a_max, b_sum, b_max):
+    return a_sum + b_sum, tl.maximum(a_max, b_max)
+
+
+@triton.jit
 def _token_row(
     a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr,
     s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
-    T, eps_low, eps_high, beta, norm,
+    T, eps_low, eps_high, beta, norm, loss_acc, kl_acc, clip_acc, ratio_acc,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Stream one row with advantage ``a``; returns its (weighted loss, mask total, kl sum,
-    clipped sum, ratio sum). ``norm``: ``1/S`` (grpo), ``1/(S L)`` (dr_grpo), unused (token)."""
+    """Stream one row with advantage ``a`` into the program's per-lane ``[BLOCK_T]`` sums of the
+    weighted loss, kl, clipped and ratio terms; returns them and the row's mask total.
+
+    The sums are reduced across lanes once per program (``_program_partials``), not per row:
+    each block-wide reduction waits on a barrier, and with one row per 1024-token block a row's
+    own reductions took longer than streaming it. The one reduction left per row is the
+    pre-pass's (mask total and extent together). ``norm``: ``1/S`` (grpo), ``1/(S L)``
+    (dr_grpo), unused (token)."""
     offs = tl.arange(0, BLOCK_T)
     # Row bases in 64 bits: a tensor of 2**31 elements or more (65536 rows of 32768 tokens) has
     # row offsets past int32; offsets within a row stay 32-bit vectors.
@@ -102,18 +114,14 @@ def _token_row(
         mk = tl.load(mask_row + t * s_mt, mask=t < T, other=0)
         msum_row += mk.to(tl.float32)
         reach = tl.maximum(reach, tl.where(mk != 0, t + 1, 0))
-    extent = (tl.max(reach, axis=0) + 15) // 16 * 16
-    msum = tl.sum(msum_row, axis=0)
+    msum, last = tl.reduce((msum_row, reach), 0, _sum_and_max)
+    extent = (last + 15) // 16 * 16
     if LOSS_TYPE == 0:
         wscale = norm / tl.maximum(msum, 1.0)
     elif LOSS_TYPE == 2:
         wscale = norm
     else:
         wscale = 1.0
-    loss_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
-    kl_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
-    clip_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
-    ratio_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     lo = 1.0 - eps_low
     hi = 1.0 + eps_high
     for t0 in range(0, T, BLOCK_T):
@@ -144,23 +152,24 @@ def _token_row(
             kl_acc += tl.where(keep, m * kl, 0.0)
         else:
             per = -surr
-        loss_acc += tl.where(keep, m * per, 0.0)
+        w = m * wscale
+        loss_acc += tl.where(keep, w * per, 0.0)
         clip_acc += tl.where(keep & (~active), m, 0.0)
         ratio_acc += tl.where(keep, m * ratio, 0.0)
         if WRITE_GRAD:
-            gw = tl.where(keep, (m * wscale) * g, 0.0)
-            tl.store(grad_row + t * s_gt, gw, mask=t < T)
-    return (tl.sum(loss_acc, axis=0) * wscale, msum, tl.sum(kl_acc, axis=0),
-            tl.sum(clip_acc, axis=0), tl.sum(ratio_acc, axis=0))
+            tl.store(grad_row + t * s_gt, tl.where(keep, w * g, 0.0), mask=t < T)
+    return loss_acc, kl_acc, clip_acc, ratio_acc, msum
 
 
 @triton.jit
-def _store_partials(partial_ptr, pid, loss, msum, kl, clip, ratio, NP: tl.constexpr):
-    tl.store(partial_ptr + pid * NP + 0, loss)
+def _store_partials(partial_ptr, pid, loss_acc, msum, kl_acc, clip_acc, ratio_acc,
+                    NP: tl.constexpr):
+    """The program's partials: its per-lane sums reduced (once), and its mask total."""
+    tl.store(partial_ptr + pid * NP + 0, tl.sum(loss_acc, axis=0))
     tl.store(partial_ptr + pid * NP + 1, msum)
-    tl.store(partial_ptr + pid * NP + 2, kl)
-    tl.store(partial_ptr + pid * NP + 3, clip)
-    tl.store(partial_ptr + pid * NP + 4, ratio)
+    tl.store(partial_ptr + pid * NP + 2, tl.sum(kl_acc, axis=0))
+    tl.store(partial_ptr + pid * NP + 3, tl.sum(clip_acc, axis=0))
+    tl.store(partial_ptr + pid * NP + 4, tl.sum(ratio_acc, axis=0))
 
 
 @triton.jit
@@ -173,26 +182,22 @@ def _policy_loss_fwd_kernel(
 ):
     """Program ``pid`` streams rows ``[pid * rows_per_prog, ...)`` and writes its partials."""
     pid = tl.program_id(0)
-    loss = 0.0
+    loss = tl.zeros([BLOCK_T], dtype=tl.float32)
+    kl = tl.zeros([BLOCK_T], dtype=tl.float32)
+    clip = tl.zeros([BLOCK_T], dtype=tl.float32)
+    ratio = tl.zeros([BLOCK_T], dtype=tl.float32)
     msum = 0.0
-    kl = 0.0
-    clip = 0.0
-    ratio = 0.0
     start = pid * rows_per_prog
     end = tl.minimum(start + rows_per_prog, S)
     for row in range(start, end):
         a = tl.load(adv_ptr + row * s_a).to(tl.float32)
-        r_loss, r_m, r_kl, r_clip, r_ratio = _token_row(
+        loss, kl, clip, ratio, r_m = _token_row(
             a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr,
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
-            T, eps_low, eps_high, beta, norm,
+            T, eps_low, eps_high, beta, norm, loss, kl, clip, ratio,
             HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T,
         )
-        loss += r_loss
         msum += r_m
-        kl += r_kl
-        clip += r_clip
-        ratio += r_ratio
     _store_partials(partial_ptr, pid, loss, msum, kl, clip, ratio, NP)
 
 
