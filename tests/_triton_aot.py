@@ -111,14 +111,16 @@ def check_registers() -> None:
 
 
 def main() -> None:
-    for BG, M, valid, scale in [(8, 2, False, 1), (64, 1, True, 0), (128, 3, True, 1)]:
+    # Every register block size (one strip up to 16, several above), with and without a mask.
+    for BG, M, valid, scale in [(2, 1, False, 0), (4, 3, True, 1), (8, 2, False, 1), (16, 1, True, 1),
+                                (32, 2, True, 0), (64, 1, True, 0), (128, 3, True, 1)]:
         compile_kernel(_group_advantages_fwd_kernel, {"BG": BG, "M": M, "NC": 1, "HAS_VALID": valid,
                                                       "SCALE": scale, "VALUES_ONLY": False}, group_warps(BG))
     for loss_type, old, ref in [(0, True, True), (1, False, True), (2, True, False)]:
         compile_kernel(_policy_loss_fwd_kernel, {"HAS_OLD": old, "HAS_REF": ref, "LOSS_TYPE": loss_type,
                                                  "WRITE_GRAD": True, "BLOCK_T": 1024, "NP": 8}, 8)
     compile_kernel(_finalize_kernel, {"LOSS_TYPE": 1, "NP": 8, "BLOCK_P": 1024}, 4)
-    for BG, M in [(16, 2), (128, 1)]:
+    for BG, M in [(2, 1), (16, 2), (32, 3), (128, 1)]:
         compile_kernel(_nonlinear_grpo_fwd_kernel, {"BG": BG, "M": M, "SCALE": 1, "HAS_OLD": True,
                                                     "HAS_REF": True, "LOSS_TYPE": 0, "WRITE_GRAD": True,
                                                     "BLOCK_T": 512, "NP": 8}, max(4, group_warps(BG)))
