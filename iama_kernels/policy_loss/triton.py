@@ -90,11 +90,11 @@ def _token_row(
     """Stream one row with advantage ``a`` into the program's per-lane ``[BLOCK_T]`` sums of the
     weighted loss, kl, clipped and ratio terms; returns them and the row's mask total.
 
-    The sums are reduced across lanes once per program (``_program_partials``), not per row:
-    each block-wide reduction waits on a barrier, and with one row per 1024-token block a row's
-    own reductions took longer than streaming it. The one reduction left per row is the
-    pre-pass's (mask total and extent together). ``norm``: ``1/S`` (grpo), ``1/(S L)``
-    (dr_grpo), unused (token)."""
+    The sums are reduced across lanes once per program (``_store_partials``), not per row: each
+    block-wide reduction is a shared-memory round trip behind a barrier, and a 1024-token row
+    streams in the time of a few of them (benchmarks/gpu/NOTES.md, change 3). The one reduction
+    left per row is the pre-pass's (mask total and extent together). ``norm``: ``1/S`` (grpo),
+    ``1/(S L)`` (dr_grpo), unused (token)."""
     offs = tl.arange(0, BLOCK_T)
     # Row bases in 64 bits: a tensor of 2**31 elements or more (65536 rows of 32768 tokens) has
     # row offsets past int32; offsets within a row stay 32-bit vectors.
