@@ -11,6 +11,8 @@ Measures, on the current CUDA device:
      synchronise with the host, no autograd), replayed in a CUDA graph over enough input sets to
      defeat the L2 cache: the kernel time without launch overhead; ``fused kernel``: the same
      launcher, launched from Python;
+   * ``token kernel, graph``: the token kernel of ``separate`` (``policy_loss``'s launcher) on the
+     same input sets with precomputed advantages: what the fused kernel's advantages cost;
    * ``fused``: ``nonlinear_grpo_loss(impl="triton")`` forward (which computes and stores the
      gradient) and forward + backward;
    * ``separate``: ``group_advantages`` then ``policy_loss``, both ``impl="triton"``;
@@ -229,6 +231,7 @@ def bench_tokens(timer: Timer, device: torch.device, tokens: int, G: int, T: int
 
     from iama_kernels.advantages.triton import transform_codes
     from iama_kernels.nonlinear_grpo.triton import _nonlinear_grpo_fwd
+    from iama_kernels.policy_loss.triton import _policy_loss_fwd
 
     codes, taus = transform_codes(OBJECTIVE.transforms)
     lam = torch.tensor([0.5, 0.5], device=device)
@@ -250,12 +253,23 @@ def bench_tokens(timer: Timer, device: torch.device, tokens: int, G: int, T: int
         for inputs in sets:
             launch(*inputs)
 
+    # The token kernel of `separate` alone, on the same sets (advantages computed once, untimed):
+    # the fused kernel's time minus this one is what its in-kernel advantages cost.
+    advs = [group_advantages(rw, OBJECTIVE, impl="triton").advantages.reshape(-1)
+            for *_, rw in sets]
+
+    def token_kernel_sets() -> None:
+        for (x, o, r, m, _), adv in zip(sets, advs, strict=True):
+            _policy_loss_fwd(x, o, r, adv, m, 0.2, 0.2, kw["beta"], kw["loss_type"], 0, True)
+
     errors = check_launch(timer, launch, sets[0], kw)
     graph_ms = timer(fused_kernel_sets, graph=True) / len(sets)
     rows = [
         row("nonlinear_grpo fwd", "fused kernel, graph", shape, graph_ms, nbytes, sets=len(sets),
             **errors),
         row("nonlinear_grpo fwd", "fused kernel", shape, timer(lambda: launch(*sets[0])), nbytes),
+        row("policy_loss fwd", "token kernel, graph", shape,
+            timer(token_kernel_sets, graph=True) / len(sets), nbytes),
         row("nonlinear_grpo fwd", "fused", shape, timer(fused_fwd), nbytes),
         row("nonlinear_grpo fwd+bwd", "fused", shape, timer(fwd_bwd("triton")), nbytes),
         row("nonlinear_grpo fwd+bwd", "separate", shape, timer(separate), nbytes),
