@@ -3,7 +3,12 @@
 Measures, on the current CUDA device:
 
 1. device copy bandwidth (``dst.copy_(src)`` of 512 MiB: read + write), the roofline;
-2. for 1M and 16M tokens (T = 1024 tokens per row, G = 8 and 16, m = 2 criteria, float32
+2. ``group_advantages`` alone at B * G up to 65536 (measured before the token cases: seconds in
+   all): through the public function (validation, one host sync for the finiteness check, one
+   launch: the benchmark's lambda does not depend on the values) and the kernel alone with the
+   criterion weights given (timed with CUDA graphs so that launch overhead is excluded), at the
+   default warp count and at the other counts of 1, 2 and 4;
+3. for 1M and 16M tokens (T = 1024 tokens per row, G = 8 and 16, m = 2 criteria, float32
    logp, old/ref log-probs, bool prefix mask with about 3/8 padding; and bfloat16 log-probs at
    G = 16):
    * a correctness check first: the launch below against the float64 reference at that size;
@@ -24,11 +29,7 @@ Measures, on the current CUDA device:
    the gradient for every token, logp/old/ref up to each row's last valid token; rewards are
    negligible) and the ratio to the copy bandwidth, to eager and to compiled. The backward of
    ``fused`` moves more (it scales the saved gradient by ``grad_output``: one more read and
-   write of it), so its fraction of the copy bandwidth is lower by design;
-3. ``group_advantages`` alone at B * G up to 65536: through the public function (validation, one
-   host sync for the finiteness check, lambda from the values: two launches) and the kernel alone
-   with the criterion weights given (one launch, timed with CUDA graphs so that launch overhead
-   is excluded), at the default warp count and at the other counts of 1, 2 and 4.
+   write of it), so its fraction of the copy bandwidth is lower by design.
 
 Timing: ``triton.testing.do_bench`` medians (warm-up and compilation excluded). Results go to
 ``<out>/gpu_bench.csv`` and ``<out>/gpu_bench.jsonl`` (long format with the environment, via
@@ -396,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [copy_bandwidth(timer, device, smoke)]
     copy_gbps = rows[0].gbps or 1.0
+    # The group kernel first: seconds in all, and a run stopped by its timeout keeps them.
+    for samples in ([32, 64] if smoke else [8192, 65536]):
+        for G in (8, 16):
+            rows += bench_group_advantages(timer, device, samples, G)
+    save(rows, copy_gbps, out)
     token_sizes = [512, 1024] if smoke else [1 << 20, 1 << 24]
     T = 32 if smoke else 1024
     # One compiled function for every shape: after the first shape change torch.compile
@@ -414,9 +420,6 @@ def main(argv: list[str] | None = None) -> int:
                              compiled if dtype == torch.float32 and G <= 16 else None)
         save(rows, copy_gbps, out)  # after every case: a run stopped by its timeout keeps its rows
         print(f"[{time.perf_counter() - start:6.1f}s] tokens={tokens} G={G} {dtype} done", flush=True)
-    for samples in ([32, 64] if smoke else [8192, 65536]):
-        for G in (8, 16):
-            rows += bench_group_advantages(timer, device, samples, G)
     summary = save(rows, copy_gbps, out)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (interpreter)'}; "
           f"copy bandwidth {copy_gbps:.0f} GB/s; total {time.perf_counter() - start:.0f}s; "
