@@ -10,9 +10,11 @@ same-dtype reference where that is larger (bf16 gradients, cancelling loss sums)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -483,6 +485,76 @@ def test_gpu_auto_uses_triton(lane: Lane) -> None:
         pytest.skip("auto picks triton only for CUDA tensors")
     call = Call("policy_loss", lane.device, False, {"dtype": torch.float32, "shape": (2, 3)})
     assert check_triton(call) is None
+
+
+def test_launch_device_is_the_tensors_device() -> None:
+    """Triton launches on the current CUDA device, so the ops make their tensors' device current;
+    building the guard touches no GPU."""
+    from iama_kernels._device import launch_device
+
+    guard = launch_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(launch_device(torch.device("cpu")), contextlib.nullcontext)
+
+
+def test_every_op_launches_on_its_tensors_device(lane: Lane, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each custom op enters the device guard of its tensors' device before it launches."""
+    from iama_kernels._device import launch_device
+    from iama_kernels.advantages import triton as advantages_triton
+    from iama_kernels.nonlinear_grpo import triton as nonlinear_triton
+    from iama_kernels.policy_loss import triton as policy_triton
+
+    entered: list[torch.device] = []
+
+    @contextlib.contextmanager
+    def recording(device: torch.device) -> Iterator[None]:
+        entered.append(device)
+        with launch_device(device):
+            yield
+
+    for module in (advantages_triton, nonlinear_triton, policy_triton):
+        monkeypatch.setattr(module, "launch_device", recording)
+    obj = OBJECTIVES["smoothmin"]  # a lambda that needs a values pass first
+    rewards = random_rewards(2, 4, generator=torch.Generator().manual_seed(3), m=2).to(lane.device)
+    valid = torch.rand(2, 4, generator=torch.Generator().manual_seed(4)).to(lane.device) < 0.7
+    logp, old, ref, mask = _token_inputs(lane, 8, torch.float32, seed=3)
+    adv = torch.randn(8, device=lane.device)
+    calls = {
+        "first_variation": lambda: first_variation(rewards[..., 0], BestOfN(2), impl="triton"),
+        "group_values": lambda: group_values(rewards[..., 0], BestOfN(2), impl="triton"),
+        "group_advantages": lambda: group_advantages(rewards, obj, valid=valid, impl="triton"),
+        "policy_loss": lambda: policy_loss(logp, old, ref, adv, mask, impl="triton"),
+        "nonlinear_grpo_loss": lambda: nonlinear_grpo_loss(logp, old, ref, mask, rewards, obj,
+                                                           impl="triton"),
+        "nonlinear_grpo_loss, batch scale": lambda: nonlinear_grpo_loss(
+            logp, old, ref, mask, rewards, obj, scale="batch", impl="triton"),
+    }
+    for name, call in calls.items():
+        entered.clear()
+        call()
+        assert entered, f"{name}: launched without the device guard"
+        assert all(d == logp.device for d in entered), f"{name}: {entered}"
+
+
+def test_tensors_on_a_device_that_is_not_current(lane: Lane) -> None:
+    """With cuda:0 current, tensors on cuda:1 give what they give on cuda:0 (same card model:
+    the same bits), and cuda:0 stays current."""
+    if lane.device.type != "cuda" or torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    obj = OBJECTIVES["smoothmin"]
+    rewards = random_rewards(16, 8, generator=torch.Generator().manual_seed(5), m=2)
+    inputs = _token_inputs(Lane(torch.device("cpu"), 16, lane.tokens), 128, torch.float32, seed=5)
+    results = []
+    with torch.cuda.device(0):
+        for dev in ("cuda:0", "cuda:1"):
+            logp, old, ref, mask = (t.to(dev) for t in inputs)
+            x = logp.requires_grad_(True)
+            out = nonlinear_grpo_loss(x, old, ref, mask, rewards.to(dev), obj, beta=0.1, impl="triton")
+            (grad,) = torch.autograd.grad(out.loss, x)
+            results.append((out.loss.cpu(), out.advantages.cpu(), grad.cpu()))
+        assert torch.cuda.current_device() == 0
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:

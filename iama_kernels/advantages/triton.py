@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._device import launch_device
 from .._types import AdvantageOutput
 from .._weights import plugin_increments, unbiased_others_weights, unbiased_prefix_sums, value_weights
 from ..objectives import BestOfN, Objective, SoftBestOfN, Transform, WeightedSum
@@ -375,8 +376,9 @@ def _group_advantages_op(
     scale_code: int,
     values_only: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _group_advantages_fwd(rewards, valid, lam, codes, taus, estimator, eps, scale_code,
-                                 values_only)
+    with launch_device(rewards.device):
+        return _group_advantages_fwd(rewards, valid, lam, codes, taus, estimator, eps, scale_code,
+                                     values_only)
 
 
 @_group_advantages_op.register_fake

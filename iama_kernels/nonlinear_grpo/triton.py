@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._device import launch_device
 from .._types import NonlinearGRPOOutput
 from ..advantages.reference import scale_advantages
 from ..advantages.triton import (
@@ -139,9 +140,10 @@ def _nonlinear_grpo_op(
     taus: list[float], estimator: str, eps: float, scale_code: int, eps_low: float,
     eps_high: float, beta: float, loss_type: str, max_completion_length: int, need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _nonlinear_grpo_fwd(logp, old_logp, ref_logp, mask, rewards, lam, codes, taus,
-                               estimator, eps, scale_code, eps_low, eps_high, beta, loss_type,
-                               max_completion_length, need_grad)
+    with launch_device(logp.device):
+        return _nonlinear_grpo_fwd(logp, old_logp, ref_logp, mask, rewards, lam, codes, taus,
+                                   estimator, eps, scale_code, eps_low, eps_high, beta, loss_type,
+                                   max_completion_length, need_grad)
 
 
 @_nonlinear_grpo_op.register_fake

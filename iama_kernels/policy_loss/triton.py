@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._device import launch_device
 from .._types import PolicyLossOutput
 
 LOSS_TYPE_CODES = {"grpo": 0, "token": 1, "dr_grpo": 2}
@@ -302,8 +303,9 @@ def _policy_loss_op(
     advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
     loss_type: str, max_completion_length: int, need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _policy_loss_fwd(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,
-                            loss_type, max_completion_length, need_grad)
+    with launch_device(logp.device):
+        return _policy_loss_fwd(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high,
+                                beta, loss_type, max_completion_length, need_grad)
 
 
 @_policy_loss_op.register_fake
