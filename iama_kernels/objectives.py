@@ -128,6 +128,27 @@ def _check_weights(weights: Sequence[float], where: str) -> tuple[float, ...]:
     return tuple(out)
 
 
+_WEIGHT_TENSORS: dict[tuple, torch.Tensor] = {}
+
+
+def _weights_like(weights: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    """``weights`` as a tensor of ``like``'s dtype and device; cached off the CPU.
+
+    A tensor built from Python floats on a GPU is a host-to-device copy, which waits for the
+    stream (a host sync per call) and cannot be captured in a CUDA graph: off the CPU it is built
+    once per (weights, device, dtype), as an ordinary tensor even under inference mode, and
+    callers only read it. Tensor subclasses (fake tensors) and torch.compile's tracing get a
+    fresh one, a constant of the graph."""
+    if like.device.type == "cpu" or type(like) is not torch.Tensor or torch.compiler.is_compiling():
+        return like.new_tensor(weights)
+    key = (weights, like.device, like.dtype)
+    t = _WEIGHT_TENSORS.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            t = _WEIGHT_TENSORS[key] = like.new_tensor(weights)
+    return t
+
+
 class _AggregatorBase:
     """``value(R) = g(R)`` and ``gradient(R) = lambda = dg/dR`` for values ``R`` of shape ``[..., m]``."""
 
@@ -157,10 +178,10 @@ class WeightedSum(_AggregatorBase):
         return len(self.weights)
 
     def value(self, values: torch.Tensor) -> torch.Tensor:
-        return (values * values.new_tensor(self.weights)).sum(-1)
+        return (values * _weights_like(self.weights, values)).sum(-1)
 
     def gradient(self, values: torch.Tensor) -> torch.Tensor:
-        return values.new_tensor(self.weights).expand(values.shape).clone()
+        return _weights_like(self.weights, values).expand(values.shape).clone()
 
 
 @dataclass(frozen=True)
@@ -204,7 +225,7 @@ class SmoothMin(_AggregatorBase):
 
     def _logits(self, values: torch.Tensor) -> torch.Tensor:
         # log w_i - gamma R_i; a zero weight gives -inf and so lambda_i = 0 exactly.
-        return values.new_tensor(self.weights).log() - self.gamma * values
+        return _weights_like(self.weights, values).log() - self.gamma * values
 
     def value(self, values: torch.Tensor) -> torch.Tensor:
         return -torch.logsumexp(self._logits(values), dim=-1) / self.gamma

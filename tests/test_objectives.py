@@ -131,3 +131,28 @@ def test_min_ties_split_evenly_and_zero_weights() -> None:
     torch.testing.assert_close(lam.sum(-1), torch.ones(3, dtype=torch.float64))
     assert torch.equal(WeightedSum([1.0, 0.0, 2.0]).gradient(R), torch.tensor([[1.0, 0.0, 2.0]] * 3,
                                                                             dtype=torch.float64))
+
+
+def test_aggregator_weights_are_built_once_off_the_cpu() -> None:
+    """Off the CPU the weight tensor is cached (a tensor built from floats on a GPU is a
+    host-to-device copy that waits for the stream); ``meta`` stands in for a GPU here. It is an
+    ordinary tensor even when first built under inference mode, and results do not change."""
+    from iama_kernels.objectives import _weights_like
+
+    values = torch.tensor([[0.3, -1.2], [2.0, 0.5]])
+    for agg in (WeightedSum([0.25, 0.75]), SmoothMin([1.0, 3.0], 1.5)):
+        on_meta = torch.empty(2, 2, device="meta")
+        with torch.inference_mode():
+            first = _weights_like(agg.weights, on_meta)
+        assert _weights_like(agg.weights, on_meta) is first and not first.is_inference()
+        assert agg.gradient(on_meta).shape == (2, 2) and agg.value(on_meta).shape == (2,)
+        cpu = _weights_like(agg.weights, values)
+        assert cpu is not _weights_like(agg.weights, values)  # the CPU builds it each time
+        assert torch.equal(cpu, torch.tensor(agg.weights))
+        # The same numbers as the direct formulas.
+        w = torch.tensor(agg.weights)
+        if isinstance(agg, WeightedSum):
+            expected = w.expand(2, 2)
+        else:
+            expected = torch.softmax(w.log() - 1.5 * values, dim=-1)
+        assert torch.equal(agg.gradient(values), expected)
