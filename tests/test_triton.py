@@ -649,18 +649,29 @@ def test_custom_ops_pass_opcheck(lane: Lane) -> None:
 
 
 def test_torch_compile_traces_around_the_ops(lane: Lane) -> None:
+    """fullgraph tracing around the custom ops, their fake functions and autograd formulas:
+    ``aot_eager`` on the interpreter (bit-identical), Inductor on a GPU (which generates its own
+    Triton code around the ops and may order the backward's scalar products differently)."""
     logp, old, ref, mask = _token_inputs(lane, 4, torch.float32, seed=2)
     adv = torch.randn(4, device=lane.device)
 
     def f(x: torch.Tensor) -> torch.Tensor:
-        return 2 * policy_loss(x, old, ref, adv, mask, beta=0.1, impl="triton").loss
+        return 2 * policy_loss(x, old, ref, adv, mask, beta=0.1, loss_type="token",
+                               impl="triton").loss
 
     x1 = logp.detach().clone().requires_grad_(True)
     x2 = logp.detach().clone().requires_grad_(True)
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    compiled(x1).backward()
-    f(x2).backward()
-    assert torch.equal(x1.grad, x2.grad)
+    backend = "inductor" if lane.device.type == "cuda" else "aot_eager"
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    loss1 = compiled(x1)
+    loss1.backward()
+    loss2 = f(x2)
+    loss2.backward()
+    if backend == "aot_eager":
+        assert torch.equal(loss1, loss2) and torch.equal(x1.grad, x2.grad)
+    else:
+        torch.testing.assert_close(loss1, loss2, rtol=1e-6, atol=0)
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-6, atol=0)
 
 
 @pytest.mark.interpreter
