@@ -213,7 +213,9 @@ def group_advantages(
             convention), ``"batch"`` (std over every valid sample of the batch) or ``"none"``
             (centred only; the setting of the convergence theory).
         eps: added to the std, ``>= 0`` (default ``1e-4`` as in TRL).
-        criterion_weights: optional ``[m]`` lambda to use instead of computing it.
+        criterion_weights: optional ``[m]`` lambda to use instead of computing it: a tensor on
+            the rewards' device, or a sequence of floats (copied to that device on every
+            call, which on a GPU waits for the stream; pass a tensor in a training loop).
         valid: optional bool ``[B, G]``; invalid samples are left out of every statistic and
             get advantage 0. A group with no valid sample gets value 0 and is left out of the
             batch-level values.
