@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The one script to run on a machine with a CUDA GPU, from a checkout of this repository:
 #   bash benchmarks/gpu/run_device.sh
-# It builds nothing: the Triton kernels compile on first use. It runs the `gpu`-marked Triton tests
-# (with a timeout), then the benchmark, and writes everything under $OUT (default
-# benchmarks/results/gpu): gpu_tests.log, gpu_tests.xml, gpu_bench.{csv,jsonl}, bench.log,
-# nvidia-smi.txt. The benchmark's check and target lines and its table are printed last, then
-# one status line.
+# It builds nothing: the Triton kernels compile on first use. It runs the `gpu`-marked tests of the
+# Triton backend and the trainer's two-step run on CUDA (with a timeout), then the benchmark, and
+# writes everything under $OUT (default benchmarks/results/gpu): gpu_tests.log, gpu_tests.xml,
+# gpu_bench.{csv,jsonl}, bench.log, nvidia-smi.txt. The benchmark's check and target lines and
+# its table are printed last, then one status line.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-benchmarks/results/gpu}"
@@ -30,7 +30,7 @@ if [ "$WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "
 echo "== gpu tests (timeout ${TEST_TIMEOUT}s, ${XDIST[*]:-one process})"
 # -v: one line per result as it happens, so a run stopped by the timeout (which leaves no junit
 # file and no summary) still shows what passed and what failed.
-timeout "$TEST_TIMEOUT" "$PY" -m pytest -v -m gpu tests/test_triton.py -p no:cacheprovider "${XDIST[@]}" \
+timeout "$TEST_TIMEOUT" "$PY" -m pytest -v -m gpu tests/test_triton.py tests/test_trainer.py -p no:cacheprovider "${XDIST[@]}" \
     --durations=10 --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
 test_rc=$?
 grep -E "^(FAILED|ERROR) " "$OUT/gpu_tests.log" | head -n 20
