@@ -18,13 +18,13 @@ right after each TRL step), so that a change in machine load hits all of them al
 iama / TRL (below 1 means iama is faster). The mean completion length is recorded next to each
 time because generation dominates a step.
 
-TRL is not a dependency of iama: run this in a separate environment, outside the repository, with
-the CPU torch installed first so that pip never pulls a CUDA build::
+TRL comes with iama's ``trl`` extra, which ``make`` installs into ``.venv``
+(``.venv/bin/python benchmarks/trainer_vs_trl.py --threads 1,2``). In another environment,
+install the CPU torch first so that pip never pulls a CUDA build::
 
     python3 -m venv /tmp/venv-trl
     /tmp/venv-trl/bin/pip install -c constraints.txt torch==2.13.0
-    /tmp/venv-trl/bin/pip install -c constraints.txt trl
-    /tmp/venv-trl/bin/pip install -c constraints.txt -e ".[triton]"
+    /tmp/venv-trl/bin/pip install -c constraints.txt -e ".[triton,trl]"
     /tmp/venv-trl/bin/python benchmarks/trainer_vs_trl.py --threads 1,2
 
 Results go to ``benchmarks/results/trainer_vs_trl.jsonl`` (device and versions included); the

@@ -1,0 +1,233 @@
+"""TRL's ``GRPOTrainer`` trained for an inference-aware objective: :class:`IAMAGRPOTrainer`.
+
+TRL turns each completion's rewards into an advantage with a linear rule: a weighted sum of the
+reward functions, centred (and scaled) per group. :class:`IAMAGRPOTrainer` keeps all the rest of
+TRL (generation, vLLM, reward functions, reference model, loss, logging, distributed training)
+and replaces that rule with the first variation of an :class:`~iama_kernels.Objective`: each
+reward function is a criterion served through its transform (``Mean``, ``BestOfN(n)``,
+``SoftBestOfN(tau)``), the criteria are combined by the objective's aggregator, and the result
+is centred and scaled per group as TRL would (``args.scale_rewards``). With ``Mean`` criteria and
+``WeightedSum(w)`` it gives TRL's own advantages with ``reward_weights=w``.
+
+Needs ``trl`` (``pip install "iama[trl]"``); tested with trl 1.16. The advantages are computed
+over the rewards TRL gathers from every process, so every process uses the same ``lambda``.
+
+Example::
+
+    from iama import BestOfN, Criterion, Objective
+    from iama.integrations.trl import IAMAGRPOTrainer
+
+    def helpful(completions, **kw): ...
+    def concise(completions, **kw): ...
+
+    objective = Objective([Criterion("helpful", BestOfN(4)), Criterion("concise", BestOfN(4))])
+    trainer = IAMAGRPOTrainer(model, reward_funcs=[helpful, concise], args=GRPOConfig(...),
+                              train_dataset=dataset, objective=objective)
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from iama_kernels import Objective, policy_loss
+from iama_kernels._checks import ESTIMATORS, check_choice
+
+from .flat import criterion_columns, flat_group_advantages
+
+# TRL's loss type -> (iama loss_type, normaliser): "accumulation" divides by the gradient
+# accumulation steps (TRL's grpo, bnpo, dr_grpo); "items" rescales the token mean to TRL's DAPO
+# normaliser (the generation batch's token count over one accumulation window).
+_LOSS_TYPES = {"grpo": ("grpo", "accumulation"), "bnpo": ("token", "accumulation"),
+               "dr_grpo": ("dr_grpo", "accumulation"), "dapo": ("token", "items")}
+# Extra model inputs of TRL's log-prob function (vision-language models), passed on when present.
+_MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
+                 "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
+                 "mm_token_type_ids", "image_position_ids")
+
+
+class IAMAGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` whose advantages are the non-linear GRPO advantages of ``objective``.
+
+    Args:
+        *args, **kwargs: as for ``trl.GRPOTrainer``. ``args.reward_weights`` must be left unset
+            (weights belong to the objective's aggregator, e.g. ``WeightedSum``) and
+            ``args.multi_objective_aggregation`` at ``"sum_then_normalize"``;
+            ``args.scale_rewards`` (``"group"``, ``"batch"`` or ``"none"``) is the ``scale`` of
+            :func:`iama_kernels.group_advantages`. Its ``"batch"`` divides by the std of the
+            group-centred values, TRL's by the std of the raw rewards.
+        objective: one :class:`~iama_kernels.Criterion` per reward function, named as TRL names
+            it (the function's ``__name__``, or the last path part of a reward model's name).
+        estimator: ``"plugin"`` or ``"unbiased"``, for ``BestOfN`` criteria.
+        advantage_impl: the ``impl`` of :func:`iama_kernels.group_advantages`.
+        loss_impl: ``None`` (default) keeps TRL's loss; an ``impl`` of
+            :func:`iama_kernels.policy_loss` (``"auto"``, ``"cpu"``, ``"triton"``,
+            ``"reference"``) computes the same clipped-ratio + k3 KL loss and its gradient with
+            iama's kernels, one pass over the tokens instead of TRL's chain of elementwise ops.
+            It covers TRL's ``loss_type`` ``"grpo"``, ``"bnpo"``, ``"dr_grpo"`` and ``"dapo"``
+            with token-level ratios; a setting it does not cover (sequence-level importance
+            sampling, ``delta``, entropy masks or bonus, the off-policy mask, vLLM
+            importance-sampling correction, ``use_bias_correction_kl`` with ``beta > 0``) is a
+            ``ValueError`` when the trainer is built. It logs TRL's ``kl``, ``entropy`` and
+            ``clip_ratio/region_mean``, not the low/high clip split.
+
+    Logged next to TRL's metrics: ``iama/lambda/<criterion>`` (the weight ``dg/dR`` of each
+    criterion) and ``iama/value/<criterion>`` (the batch's estimate of the criterion's value
+    after its transform, e.g. the expected best of ``n``). The ``advantages`` column of TRL's
+    completion logs holds the IAMA advantages.
+    """
+
+    def __init__(self, *args: Any, objective: Objective, estimator: str = "plugin",
+                 advantage_impl: str = "auto", loss_impl: str | None = None,
+                 **kwargs: Any) -> None:
+        if not isinstance(objective, Objective):
+            raise TypeError(f"objective must be an iama Objective, got {type(objective).__name__}")
+        check_choice("estimator", estimator, ESTIMATORS)
+        if not isinstance(advantage_impl, str):
+            raise TypeError(f"advantage_impl must be a str, got {type(advantage_impl).__name__}")
+        if loss_impl is not None and not isinstance(loss_impl, str):
+            raise TypeError(f"loss_impl must be None or a str, got {type(loss_impl).__name__}")
+        super().__init__(*args, **kwargs)
+        if self.args.reward_weights is not None:
+            raise ValueError(
+                "IAMAGRPOTrainer: leave args.reward_weights unset; the objective's aggregator "
+                f"combines the criteria (e.g. WeightedSum({list(self.args.reward_weights)}))"
+            )
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                "IAMAGRPOTrainer: args.multi_objective_aggregation must stay 'sum_then_normalize' "
+                f"(the objective combines the criteria), got {self.multi_objective_aggregation!r}"
+            )
+        criterion_columns(objective, self.reward_func_names)  # names match, or a clear error now
+        largest = objective.max_n()
+        for what, g in (("num_generations", self.num_generations),
+                        ("num_generations_eval", self.num_generations_eval)):
+            if estimator == "unbiased" and g < largest:
+                raise ValueError(f"IAMAGRPOTrainer: estimator='unbiased' needs {what} >= the largest "
+                                 f"BestOfN n of the objective ({largest}), got {g}")
+        self.objective = objective
+        self.estimator = estimator
+        self.advantage_impl = advantage_impl
+        self.loss_impl = loss_impl
+        if loss_impl is not None:
+            self._check_loss_settings()
+        self._gathered_rewards: torch.Tensor | None = None
+
+    def _check_loss_settings(self) -> None:
+        """Refuse, by name, every TRL setting that ``loss_impl`` would otherwise ignore."""
+        args = self.args
+        refused = []
+        if self.loss_type not in _LOSS_TYPES:
+            refused.append(f"loss_type={self.loss_type!r} (supported: {sorted(_LOSS_TYPES)})")
+        if self.importance_sampling_level != "token":
+            refused.append(f"importance_sampling_level={self.importance_sampling_level!r}")
+        if args.delta is not None:
+            refused.append(f"delta={args.delta}")
+        if self.off_policy_mask_threshold is not None:
+            refused.append(f"off_policy_mask_threshold={self.off_policy_mask_threshold}")
+        if self.top_entropy_quantile < 1.0:
+            refused.append(f"top_entropy_quantile={self.top_entropy_quantile}")
+        if self._entropy_bonus_enabled:
+            refused.append("an entropy bonus (entropy_coef / adaptive entropy)")
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            refused.append("vllm_importance_sampling_correction=True")
+        if self.beta != 0.0 and args.use_bias_correction_kl:
+            refused.append("use_bias_correction_kl=True with beta > 0 (set it to False: the KL "
+                           "term is the plain k3 estimator)")
+        if refused:
+            raise ValueError(f"IAMAGRPOTrainer: loss_impl={self.loss_impl!r} does not cover "
+                             + "; ".join(refused) + ". Use loss_impl=None for TRL's own loss.")
+
+    def _calculate_rewards(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        rewards = super()._calculate_rewards(*args, **kwargs)
+        self._gathered_rewards = rewards  # [N over all processes, m], groups of G consecutive rows
+        return rewards
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        self._gathered_rewards = None
+        output = super()._generate_and_score_completions(inputs)
+        rewards = self._gathered_rewards
+        if rewards is None:
+            import trl
+
+            raise RuntimeError(
+                f"IAMAGRPOTrainer: trl {trl.__version__} scored the completions without calling "
+                "GRPOTrainer._calculate_rewards, so its advantages cannot be replaced; this version "
+                "of TRL is not supported (tested with trl 1.16)"
+            )
+        self._gathered_rewards = None
+        mode = "train" if self.model.training else "eval"
+        group = self.num_generations if mode == "train" else self.num_generations_eval
+        advantages, out = flat_group_advantages(
+            rewards, group, self.objective, self.reward_func_names, estimator=self.estimator,
+            scale=self.scale_rewards, impl=self.advantage_impl,
+        )
+        local = output["advantages"]
+        start = self.accelerator.process_index * local.shape[0]
+        output["advantages"] = advantages[start:start + local.shape[0]].to(local.dtype)
+        scored = ~torch.isnan(rewards).all(dim=1).reshape(-1, group).all(dim=1)
+        self._log_iama(mode, advantages, out.values[scored], out.criterion_weights)
+        return output
+
+    def _log_iama(self, mode: str, advantages: torch.Tensor, values: torch.Tensor,
+                  lam: torch.Tensor) -> None:
+        # TRL appended its own advantages of the whole gathered batch last; put ours in their place.
+        logged = self._logs["advantages"]
+        for _ in range(min(advantages.shape[0], len(logged))):
+            logged.pop()
+        logged.extend(advantages.tolist())
+        batch_values = values.mean(dim=0).tolist()
+        for name, weight, value in zip(self.objective.names, lam.tolist(), batch_values, strict=True):
+            self._metrics[mode][f"iama/lambda/{name}"].append(weight)
+            self._metrics[mode][f"iama/value/{name}"].append(value)
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        if self.loss_impl is None:
+            return super()._compute_loss(model, inputs)
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{key: inputs.get(key) for key in _MODEL_INPUTS},
+        )
+        kind, normaliser = _LOSS_TYPES[self.loss_type]
+        advantages = inputs["advantages"]
+        if advantages.dim() != 1:
+            raise ValueError(f"IAMAGRPOTrainer: loss_impl needs one advantage per completion, got "
+                             f"advantages of shape {tuple(advantages.shape)}")
+        out = policy_loss(
+            logps, inputs.get("old_per_token_logps"),
+            inputs["ref_per_token_logps"] if self.beta != 0.0 else None, advantages, mask,
+            eps_low=self.epsilon_low, eps_high=self.epsilon_high, beta=self.beta, loss_type=kind,
+            max_completion_length=self.max_completion_length if kind == "dr_grpo" else None,
+            impl=self.loss_impl,
+        )
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        tokens = mask.sum().to(out.loss.dtype)
+        if normaliser == "items":  # TRL's DAPO: token sum over the window's share of the batch
+            items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                items = items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            loss = out.loss * tokens / items
+        else:
+            loss = out.loss / accumulation
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        # Token-weighted means over every process, as TRL reports them; one reduction for all.
+        weighted = torch.stack([out.kl * tokens, out.clip_fraction * tokens,
+                                (entropies.detach() * mask).sum().to(tokens.dtype), tokens])
+        kl_sum, clip_sum, entropy_sum, count = self.accelerator.reduce(weighted, reduction="sum").tolist()
+        count = max(count, 1.0)
+        if self.beta != 0.0:
+            self._metrics[mode]["kl"].append(kl_sum / count)
+        self._metrics[mode]["entropy"].append(entropy_sum / count)
+        self._metrics[mode]["clip_ratio/region_mean"].append(clip_sum / count)
+        return loss

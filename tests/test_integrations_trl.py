@@ -1,0 +1,284 @@
+"""iama.integrations.trl: TRL's GRPOTrainer with IAMA advantages, on the tiny model.
+
+Each test trains for one step (two prompts, four completions each, up to six tokens): TRL's own
+generation, reward and loss code runs; only the advantages are iama's.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from iama.integrations.flat import flat_group_advantages  # noqa: E402
+from iama.integrations.trl import IAMAGRPOTrainer  # noqa: E402
+from iama.rewards import LengthReward  # noqa: E402
+from iama.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from iama_kernels import BestOfN, Criterion, Mean, Objective, SoftBestOfN, WeightedSum  # noqa: E402
+
+GROUP = 4
+PROMPTS = ["tell a story about the cat", "tell a story about the sun"]
+
+
+def short(prompts: list, completions: list, completion_ids: list, **kwargs: Any) -> list[float]:
+    return LengthReward(2, 2)(prompts, completions, completion_ids).tolist()
+
+
+def long(prompts: list, completions: list, completion_ids: list, **kwargs: Any) -> list[float]:
+    return LengthReward(6, 3)(prompts, completions, completion_ids).tolist()
+
+
+def _config(tmp_path: Path, **overrides: Any) -> Any:
+    settings: dict[str, Any] = dict(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+        disable_tqdm=True, logging_steps=1, seed=0, data_seed=0, max_steps=1,
+        per_device_train_batch_size=len(PROMPTS) * GROUP, num_generations=GROUP,
+        steps_per_generation=1, gradient_accumulation_steps=1, max_completion_length=6,
+        temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-2, beta=0.0, loss_type="grpo",
+        scale_rewards="group",
+    )
+    settings.update(overrides)
+    return trl.GRPOConfig(**settings)
+
+
+def _train(trainer_cls: type, tmp_path: Path, config_overrides: dict | None = None,
+           **kwargs: Any) -> Any:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, seed=0, max_positions=64)
+    trainer = trainer_cls(
+        model=model, reward_funcs=[short, long], args=_config(tmp_path, **(config_overrides or {})),
+        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
+        **kwargs,
+    )
+    trainer.train()
+    return trainer
+
+
+def _logged(trainer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards [N, 2] in TRL's column order short, long; advantages [N]) of the last step."""
+    logs = trainer._logs
+    rewards = torch.tensor([list(logs["rewards"]["short"]), list(logs["rewards"]["long"])],
+                           dtype=torch.float64).T
+    return rewards, torch.tensor(list(logs["advantages"]), dtype=torch.float64)
+
+
+def test_mean_criteria_reproduce_trl_advantages(tmp_path: Path) -> None:
+    """WeightedSum(w) of Mean criteria is TRL's own rule with reward_weights=w."""
+    w = [0.25, 0.75]
+    plain = _train(trl.GRPOTrainer, tmp_path / "trl", {"reward_weights": w})
+    objective = Objective([Criterion("long", Mean()), Criterion("short", Mean())],
+                          WeightedSum(w[::-1]))
+    ours = _train(IAMAGRPOTrainer, tmp_path / "iama", objective=objective)
+    trl_rewards, trl_adv = _logged(plain)
+    rewards, adv = _logged(ours)
+    torch.testing.assert_close(rewards, trl_rewards, rtol=0, atol=0)  # same completions
+    assert rewards.shape == (len(PROMPTS) * GROUP, 2)
+    assert trl_adv.abs().max() > 0.1  # the groups are not all ties: the comparison has content
+    torch.testing.assert_close(adv, trl_adv, rtol=1e-5, atol=1e-5)
+
+
+def test_best_of_n_advantages_reach_the_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    objective = Objective([Criterion("short", BestOfN(2)), Criterion("long", SoftBestOfN(0.5))])
+    seen: list[torch.Tensor] = []
+    compute_loss = trl.GRPOTrainer._compute_loss
+
+    def spy(self: Any, model: Any, inputs: dict) -> torch.Tensor:
+        seen.append(inputs["advantages"].detach().clone())
+        return compute_loss(self, model, inputs)
+
+    monkeypatch.setattr(trl.GRPOTrainer, "_compute_loss", spy)
+    trainer = _train(IAMAGRPOTrainer, tmp_path, objective=objective)
+    rewards, adv = _logged(trainer)
+    expected, out = flat_group_advantages(rewards, GROUP, objective, ["short", "long"],
+                                          impl="reference")
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(adv, expected, rtol=1e-5, atol=1e-5)
+    # The loss saw the same advantages (TRL may shuffle the rows within the generation batch).
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0].double().sort().values, expected.sort().values,
+                               rtol=1e-5, atol=1e-5)
+    history = trainer.state.log_history[0]
+    for i, name in enumerate(objective.names):
+        assert history[f"iama/lambda/{name}"] == pytest.approx(float(out.criterion_weights[i]),
+                                                               rel=1e-5)
+        assert history[f"iama/value/{name}"] == pytest.approx(float(out.values[:, i].mean()),
+                                                              rel=1e-5)
+
+
+def test_settings_that_contradict_the_objective_are_refused(tmp_path: Path) -> None:
+    objective = Objective([Criterion("short", BestOfN(8)), Criterion("long", Mean())])
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, seed=0, max_positions=64)
+    dataset = datasets.Dataset.from_dict({"prompt": PROMPTS})
+
+    def make(objective: Any = objective, **overrides: Any) -> Any:
+        kwargs = {k: overrides.pop(k) for k in ("estimator", "advantage_impl") if k in overrides}
+        return IAMAGRPOTrainer(model=model, reward_funcs=[short, long],
+                               args=_config(tmp_path, **overrides), train_dataset=dataset,
+                               processing_class=tokenizer, objective=objective, **kwargs)
+
+    with pytest.raises(ValueError, match="reward_weights"):
+        make(reward_weights=[0.5, 0.5])
+    with pytest.raises(ValueError, match="multi_objective_aggregation"):
+        make(multi_objective_aggregation="normalize_then_sum")
+    with pytest.raises(ValueError, match=r"unbiased.*num_generations >= .* \(8\), got 4"):
+        make(estimator="unbiased")
+    with pytest.raises(ValueError, match="criteria without a reward function: \\['length'\\]"):
+        make(Objective([Criterion("short", Mean()), Criterion("length", Mean())]))
+    with pytest.raises(TypeError, match="objective must be an iama Objective"):
+        make(BestOfN(2))
+    with pytest.raises(ValueError, match="estimator"):
+        make(estimator="exact")
+    assert make().objective is objective  # the plug-in estimator takes n > G
+
+
+def test_a_trl_that_skips_the_reward_hook_is_an_error(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """If TRL stops calling _calculate_rewards, the trainer must fail, not train on TRL's rule."""
+    original = trl.GRPOTrainer._generate_and_score_completions
+
+    def without_hook(self: Any, inputs: list) -> dict:
+        calculate = type(self)._calculate_rewards
+        type(self)._calculate_rewards = trl.GRPOTrainer._calculate_rewards
+        try:
+            return original(self, inputs)
+        finally:
+            type(self)._calculate_rewards = calculate
+
+    monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", without_hook)
+    objective = Objective([Criterion("short", BestOfN(2)), Criterion("long", Mean())])
+    with pytest.raises(RuntimeError, match=r"without calling GRPOTrainer\._calculate_rewards"):
+        _train(IAMAGRPOTrainer, tmp_path, objective=objective)
+
+
+class _BothLosses(IAMAGRPOTrainer):
+    """Computes iama's loss and TRL's on the same inputs at every step; trains on iama's."""
+
+    records: list[dict[str, Any]]
+
+    def _compute_loss(self, model: Any, inputs: dict) -> torch.Tensor:
+        params = [p for p in model.parameters() if p.requires_grad]
+        metrics = self._metrics["train"]
+        ours = super()._compute_loss(model, inputs)
+        ours_grad = torch.autograd.grad(ours, params, retain_graph=True)
+        ours_metrics = {k: metrics[k][-1] for k in ("kl", "entropy", "clip_ratio/region_mean")
+                        if k in metrics}
+        impl, self.loss_impl = self.loss_impl, None
+        try:
+            theirs = super()._compute_loss(model, inputs)
+        finally:
+            self.loss_impl = impl
+        theirs_grad = torch.autograd.grad(theirs, params)
+        self.records.append({
+            "loss": (ours.detach(), theirs.detach()),
+            "grad": (torch.cat([g.flatten() for g in ours_grad]),
+                     torch.cat([g.flatten() for g in theirs_grad])),
+            "metrics": (ours_metrics, {k: metrics[k][-1] for k in ours_metrics}),
+            "old": inputs.get("old_per_token_logps") is not None,
+            "padded": bool((inputs["completion_mask"] == 0).any()),
+        })
+        return ours
+
+
+@pytest.mark.parametrize(("loss_type", "beta", "accumulation", "steps_per_generation"), [
+    ("grpo", 0.0, 1, 1), ("grpo", 0.1, 2, 2), ("bnpo", 0.0, 2, 2), ("dr_grpo", 0.1, 1, 1),
+    ("dapo", 0.0, 1, 1), ("dapo", 0.1, 2, 2), ("dapo", 0.0, 2, 1)])
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_iama_loss_equals_trl_loss(tmp_path: Path, loss_type: str, beta: float, accumulation: int,
+                                   steps_per_generation: int, impl: str) -> None:
+    """Loss, gradient and metrics of loss_impl against TRL's own, over two optimizer steps of
+    ``accumulation`` micro-batches each. Every generation is used for ``num_iterations``
+    micro-batches spanning both steps, so the second step's ratio is not 1. TRL's normalisers
+    divide by the accumulation steps, and DAPO's by the generation batch's share of one step."""
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    tokenizer = build_tiny_tokenizer()
+    model_dir = tmp_path / "tiny"  # TRL builds the reference model (beta > 0) from a path
+    build_tiny_model(tokenizer, seed=0, max_positions=64).save_pretrained(model_dir)
+    objective = Objective([Criterion("short", BestOfN(2)), Criterion("long", Mean())])
+    _BothLosses.records = []
+    config = _config(tmp_path, max_steps=2, loss_type=loss_type, beta=beta,
+                     use_bias_correction_kl=False, learning_rate=5e-2, max_completion_length=12,
+                     per_device_train_batch_size=len(PROMPTS) * GROUP // accumulation,
+                     gradient_accumulation_steps=accumulation,
+                     steps_per_generation=steps_per_generation,
+                     num_iterations=2 * accumulation // steps_per_generation)
+    trainer = _BothLosses(
+        model=str(model_dir), reward_funcs=[short, long], args=config,
+        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
+        objective=objective, loss_impl=impl,
+    )
+    trainer.train()
+    records = _BothLosses.records
+    assert len(records) == 2 * accumulation and all(r["old"] for r in records)
+    assert any(r["padded"] for r in records)  # some completion ended early: the mask has zeros
+    for record in records:
+        ours, theirs = record["loss"]
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+        g_ours, g_theirs = record["grad"]
+        assert g_theirs.abs().max() > 0
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-5 * g_theirs.abs().max().item())
+        m_ours, m_theirs = record["metrics"]
+        assert set(m_ours) == ({"kl", "entropy", "clip_ratio/region_mean"} if beta
+                               else {"entropy", "clip_ratio/region_mean"})
+        assert m_ours == pytest.approx(m_theirs, rel=1e-5, abs=1e-7)
+    # The second step's ratio moved off 1: the clip and the KL terms were exercised.
+    m_last = records[-1]["metrics"][1]
+    assert m_last["clip_ratio/region_mean"] > 0
+    if beta:
+        assert m_last["kl"] > 0
+
+
+def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, seed=0, max_positions=64)
+    objective = Objective([Criterion("short", Mean()), Criterion("long", Mean())])
+
+    def make(loss_impl: Any = "auto", **overrides: Any) -> Any:
+        return IAMAGRPOTrainer(model=model, reward_funcs=[short, long],
+                               args=_config(tmp_path, **overrides),
+                               train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+                               processing_class=tokenizer, objective=objective, loss_impl=loss_impl)
+
+    for overrides, message in [
+        ({"loss_type": "cispo"}, "loss_type='cispo'"),
+        ({"importance_sampling_level": "sequence"}, "importance_sampling_level='sequence'"),
+        ({"delta": 2.0}, "delta=2.0"),
+        ({"top_entropy_quantile": 0.5}, "top_entropy_quantile=0.5"),
+        ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold=0.5"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            make(**overrides)
+    with pytest.raises(TypeError, match="loss_impl must be None or a str"):
+        make(loss_impl=1)
+    assert make(loss_impl=None, loss_type="cispo").loss_impl is None  # TRL's loss: anything goes
+
+
+def test_evaluation_uses_the_eval_group_size(tmp_path: Path) -> None:
+    """evaluate(): groups of num_generations_eval, the IAMA advantages and iama's loss."""
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, seed=0, max_positions=64)
+    objective = Objective([Criterion("short", BestOfN(2)), Criterion("long", Mean())])
+    dataset = datasets.Dataset.from_dict({"prompt": PROMPTS})
+    trainer = IAMAGRPOTrainer(
+        model=model, reward_funcs=[short, long],
+        args=_config(tmp_path, num_generations_eval=2, per_device_eval_batch_size=4,
+                     eval_strategy="no"),
+        train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer,
+        objective=objective, loss_impl="auto",
+    )
+    metrics = trainer.evaluate()
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    assert "eval_iama/lambda/short" in metrics and "eval_iama/value/long" in metrics
+    rewards, adv = _logged(trainer)
+    assert rewards.shape == (len(PROMPTS) * 2, 2)
+    expected, _ = flat_group_advantages(rewards, 2, objective, ["short", "long"], impl="reference")
+    torch.testing.assert_close(adv, expected, rtol=1e-5, atol=1e-5)
