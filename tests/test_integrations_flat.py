@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iama.integrations.flat import criterion_columns, flat_group_advantages
+from iama.integrations.flat import criterion_columns, flat_group_advantages, indexed_group_advantages
 from iama_kernels import BestOfN, Criterion, Mean, Objective, SoftBestOfN, WeightedSum, group_advantages
 
 OBJECTIVE = Objective([Criterion("short", BestOfN(3)), Criterion("long", SoftBestOfN(0.5))])
@@ -78,7 +78,7 @@ def test_bad_input_names_the_argument() -> None:
         criterion_columns(OBJECTIVE, ["short", "short"])
     with pytest.raises(TypeError, match="objective"):
         criterion_columns(BestOfN(2), names)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="multiple of group_size=3"):
+    with pytest.raises(ValueError, match="not a multiple of group_size=3"):
         flat_group_advantages(rewards, 3, OBJECTIVE, names)
     with pytest.raises(ValueError, match="group_size"):
         flat_group_advantages(rewards, 0, OBJECTIVE, names)
@@ -92,3 +92,75 @@ def test_bad_input_names_the_argument() -> None:
         flat_group_advantages(rewards.tolist(), 4, OBJECTIVE, names)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="G >= n"):  # BestOfN(3) with groups of 2
         flat_group_advantages(rewards, 2, OBJECTIVE, names, estimator="unbiased")
+
+
+def _shuffled(rewards: torch.Tensor, group: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(rewards.shape[0], generator=torch.Generator().manual_seed(seed))
+    ids = torch.arange(rewards.shape[0]) // group
+    return perm, ids[perm]
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_indexed_groups_in_any_row_order(scale: str) -> None:
+    """Rows shuffled, groups given by id: the advantages of the contiguous layout, row for row."""
+    rewards = _rewards(6, 5, 2, seed=4)
+    contiguous, _ = flat_group_advantages(rewards, 5, OBJECTIVE, ["short", "long"], scale=scale,
+                                          impl="reference")
+    perm, ids = _shuffled(rewards, 5, seed=5)
+    indexed, out = indexed_group_advantages(rewards[perm], ids * 7 + 3, OBJECTIVE,
+                                            ["short", "long"], scale=scale, impl="reference")
+    assert out.advantages.shape == (6, 5)
+    torch.testing.assert_close(indexed, contiguous[perm], rtol=1e-12, atol=1e-12)
+    # String ids (prompt uids) give the same groups.
+    uids = [f"uid-{int(i)}" for i in ids]
+    by_uid, _ = indexed_group_advantages(rewards[perm], uids, OBJECTIVE, ["short", "long"],
+                                         scale=scale, impl="reference")
+    torch.testing.assert_close(by_uid, indexed, rtol=0, atol=0)
+
+
+def test_indexed_groups_of_different_sizes() -> None:
+    """Ragged groups: each group's advantages as if it were alone (constant lambda: WeightedSum)."""
+    objective = Objective([Criterion("short", BestOfN(2)), Criterion("long", SoftBestOfN(1.0))],
+                          WeightedSum([0.3, 0.7]))
+    sizes = [3, 7, 2, 5]
+    rewards = _rewards(1, sum(sizes), 2, seed=6)
+    ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    perm, _ = _shuffled(rewards, 1, seed=7)
+    indexed, out = indexed_group_advantages(rewards[perm], ids[perm], objective, ["short", "long"],
+                                            impl="reference")
+    assert out.advantages.shape == (4, 7)
+    start = 0
+    expected = torch.empty(sum(sizes), dtype=torch.float64)
+    for size in sizes:
+        alone = group_advantages(rewards[start:start + size].unsqueeze(0), objective,
+                                 impl="reference")
+        expected[start:start + size] = alone.advantages[0]
+        start += size
+    torch.testing.assert_close(indexed, expected[perm], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["auto", "cpu"])
+def test_indexed_float32_with_unscored_rows(impl: str) -> None:
+    rewards = _rewards(5, 6, 2, seed=8)
+    rewards[[0, 7, 8, 29]] = float("nan")
+    perm, ids = _shuffled(rewards, 6, seed=9)
+    flat64, _ = flat_group_advantages(rewards, 6, OBJECTIVE, ["short", "long"], impl="reference")
+    indexed32, _ = indexed_group_advantages(rewards[perm].float(), ids, OBJECTIVE,
+                                            ["short", "long"], impl=impl)
+    assert indexed32.dtype == torch.float32 and torch.isfinite(indexed32).all()
+    torch.testing.assert_close(indexed32.double(), flat64[perm], rtol=1e-5, atol=1e-5)
+
+
+def test_indexed_bad_group_ids() -> None:
+    rewards = _rewards(2, 3, 2)
+    names = ["short", "long"]
+    with pytest.raises(ValueError, match=r"one id per row \(\[6\]\), got 5"):
+        indexed_group_advantages(rewards, torch.zeros(5, dtype=torch.long), OBJECTIVE, names)
+    with pytest.raises(TypeError, match="integer tensor"):
+        indexed_group_advantages(rewards, torch.zeros(6), OBJECTIVE, names)
+    with pytest.raises(TypeError, match="hashable"):
+        indexed_group_advantages(rewards, [[0]] * 6, OBJECTIVE, names)
+    with pytest.raises(TypeError, match="sequence of ids"):
+        indexed_group_advantages(rewards, "abcdef", OBJECTIVE, names)
+    with pytest.raises(ValueError, match="at least n=3 valid samples per group, but group 1 has 2"):
+        indexed_group_advantages(rewards, [0, 0, 0, 1, 1, 2], OBJECTIVE, names, estimator="unbiased")

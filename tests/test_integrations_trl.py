@@ -21,7 +21,7 @@ from iama.integrations.flat import flat_group_advantages  # noqa: E402
 from iama.integrations.trl import IAMAGRPOTrainer  # noqa: E402
 from iama.rewards import LengthReward  # noqa: E402
 from iama.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
-from iama_kernels import BestOfN, Criterion, Mean, Objective, SoftBestOfN, WeightedSum  # noqa: E402
+from iama_kernels import BestOfN, Criterion, Mean, Min, Objective, SoftBestOfN, WeightedSum  # noqa: E402
 
 GROUP = 4
 PROMPTS = ["tell a story about the cat", "tell a story about the sun"]
@@ -282,3 +282,39 @@ def test_evaluation_uses_the_eval_group_size(tmp_path: Path) -> None:
     assert rewards.shape == (len(PROMPTS) * 2, 2)
     expected, _ = flat_group_advantages(rewards, 2, objective, ["short", "long"], impl="reference")
     torch.testing.assert_close(adv, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_completions_no_reward_function_scored(tmp_path: Path) -> None:
+    """None from every reward function: advantage 0, left out of the statistics and lambda."""
+    unscored = {1, 4, 5, 6, 7}  # one completion of the first group, all of the second
+
+    def gaps(fn: Any) -> Any:
+        def call(prompts: list, completions: list, completion_ids: list, **kwargs: Any) -> list:
+            scores = fn(prompts, completions, completion_ids)  # + 0.1 i: no group of ties
+            return [None if i in unscored else s + 0.1 * i for i, s in enumerate(scores)]
+
+        call.__name__ = fn.__name__
+        return call
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, seed=0, max_positions=64)
+    objective = Objective([Criterion("short", BestOfN(2)), Criterion("long", SoftBestOfN(0.5))],
+                          Min())
+    trainer = IAMAGRPOTrainer(
+        model=model, reward_funcs=[gaps(short), gaps(long)], args=_config(tmp_path),
+        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
+        objective=objective, loss_impl="auto",
+    )
+    trainer.train()
+    rewards, adv = _logged(trainer)
+    assert torch.isnan(rewards[sorted(unscored)]).all()
+    expected, out = flat_group_advantages(rewards, GROUP, objective, ["short", "long"],
+                                          impl="reference")
+    assert (adv[sorted(unscored)] == 0).all() and adv.abs().max() > 0.1
+    torch.testing.assert_close(adv, expected, rtol=1e-5, atol=1e-5)
+    history = trainer.state.log_history[0]
+    for i, name in enumerate(objective.names):  # the empty second group is not averaged in
+        assert history[f"iama/value/{name}"] == pytest.approx(float(out.values[0, i]), rel=1e-5)
+        assert history[f"iama/lambda/{name}"] == pytest.approx(float(out.criterion_weights[i]),
+                                                               rel=1e-5)

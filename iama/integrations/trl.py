@@ -168,7 +168,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
         local = output["advantages"]
         start = self.accelerator.process_index * local.shape[0]
         output["advantages"] = advantages[start:start + local.shape[0]].to(local.dtype)
-        scored = ~torch.isnan(rewards).all(dim=1).reshape(-1, group).all(dim=1)
+        # Groups with at least one scored completion: the groups lambda's batch values average.
+        scored = (~torch.isnan(rewards).all(dim=1)).reshape(-1, group).any(dim=1)
         self._log_iama(mode, advantages, out.values[scored], out.criterion_weights)
         return output
 
