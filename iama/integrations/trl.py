@@ -35,6 +35,7 @@ from trl import GRPOTrainer
 
 from iama_kernels import Objective, policy_loss
 from iama_kernels._checks import ESTIMATORS, check_choice
+from iama_kernels.advantages.reference import batch_values
 
 from .flat import criterion_columns, flat_group_advantages
 
@@ -168,9 +169,9 @@ class IAMAGRPOTrainer(GRPOTrainer):
         local = output["advantages"]
         start = self.accelerator.process_index * local.shape[0]
         output["advantages"] = advantages[start:start + local.shape[0]].to(local.dtype)
-        # Groups with at least one scored completion: the groups lambda's batch values average.
-        scored = (~torch.isnan(rewards).all(dim=1)).reshape(-1, group).any(dim=1)
-        self._log_iama(mode, advantages, out.values[scored], out.criterion_weights)
+        # The batch-level values lambda was computed from (groups with a scored completion).
+        scored = (~torch.isnan(rewards).all(dim=1)).reshape(-1, group)
+        self._log_iama(mode, advantages, batch_values(out.values, scored), out.criterion_weights)
         return output
 
     def _log_iama(self, mode: str, advantages: torch.Tensor, values: torch.Tensor,
@@ -180,8 +181,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
         for _ in range(min(advantages.shape[0], len(logged))):
             logged.pop()
         logged.extend(advantages.tolist())
-        batch_values = values.mean(dim=0).tolist()
-        for name, weight, value in zip(self.objective.names, lam.tolist(), batch_values, strict=True):
+        for name, weight, value in zip(self.objective.names, lam.tolist(), values.tolist(), strict=True):
             self._metrics[mode][f"iama/lambda/{name}"].append(weight)
             self._metrics[mode][f"iama/value/{name}"].append(value)
 
