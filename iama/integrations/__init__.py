@@ -5,6 +5,8 @@
   of ``G`` consecutive rows or a group id per row. Needs torch alone.
 * :mod:`iama.integrations.trl`: :class:`~iama.integrations.trl.IAMAGRPOTrainer`, TRL's
   ``GRPOTrainer`` with IAMA advantages (``pip install "iama[trl]"``).
+* :mod:`iama.integrations.verl`: the ``"iama"`` advantage estimator for verl's PPO trainer
+  (``algorithm.adv_estimator=iama``), registered when verl is imported.
 
-The submodules are imported on demand, so ``import iama.integrations`` never imports TRL.
+The submodules are imported on demand, so ``import iama.integrations`` never imports TRL or verl.
 """

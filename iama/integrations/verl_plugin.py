@@ -1,0 +1,9 @@
+"""Registers the ``"iama"`` advantage estimator when verl loads its plugins (``import verl``).
+
+Named in iama's ``verl.plugins`` entry point, and usable as
+``VERL_USE_EXTERNAL_MODULES=iama.integrations.verl_plugin`` where entry points are turned off.
+"""
+
+from iama.integrations.verl import register
+
+register()
