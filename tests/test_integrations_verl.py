@@ -132,6 +132,7 @@ def test_config_section_is_read_on_every_call() -> None:
     ({"transform": "mean", "scale": "std"}, "scale must be one of"),
     ({"transform": "mean", "estimator": "exact"}, "estimator must be one of"),
     ({"transform": "mean", "eps": -1e-4}, "eps must be a finite number >= 0"),
+    ({"transform": "mean", "impl": "gpu"}, "impl must be one of"),
 ])
 def test_bad_config_sections_name_the_key(section: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

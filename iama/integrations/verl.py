@@ -44,6 +44,7 @@ import torch
 
 from iama_kernels import BestOfN, Criterion, Mean, Objective, SoftBestOfN
 from iama_kernels._checks import ESTIMATORS, check_choice
+from iama_kernels._dispatch import IMPLS
 from iama_kernels.objectives import Transform
 
 from .flat import indexed_group_advantages
@@ -79,8 +80,7 @@ class Settings:
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) \
                 or not math.isfinite(self.eps) or self.eps < 0:
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
-        if not isinstance(self.impl, str):
-            raise TypeError(f"impl must be a string, got {type(self.impl).__name__}")
+        check_choice("impl", self.impl, IMPLS)
 
     @property
     def objective(self) -> Objective:
