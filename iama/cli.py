@@ -1,4 +1,4 @@
-"""Command line: ``iama demo toy`` and ``iama demo length`` (more commands register here)."""
+"""Command line: ``iama demo toy``, ``iama demo length`` and ``iama info``."""
 
 from __future__ import annotations
 
@@ -30,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub = demos.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
+    info = commands.add_parser("info", help="versions, devices and a check of every backend",
+                               description="versions, devices, and every op run with every backend "
+                                           "against the float64 reference")
+    from iama import info as info_module
+
+    info_module.add_arguments(info)
+    info.set_defaults(run=info_module.run)
     return parser
 
 

@@ -4,7 +4,8 @@ Each op lists its candidate backends in preference order. A backend says whether
 given call (``check`` returns ``None``) or why not (a one-line reason). ``impl="auto"`` takes the
 first that can run; an explicit ``impl`` runs that backend or raises a ``ValueError`` with its
 reason: it never falls back silently. When ``auto`` passes over a backend because it is
-unavailable (for example the C++ extension could not be built), that is logged once.
+unavailable (for example the C++ extension could not be built), that is logged once; at DEBUG
+level, every choice of ``auto`` is logged.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ def choose(op: str, impl: str, backends: Sequence[Backend], call: Call) -> Backe
                     _logged.add(key)
                     logger.warning("%s: impl='auto' uses %r because %r is unavailable: %s",
                                    op, backend.name, skipped, why)
+            # What auto chose, for `iama info` and for anyone who turns on DEBUG for
+            # "iama_kernels"; skipped while torch.compile traces (constant there, and cheap here).
+            if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
+                logger.debug("%s on %s: impl='auto' runs %r", op, call.device.type, backend.name)
             return backend
         reasons.append((backend.name, reason, backend.announce(call)))
     listing = "; ".join(f"{name}: {why}" for name, why, _ in reasons)

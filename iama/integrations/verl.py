@@ -29,6 +29,11 @@ verl hands a custom estimator one scalar score per response (the sum of ``token_
 as its GRPO does), so the objective is one transform of that score. A group with a single
 response has nothing to be compared with and gets advantage 0 (verl's GRPO gives it its score).
 
+verl's validation reports the served quantity itself: with sampled validation responses
+(``actor_rollout_ref.rollout.val_kwargs.n=8 ...val_kwargs.do_sample=True
+...val_kwargs.temperature=1.0``) it logs ``best@N/mean`` for N up to ``n``, the Best-of-N
+reward this estimator trains for.
+
 The module imports verl only in :func:`register`; :class:`VerlAdvantageEstimator` runs on torch
 alone. Tested with verl 0.9.1.
 """
