@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -94,6 +95,39 @@ def measure(
         tflops=None if flops is None else flops / (med * 1e-3) / 1e12,
         peak_mem_mb=peak,
     )
+
+
+def interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, *, warmup: int = 3,
+                device: torch.device | str = "cpu", seed: int = 0) -> dict[str, list[float]]:
+    """Wall-clock times in ms of each candidate, ``rounds`` calls each, the candidates taking
+    turns call by call so that a change in machine load hits them alike. The order is shuffled
+    every round so that none always follows the same one: what ran just before (what it left in
+    the caches and the allocator) moved a call by up to 2x on the 2-core CI machine."""
+    device = torch.device(device)
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    names, order = list(candidates), random.Random(seed)
+    for _ in range(rounds):
+        order.shuffle(names)
+        for name in names:
+            t0 = time.perf_counter()
+            candidates[name]()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def from_times(benchmark: str, impl: str, shape: str, times: list[float], *,
+               bytes_moved: float | None = None, extra: dict[str, Any] | None = None) -> Measurement:
+    """A :class:`Measurement` (median, p20, p80, GB/s) from times in ms taken elsewhere."""
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    med = statistics.median(times)
+    return Measurement(benchmark, impl, shape, med, q[1], q[7], len(times),
+                       gbps=None if bytes_moved is None else bytes_moved / (med * 1e-3) / 1e9,
+                       extra=dict(extra or {}))
 
 
 def environment() -> dict[str, Any]:

@@ -13,6 +13,7 @@ Measures, with every torch thread of this machine:
    many runs, GB/s = 2 * bytes / time): of 256 MiB (main memory: the DRAM roofline) and of the
    op's own size, 17.8 MB (the same working-set class as the op's data, which stays largely in
    the last-level cache between repetitions: the roofline that the op could reach at best).
+   Also the C++ op with the int64 mask TRL and verl use (read as is: 8 B per token, 25.2 MB).
 3. ``nonlinear_grpo_loss`` forward + backward at the same token count (B = 32, G = 16, T = 2048):
    the one-pass op vs ``group_advantages`` + ``policy_loss`` run separately (timed in alternation,
    call by call) vs the reference.
@@ -154,6 +155,14 @@ def bench(timing: dict) -> tuple[list[Measurement], list[str]]:
         row.extra["fraction_of_copy_bandwidth"] = row.gbps / dram.gbps
         row.extra["fraction_of_same_size_copy_bandwidth"] = row.gbps / same_size.gbps
         rows.append(row)
+    # The same with the int64 mask TRL and verl hand over (read as is, 8 B per token).
+    x = t["logp"].clone().requires_grad_(True)
+    long_mask = t["mask"].long()
+    row = measure("policy_loss fwd+bwd", "cpu, int64 mask", shape,
+                  _loss_step(policy_loss, x, t["old"], t["ref"], adv, long_mask, beta=0.04, impl="cpu"),
+                  bytes_moved=nbytes + 7 * S * T, **timing)
+    row.extra["fraction_of_copy_bandwidth"] = row.gbps / dram.gbps
+    rows.append(row)
     x = t["logp"].clone()
     rows.append(measure("policy_loss fwd (op only)", "cpu", shape,
                         lambda: ops.policy_loss_fwd(x, t["old"], t["ref"], adv, t["mask"], 0.2, 0.2, 0.04,

@@ -21,12 +21,8 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.metadata
-import random
-import statistics
 import sys
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Measurement, format_table, write_results
+from harness import Measurement, format_table, from_times, interleaved, write_results
 
 from iama.integrations.verl import advantage_estimator
 from iama_kernels import BestOfN, Mean, SoftBestOfN
@@ -50,27 +46,6 @@ def verl_like_batch(n_prompts: int, group: int, length: int, seed: int = 0):
     token[torch.arange(bs), lengths - 1] = torch.randint(0, 11, (bs,), generator=g).float() / 10
     uid = np.array([f"{int(p):08x}-uid" for p in prompt], dtype=object)
     return token, mask, uid
-
-
-def interleaved(candidates: dict[str, Callable[[], object]], rounds: int, warmup: int = 3
-                ) -> dict[str, list[float]]:
-    """Times in ms of each candidate; they take turns call by call, so that load hits all alike,
-    in an order shuffled every round, so that none always follows the same one (what ran just
-    before, and what it left in the caches and the allocator, moves a call by up to 2x here)."""
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    order = random.Random(0)
-    names = list(candidates)
-    for _ in range(rounds):
-        order.shuffle(names)
-        for name in names:
-            fn = candidates[name]
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,15 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         }
         times = interleaved({name: functools.partial(fn, token, mask, uid)
                              for name, fn in candidates.items()}, args.rounds)
+        # Bytes verl's tensors oblige an estimator to move: read the rewards and the mask once,
+        # write the advantages once (returns is the same tensor).
+        moved = token.numel() * token.element_size() * 2 + mask.numel() * mask.element_size()
         for name, ms in times.items():
-            q = statistics.quantiles(ms, n=10)
-            # Bytes verl's tensors oblige an estimator to move: read the rewards and the mask once,
-            # write the advantages once (returns is the same tensor).
-            moved = token.numel() * token.element_size() * 2 + mask.numel() * mask.element_size()
-            med = statistics.median(ms)
-            rows.append(Measurement("verl advantage estimator", name, shape, med, q[1], q[7],
-                                    len(ms), gbps=moved / (med * 1e-3) / 1e9))
-            print(f"{shape:<24} {name:<28} {med:9.3f} ms", flush=True)
+            rows.append(from_times("verl advantage estimator", name, shape, ms, bytes_moved=moved))
+            print(f"{shape:<24} {name:<28} {rows[-1].median_ms:9.3f} ms", flush=True)
     for r in rows:
         r.extra = {"threads": args.threads, "verl": importlib.metadata.version("verl")}
     if not args.no_write:

@@ -331,6 +331,8 @@ def _token_inputs(S: int, T: int, dtype: torch.dtype, *, seed: int = 0, mask_kin
         mask = keep
     elif mask_kind == "int":
         mask = keep.to(torch.int32) * 2
+    elif mask_kind == "int64":  # read as is by the kernel (TRL's and verl's masks); weights 1-3
+        mask = keep.to(torch.int64) * torch.randint(1, 4, (S, T), generator=gen)
     else:
         mask = keep.to(torch.float32) * torch.rand(S, T, generator=gen).add(0.5)
     return logp.to(dtype), old.to(dtype), ref.to(dtype), adv.to(torch.float32), mask
@@ -345,7 +347,7 @@ def _loss_and_grad(impl: str, logp, *args, **kwargs):
 
 @pytest.mark.parametrize("loss_type", ["grpo", "token", "dr_grpo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mask_kind", ["bool", "int", "float"])
+@pytest.mark.parametrize("mask_kind", ["bool", "int", "int64", "float"])
 def test_policy_loss_matches_reference(cpu_ext, loss_type, dtype, mask_kind):
     S, T = 9, 131  # odd sizes: tiles of 64 tokens plus a tail
     logp, old, ref, adv, mask = _token_inputs(S, T, dtype, mask_kind=mask_kind)
@@ -396,10 +398,13 @@ def test_policy_loss_mixed_dtypes_and_layouts(cpu_ext):
         assert grad.dtype == lp.dtype, name
         tol = 1e-5 if lp.dtype == torch.float32 else 1e-2
         assert_matches_reference(grad, ref_grad.double(), rel=tol, name=name)
-    # a non-contiguous mask
+    # a non-contiguous mask, and an int64 one in rows of a wider tensor (read with its row stride)
     out, _ = _loss_and_grad("cpu", logp, old, ref, adv, mask.t().contiguous().t(), beta=0.02)
-    expected, _ = _loss_and_grad("cpu", logp, old, ref, adv, mask, beta=0.02)
+    expected, expected_grad = _loss_and_grad("cpu", logp, old, ref, adv, mask, beta=0.02)
     assert torch.equal(out.loss, expected.loss)
+    wide = torch.cat([mask.long(), 1 - mask.long()], 1)
+    out, grad = _loss_and_grad("cpu", logp, old, ref, adv, wide[:, :T], beta=0.02)
+    assert torch.equal(out.loss, expected.loss) and torch.equal(grad, expected_grad)
 
 
 def test_policy_loss_backward_scales_by_grad_output(cpu_ext):

@@ -318,3 +318,17 @@ def test_completions_no_reward_function_scored(tmp_path: Path) -> None:
         assert history[f"iama/value/{name}"] == pytest.approx(float(out.values[0, i]), rel=1e-5)
         assert history[f"iama/lambda/{name}"] == pytest.approx(float(out.criterion_weights[i]),
                                                                rel=1e-5)
+
+
+def test_the_loss_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/trl_loss.py at a tiny size (it checks iama's gradient against TRL's first)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "trl_loss.py"
+    spec = importlib.util.spec_from_file_location("trl_loss", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--shapes", "6x5", "--configs", "grpo:0,dapo:0.1", "--rounds", "2",
+                        "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("iama loss_impl=auto") == 4  # two progress lines and two table rows

@@ -73,8 +73,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_lo
   };
   const at::Tensor old = aux(old_logp);
   const at::Tensor ref = aux(ref_logp);
-  const bool byte_mask = mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte;
-  const at::Tensor mk = rows_contiguous(byte_mask ? mask : mask.to(ct));
+  const MaskKind mask_kind = mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte ? MaskKind::kByte
+                             : mask.scalar_type() == at::kLong                                 ? MaskKind::kInt64
+                                                                                               : MaskKind::kCompute;
+  const at::Tensor mk = rows_contiguous(mask_kind == MaskKind::kCompute ? mask.to(ct) : mask);
   const at::Tensor adv64 = advantages.to(ct).to(at::kDouble).contiguous();
 
   at::Tensor grad = at::empty({S, T}, logp.options().memory_format(at::MemoryFormat::Contiguous));
@@ -86,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_lo
                  : lp_dt == at::kHalf   ? TokenDtype::kFloat16
                                         : TokenDtype::kBFloat16;
   p.aux_in_compute_dtype = mixed;
-  p.byte_mask = byte_mask;
+  p.mask_kind = mask_kind;
   p.logp = lp.const_data_ptr();
   p.old = old.const_data_ptr();
   p.ref = ref.const_data_ptr();

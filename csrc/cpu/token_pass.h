@@ -10,12 +10,15 @@
 namespace iama::cpu {
 
 enum class TokenDtype { kFloat32, kFloat64, kFloat16, kBFloat16 };
+// How the mask is read: bool/uint8 bytes, int64 as given (TRL's and verl's masks: converting them
+// first cost 2x the whole pass), or anything else converted to the compute dtype by the glue.
+enum class MaskKind { kByte, kInt64, kCompute };
 
 struct TokenProblem {
   int64_t S = 0, T = 0;
   TokenDtype logp_dtype = TokenDtype::kFloat32;
   bool aux_in_compute_dtype = false;  // old/ref stored in the compute dtype instead of logp's
-  bool byte_mask = true;              // mask as uint8 (bool) instead of the compute dtype
+  MaskKind mask_kind = MaskKind::kByte;
   const void* logp = nullptr;
   const void* old = nullptr;
   const void* ref = nullptr;

@@ -52,8 +52,10 @@ void token_pass(const TokenProblem& p, std::vector<double>& rows) {
 }
 
 void mask_row_sums(const TokenProblem& p, std::vector<double>& out) {
-  if (p.byte_mask) {
+  if (p.mask_kind == MaskKind::kByte) {
     mask_sums_kernel<uint8_t>(p, out);
+  } else if (p.mask_kind == MaskKind::kInt64) {
+    mask_sums_kernel<int64_t>(p, out);
   } else if (p.logp_dtype == TokenDtype::kFloat64) {
     mask_sums_kernel<double>(p, out);
   } else {

@@ -62,14 +62,20 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
 template <typename lp_t, typename aux_t>
 void dispatch_mask(const TokenProblem& p, std::vector<double>& rows) {
   using acc_t = std::conditional_t<std::is_same_v<lp_t, double>, double, float>;
-  if (p.byte_mask) {
-    token_kernel<lp_t, aux_t, uint8_t>(p, rows);
-  } else {
-    token_kernel<lp_t, aux_t, acc_t>(p, rows);
+  switch (p.mask_kind) {
+    case MaskKind::kByte:
+      token_kernel<lp_t, aux_t, uint8_t>(p, rows);
+      break;
+    case MaskKind::kInt64:
+      token_kernel<lp_t, aux_t, int64_t>(p, rows);
+      break;
+    case MaskKind::kCompute:
+      token_kernel<lp_t, aux_t, acc_t>(p, rows);
+      break;
   }
 }
 
-// logp dtype x (old/ref in logp's dtype or in float32) x mask kind: 12 instantiations.
+// logp dtype x (old/ref in logp's dtype or in float32) x mask kind: 18 instantiations.
 inline void dispatch_token_pass(const TokenProblem& p, std::vector<double>& rows) {
   switch (p.logp_dtype) {
     case TokenDtype::kFloat32:
