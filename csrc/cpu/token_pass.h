@@ -11,7 +11,7 @@ namespace iama::cpu {
 
 enum class TokenDtype { kFloat32, kFloat64, kFloat16, kBFloat16 };
 // How the mask is read: bool/uint8 bytes, int64 as given (TRL's and verl's masks: converting them
-// first cost 2x the whole pass), or anything else converted to the compute dtype by the glue.
+// first made the op twice as slow), or anything else converted to the compute dtype by the glue.
 enum class MaskKind { kByte, kInt64, kCompute };
 
 struct TokenProblem {
