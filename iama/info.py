@@ -209,6 +209,14 @@ def report(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
+def _extension_status() -> str:
+    """Where the C++ extension was loaded from (building it if needed), or why it cannot be."""
+    from iama_kernels import _extension
+
+    reason = _extension.unavailable_reason()
+    return f"loaded from {_extension.build_directory()}" if reason is None else f"unavailable: {reason}"
+
+
 def add_arguments(parser: Any) -> None:
     parser.add_argument("--no-check", action="store_true",
                         help="only versions and devices: do not run the ops (nor build the C++ extension)")
@@ -232,6 +240,7 @@ def run(args: Any) -> int:
     if args.no_check:
         return 0
     print("checking every backend (the C++ extension is built on first use, about 30 s)...", flush=True)
+    print(f"C++ extension: {_extension_status()}; torch threads: {torch.get_num_threads()}")
     outcomes = [o for device in devices for o in check_device(device)]
     print(report(outcomes))
     return 1 if any(o.status in ("wrong", "error") for o in outcomes) else 0

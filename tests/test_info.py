@@ -70,6 +70,15 @@ def test_a_crashing_backend_is_reported(monkeypatch: pytest.MonkeyPatch) -> None
     assert outcomes[("policy_loss", "cpu")].status != "error"
 
 
+def test_the_check_says_where_the_extension_comes_from(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    reason = _extension.unavailable_reason()
+    expected = (f"C++ extension: loaded from {_extension.build_directory()}" if reason is None
+                else "C++ extension: unavailable:")
+    assert expected in out and f"torch threads: {torch.get_num_threads()}" in out
+
+
 def test_no_check_prints_versions_only(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["info", "--no-check"]) == 0
     out = capsys.readouterr().out
