@@ -188,16 +188,21 @@ class _BothLosses(IAMAGRPOTrainer):
         return ours
 
 
-@pytest.mark.parametrize(("loss_type", "beta", "accumulation", "steps_per_generation"), [
-    ("grpo", 0.0, 1, 1), ("grpo", 0.1, 2, 2), ("bnpo", 0.0, 2, 2), ("dr_grpo", 0.1, 1, 1),
-    ("dapo", 0.0, 1, 1), ("dapo", 0.1, 2, 2), ("dapo", 0.0, 2, 1)])
+@pytest.mark.parametrize(("loss_type", "beta", "accumulation", "steps_per_generation", "corrected"), [
+    ("grpo", 0.0, 1, 1, False), ("grpo", 0.1, 2, 2, False), ("bnpo", 0.0, 2, 2, False),
+    ("dr_grpo", 0.1, 1, 1, False), ("dapo", 0.0, 1, 1, False), ("dapo", 0.1, 2, 2, False),
+    ("dapo", 0.0, 2, 1, False),
+    # TRL's default use_bias_correction_kl=True: the KL term is rho * k3
+    ("grpo", 0.1, 2, 2, True), ("bnpo", 0.1, 1, 1, True), ("dr_grpo", 0.1, 1, 1, True),
+    ("dapo", 0.1, 2, 1, True)])
 @pytest.mark.parametrize("impl", ["reference", "auto"])
 def test_iama_loss_equals_trl_loss(tmp_path: Path, loss_type: str, beta: float, accumulation: int,
-                                   steps_per_generation: int, impl: str) -> None:
+                                   steps_per_generation: int, corrected: bool, impl: str) -> None:
     """Loss, gradient and metrics of loss_impl against TRL's own, over two optimizer steps of
     ``accumulation`` micro-batches each. Every generation is used for ``num_iterations``
     micro-batches spanning both steps, so the second step's ratio is not 1. TRL's normalisers
-    divide by the accumulation steps, and DAPO's by the generation batch's share of one step."""
+    divide by the accumulation steps, and DAPO's by the generation batch's share of one step;
+    with ``use_bias_correction_kl`` TRL weights the KL by the ratio."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
     tokenizer = build_tiny_tokenizer()
     model_dir = tmp_path / "tiny"  # TRL builds the reference model (beta > 0) from a path
@@ -205,7 +210,7 @@ def test_iama_loss_equals_trl_loss(tmp_path: Path, loss_type: str, beta: float, 
     objective = Objective([Criterion("short", BestOfN(2)), Criterion("long", Mean())])
     _BothLosses.records = []
     config = _config(tmp_path, max_steps=2, loss_type=loss_type, beta=beta,
-                     use_bias_correction_kl=False, learning_rate=5e-2, max_completion_length=12,
+                     use_bias_correction_kl=corrected, learning_rate=5e-2, max_completion_length=12,
                      per_device_train_batch_size=len(PROMPTS) * GROUP // accumulation,
                      gradient_accumulation_steps=accumulation,
                      steps_per_generation=steps_per_generation,
@@ -328,7 +333,7 @@ def test_the_loss_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     spec = importlib.util.spec_from_file_location("trl_loss", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(["--shapes", "6x5", "--configs", "grpo:0,dapo:0.1", "--rounds", "2",
+    assert module.main(["--shapes", "6x5", "--configs", "grpo:0,dapo:0.1:corrected", "--rounds", "2",
                         "--no-write"]) == 0
     out = capsys.readouterr().out
     assert out.count("iama loss_impl=auto") == 4  # two progress lines and two table rows

@@ -108,7 +108,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         "mean": _run(IAMAGRPOTrainer, model_dir, out / "mean", objective=Objective(
             [Criterion("long", Mean()), Criterion("short", Mean())], WeightedSum(w[::-1]))),
         "best_of": _run(IAMAGRPOTrainer, model_dir, out / "best_of",
-                        {"loss_type": "dapo", "beta": 0.1, "use_bias_correction_kl": False},
+                        {"loss_type": "dapo", "beta": 0.1},  # TRL's default bias-corrected KL
                         objective=BEST_OF, loss_impl="auto"),
     }
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")

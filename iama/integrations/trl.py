@@ -36,6 +36,7 @@ from trl import GRPOTrainer
 from iama_kernels import Objective, policy_loss
 from iama_kernels._checks import ESTIMATORS, check_choice
 from iama_kernels.advantages.reference import batch_values
+from iama_kernels.policy_loss.reference import token_weights
 
 from .flat import criterion_columns, flat_group_advantages
 
@@ -71,8 +72,11 @@ class IAMAGRPOTrainer(GRPOTrainer):
             It covers TRL's ``loss_type`` ``"grpo"``, ``"bnpo"``, ``"dr_grpo"`` and ``"dapo"``
             with token-level ratios; a setting it does not cover (sequence-level importance
             sampling, ``delta``, entropy masks or bonus, the off-policy mask, vLLM
-            importance-sampling correction, ``use_bias_correction_kl`` with ``beta > 0``) is a
-            ``ValueError`` when the trainer is built. It logs TRL's ``kl``, ``entropy`` and
+            importance-sampling correction) is a ``ValueError`` when the trainer is built. With
+            ``use_bias_correction_kl`` (TRL's default) and ``beta > 0`` the KL term is TRL's
+            ratio-weighted ``rho * k3``: the kernel computes the clipped surrogate and that term
+            is added in PyTorch with the same normaliser (its gradient ``beta * rho * (logp -
+            ref)`` is not the kernel's). It logs TRL's ``kl``, ``entropy`` and
             ``clip_ratio/region_mean``, not the low/high clip split.
 
     Logged next to TRL's metrics: ``iama/lambda/<criterion>`` (the weight ``dg/dR`` of each
@@ -135,9 +139,6 @@ class IAMAGRPOTrainer(GRPOTrainer):
             refused.append("an entropy bonus (entropy_coef / adaptive entropy)")
         if self.use_vllm and self.vllm_importance_sampling_correction:
             refused.append("vllm_importance_sampling_correction=True")
-        if self.beta != 0.0 and args.use_bias_correction_kl:
-            refused.append("use_bias_correction_kl=True with beta > 0 (set it to False: the KL "
-                           "term is the plain k3 estimator)")
         if refused:
             raise ValueError(f"IAMAGRPOTrainer: loss_impl={self.loss_impl!r} does not cover "
                              + "; ".join(refused) + ". Use loss_impl=None for TRL's own loss.")
@@ -202,13 +203,24 @@ class IAMAGRPOTrainer(GRPOTrainer):
         if advantages.dim() != 1:
             raise ValueError(f"IAMAGRPOTrainer: loss_impl needs one advantage per completion, got "
                              f"advantages of shape {tuple(advantages.shape)}")
+        old = inputs.get("old_per_token_logps")
+        ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
+        max_length = self.max_completion_length if kind == "dr_grpo" else None
+        # TRL's bias-corrected KL, rho * k3, is added below; the kernel then runs without a KL.
+        corrected = ref is not None and self.args.use_bias_correction_kl
         out = policy_loss(
-            logps, inputs.get("old_per_token_logps"),
-            inputs["ref_per_token_logps"] if self.beta != 0.0 else None, advantages, mask,
-            eps_low=self.epsilon_low, eps_high=self.epsilon_high, beta=self.beta, loss_type=kind,
-            max_completion_length=self.max_completion_length if kind == "dr_grpo" else None,
+            logps, old, None if corrected else ref, advantages, mask,
+            eps_low=self.epsilon_low, eps_high=self.epsilon_high,
+            beta=0.0 if corrected else self.beta, loss_type=kind, max_completion_length=max_length,
             impl=self.loss_impl,
         )
+        loss = out.loss
+        if corrected:
+            rho = torch.exp(logps - (logps.detach() if old is None else old))
+            d = ref - logps
+            per_token_kl = rho * (torch.exp(d) - d - 1)
+            weights = token_weights(mask, kind, max_length, per_token_kl.dtype)
+            loss = loss + self.beta * (per_token_kl * weights).sum()
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         tokens = mask.sum().to(out.loss.dtype)
@@ -216,14 +228,15 @@ class IAMAGRPOTrainer(GRPOTrainer):
             items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 items = items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            loss = out.loss * tokens / items
+            loss = loss * tokens / items
         else:
-            loss = out.loss / accumulation
+            loss = loss / accumulation
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         # Token-weighted means over every process, as TRL reports them; one reduction for all.
-        weighted = torch.stack([out.kl * tokens, out.clip_fraction * tokens,
+        kl_sum = (per_token_kl.detach() * mask).sum().to(tokens.dtype) if corrected else out.kl * tokens
+        weighted = torch.stack([kl_sum, out.clip_fraction * tokens,
                                 (entropies.detach() * mask).sum().to(tokens.dtype), tokens])
         kl_sum, clip_sum, entropy_sum, count = self.accelerator.reduce(weighted, reduction="sum").tolist()
         count = max(count, 1.0)
