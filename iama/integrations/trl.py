@@ -206,13 +206,26 @@ class IAMAGRPOTrainer(GRPOTrainer):
         old = inputs.get("old_per_token_logps")
         ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
         max_length = self.max_completion_length if kind == "dr_grpo" else None
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        tokens = mask.sum().to(torch.float64 if logps.dtype == torch.float64 else torch.float32)
+        if normaliser == "items":  # TRL's DAPO: token sum over the window's share of the batch
+            items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                items = items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            scale = tokens / items
+        else:
+            scale = 1.0 / accumulation
         # TRL's bias-corrected KL, rho * k3, is added below; the kernel then runs without a KL.
         corrected = ref is not None and self.args.use_bias_correction_kl
+        # The normaliser goes into the kernel's inputs rather than onto its loss: the surrogate is
+        # linear in the advantages (scale > 0) and the KL term in beta, so the kernel's loss comes
+        # out scaled and its backward hands back the saved gradient with no pass to rescale it.
+        kernel_beta = 0.0 if corrected or ref is None else self.beta * float(scale)
         out = policy_loss(
-            logps, old, None if corrected else ref, advantages, mask,
-            eps_low=self.epsilon_low, eps_high=self.epsilon_high,
-            beta=0.0 if corrected else self.beta, loss_type=kind, max_completion_length=max_length,
-            impl=self.loss_impl,
+            logps, old, None if corrected else ref, advantages * scale, mask,
+            eps_low=self.epsilon_low, eps_high=self.epsilon_high, beta=kernel_beta,
+            loss_type=kind, max_completion_length=max_length, impl=self.loss_impl,
         )
         loss = out.loss
         if corrected:
@@ -220,17 +233,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
             d = ref - logps
             per_token_kl = rho * (torch.exp(d) - d - 1)
             weights = token_weights(mask, kind, max_length, per_token_kl.dtype)
-            loss = loss + self.beta * (per_token_kl * weights).sum()
-        mode = "train" if self.model.training else "eval"
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        tokens = mask.sum().to(out.loss.dtype)
-        if normaliser == "items":  # TRL's DAPO: token sum over the window's share of the batch
-            items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                items = items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            loss = loss * tokens / items
-        else:
-            loss = loss / accumulation
+            loss = loss + (self.beta * scale) * (per_token_kl * weights).sum()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
