@@ -154,8 +154,12 @@ def test_indexed_float32_with_unscored_rows(impl: str) -> None:
 def test_indexed_bad_group_ids() -> None:
     rewards = _rewards(2, 3, 2)
     names = ["short", "long"]
-    with pytest.raises(ValueError, match=r"one id per row \(\[6\]\), got 5"):
+    with pytest.raises(ValueError, match=r"one id per row \(\[6\]\), got shape \(5,\)"):
         indexed_group_advantages(rewards, torch.zeros(5, dtype=torch.long), OBJECTIVE, names)
+    with pytest.raises(ValueError, match=r"one id per row \(\[6\]\), got shape \(6, 1\)"):
+        indexed_group_advantages(rewards, torch.zeros(6, 1, dtype=torch.long), OBJECTIVE, names)
+    with pytest.raises(ValueError, match=r"one id per row \(\[6\]\), got 5 ids"):
+        indexed_group_advantages(rewards, [0] * 5, OBJECTIVE, names)
     with pytest.raises(TypeError, match="integer tensor"):
         indexed_group_advantages(rewards, torch.zeros(6), OBJECTIVE, names)
     with pytest.raises(TypeError, match="hashable"):
@@ -164,3 +168,22 @@ def test_indexed_bad_group_ids() -> None:
         indexed_group_advantages(rewards, "abcdef", OBJECTIVE, names)
     with pytest.raises(ValueError, match="at least n=3 valid samples per group, but group 1 has 2"):
         indexed_group_advantages(rewards, [0, 0, 0, 1, 1, 2], OBJECTIVE, names, estimator="unbiased")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16])
+def test_integer_tensor_ids_are_numbered_on_their_device_by_first_appearance(dtype) -> None:
+    """The tensor path (no copy to the host) numbers groups as the Python path does."""
+    from iama.integrations.flat import _group_codes
+
+    g = torch.Generator().manual_seed(11)
+    pool = torch.tensor([-7, 0, 3, 1000, -2**14, 2**14 - 1, 42], dtype=dtype)
+    ids = pool[torch.randint(0, len(pool), (50,), generator=g)]
+    codes = _group_codes(ids, 50, torch.device("cpu"))
+    assert codes.dtype == torch.int64
+    torch.testing.assert_close(codes, _group_codes(ids.tolist(), 50, torch.device("cpu")), rtol=0, atol=0)
+    assert codes[0] == 0 and int(codes.max()) + 1 == len(ids.unique())
+    rewards = _rewards(1, 50, 2, seed=12)
+    by_tensor, _ = indexed_group_advantages(rewards, ids, OBJECTIVE, ["short", "long"], impl="reference")
+    by_list, _ = indexed_group_advantages(rewards, ids.tolist(), OBJECTIVE, ["short", "long"],
+                                          impl="reference")
+    torch.testing.assert_close(by_tensor, by_list, rtol=0, atol=0)

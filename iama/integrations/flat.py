@@ -161,12 +161,14 @@ def _group_codes(group_ids: torch.Tensor | Sequence[Hashable], n_rows: int,
     if isinstance(group_ids, torch.Tensor):
         if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex or group_ids.dtype == torch.bool:
             raise TypeError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
-        ids = group_ids.tolist()
-    elif isinstance(group_ids, (str, bytes)) or not hasattr(group_ids, "__len__"):
+        if tuple(group_ids.shape) != (n_rows,):
+            raise ValueError(f"group_ids must have one id per row ([{n_rows}]), got shape "
+                             f"{tuple(group_ids.shape)}")
+        return _tensor_group_codes(group_ids.to(device))
+    if isinstance(group_ids, (str, bytes)) or not hasattr(group_ids, "__len__"):
         raise TypeError(f"group_ids must be a tensor or a sequence of ids, got {type(group_ids).__name__}")
-    else:
-        ids = list(group_ids)
-    if len(ids) != n_rows or (isinstance(group_ids, torch.Tensor) and group_ids.ndim != 1):
+    ids = list(group_ids)
+    if len(ids) != n_rows:
         raise ValueError(f"group_ids must have one id per row ([{n_rows}]), got {len(ids)} ids")
     first: dict[Hashable, int] = {}
     try:
@@ -174,6 +176,18 @@ def _group_codes(group_ids: torch.Tensor | Sequence[Hashable], n_rows: int,
     except TypeError as error:
         raise TypeError(f"group_ids must be hashable ids: {error}") from None
     return torch.tensor(codes, dtype=torch.int64, device=device)
+
+
+def _tensor_group_codes(ids: torch.Tensor) -> torch.Tensor:
+    """:func:`_group_codes` of an integer tensor on its own device (no copy to the host): the
+    sorted unique ids renumbered by the row where each first appears."""
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    first = torch.full((unique.shape[0],), ids.shape[0], dtype=torch.int64, device=ids.device)
+    first = first.scatter_reduce(0, inverse, rows, reduce="amin")
+    number = torch.empty_like(first)
+    number[torch.argsort(first)] = torch.arange(unique.shape[0], device=ids.device)
+    return number[inverse]
 
 
 def _unscored_rows(rewards: torch.Tensor, column_names: Sequence[str]) -> torch.Tensor:
