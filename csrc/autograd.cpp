@@ -53,17 +53,18 @@ struct PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction>
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
                                const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages,
                                const at::Tensor& mask, double eps_low, double eps_high, double beta,
-                               c10::string_view loss_type, std::optional<int64_t> max_completion_length) {
+                               c10::string_view loss_type, std::optional<int64_t> max_completion_length,
+                               bool ratio_kl) {
     static const auto op = typed_op<decltype(policy_loss_fwd)>("iama::policy_loss_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, kl, clip, ratio, grad] =
-        op.call(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length);
+    auto [loss, kl, clip, ratio, grad] = op.call(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,
+                                                 loss_type, max_completion_length, ratio_kl);
     ctx->save_for_backward({grad.detach()});
     ctx->mark_non_differentiable({kl, clip, ratio, grad});
     return {loss, kl, clip, ratio, grad};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(10);
+    variable_list out(11);
     out[0] = scaled(ctx, grads[0]);
     return out;
   }
@@ -95,9 +96,9 @@ struct NonlinearGRPOFunction : public torch::autograd::Function<NonlinearGRPOFun
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_autograd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
-    c10::string_view loss_type, std::optional<int64_t> max_completion_length) {
+    c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl) {
   const variable_list o = PolicyLossFunction::apply(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high,
-                                                    beta, loss_type, max_completion_length);
+                                                    beta, loss_type, max_completion_length, ratio_kl);
   return {o[0], o[1], o[2], o[3], o[4]};
 }
 

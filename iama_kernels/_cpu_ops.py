@@ -50,7 +50,7 @@ def _token_outputs_fake(logp: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 @torch.library.register_fake("iama::policy_loss_fwd")
 def _policy_loss_fwd_fake(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,  # type: ignore[no-untyped-def]
-                          loss_type, max_completion_length):
+                          loss_type, max_completion_length, ratio_kl=False):
     torch._check(logp.dim() == 2, lambda: "logp must have shape [S, T]")
     return _token_outputs_fake(logp)
 

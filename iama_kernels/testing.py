@@ -419,11 +419,13 @@ def policy_loss_by_loops(
     beta: float = 0.0,
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
+    kl_weight: str = "none",
 ) -> LoopPolicyLoss:
     """SPEC section 5 token by token in plain Python float64 loops: loss, gradient and metrics.
 
     The gradient is the SPEC's closed form ``-(rho A unless clipped) + beta (1 - exp(ref - logp))``
-    times the token's aggregation weight; "clipped" is TRL's definition (``rho < 1 - eps_low`` with
+    times the token's aggregation weight (with ``kl_weight="ratio"`` the KL is ``rho * k3`` and its
+    derivative ``rho (logp - ref)``); "clipped" is TRL's definition (``rho < 1 - eps_low`` with
     ``A < 0`` or ``rho > 1 + eps_high`` with ``A > 0``), which is also ``clip_fraction``. Tokens
     with mask 0 are skipped before their values are read. ``mask`` values are token weights.
     """
@@ -460,6 +462,8 @@ def policy_loss_by_loops(
                 d = ref[s][t] - lp[s][t]
                 kl = math.exp(d) - d - 1
                 dkl = 1 - math.exp(d)
+                if kl_weight == "ratio":
+                    kl, dkl = rho * kl, -rho * d
             loss_terms.append(agg * (beta * kl - surr))
             grad[s][t] = agg * (-(0.0 if clipped else rho * A) + beta * dkl)
             kl_terms.append(w * kl)

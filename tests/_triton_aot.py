@@ -119,6 +119,9 @@ def main() -> None:
     for loss_type, old, ref in [(0, True, True), (1, False, True), (2, True, False)]:
         compile_kernel(_policy_loss_fwd_kernel, {"HAS_OLD": old, "HAS_REF": ref, "LOSS_TYPE": loss_type,
                                                  "WRITE_GRAD": True, "BLOCK_T": 1024, "NP": 8}, 8)
+    ratio_kl = {"HAS_OLD": True, "HAS_REF": True, "LOSS_TYPE": 1, "WRITE_GRAD": True, "BLOCK_T": 1024,
+                "NP": 8, "RATIO_KL": True}  # TRL's bias-corrected KL
+    compile_kernel(_policy_loss_fwd_kernel, ratio_kl, 8)
     compile_kernel(_finalize_kernel, {"LOSS_TYPE": 1, "NP": 8, "BLOCK_P": 1024}, 4)
     for BG, M in [(2, 1), (16, 2), (32, 3), (128, 1)]:
         compile_kernel(_nonlinear_grpo_fwd_kernel, {"BG": BG, "M": M, "SCALE": 1, "HAS_OLD": True,

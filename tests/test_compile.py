@@ -98,12 +98,13 @@ def test_group_advantages_compiles(impl):
     _assert_same(torch.compile(fn, fullgraph=True)(rewards, valid), fn(rewards, valid))
 
 
-def test_policy_loss_compiles_and_backpropagates(impl):
+@pytest.mark.parametrize("kl_weight", ["none", "ratio"])
+def test_policy_loss_compiles_and_backpropagates(impl, kl_weight):
     logp, old, ref, mask = _token_inputs(6, 33)
     adv = torch.randn(6)
 
     def fn(lp: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(policy_loss(lp, old, ref, adv, mask, beta=0.04, impl=impl))
+        return tuple(policy_loss(lp, old, ref, adv, mask, beta=0.04, kl_weight=kl_weight, impl=impl))
 
     results = []
     for f in (torch.compile(fn, fullgraph=True), fn):

@@ -369,6 +369,28 @@ def test_policy_loss_matches_reference(cpu_ext, loss_type, dtype, mask_kind):
         assert torch.isfinite(grad).all() and torch.equal(grad[padding], torch.zeros_like(grad[padding]))
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "token", "dr_grpo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["bool", "int64", "float"])
+def test_policy_loss_ratio_weighted_kl_matches_reference(cpu_ext, loss_type, dtype, mask_kind):
+    """kl_weight="ratio" (TRL's bias-corrected KL); float32 + bool takes the templated row, not
+    the hand-vectorised one, which has no ratio-weighted KL."""
+    S, T = 9, 131
+    logp, old, ref, adv, mask = _token_inputs(S, T, dtype, mask_kind=mask_kind)
+    for with_old in (True, False):
+        o = old if with_old else None
+        kw = dict(eps_low=0.2, eps_high=0.28, beta=0.07, loss_type=loss_type, kl_weight="ratio",
+                  max_completion_length=150 if loss_type == "dr_grpo" else None)
+        out, grad = _loss_and_grad("cpu", logp, o, ref, adv, mask, **kw)
+        _, ref_grad = _loss_and_grad("reference", logp, o, ref, adv, mask, **kw)
+        o64 = None if o is None else o.double()
+        oracle, grad64 = _loss_and_grad("reference", logp.double(), o64, ref.double(), adv, mask, **kw)
+        _check_all(out, oracle, _rel(dtype))
+        assert_matches_reference(grad, grad64, ref_grad, factor=2.0, rel=_rel(dtype), name="grad")
+        _, plain_grad = _loss_and_grad("cpu", logp, o, ref, adv, mask, **dict(kw, kl_weight="none"))
+        assert not torch.equal(grad, plain_grad)
+
+
 def test_policy_loss_matches_the_loop_oracle(cpu_ext):
     logp, old, ref, adv, mask = _token_inputs(5, 70, torch.float64, mask_kind="float")
     for loss_type in ("grpo", "token", "dr_grpo"):
@@ -535,12 +557,13 @@ def _op_samples() -> list[tuple[str, tuple]]:
         ("group_advantages", (r.double(), None, lam, *codes, "plugin", "batch", 0.0)),
         ("policy_loss_fwd", (logp, old, ref, adv, mask, 0.2, 0.2, 0.04, "grpo", None)),
         ("policy_loss_fwd", (logp, None, None, adv, mask.float(), 0.1, 0.3, 0.0, "dr_grpo", 12)),
+        ("policy_loss_fwd", (logp, old, ref, adv, mask.long(), 0.2, 0.28, 0.1, "token", None, True)),
         ("nonlinear_grpo_fwd", (logp, old, ref, mask, r, lam, *codes, "plugin", "group", 1e-4, 0.2, 0.2, 0.04,
                                 "token", None)),
     ]
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(8))
 def test_opcheck(cpu_ext, index):
     name, args = _op_samples()[index]
     torch.library.opcheck(getattr(torch.ops.iama, name).default, args)

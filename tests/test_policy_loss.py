@@ -237,3 +237,50 @@ def test_property_against_loops(S: int, T: int, seed: int, loss_type: str, beta:
     torch.testing.assert_close(grad.double(), want.grad, rtol=0, atol=tol)
     for name in ("kl", "clip_fraction", "ratio_mean"):
         torch.testing.assert_close(getattr(out, name).double(), getattr(want, name), rtol=0, atol=tol)
+
+
+# --- kl_weight="ratio": TRL's bias-corrected KL, rho * k3 ---------------------------------------
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("with_old", [True, False])
+def test_ratio_weighted_kl_against_hand_computation(loss_type: str, with_old: bool) -> None:
+    """Loss, metrics and the closed-form gradient ``beta rho (logp - ref)`` of the KL term."""
+    inp = _inputs(seed=31 + len(loss_type))
+    if not with_old:
+        inp = dict(inp, old_logp=None)  # ratio 1, but its derivative still weights the KL
+    kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.1, "loss_type": loss_type, "kl_weight": "ratio"}
+    out, grad = _run(inp, **kw)
+    want = policy_loss_by_loops(inp["logp"], inp["old_logp"], inp["ref_logp"], inp["advantages"],
+                                inp["mask"], **kw)
+    for name in ("loss", "kl", "clip_fraction", "ratio_mean"):
+        torch.testing.assert_close(getattr(out, name), getattr(want, name), rtol=0, atol=1e-13)
+    torch.testing.assert_close(grad, want.grad, rtol=0, atol=1e-13)
+    plain, plain_grad = _run(inp, **dict(kw, kl_weight="none"))
+    assert (grad - plain_grad).abs().max() > 1e-3  # the weighting changes the gradient
+    if with_old:
+        assert abs(float(out.kl) - float(plain.kl)) > 1e-4  # and the kl metric
+    else:
+        torch.testing.assert_close(out.loss, plain.loss, rtol=0, atol=1e-15)  # rho = 1: same value
+
+
+def test_ratio_weighted_kl_matches_autograd_of_the_formula() -> None:
+    """Independently of the oracle: autograd of sum_w (beta rho k3 - surrogate) in float64."""
+    inp = _inputs(seed=40)
+    out, grad = _run(inp, beta=0.3, kl_weight="ratio", loss_type="token")
+    logp = inp["logp"].clone().requires_grad_(True)
+    m = inp["mask"].double()
+    rho = torch.exp(logp - inp["old_logp"])
+    d = inp["ref_logp"] - logp
+    A = inp["advantages"].unsqueeze(1)
+    surrogate = torch.where(rho * A <= rho.clamp(0.8, 1.2) * A, rho * A, (rho.clamp(0.8, 1.2) * A).detach())
+    loss = ((0.3 * rho * (torch.exp(d) - d - 1) - surrogate) * m).sum() / m.sum()
+    (want,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(out.loss, loss.detach(), rtol=0, atol=1e-13)
+    torch.testing.assert_close(grad, want, rtol=0, atol=1e-13)
+
+
+def test_kl_weight_is_checked() -> None:
+    inp = _inputs()
+    with pytest.raises(ValueError, match=r"kl_weight must be one of \('none', 'ratio'\)"):
+        _run(inp, beta=0.1, kl_weight="rho")

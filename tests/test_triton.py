@@ -300,6 +300,28 @@ def test_policy_loss_matches_reference(
     assert torch.equal(grad[~mask.bool()], torch.zeros_like(grad[~mask.bool()]))
 
 
+@pytest.mark.parametrize("has_old", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_type", ["grpo", "token"])
+def test_policy_loss_ratio_weighted_kl(lane: Lane, loss_type: str, dtype: torch.dtype, has_old: bool) -> None:
+    """kl_weight="ratio" (TRL's bias-corrected KL: rho * k3, gradient beta rho (logp - ref))."""
+    S = 6 if lane.device.type == "cpu" else 300
+    logp, old, ref, mask = _token_inputs(lane, S, dtype, seed=50 + has_old)
+    old = old if has_old else None
+    adv = torch.randn(S, generator=torch.Generator().manual_seed(2)).to(lane.device)
+    kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.1, "loss_type": loss_type, "kl_weight": "ratio"}
+    x = logp.detach().clone().requires_grad_(True)
+    out = policy_loss(x, old, ref, adv, mask, impl="triton", **kw)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    (oracle, grad64), (same, grad_same) = reference_grad_pair(policy_loss, logp, old, ref, adv, mask, **kw)
+    name = f"ratio kl {loss_type} {dtype} old={has_old}"
+    _loss_fields(out, oracle, same, name)
+    _close(grad, grad64, grad_same, name=f"{name}: grad")
+    plain = policy_loss(logp, old, ref, adv, mask, impl="triton", **dict(kw, kl_weight="none"))
+    if has_old:
+        assert not torch.equal(out.kl, plain.kl)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_row_extents_on_aligned_rows(lane: Lane, dtype: torch.dtype) -> None:
     """Rows of a multiple of 16 tokens (on a GPU: the specialisation with 16-byte loads bounded by

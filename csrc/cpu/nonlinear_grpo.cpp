@@ -26,7 +26,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     values = v;
   }
   auto [loss, kl, clip, ratio, grad] = policy_loss_fwd(logp, old_logp, ref_logp, adv.reshape({-1}), mask, eps_low,
-                                                       eps_high, beta, loss_type, max_completion_length);
+                                                       eps_high, beta, loss_type, max_completion_length,
+                                                       /*ratio_kl=*/false);
   return {loss, adv, kl, clip, ratio, values, grad};
 }
 

@@ -24,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_advantages(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
-    c10::string_view loss_type, std::optional<int64_t> max_completion_length);
+    c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl);
 
 // -> (loss, advantages [B, G], kl, clip_fraction, ratio_mean, values [B, m], grad [B * G, T]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nonlinear_grpo_fwd(

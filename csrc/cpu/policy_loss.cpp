@@ -28,7 +28,7 @@ at::Tensor rows_contiguous(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
-    c10::string_view loss_type, std::optional<int64_t> max_completion_length) {
+    c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl) {
   check_cpu(logp, "logp");
   check_floating(logp, "logp");
   TORCH_CHECK_VALUE(logp.dim() == 2, "logp must have shape [S, T], got ", logp.sizes());
@@ -89,6 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_lo
                                         : TokenDtype::kBFloat16;
   p.aux_in_compute_dtype = mixed;
   p.mask_kind = mask_kind;
+  p.ratio_kl = ratio_kl;
   p.logp = lp.const_data_ptr();
   p.old = old.const_data_ptr();
   p.ref = ref.const_data_ptr();

@@ -19,6 +19,7 @@ struct TokenProblem {
   TokenDtype logp_dtype = TokenDtype::kFloat32;
   bool aux_in_compute_dtype = false;  // old/ref stored in the compute dtype instead of logp's
   MaskKind mask_kind = MaskKind::kByte;
+  bool ratio_kl = false;              // KL term ratio * k3 (TRL's use_bias_correction_kl)
   const void* logp = nullptr;
   const void* old = nullptr;
   const void* ref = nullptr;

@@ -37,17 +37,24 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       const aux_t* ref_row = static_cast<const aux_t*>(p.ref) + r * p.s_ref;
       lp_t* grad_row = static_cast<lp_t*>(p.grad) + r * p.T;
       RowSums sums;
+      bool done = false;
 #ifdef IAMA_TOKEN_ROW_F32_BYTE
-      // A build with a hand-vectorised row for the most common case (float32, bool mask) uses it.
+      // A build with a hand-vectorised row for the most common case (float32, bool mask, plain
+      // k3) uses it; the ratio-weighted KL takes the templated row.
       if constexpr (std::is_same_v<lp_t, float> && std::is_same_v<aux_t, float> && std::is_same_v<mask_t, uint8_t>) {
-        sums = policy_loss_row_f32_byte(lp_row, old_row, ref_row, mk, p.T, static_cast<float>(p.adv[r]),
-                                        static_cast<float>(w_scale), lo, hi, beta, grad_row);
-      } else
+        if (!p.ratio_kl) {
+          sums = policy_loss_row_f32_byte(lp_row, old_row, ref_row, mk, p.T, static_cast<float>(p.adv[r]),
+                                          static_cast<float>(w_scale), lo, hi, beta, grad_row);
+          done = true;
+        }
+      }
 #endif
-      {
-        sums = policy_loss_row<lp_t, aux_t, mask_t, acc_t>(lp_row, old_row, ref_row, mk, p.T,
-                                                           static_cast<acc_t>(p.adv[r]), static_cast<acc_t>(w_scale),
-                                                           lo, hi, beta, grad_row);
+      if (!done) {
+        const acc_t A = static_cast<acc_t>(p.adv[r]), ws = static_cast<acc_t>(w_scale);
+        sums = p.ratio_kl ? policy_loss_row<lp_t, aux_t, mask_t, acc_t, true>(lp_row, old_row, ref_row, mk, p.T, A, ws,
+                                                                              lo, hi, beta, grad_row)
+                          : policy_loss_row<lp_t, aux_t, mask_t, acc_t, false>(lp_row, old_row, ref_row, mk, p.T, A,
+                                                                               ws, lo, hi, beta, grad_row);
       }
       double* out = rows.data() + r * kRowFields;
       out[0] = sums.loss;
@@ -75,7 +82,8 @@ void dispatch_mask(const TokenProblem& p, std::vector<double>& rows) {
   }
 }
 
-// logp dtype x (old/ref in logp's dtype or in float32) x mask kind: 18 instantiations.
+// logp dtype x (old/ref in logp's dtype or in float32) x mask kind (x plain or ratio KL):
+// 18 token kernels, 36 row instantiations.
 inline void dispatch_token_pass(const TokenProblem& p, std::vector<double>& rows) {
   switch (p.logp_dtype) {
     case TokenDtype::kFloat32:

@@ -36,7 +36,6 @@ from trl import GRPOTrainer
 from iama_kernels import Objective, policy_loss
 from iama_kernels._checks import ESTIMATORS, check_choice
 from iama_kernels.advantages.reference import batch_values
-from iama_kernels.policy_loss.reference import token_weights
 
 from .flat import criterion_columns, flat_group_advantages
 
@@ -74,10 +73,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
             sampling, ``delta``, entropy masks or bonus, the off-policy mask, vLLM
             importance-sampling correction) is a ``ValueError`` when the trainer is built. With
             ``use_bias_correction_kl`` (TRL's default) and ``beta > 0`` the KL term is TRL's
-            ratio-weighted ``rho * k3``: the kernel computes the clipped surrogate and that term
-            is added in PyTorch with the same normaliser (its gradient ``beta * rho * (logp -
-            ref)`` is not the kernel's). It logs TRL's ``kl``, ``entropy`` and
-            ``clip_ratio/region_mean``, not the low/high clip split.
+            ratio-weighted ``rho * k3``, the kernel's ``kl_weight="ratio"``. It logs TRL's
+            ``kl``, ``entropy`` and ``clip_ratio/region_mean``, not the low/high clip split.
 
     Logged next to TRL's metrics: ``iama/lambda/<criterion>`` (the weight ``dg/dR`` of each
     criterion) and ``iama/value/<criterion>`` (the batch's estimate of the criterion's value
@@ -216,30 +213,24 @@ class IAMAGRPOTrainer(GRPOTrainer):
             scale = tokens / items
         else:
             scale = 1.0 / accumulation
-        # TRL's bias-corrected KL, rho * k3, is added below; the kernel then runs without a KL.
-        corrected = ref is not None and self.args.use_bias_correction_kl
         # The normaliser goes into the kernel's inputs rather than onto its loss: the surrogate is
         # linear in the advantages (scale > 0) and the KL term in beta, so the kernel's loss comes
         # out scaled and its backward hands back the saved gradient with no pass to rescale it.
-        kernel_beta = 0.0 if corrected or ref is None else self.beta * float(scale)
+        # TRL's use_bias_correction_kl is the kernel's ratio-weighted KL (rho * k3).
         out = policy_loss(
-            logps, old, None if corrected else ref, advantages * scale, mask,
-            eps_low=self.epsilon_low, eps_high=self.epsilon_high, beta=kernel_beta,
-            loss_type=kind, max_completion_length=max_length, impl=self.loss_impl,
+            logps, old, ref, advantages * scale, mask,
+            eps_low=self.epsilon_low, eps_high=self.epsilon_high,
+            beta=0.0 if ref is None else self.beta * float(scale), loss_type=kind,
+            max_completion_length=max_length,
+            kl_weight="ratio" if ref is not None and self.args.use_bias_correction_kl else "none",
+            impl=self.loss_impl,
         )
         loss = out.loss
-        if corrected:
-            rho = torch.exp(logps - (logps.detach() if old is None else old))
-            d = ref - logps
-            per_token_kl = rho * (torch.exp(d) - d - 1)
-            weights = token_weights(mask, kind, max_length, per_token_kl.dtype)
-            loss = loss + (self.beta * scale) * (per_token_kl * weights).sum()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         # Token-weighted means over every process, as TRL reports them; one reduction for all.
-        kl_sum = (per_token_kl.detach() * mask).sum().to(tokens.dtype) if corrected else out.kl * tokens
-        weighted = torch.stack([kl_sum, out.clip_fraction * tokens,
+        weighted = torch.stack([out.kl * tokens, out.clip_fraction * tokens,
                                 (entropies.detach() * mask).sum().to(tokens.dtype), tokens])
         kl_sum, clip_sum, entropy_sum, count = self.accelerator.reduce(weighted, reduction="sum").tolist()
         count = max(count, 1.0)

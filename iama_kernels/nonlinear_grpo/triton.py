@@ -88,7 +88,7 @@ def _nonlinear_grpo_fwd_kernel(
             a, b * G + j, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr,
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
             T, eps_low, eps_high, beta, norm, loss, kl, clip, ratio,
-            HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T,
+            HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, False,  # plain k3 (no RATIO_KL)
         )
         msum += r_m
     _store_partials(partial_ptr, b * tl.num_programs(1) + split, loss, msum, kl, clip, ratio, NP)

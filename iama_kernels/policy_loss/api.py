@@ -9,6 +9,7 @@ import torch
 from .. import _cpu_backend as _cb
 from .. import _triton_backend as _tb
 from .._checks import (
+    KL_WEIGHTS,
     LOSS_TYPES,
     check_choice,
     check_float,
@@ -99,6 +100,7 @@ def policy_loss(
     beta: float = 0.0,
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
+    kl_weight: str = "none",
     impl: str = "auto",
 ) -> PolicyLossOutput:
     """Clipped-ratio surrogate plus k3 KL penalty: one mirror-descent step as a GRPO loss.
@@ -122,17 +124,23 @@ def policy_loss(
             an empty mask contributes 0 and still counts as a sequence), ``"token"`` (sum over
             tokens / number of tokens; DAPO) or ``"dr_grpo"`` (sum / (S * max_completion_length)).
         max_completion_length: the ``dr_grpo`` normaliser; defaults to ``T``.
+        kl_weight: ``"none"`` (the k3 estimator above) or ``"ratio"``: each token's k3 weighted
+            by its ratio, ``rho * kl_t`` with ``rho`` not detached (TRL's
+            ``use_bias_correction_kl``), whose gradient is ``beta rho (logp - ref)``; the ``kl``
+            metric is then the mean of ``rho * kl_t``.
         impl: ``"auto"`` or an explicit backend name.
 
     Returns:
         :class:`~iama_kernels.PolicyLossOutput` of scalars (float64 for float64 ``logp``, else
         float32): ``loss`` and the detached metrics ``kl``, ``clip_fraction``, ``ratio_mean``
         (mask-weighted means over tokens). ``d loss / d logp_t = w_t (-(rho A if the unclipped
-        term is active else 0) + beta (1 - exp(ref - logp)))``.
+        term is active else 0) + beta (1 - exp(ref - logp)))`` (``beta rho (logp - ref)`` in
+        place of the last term with ``kl_weight="ratio"``).
     """
     eps_low, eps_high, beta = check_token_inputs(
         logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_type, max_completion_length
     )
+    check_choice("kl_weight", kl_weight, KL_WEIGHTS)
     advantages = check_float("advantages", advantages)
     if tuple(advantages.shape) != (logp.shape[0],):
         raise ValueError(f"advantages must have shape [S] = [{logp.shape[0]}], "
@@ -147,4 +155,4 @@ def policy_loss(
                  "row_span": row_span(logp, old_logp, ref_logp, mask)})
     backend = choose("policy_loss", impl, _POLICY_LOSS_BACKENDS, call)
     return backend.run(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,
-                       loss_type, max_completion_length)
+                       loss_type, max_completion_length, kl_weight)

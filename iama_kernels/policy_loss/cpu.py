@@ -23,9 +23,11 @@ def policy_loss_cpu(
     beta: float = 0.0,
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
+    kl_weight: str = "none",
 ) -> PolicyLossOutput:
     """``[S, T]`` log-probs, ``[S]`` advantages, ``[S, T]`` mask -> :class:`PolicyLossOutput`."""
     loss, kl, clip_fraction, ratio_mean, _ = torch.ops.iama.policy_loss_fwd(
-        logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length
+        logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length,
+        kl_weight == "ratio",
     )
     return PolicyLossOutput(loss, kl.detach(), clip_fraction.detach(), ratio_mean.detach())

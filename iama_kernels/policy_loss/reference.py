@@ -44,6 +44,7 @@ def policy_loss_ref(
     beta: float = 0.0,
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
+    kl_weight: str = "none",
 ) -> PolicyLossOutput:
     """Reference :func:`iama_kernels.policy_loss`; arguments already validated."""
     dtype = compute_dtype(logp.dtype)
@@ -62,6 +63,8 @@ def policy_loss_ref(
     else:
         d = torch.where(keep, ref_logp.to(dtype), zero) - lp
         kl = torch.exp(d) - d - 1
+        if kl_weight == "ratio":  # rho * k3 with rho not detached: gradient beta rho (logp - ref)
+            kl = ratio * kl
     per_token = beta * kl - surrogate
 
     w = token_weights(mask, loss_type, max_completion_length, dtype)
@@ -70,7 +73,7 @@ def policy_loss_ref(
     m = mask.to(dtype)
     tokens = m.sum().clamp(min=1)
     with torch.no_grad():
-        kl_mean = (kl * m).sum() / tokens
+        kl_mean = (kl.detach() * m).sum() / tokens
         clip_fraction = ((~unclipped_active).to(dtype) * m).sum() / tokens
         ratio_mean = (ratio * m).sum() / tokens
     return PolicyLossOutput(loss, kl_mean.detach(), clip_fraction, ratio_mean.detach())

@@ -86,7 +86,7 @@ def _token_row(
     s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
     T, eps_low, eps_high, beta, norm, loss_acc, kl_acc, clip_acc, ratio_acc,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, RATIO_KL: tl.constexpr,
 ):
     """Stream one row with advantage ``a`` into the program's per-lane ``[BLOCK_T]`` sums of the
     weighted loss, kl, clipped and ratio terms; returns them and the row's mask total.
@@ -95,7 +95,8 @@ def _token_row(
     block-wide reduction is a shared-memory round trip behind a barrier, and a 1024-token row
     streams in the time of a few of them (benchmarks/gpu/NOTES.md, change 3). The one reduction
     left per row is the pre-pass's (mask total and extent together). ``norm``: ``1/S`` (grpo),
-    ``1/(S L)`` (dr_grpo), unused (token)."""
+    ``1/(S L)`` (dr_grpo), unused (token). ``RATIO_KL``: the KL term is ``ratio * k3`` (ratio
+    not detached, TRL's bias correction), with derivative ``ratio * (logp - ref)``."""
     offs = tl.arange(0, BLOCK_T)
     # Row bases in 64 bits: a tensor of 2**31 elements or more (65536 rows of 32768 tokens) has
     # row offsets past int32; offsets within a row stay 32-bit vectors.
@@ -148,8 +149,12 @@ def _token_row(
             d = ref - lp
             ed = tl.exp(d)
             kl = ed - d - 1.0
+            if RATIO_KL:
+                kl = ratio * kl
+                g += beta * (-(ratio * d))
+            else:
+                g += beta * (1.0 - ed)
             per = beta * kl - surr
-            g += beta * (1.0 - ed)
             kl_acc += tl.where(keep, m * kl, 0.0)
         else:
             per = -surr
@@ -179,7 +184,7 @@ def _policy_loss_fwd_kernel(
     s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_a,
     S, T, rows_per_prog, eps_low, eps_high, beta, norm,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr, RATIO_KL: tl.constexpr = False,
 ):
     """Program ``pid`` streams rows ``[pid * rows_per_prog, ...)`` and writes its partials."""
     pid = tl.program_id(0)
@@ -196,7 +201,7 @@ def _policy_loss_fwd_kernel(
             a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr,
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
             T, eps_low, eps_high, beta, norm, loss, kl, clip, ratio,
-            HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T,
+            HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL,
         )
         msum += r_m
     _store_partials(partial_ptr, pid, loss, msum, kl, clip, ratio, NP)
@@ -272,7 +277,7 @@ def token_args(
 def _policy_loss_fwd(
     logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
     advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
-    loss_type: str, max_completion_length: int, need_grad: bool,
+    loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launch: ``stats [5]`` float32 and the gradient (``[S, T]``, or empty)."""
     S, T = logp.shape
@@ -292,7 +297,7 @@ def _policy_loss_fwd(
             row_norm(S, T, loss_type, max_len),
             HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
             LOSS_TYPE=LOSS_TYPE_CODES[loss_type], WRITE_GRAD=need_grad, BLOCK_T=block_t,
-            NP=N_PARTIALS, num_warps=warps,
+            NP=N_PARTIALS, RATIO_KL=ratio_kl, num_warps=warps,
         )
     return finalize(partials, loss_type), grad
 
@@ -301,16 +306,16 @@ def _policy_loss_fwd(
 def _policy_loss_op(
     logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
     advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
-    loss_type: str, max_completion_length: int, need_grad: bool,
+    loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with launch_device(logp.device):
         return _policy_loss_fwd(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high,
-                                beta, loss_type, max_completion_length, need_grad)
+                                beta, loss_type, max_completion_length, need_grad, ratio_kl)
 
 
 @_policy_loss_op.register_fake
 def _(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
-      max_completion_length, need_grad):
+      max_completion_length, need_grad, ratio_kl=False):
     shape = tuple(logp.shape) if need_grad else (0, 0)
     return (logp.new_empty(5, dtype=torch.float32),
             logp.new_empty(shape, dtype=grad_dtype(logp)))
@@ -352,11 +357,13 @@ def policy_loss_triton(
     beta: float = 0.0,
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
+    kl_weight: str = "none",
 ) -> PolicyLossOutput:
     """Triton :func:`iama_kernels.policy_loss`; arguments already validated. float32 outputs."""
     stats, _ = _policy_loss_op(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
         0 if max_completion_length is None else int(max_completion_length), needs_grad(logp),
+        kl_weight == "ratio",
     )
     metrics = stats.detach()
     return PolicyLossOutput(stats[0], metrics[1], metrics[2], metrics[3])

@@ -5,6 +5,8 @@
 //   kl    = exp(ref - logp) - (ref - logp) - 1
 //   loss  = w (beta kl - (ratio A if active else clip(ratio) A))
 //   grad  = w (-(ratio A if active else 0) + beta (1 - exp(ref - logp)))     (d loss / d logp)
+// With ratio_kl (TRL's bias-corrected KL) the KL term is ratio * kl, ratio not detached: its
+// derivative is ratio * kl + ratio * (1 - exp(ref - logp)) = ratio * (logp - ref).
 // Tokens with m == 0 are never read into the arithmetic: their inputs are replaced by 0 before
 // use (so NaN/inf padding cannot leak) and they contribute exactly 0.
 #pragma once
@@ -24,7 +26,7 @@ struct TokenTerms {
 
 template <typename acc_t>
 IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t ref, acc_t A, acc_t w_scale,
-                                             acc_t lo, acc_t hi, acc_t beta) {
+                                             acc_t lo, acc_t hi, acc_t beta, bool ratio_kl = false) {
   const bool keep = m != acc_t(0);
   lp = keep ? lp : acc_t(0);
   old = keep ? old : acc_t(0);
@@ -36,11 +38,13 @@ IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t
   const bool active = unclipped_term <= clipped_term;
   const acc_t d = ref - lp;
   const acc_t ed = exp_acc(d);
-  const acc_t kl = k3_from_exp(d, ed);
+  const acc_t k3 = k3_from_exp(d, ed);
+  const acc_t kl = ratio_kl ? ratio * k3 : k3;
+  const acc_t dkl = ratio_kl ? -(ratio * d) : acc_t(1) - ed;
   const acc_t w = m * w_scale;
   TokenTerms<acc_t> t;
   t.loss = keep ? (beta * kl - (active ? unclipped_term : clipped_term)) * w : acc_t(0);
-  t.grad = keep ? w * (beta * (acc_t(1) - ed) - (active ? unclipped_term : acc_t(0))) : acc_t(0);
+  t.grad = keep ? w * (beta * dkl - (active ? unclipped_term : acc_t(0))) : acc_t(0);
   t.kl = kl * m;
   t.clip = active ? acc_t(0) : m;
   t.ratio = ratio * m;
@@ -59,7 +63,9 @@ struct RowSums {
 // which are added lane by lane to 8 double accumulators, summed pairwise at the end of the row.
 // Summation error per tile is a few ulp of acc_t, and the row sum is in double, so float32 rows
 // of any length keep ~1e-7 relative accuracy.
-template <typename lp_t, typename aux_t, typename mask_t, typename acc_t>
+// kRatioKL is a template parameter, not an argument: as a run-time flag it kept the token loop
+// from vectorising (the int64-mask row, which takes this path, ran 2x slower).
+template <typename lp_t, typename aux_t, typename mask_t, typename acc_t, bool kRatioKL = false>
 IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old, const aux_t* ref,
                                 const mask_t* __restrict__ mask, int64_t T, acc_t A, acc_t w_scale, acc_t lo,
                                 acc_t hi, acc_t beta, lp_t* __restrict__ grad) {
@@ -77,7 +83,7 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       const int64_t t = t0 + j;
       const TokenTerms<acc_t> tt =
           token_terms<acc_t>(static_cast<acc_t>(mask[t]), static_cast<acc_t>(logp[t]), static_cast<acc_t>(old[t]),
-                             static_cast<acc_t>(ref[t]), A, w_scale, lo, hi, beta);
+                             static_cast<acc_t>(ref[t]), A, w_scale, lo, hi, beta, kRatioKL);
       grad[t] = static_cast<lp_t>(tt.grad);
       t_loss[j] = tt.loss;
       t_kl[j] = tt.kl;
