@@ -86,6 +86,8 @@ def _cases(x: dict[str, Any]) -> dict[str, tuple[Callable[..., Any], tuple, dict
         "group_advantages": (group_advantages, (x["rewards"], _OBJECTIVE), {"estimator": "unbiased"}, False),
         "policy_loss": (policy_loss, (x["logp"], x["old"], x["ref"], x["advantages"], x["mask"]),
                         loss_kw, True),
+        "policy_loss ratio kl": (policy_loss, (x["logp"], x["old"], x["ref"], x["advantages"], x["mask"]),
+                                 dict(loss_kw, kl_weight="ratio", loss_type="token"), True),
         "nonlinear_grpo_loss": (nonlinear_grpo_loss, (x["logp"], x["old"], x["ref"], x["mask"], x["rewards"],
                                                       _OBJECTIVE), dict(loss_kw, estimator="unbiased"), True),
     }
