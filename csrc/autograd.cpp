@@ -76,18 +76,19 @@ struct NonlinearGRPOFunction : public torch::autograd::Function<NonlinearGRPOFun
                                const at::Tensor& rewards, const at::Tensor& criterion_weights, at::IntArrayRef kinds,
                                at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator,
                                c10::string_view scale, double eps, double eps_low, double eps_high, double beta,
-                               c10::string_view loss_type, std::optional<int64_t> max_completion_length) {
+                               c10::string_view loss_type, std::optional<int64_t> max_completion_length,
+                               bool ratio_kl) {
     static const auto op = typed_op<decltype(nonlinear_grpo_fwd)>("iama::nonlinear_grpo_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, adv, kl, clip, ratio, values, grad] =
         op.call(logp, old_logp, ref_logp, mask, rewards, criterion_weights, kinds, ns, taus, estimator, scale, eps,
-                eps_low, eps_high, beta, loss_type, max_completion_length);
+                eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl);
     ctx->save_for_backward({grad.detach()});
     ctx->mark_non_differentiable({adv, kl, clip, ratio, values, grad});
     return {loss, adv, kl, clip, ratio, values, grad};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(17);
+    variable_list out(18);
     out[0] = scaled(ctx, grads[0]);
     return out;
   }
@@ -107,10 +108,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& mask, const at::Tensor& rewards, const at::Tensor& criterion_weights, at::IntArrayRef kinds,
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,
     double eps_low, double eps_high, double beta, c10::string_view loss_type,
-    std::optional<int64_t> max_completion_length) {
+    std::optional<int64_t> max_completion_length, bool ratio_kl) {
   const variable_list o = NonlinearGRPOFunction::apply(logp, old_logp, ref_logp, mask, rewards, criterion_weights,
                                                        kinds, ns, taus, estimator, scale, eps, eps_low, eps_high, beta,
-                                                       loss_type, max_completion_length);
+                                                       loss_type, max_completion_length, ratio_kl);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
 }
 

@@ -25,8 +25,8 @@ TORCH_LIBRARY(iama, m) {
   m.def(
       "nonlinear_grpo_fwd(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor mask, Tensor rewards,"
       " Tensor criterion_weights, int[] kinds, int[] ns, float[] taus, str estimator, str scale, float eps,"
-      " float eps_low, float eps_high, float beta, str loss_type, int? max_completion_length)"
-      " -> (Tensor loss, Tensor advantages, Tensor kl, Tensor clip_fraction, Tensor ratio_mean, Tensor values,"
+      " float eps_low, float eps_high, float beta, str loss_type, int? max_completion_length,"
+      " bool ratio_kl=False) -> (Tensor loss, Tensor advantages, Tensor kl, Tensor clip_fraction, Tensor ratio_mean, Tensor values,"
       " Tensor grad)");
 }
 

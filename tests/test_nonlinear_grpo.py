@@ -103,3 +103,30 @@ def test_float32_against_float64_oracle() -> None:
     torch.testing.assert_close(o32.advantages.double(), adv64.advantages, rtol=0,
                                atol=256 * eps32 * float(adv64.advantages.abs().max()))
     assert torch.equal(o32.advantages, adv32.advantages)
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_ratio_weighted_kl_equals_composition(impl: str, scale: str) -> None:
+    """kl_weight="ratio" in the one-pass op is policy_loss(kl_weight="ratio") on its advantages."""
+    B, G, T = 3, 5, 7
+    tok = _tokens(B, G, T, seed=9, dtype=torch.float32)
+    rewards = random_rewards(B, G, m=2, generator=torch.Generator().manual_seed(2))
+    objective = OBJECTIVES[2]
+    kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.1, "loss_type": "token", "kl_weight": "ratio"}
+    x = tok["logp"].clone().requires_grad_(True)
+    fused = nonlinear_grpo_loss(x, tok["old_logp"], tok["ref_logp"], tok["mask"], rewards, objective,
+                                scale=scale, impl=impl, **kw)
+    (grad,) = torch.autograd.grad(fused.loss, x)
+    adv = group_advantages(rewards.double(), objective, scale=scale, impl="reference")
+    (oracle, grad64), _ = reference_grad_pair(policy_loss, tok["logp"], tok["old_logp"], tok["ref_logp"],
+                                              adv.advantages.reshape(-1), tok["mask"], **kw)
+    for field in ("loss", "kl", "clip_fraction", "ratio_mean"):
+        torch.testing.assert_close(getattr(fused, field).double(), getattr(oracle, field),
+                                   rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), grad64, rtol=2e-5, atol=1e-6)
+    plain = nonlinear_grpo_loss(tok["logp"], tok["old_logp"], tok["ref_logp"], tok["mask"], rewards,
+                                objective, scale=scale, impl=impl, **dict(kw, kl_weight="none"))
+    assert abs(float(plain.kl) - float(fused.kl)) > 1e-4
+    with pytest.raises(ValueError, match="kl_weight must be one of"):
+        nonlinear_grpo_loss(x, None, None, tok["mask"], rewards, objective, kl_weight="rho")

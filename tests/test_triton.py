@@ -460,6 +460,24 @@ def test_nonlinear_grpo_matches_reference(lane: Lane, G: int, objective: str, sc
     _close(grad, grad64, grad_same, name=f"{name}: grad")
 
 
+@pytest.mark.parametrize("scale", ["group", "batch"])  # batch: the launch that runs the token kernel
+def test_nonlinear_grpo_ratio_weighted_kl(lane: Lane, scale: str) -> None:
+    """kl_weight="ratio" in the fused kernel (and in the batch-scale path) against the reference."""
+    obj = OBJECTIVES["smoothmin"]
+    G = 8
+    B = 4 if lane.device.type == "cpu" else 64
+    rewards = random_rewards(B, G, generator=torch.Generator().manual_seed(12), m=2).to(lane.device)
+    logp, old, ref, mask = _token_inputs(lane, B * G, torch.float32, seed=12)
+    kw = {"scale": scale, "beta": 0.1, "loss_type": "grpo", "kl_weight": "ratio"}
+    x = logp.detach().clone().requires_grad_(True)
+    out = nonlinear_grpo_loss(x, old, ref, mask, rewards, obj, impl="triton", **kw)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    (oracle, grad64), (same, grad_same) = reference_grad_pair(
+        nonlinear_grpo_loss, logp, old, ref, mask, rewards, obj, **kw)
+    _loss_fields(out, oracle, same, f"ratio kl {scale}")
+    _close(grad, grad64, grad_same, name=f"ratio kl {scale}: grad")
+
+
 def test_nonlinear_grpo_equals_separate_ops(lane: Lane) -> None:
     """The fused op gives the advantages of group_advantages and the loss of policy_loss on them."""
     obj = OBJECTIVES["smoothmin"]

@@ -32,6 +32,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& mask, const at::Tensor& rewards, const at::Tensor& criterion_weights, at::IntArrayRef kinds,
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,
     double eps_low, double eps_high, double beta, c10::string_view loss_type,
-    std::optional<int64_t> max_completion_length);
+    std::optional<int64_t> max_completion_length, bool ratio_kl);
 
 }  // namespace iama::cpu

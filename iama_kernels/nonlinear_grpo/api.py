@@ -8,6 +8,7 @@ import torch
 
 from .. import _cpu_backend as _cb
 from .. import _triton_backend as _tb
+from .._checks import KL_WEIGHTS, check_choice
 from .._dispatch import Backend, Call, choose, reference_check
 from .._types import NonlinearGRPOOutput
 from ..advantages.api import prepare_group_inputs
@@ -39,6 +40,7 @@ def nonlinear_grpo_loss(
     loss_type: str = "grpo",
     criterion_weights: torch.Tensor | Sequence[float] | None = None,
     max_completion_length: int | None = None,
+    kl_weight: str = "none",
     impl: str = "auto",
 ) -> NonlinearGRPOOutput:
     """The one-pass non-linear GRPO op: group rewards to advantages, then the token loss.
@@ -51,7 +53,8 @@ def nonlinear_grpo_loss(
             group-major (row ``b * G + g`` is sample ``g`` of group ``b``).
         rewards: ``[B, G]`` or ``[B, G, m]`` floating rewards, finite.
         objective, estimator, scale, eps, criterion_weights: as in :func:`group_advantages`.
-        eps_low, eps_high, beta, loss_type, max_completion_length: as in :func:`policy_loss`.
+        eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight: as in
+            :func:`policy_loss`.
         impl: ``"auto"`` or an explicit backend name.
 
     Returns:
@@ -62,6 +65,7 @@ def nonlinear_grpo_loss(
     eps_low, eps_high, beta = check_token_inputs(
         logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_type, max_completion_length
     )
+    check_choice("kl_weight", kl_weight, KL_WEIGHTS)
     rewards, objective, criterion_weights, _, eps = prepare_group_inputs(
         rewards, objective, estimator, scale, eps, criterion_weights, None
     )
@@ -77,4 +81,5 @@ def nonlinear_grpo_loss(
                  "row_span": row_span(logp, old_logp, ref_logp, mask)})
     backend = choose("nonlinear_grpo_loss", impl, _NONLINEAR_GRPO_BACKENDS, call)
     return backend.run(logp, old_logp, ref_logp, mask, rewards, objective, estimator, scale, eps,
-                       eps_low, eps_high, beta, loss_type, criterion_weights, max_completion_length)
+                       eps_low, eps_high, beta, loss_type, criterion_weights, max_completion_length,
+                       kl_weight)

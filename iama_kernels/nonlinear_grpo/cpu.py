@@ -32,13 +32,14 @@ def nonlinear_grpo_loss_cpu(
     loss_type: str = "grpo",
     criterion_weights: torch.Tensor | None = None,
     max_completion_length: int | None = None,
+    kl_weight: str = "none",
 ) -> NonlinearGRPOOutput:
     """Rewards ``[B, G, m]`` and ``[B * G, T]`` token inputs -> :class:`NonlinearGRPOOutput`."""
     kinds, ns, taus = objective_codes(objective)
     lam = resolve_criterion_weights(rewards, objective, estimator, criterion_weights, None)
     loss, advantages, kl, clip_fraction, ratio_mean, values, _ = torch.ops.iama.nonlinear_grpo_fwd(
         logp, old_logp, ref_logp, mask, rewards, lam, kinds, ns, taus, estimator, scale, eps,
-        eps_low, eps_high, beta, loss_type, max_completion_length,
+        eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight == "ratio",
     )
     return NonlinearGRPOOutput(loss, advantages.detach(), kl.detach(), clip_fraction.detach(),
                                ratio_mean.detach(), values.detach(), lam)
