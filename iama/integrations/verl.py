@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from iama_kernels import BestOfN, Criterion, Mean, Objective, SoftBestOfN
-from iama_kernels._checks import ESTIMATORS, check_choice
+from iama_kernels._checks import ESTIMATORS, SCALES, check_choice
 from iama_kernels._dispatch import IMPLS
 from iama_kernels.objectives import Transform
 
@@ -59,7 +59,6 @@ CONFIG_SECTION = "iama"
 _TRANSFORMS = {"mean": (Mean, ()), "best_of_n": (BestOfN, ("n",)),
                "soft_best_of_n": (SoftBestOfN, ("tau",))}
 _OPTIONS = {"estimator": "plugin", "scale": "group", "eps": 1e-4, "impl": "auto"}
-_SCALES = ("group", "batch", "none")
 # The single criterion's name: verl gives one score per response, whatever its reward functions.
 _SCORE = "score"
 
@@ -81,7 +80,7 @@ class Settings:
                 f"transform: Mean(), BestOfN(n) or SoftBestOfN(tau); got {self.transform!r}"
             )
         check_choice("estimator", self.estimator, ESTIMATORS)
-        check_choice("scale", self.scale, _SCALES)
+        check_choice("scale", self.scale, SCALES)
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) \
                 or not math.isfinite(self.eps) or self.eps < 0:
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
