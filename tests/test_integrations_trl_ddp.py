@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 trl = pytest.importorskip("trl")
@@ -103,15 +104,22 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     out = Path(out_dir) / f"rank{rank}"
     model_dir = Path(out_dir) / "tiny"
     w = [0.25, 0.75]
-    results = {
-        "trl": _run(trl.GRPOTrainer, model_dir, out / "trl", {"reward_weights": w}),
-        "mean": _run(IAMAGRPOTrainer, model_dir, out / "mean", objective=Objective(
-            [Criterion("long", Mean()), Criterion("short", Mean())], WeightedSum(w[::-1]))),
-        "best_of": _run(IAMAGRPOTrainer, model_dir, out / "best_of",
-                        {"loss_type": "dapo", "beta": 0.1},  # TRL's default bias-corrected KL
-                        objective=BEST_OF, loss_impl="auto"),
-    }
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    try:
+        results = {
+            "trl": _run(trl.GRPOTrainer, model_dir, out / "trl", {"reward_weights": w}),
+            "mean": _run(IAMAGRPOTrainer, model_dir, out / "mean", objective=Objective(
+                [Criterion("long", Mean()), Criterion("short", Mean())], WeightedSum(w[::-1]))),
+            "best_of": _run(IAMAGRPOTrainer, model_dir, out / "best_of",
+                            {"loss_type": "dapo", "beta": 0.1},  # TRL's default bias-corrected KL
+                            objective=BEST_OF, loss_impl="auto"),
+        }
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        # accelerate leaves the gloo process group up; torn down at interpreter exit, its threads
+        # can abort the process ("terminate called without an active exception").
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def _free_port() -> int:
