@@ -54,17 +54,18 @@ struct PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction>
                                const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages,
                                const at::Tensor& mask, double eps_low, double eps_high, double beta,
                                c10::string_view loss_type, std::optional<int64_t> max_completion_length,
-                               bool ratio_kl) {
+                               bool ratio_kl, std::optional<double> dual_clip) {
     static const auto op = typed_op<decltype(policy_loss_fwd)>("iama::policy_loss_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, kl, clip, ratio, grad] = op.call(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,
-                                                 loss_type, max_completion_length, ratio_kl);
+    auto [loss, kl, clip, ratio, lratio, dual, grad] = op.call(
+        logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl,
+        dual_clip);
     ctx->save_for_backward({grad.detach()});
-    ctx->mark_non_differentiable({kl, clip, ratio, grad});
-    return {loss, kl, clip, ratio, grad};
+    ctx->mark_non_differentiable({kl, clip, ratio, lratio, dual, grad});
+    return {loss, kl, clip, ratio, lratio, dual, grad};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(11);
+    variable_list out(12);
     out[0] = scaled(ctx, grads[0]);
     return out;
   }
@@ -77,42 +78,44 @@ struct NonlinearGRPOFunction : public torch::autograd::Function<NonlinearGRPOFun
                                at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator,
                                c10::string_view scale, double eps, double eps_low, double eps_high, double beta,
                                c10::string_view loss_type, std::optional<int64_t> max_completion_length,
-                               bool ratio_kl) {
+                               bool ratio_kl, std::optional<double> dual_clip) {
     static const auto op = typed_op<decltype(nonlinear_grpo_fwd)>("iama::nonlinear_grpo_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, adv, kl, clip, ratio, values, grad] =
+    auto [loss, adv, kl, clip, ratio, values, lratio, dual, grad] =
         op.call(logp, old_logp, ref_logp, mask, rewards, criterion_weights, kinds, ns, taus, estimator, scale, eps,
-                eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl);
+                eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl, dual_clip);
     ctx->save_for_backward({grad.detach()});
-    ctx->mark_non_differentiable({adv, kl, clip, ratio, values, grad});
-    return {loss, adv, kl, clip, ratio, values, grad};
+    ctx->mark_non_differentiable({adv, kl, clip, ratio, values, lratio, dual, grad});
+    return {loss, adv, kl, clip, ratio, values, lratio, dual, grad};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(18);
+    variable_list out(19);
     out[0] = scaled(ctx, grads[0]);
     return out;
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_autograd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_autograd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
-    c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl) {
+    c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
+    std::optional<double> dual_clip) {
   const variable_list o = PolicyLossFunction::apply(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high,
-                                                    beta, loss_type, max_completion_length, ratio_kl);
-  return {o[0], o[1], o[2], o[3], o[4]};
+                                                    beta, loss_type, max_completion_length, ratio_kl, dual_clip);
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nonlinear_grpo_autograd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor> nonlinear_grpo_autograd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& mask, const at::Tensor& rewards, const at::Tensor& criterion_weights, at::IntArrayRef kinds,
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,
     double eps_low, double eps_high, double beta, c10::string_view loss_type,
-    std::optional<int64_t> max_completion_length, bool ratio_kl) {
+    std::optional<int64_t> max_completion_length, bool ratio_kl, std::optional<double> dual_clip) {
   const variable_list o = NonlinearGRPOFunction::apply(logp, old_logp, ref_logp, mask, rewards, criterion_weights,
                                                        kinds, ns, taus, estimator, scale, eps, eps_low, eps_high, beta,
-                                                       loss_type, max_completion_length, ratio_kl);
-  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
+                                                       loss_type, max_completion_length, ratio_kl, dual_clip);
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8]};
 }
 
 }  // namespace

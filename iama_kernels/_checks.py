@@ -38,6 +38,18 @@ KL_WEIGHTS = ("none", "ratio")  # policy_loss: plain k3, or k3 weighted by the r
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_dual_clip(dual_clip: object) -> float | None:
+    """``dual_clip`` of the policy losses: ``None`` (off) or a finite float ``c > 1``."""
+    if dual_clip is None:
+        return None
+    if isinstance(dual_clip, bool) or not isinstance(dual_clip, (int, float)):
+        raise TypeError(f"dual_clip must be a float or None, got {type(dual_clip).__name__}")
+    c = float(dual_clip)
+    if not math.isfinite(c) or c <= 1:
+        raise ValueError(f"dual_clip must be a finite float > 1 or None, got {dual_clip}")
+    return c
+
+
 def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

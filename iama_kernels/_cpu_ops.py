@@ -44,13 +44,13 @@ def _group_advantages_fake(rewards, valid, lam, kinds, ns, taus, estimator, scal
 
 def _token_outputs_fake(logp: torch.Tensor) -> tuple[torch.Tensor, ...]:
     dtype = _compute_dtype(logp.dtype)
-    scalars = tuple(logp.new_empty((), dtype=dtype) for _ in range(4))
+    scalars = tuple(logp.new_empty((), dtype=dtype) for _ in range(6))
     return (*scalars, torch.empty_like(logp, memory_format=torch.contiguous_format))
 
 
 @torch.library.register_fake("iama::policy_loss_fwd")
 def _policy_loss_fwd_fake(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,  # type: ignore[no-untyped-def]
-                          loss_type, max_completion_length, ratio_kl=False):
+                          loss_type, max_completion_length, ratio_kl=False, dual_clip=None):
     torch._check(logp.dim() == 2, lambda: "logp must have shape [S, T]")
     return _token_outputs_fake(logp)
 
@@ -58,10 +58,10 @@ def _policy_loss_fwd_fake(logp, old_logp, ref_logp, advantages, mask, eps_low, e
 @torch.library.register_fake("iama::nonlinear_grpo_fwd")
 def _nonlinear_grpo_fwd_fake(logp, old_logp, ref_logp, mask, rewards, criterion_weights, kinds, ns,  # type: ignore[no-untyped-def]
                              taus, estimator, scale, eps, eps_low, eps_high, beta, loss_type,
-                             max_completion_length, ratio_kl=False):
+                             max_completion_length, ratio_kl=False, dual_clip=None):
     torch._check(rewards.dim() == 3, lambda: "rewards must have shape [B, G, m]")
     B, G, m = rewards.shape
     rdtype = _compute_dtype(rewards.dtype)
-    loss, kl, clip, ratio, grad = _token_outputs_fake(logp)
+    loss, kl, clip, ratio, lratio, dual, grad = _token_outputs_fake(logp)
     return (loss, rewards.new_empty((B, G), dtype=rdtype), kl, clip, ratio,
-            rewards.new_empty((B, m), dtype=rdtype), grad)
+            rewards.new_empty((B, m), dtype=rdtype), lratio, dual, grad)

@@ -33,17 +33,25 @@ class PolicyLossOutput(NamedTuple):
         kl: scalar, mask-weighted mean over tokens of the k3 estimate (0 without ``ref_logp``).
         clip_fraction: scalar, mask-weighted fraction of tokens whose clipped term is active.
         ratio_mean: scalar, mask-weighted mean of ``exp(logp - old_logp)``.
+        log_ratio_mean: scalar, mask-weighted mean of ``logp - old_logp`` (minus verl's
+            ``ppo_kl``; 0 without ``old_logp``).
+        dual_clip_fraction: scalar, mask-weighted fraction of tokens with ``A < 0`` and
+            ``ratio > dual_clip`` (verl's ``pg_clipfrac_lower``; 0 without ``dual_clip``).
     """
 
     loss: torch.Tensor
     kl: torch.Tensor
     clip_fraction: torch.Tensor
     ratio_mean: torch.Tensor
+    log_ratio_mean: torch.Tensor
+    dual_clip_fraction: torch.Tensor
 
 
 class NonlinearGRPOOutput(NamedTuple):
     """Result of :func:`iama_kernels.nonlinear_grpo_loss`: the loss, its metrics and the
-    intermediate advantages, values and criterion weights (all but ``loss`` detached)."""
+    intermediate advantages, values and criterion weights (all but ``loss`` detached). The two
+    metrics added last (after ``criterion_weights``, so that positional unpacking of the first
+    seven keeps working) are those of :class:`PolicyLossOutput`."""
 
     loss: torch.Tensor
     advantages: torch.Tensor
@@ -52,3 +60,5 @@ class NonlinearGRPOOutput(NamedTuple):
     ratio_mean: torch.Tensor
     values: torch.Tensor
     criterion_weights: torch.Tensor
+    log_ratio_mean: torch.Tensor
+    dual_clip_fraction: torch.Tensor

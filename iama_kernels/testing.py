@@ -405,6 +405,8 @@ class LoopPolicyLoss(NamedTuple):
     kl: torch.Tensor  # []
     clip_fraction: torch.Tensor  # []
     ratio_mean: torch.Tensor  # []
+    log_ratio_mean: torch.Tensor  # []
+    dual_clip_fraction: torch.Tensor  # []
 
 
 def policy_loss_by_loops(
@@ -420,6 +422,7 @@ def policy_loss_by_loops(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     kl_weight: str = "none",
+    dual_clip: float | None = None,
 ) -> LoopPolicyLoss:
     """SPEC section 5 token by token in plain Python float64 loops: loss, gradient and metrics.
 
@@ -428,6 +431,8 @@ def policy_loss_by_loops(
     derivative ``rho (logp - ref)``); "clipped" is TRL's definition (``rho < 1 - eps_low`` with
     ``A < 0`` or ``rho > 1 + eps_high`` with ``A > 0``), which is also ``clip_fraction``. Tokens
     with mask 0 are skipped before their values are read. ``mask`` values are token weights.
+    ``dual_clip`` ``c``: a token with ``A < 0`` and ``rho > c`` has surrogate ``c A`` and no
+    surrogate gradient (dual-clip PPO, verl's ``clip_ratio_c``).
     """
     lp = logp.detach().double().tolist()
     old = lp if old_logp is None else old_logp.detach().double().tolist()
@@ -437,7 +442,7 @@ def policy_loss_by_loops(
     S, T = len(lp), len(lp[0]) if lp else 0
     total = sum(math.fsum(row) for row in msk)
     length = T if max_completion_length is None else max_completion_length
-    loss_terms, kl_terms, clip_terms, ratio_terms = [], [], [], []
+    loss_terms, kl_terms, clip_terms, ratio_terms, lratio_terms, dual_terms = [], [], [], [], [], []
     grad = [[0.0] * T for _ in range(S)]
     for s in range(S):
         row_total = math.fsum(msk[s])
@@ -457,6 +462,9 @@ def policy_loss_by_loops(
             rho = math.exp(lp[s][t] - old[s][t])
             clipped = (rho < 1 - eps_low and A < 0) or (rho > 1 + eps_high and A > 0)
             surr = min(rho * A, min(max(rho, 1 - eps_low), 1 + eps_high) * A)
+            dual = dual_clip is not None and A < 0 and rho > dual_clip
+            if dual:
+                surr = dual_clip * A
             kl, dkl = 0.0, 0.0
             if ref is not None:
                 d = ref[s][t] - lp[s][t]
@@ -465,10 +473,12 @@ def policy_loss_by_loops(
                 if kl_weight == "ratio":
                     kl, dkl = rho * kl, -rho * d
             loss_terms.append(agg * (beta * kl - surr))
-            grad[s][t] = agg * (-(0.0 if clipped else rho * A) + beta * dkl)
+            grad[s][t] = agg * (-(0.0 if clipped or dual else rho * A) + beta * dkl)
             kl_terms.append(w * kl)
             clip_terms.append(w * float(clipped))
             ratio_terms.append(w * rho)
+            lratio_terms.append(w * (lp[s][t] - old[s][t]))
+            dual_terms.append(w * float(dual))
     tokens = max(1.0, total)
 
     def t64(v: object) -> torch.Tensor:
@@ -480,4 +490,6 @@ def policy_loss_by_loops(
         t64(math.fsum(kl_terms) / tokens),
         t64(math.fsum(clip_terms) / tokens),
         t64(math.fsum(ratio_terms) / tokens),
+        t64(math.fsum(lratio_terms) / tokens),
+        t64(math.fsum(dual_terms) / tokens),
     )

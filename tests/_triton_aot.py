@@ -125,6 +125,10 @@ def main() -> None:
     fused_ratio_kl = {"BG": 16, "M": 2, "SCALE": 1, "HAS_OLD": True, "HAS_REF": True, "LOSS_TYPE": 0,
                       "WRITE_GRAD": True, "BLOCK_T": 512, "NP": 8, "RATIO_KL": True}
     compile_kernel(_nonlinear_grpo_fwd_kernel, fused_ratio_kl, max(4, group_warps(16)))
+    dual_clip = {"HAS_OLD": True, "HAS_REF": False, "LOSS_TYPE": 1, "WRITE_GRAD": True, "BLOCK_T": 1024,
+                 "NP": 8, "DUAL_CLIP": True}  # verl's vanilla loss: dual clip, no KL term
+    compile_kernel(_policy_loss_fwd_kernel, dual_clip, 8)
+    compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, DUAL_CLIP=True), max(4, group_warps(16)))
     compile_kernel(_finalize_kernel, {"LOSS_TYPE": 1, "NP": 8, "BLOCK_P": 1024}, 4)
     for BG, M in [(2, 1), (16, 2), (32, 3), (128, 1)]:
         compile_kernel(_nonlinear_grpo_fwd_kernel, {"BG": BG, "M": M, "SCALE": 1, "HAS_OLD": True,

@@ -391,6 +391,29 @@ def test_policy_loss_ratio_weighted_kl_matches_reference(cpu_ext, loss_type, dty
         assert not torch.equal(grad, plain_grad)
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "token", "dr_grpo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["bool", "int64", "float"])
+def test_policy_loss_dual_clip_matches_reference(cpu_ext, loss_type, dtype, mask_kind):
+    """dual_clip (verl's clip_ratio_c): float32 + bool takes the hand-vectorised AVX-512 row
+    (on such a CPU), the others the templated row."""
+    S, T = 9, 131
+    logp, old, ref, adv, mask = _token_inputs(S, T, dtype, mask_kind=mask_kind)
+    adv[::2] = -adv[::2].abs()  # rows with negative advantages, where the dual clip acts
+    for beta, r, kl_weight in ((0.0, None, "none"), (0.05, ref, "none"), (0.05, ref, "ratio")):
+        kw = dict(eps_low=0.2, eps_high=0.28, beta=beta, loss_type=loss_type, kl_weight=kl_weight,
+                  dual_clip=1.2, max_completion_length=150 if loss_type == "dr_grpo" else None)
+        out, grad = _loss_and_grad("cpu", logp, old, r, adv, mask, **kw)
+        _, ref_grad = _loss_and_grad("reference", logp, old, r, adv, mask, **kw)
+        r64 = None if r is None else r.double()
+        oracle, grad64 = _loss_and_grad("reference", logp.double(), old.double(), r64, adv, mask, **kw)
+        assert float(oracle.dual_clip_fraction) > 0.02
+        _check_all(out, oracle, _rel(dtype))
+        assert_matches_reference(grad, grad64, ref_grad, factor=2.0, rel=_rel(dtype), name="grad")
+        _, plain_grad = _loss_and_grad("cpu", logp, old, r, adv, mask, **dict(kw, dual_clip=None))
+        assert not torch.equal(grad, plain_grad)
+
+
 def test_policy_loss_matches_the_loop_oracle(cpu_ext):
     logp, old, ref, adv, mask = _token_inputs(5, 70, torch.float64, mask_kind="float")
     for loss_type in ("grpo", "token", "dr_grpo"):
@@ -642,6 +665,10 @@ def test_every_instruction_set_build_agrees(cpu_ext):
             out = torch.ops.iama.policy_loss_fwd(logp.to(dtype), old.to(dtype), ref.to(dtype), adv, mask,
                                                  0.2, 0.2, 0.05, "token", None)
             results.append([t.double() for t in out])
+        for dtype in (torch.float32, torch.float64):  # the dual clip (verl's clip_ratio_c)
+            out = torch.ops.iama.policy_loss_fwd(logp.to(dtype), old.to(dtype), None, adv, mask,
+                                                 0.2, 0.2, 0.0, "token", None, False, 1.15)
+            results.append([t.double() for t in out])
         rewards = torch.randn(300, 16, 2, generator=g)
         rewards[::4] = torch.randint(0, 2, rewards[::4].shape, generator=g).float()
         lam = torch.tensor([0.6, 0.4])
@@ -658,14 +685,20 @@ def test_every_instruction_set_build_agrees(cpu_ext):
         per_isa[isa] = torch.load(path)
         path.unlink()
     oracle = per_isa["generic"][2]  # float64 (std::exp in every build)
-    for isa, (f32, bf16, f64, *groups) in per_isa.items():
+    dual_oracle = per_isa["generic"][4]
+    assert float(dual_oracle[5]) > 0.02  # some tokens are dual-clipped
+    for isa, (f32, bf16, f64, f32_dual, f64_dual, *groups) in per_isa.items():
         # the group kernels (fixed-size pass, and for AVX-512 the fused G = 16 kernel) round alike
-        for a, b in zip(groups, per_isa["generic"][3:], strict=True):
+        for a, b in zip(groups, per_isa["generic"][5:], strict=True):
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), isa
         for a, b in zip(f32, oracle, strict=True):
             assert_matches_reference(a, b, rel=1e-5, name=f"{isa} float32")
         for a, b in zip(f64, oracle, strict=True):
             assert_matches_reference(a, b, rel=1e-12, name=f"{isa} float64")
+        for a, b in zip(f32_dual, dual_oracle, strict=True):
+            assert_matches_reference(a, b, rel=1e-5, name=f"{isa} float32 dual clip")
+        for a, b in zip(f64_dual, dual_oracle, strict=True):
+            assert_matches_reference(a, b, rel=1e-12, name=f"{isa} float64 dual clip")
         # bfloat16 inputs are other numbers than the oracle's (tokens may change clipping):
         # the builds must agree with each other, up to the bfloat16 rounding of the gradient.
         for a, b in zip(bf16, per_isa["generic"][1], strict=True):

@@ -188,16 +188,20 @@ class _BothLosses(IAMAGRPOTrainer):
         return ours
 
 
-@pytest.mark.parametrize(("loss_type", "beta", "accumulation", "steps_per_generation", "corrected"), [
-    ("grpo", 0.0, 1, 1, False), ("grpo", 0.1, 2, 2, False), ("bnpo", 0.0, 2, 2, False),
-    ("dr_grpo", 0.1, 1, 1, False), ("dapo", 0.0, 1, 1, False), ("dapo", 0.1, 2, 2, False),
-    ("dapo", 0.0, 2, 1, False),
+@pytest.mark.parametrize(
+    ("loss_type", "beta", "accumulation", "steps_per_generation", "corrected", "delta"), [
+    ("grpo", 0.0, 1, 1, False, None), ("grpo", 0.1, 2, 2, False, None), ("bnpo", 0.0, 2, 2, False, None),
+    ("dr_grpo", 0.1, 1, 1, False, None), ("dapo", 0.0, 1, 1, False, None), ("dapo", 0.1, 2, 2, False, None),
+    ("dapo", 0.0, 2, 1, False, None),
     # TRL's default use_bias_correction_kl=True: the KL term is rho * k3
-    ("grpo", 0.1, 2, 2, True), ("bnpo", 0.1, 1, 1, True), ("dr_grpo", 0.1, 1, 1, True),
-    ("dapo", 0.1, 2, 1, True)])
+    ("grpo", 0.1, 2, 2, True, None), ("bnpo", 0.1, 1, 1, True, None), ("dr_grpo", 0.1, 1, 1, True, None),
+    ("dapo", 0.1, 2, 1, True, None),
+    # TRL's two-sided clip (INTELLECT-2's delta), the kernel's dual clip
+    ("dapo", 0.1, 2, 2, True, 1.25)])
 @pytest.mark.parametrize("impl", ["reference", "auto"])
 def test_iama_loss_equals_trl_loss(tmp_path: Path, loss_type: str, beta: float, accumulation: int,
-                                   steps_per_generation: int, corrected: bool, impl: str) -> None:
+                                   steps_per_generation: int, corrected: bool, delta: float | None,
+                                   impl: str) -> None:
     """Loss, gradient and metrics of loss_impl against TRL's own, over two optimizer steps of
     ``accumulation`` micro-batches each. Every generation is used for ``num_iterations``
     micro-batches spanning both steps, so the second step's ratio is not 1. TRL's normalisers
@@ -209,7 +213,7 @@ def test_iama_loss_equals_trl_loss(tmp_path: Path, loss_type: str, beta: float, 
     build_tiny_model(tokenizer, seed=0, max_positions=64).save_pretrained(model_dir)
     objective = Objective([Criterion("short", BestOfN(2)), Criterion("long", Mean())])
     _BothLosses.records = []
-    config = _config(tmp_path, max_steps=2, loss_type=loss_type, beta=beta,
+    config = _config(tmp_path, max_steps=2, loss_type=loss_type, beta=beta, delta=delta,
                      use_bias_correction_kl=corrected, learning_rate=5e-2, max_completion_length=12,
                      per_device_train_batch_size=len(PROMPTS) * GROUP // accumulation,
                      gradient_accumulation_steps=accumulation,
@@ -255,7 +259,7 @@ def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
     for overrides, message in [
         ({"loss_type": "cispo"}, "loss_type='cispo'"),
         ({"importance_sampling_level": "sequence"}, "importance_sampling_level='sequence'"),
-        ({"delta": 2.0}, "delta=2.0"),
+        ({"delta": 1.1}, "delta=1.1 (covered when delta >= 1 + epsilon_high = 1.2)"),
         ({"top_entropy_quantile": 0.5}, "top_entropy_quantile=0.5"),
         ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold=0.5"),
     ]:

@@ -243,10 +243,12 @@ def test_a_fresh_verl_process_finds_the_estimator(verl_algos, env: dict, registe
     import sys
 
     code = ("import verl.trainer.ppo.core_algos as c; "
-            "print(type(c.ADV_ESTIMATOR_REGISTRY.get('iama')).__name__)")
+            "print(type(c.ADV_ESTIMATOR_REGISTRY.get('iama')).__name__, "
+            "type(c.POLICY_LOSS_REGISTRY.get('iama')).__name__)")
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
                           text=True, timeout=120, check=True)
-    assert done.stdout.split()[-1] == ("VerlAdvantageEstimator" if registered else "NoneType")
+    want = ["VerlAdvantageEstimator", "VerlPolicyLoss"] if registered else ["NoneType", "NoneType"]
+    assert done.stdout.split()[-2:] == want
 
 
 def test_the_estimator_benchmark_runs(verl_algos, capsys) -> None:

@@ -105,15 +105,27 @@ def test_float32_against_float64_oracle() -> None:
     assert torch.equal(o32.advantages, adv32.advantages)
 
 
+TOKEN_OPTIONS = {
+    # TRL's bias-corrected KL; the plain KL must give another kl metric.
+    "ratio-kl": ({"beta": 0.1, "loss_type": "token", "kl_weight": "ratio"}, {"kl_weight": "none"}, "kl",
+                 {"kl_weight": "rho"}, "kl_weight must be one of"),
+    # verl's dual clip; without it, no token is dual-clipped.
+    "dual-clip": ({"beta": 0.05, "loss_type": "grpo", "dual_clip": 1.1}, {"dual_clip": None},
+                  "dual_clip_fraction", {"dual_clip": 0.9}, "dual_clip must be"),
+}
+
+
 @pytest.mark.parametrize("impl", ["reference", "cpu"])
 @pytest.mark.parametrize("scale", ["group", "batch"])
-def test_ratio_weighted_kl_equals_composition(impl: str, scale: str) -> None:
-    """kl_weight="ratio" in the one-pass op is policy_loss(kl_weight="ratio") on its advantages."""
+@pytest.mark.parametrize("option", list(TOKEN_OPTIONS))
+def test_token_options_equal_composition(impl: str, scale: str, option: str) -> None:
+    """kl_weight and dual_clip in the one-pass op are policy_loss with them on its advantages."""
+    options, off, metric, bad, message = TOKEN_OPTIONS[option]
     B, G, T = 3, 5, 7
     tok = _tokens(B, G, T, seed=9, dtype=torch.float32)
     rewards = random_rewards(B, G, m=2, generator=torch.Generator().manual_seed(2))
     objective = OBJECTIVES[2]
-    kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.1, "loss_type": "token", "kl_weight": "ratio"}
+    kw = {"eps_low": 0.2, "eps_high": 0.28, **options}
     x = tok["logp"].clone().requires_grad_(True)
     fused = nonlinear_grpo_loss(x, tok["old_logp"], tok["ref_logp"], tok["mask"], rewards, objective,
                                 scale=scale, impl=impl, **kw)
@@ -121,12 +133,12 @@ def test_ratio_weighted_kl_equals_composition(impl: str, scale: str) -> None:
     adv = group_advantages(rewards.double(), objective, scale=scale, impl="reference")
     (oracle, grad64), _ = reference_grad_pair(policy_loss, tok["logp"], tok["old_logp"], tok["ref_logp"],
                                               adv.advantages.reshape(-1), tok["mask"], **kw)
-    for field in ("loss", "kl", "clip_fraction", "ratio_mean"):
+    for field in ("loss", "kl", "clip_fraction", "ratio_mean", "log_ratio_mean", "dual_clip_fraction"):
         torch.testing.assert_close(getattr(fused, field).double(), getattr(oracle, field),
                                    rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(grad.double(), grad64, rtol=2e-5, atol=1e-6)
     plain = nonlinear_grpo_loss(tok["logp"], tok["old_logp"], tok["ref_logp"], tok["mask"], rewards,
-                                objective, scale=scale, impl=impl, **dict(kw, kl_weight="none"))
-    assert abs(float(plain.kl) - float(fused.kl)) > 1e-4
-    with pytest.raises(ValueError, match="kl_weight must be one of"):
-        nonlinear_grpo_loss(x, None, None, tok["mask"], rewards, objective, kl_weight="rho")
+                                objective, scale=scale, impl=impl, **dict(kw, **off))
+    assert abs(float(getattr(plain, metric)) - float(getattr(fused, metric))) > 1e-3
+    with pytest.raises(ValueError, match=message):
+        nonlinear_grpo_loss(x, None, None, tok["mask"], rewards, objective, **bad)

@@ -284,3 +284,74 @@ def test_kl_weight_is_checked() -> None:
     inp = _inputs()
     with pytest.raises(ValueError, match=r"kl_weight must be one of \('none', 'ratio'\)"):
         _run(inp, beta=0.1, kl_weight="rho")
+
+
+# --- dual_clip: dual-clip PPO (verl's clip_ratio_c) ----------------------------------------------
+
+
+def _dual_inputs(seed: int) -> dict[str, torch.Tensor]:
+    """Ratios spread wide enough that some exceed c = 1.5 on rows with negative advantages."""
+    inp = _inputs(S=8, T=11, seed=seed, spread=0.8)
+    inp["advantages"][2:5] = -inp["advantages"][2:5].abs() - 0.1
+    return inp
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize(("beta", "kl_weight"), [(0.0, "none"), (0.05, "none"), (0.05, "ratio")])
+def test_dual_clip_against_loops(loss_type: str, beta: float, kl_weight: str) -> None:
+    inp = _dual_inputs(seed=60 + len(loss_type))
+    kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": beta, "loss_type": loss_type, "kl_weight": kl_weight,
+          "dual_clip": 1.5}
+    out, grad = _run(inp, **kw)
+    want = policy_loss_by_loops(inp["logp"], inp["old_logp"], inp["ref_logp"], inp["advantages"],
+                                inp["mask"], **kw)
+    for name in want._fields:
+        if name != "grad":
+            torch.testing.assert_close(getattr(out, name), getattr(want, name), rtol=0, atol=1e-13)
+    torch.testing.assert_close(grad, want.grad, rtol=0, atol=1e-13)
+    assert float(out.dual_clip_fraction) > 0.05  # the case exercises the dual clip
+    plain, plain_grad = _run(inp, **dict(kw, dual_clip=None))
+    assert float(plain.dual_clip_fraction) == 0.0
+    assert (grad - plain_grad).abs().max() > 1e-3 and float(out.loss.detach()) != float(plain.loss.detach())
+    # The dual clip changes neither the ordinary clip metric nor the ratio metrics.
+    for name in ("clip_fraction", "ratio_mean", "log_ratio_mean", "kl"):
+        assert float(getattr(out, name)) == float(getattr(plain, name)), name
+
+
+def test_dual_clip_matches_verl_formula() -> None:
+    """Independently of the oracle: autograd of verl's vanilla PPO loss (max/min form, token-mean),
+    and its metrics pg_clipfrac, pg_clipfrac_lower and ppo_kl."""
+    inp = _dual_inputs(seed=70)
+    el, eh, c = 0.2, 0.28, 1.5
+    out, grad = _run(inp, eps_low=el, eps_high=eh, dual_clip=c, loss_type="token")
+    logp = inp["logp"].clone().requires_grad_(True)
+    m = inp["mask"]
+    A = inp["advantages"].unsqueeze(1).expand_as(logp)
+    ratio = torch.exp(logp - inp["old_logp"])
+    loss1 = -A * ratio
+    loss2 = -A * ratio.clamp(1 - el, 1 + eh)
+    clip1 = torch.maximum(loss1, loss2)
+    loss3 = -A * c
+    per_token = torch.where(A < 0, torch.minimum(loss3, clip1), clip1)
+    loss = per_token[m].sum() / m.sum()
+    (want,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(out.loss, loss.detach(), rtol=0, atol=1e-13)
+    torch.testing.assert_close(grad, want, rtol=0, atol=1e-13)
+    assert float(out.clip_fraction) == pytest.approx(float((loss2 > loss1)[m].double().mean()), abs=1e-15)
+    lower = (clip1 > loss3) & (A < 0)
+    assert float(out.dual_clip_fraction) == pytest.approx(float(lower[m].double().mean()), abs=1e-15)
+    ppo_kl = (inp["old_logp"] - inp["logp"])[m].mean()
+    assert float(-out.log_ratio_mean) == pytest.approx(float(ppo_kl), abs=1e-14)
+
+
+def test_log_ratio_mean_without_old_is_zero() -> None:
+    out, _ = _run(dict(_inputs(seed=71), old_logp=None), dual_clip=2.0)
+    assert float(out.log_ratio_mean) == 0.0 and float(out.dual_clip_fraction) == 0.0
+
+
+@pytest.mark.parametrize(("value", "error"), [
+    (1.0, ValueError), (0.5, ValueError), (float("inf"), ValueError), (float("nan"), ValueError),
+    ("3", TypeError), (True, TypeError)])
+def test_dual_clip_is_checked(value: object, error: type) -> None:
+    with pytest.raises(error, match="dual_clip must be"):
+        _run(_inputs(), dual_clip=value)

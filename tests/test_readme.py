@@ -87,6 +87,13 @@ def test_the_verl_command_line_settings_parse() -> None:
     assert repr(settings.transform) == "BestOfN(4)"
 
 
+def test_the_verl_policy_loss_name_is_the_registered_one() -> None:
+    from iama.integrations.verl_loss import POLICY_LOSS_NAME
+
+    block = next(b for b in BASH_BLOCKS if "policy_loss.loss_mode=" in b)
+    assert re.findall(r"policy_loss\.loss_mode=(\w+)", block) == [POLICY_LOSS_NAME]
+
+
 def test_paths_make_targets_and_commands_exist() -> None:
     paths = set(re.findall(r"`((?:benchmarks|docs|iama|iama_kernels|csrc|tests)/[\w./-]+)`", README))
     paths |= set(re.findall(r"\b(benchmarks/[\w/]+\.py)\b", README))

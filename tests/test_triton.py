@@ -271,7 +271,7 @@ def _token_inputs(lane: Lane, S: int, dtype: torch.dtype, seed: int, float_mask:
 
 
 def _loss_fields(out: object, oracle: object, same: object, name: str) -> None:
-    for field in ("loss", "kl", "clip_fraction", "ratio_mean"):
+    for field in ("loss", "kl", "clip_fraction", "ratio_mean", "log_ratio_mean", "dual_clip_fraction"):
         _close(getattr(out, field), getattr(oracle, field), getattr(same, field), name=f"{name}: {field}")
     assert torch.isfinite(out.loss)
 
@@ -320,6 +320,33 @@ def test_policy_loss_ratio_weighted_kl(lane: Lane, loss_type: str, dtype: torch.
     plain = policy_loss(logp, old, ref, adv, mask, impl="triton", **dict(kw, kl_weight="none"))
     if has_old:
         assert not torch.equal(out.kl, plain.kl)
+
+
+@pytest.mark.parametrize(("has_ref", "kl_weight"), [(False, "none"), (True, "ratio")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_type", ["grpo", "token", "dr_grpo"])
+def test_policy_loss_dual_clip(lane: Lane, loss_type: str, dtype: torch.dtype, has_ref: bool,
+                               kl_weight: str) -> None:
+    """dual_clip (verl's clip_ratio_c): rows with negative advantages hold the surrogate at c A
+    for ratios above c; loss, gradient and all six metrics against the reference."""
+    S = 6 if lane.device.type == "cpu" else 300
+    logp, old, ref, mask = _token_inputs(lane, S, dtype, seed=70 + has_ref)
+    ref = ref if has_ref else None
+    adv = torch.randn(S, generator=torch.Generator().manual_seed(3))
+    adv[::2] = -adv[::2].abs()
+    adv = adv.to(lane.device)
+    kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.05 if has_ref else 0.0, "loss_type": loss_type,
+          "kl_weight": kl_weight, "dual_clip": 1.2}
+    x = logp.detach().clone().requires_grad_(True)
+    out = policy_loss(x, old, ref, adv, mask, impl="triton", **kw)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    (oracle, grad64), (same, grad_same) = reference_grad_pair(policy_loss, logp, old, ref, adv, mask, **kw)
+    name = f"dual clip {loss_type} {dtype} ref={has_ref}"
+    assert float(oracle.dual_clip_fraction) > 0.02
+    _loss_fields(out, oracle, same, name)
+    _close(grad, grad64, grad_same, name=f"{name}: grad")
+    plain = policy_loss(logp, old, ref, adv, mask, impl="triton", **dict(kw, dual_clip=None))
+    assert float(plain.dual_clip_fraction) == 0.0 and not torch.equal(out.loss, plain.loss)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -476,6 +503,25 @@ def test_nonlinear_grpo_ratio_weighted_kl(lane: Lane, scale: str) -> None:
         nonlinear_grpo_loss, logp, old, ref, mask, rewards, obj, **kw)
     _loss_fields(out, oracle, same, f"ratio kl {scale}")
     _close(grad, grad64, grad_same, name=f"ratio kl {scale}: grad")
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])  # batch: the launch that runs the token kernel
+def test_nonlinear_grpo_dual_clip(lane: Lane, scale: str) -> None:
+    """dual_clip in the fused kernel (and in the batch-scale path) against the reference."""
+    obj = OBJECTIVES["wsum"]
+    G = 8
+    B = 4 if lane.device.type == "cpu" else 64
+    rewards = random_rewards(B, G, generator=torch.Generator().manual_seed(13), m=len(obj)).to(lane.device)
+    logp, old, ref, mask = _token_inputs(lane, B * G, torch.float32, seed=13)
+    kw = {"scale": scale, "beta": 0.05, "loss_type": "token", "dual_clip": 1.2}
+    x = logp.detach().clone().requires_grad_(True)
+    out = nonlinear_grpo_loss(x, old, ref, mask, rewards, obj, impl="triton", **kw)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    (oracle, grad64), (same, grad_same) = reference_grad_pair(
+        nonlinear_grpo_loss, logp, old, ref, mask, rewards, obj, **kw)
+    assert float(oracle.dual_clip_fraction) > 0.02
+    _loss_fields(out, oracle, same, f"dual clip {scale}")
+    _close(grad, grad64, grad_same, name=f"dual clip {scale}: grad")
 
 
 def test_nonlinear_grpo_equals_separate_ops(lane: Lane) -> None:

@@ -25,10 +25,11 @@ at::Tensor rows_contiguous(const at::Tensor& t) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
-    c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl) {
+    c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
+    std::optional<double> dual_clip) {
   check_cpu(logp, "logp");
   check_floating(logp, "logp");
   TORCH_CHECK_VALUE(logp.dim() == 2, "logp must have shape [S, T], got ", logp.sizes());
@@ -51,6 +52,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_lo
   TORCH_CHECK_VALUE(eps_low >= 0 && eps_low < 1, "eps_low must be in [0, 1), got ", eps_low);
   TORCH_CHECK_VALUE(eps_high >= 0 && std::isfinite(eps_high), "eps_high must be finite and >= 0, got ", eps_high);
   TORCH_CHECK_VALUE(beta >= 0 && std::isfinite(beta), "beta must be finite and >= 0, got ", beta);
+  TORCH_CHECK_VALUE(!dual_clip.has_value() || (*dual_clip > 1 && std::isfinite(*dual_clip)),
+                    "dual_clip must be a finite float > 1 or None, got ", dual_clip.value_or(0.0));
   TORCH_CHECK_VALUE(beta == 0 || ref_logp.has_value(), "ref_logp is required when beta > 0 (got beta=", beta, ")");
   const int kind = parse_loss_type(loss_type);
   TORCH_CHECK_VALUE(!max_completion_length.has_value() || *max_completion_length >= 1,
@@ -104,6 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_lo
   p.eps_low = eps_low;
   p.eps_high = eps_high;
   p.beta = beta;
+  if (dual_clip.has_value()) p.dual_clip = *dual_clip;
 
   std::vector<double> rows(static_cast<size_t>(S) * kRowFields, 0.0);
   std::vector<double> mask_sums;
@@ -120,14 +124,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_lo
     }
     token_pass(p, rows);
   }
-  double sums[kRowFields] = {0.0, 0.0, 0.0, 0.0, 0.0};
+  double sums[kRowFields] = {};
   for (int64_t r = 0; r < S; ++r) {
     for (int q = 0; q < kRowFields; ++q) sums[q] += rows[r * kRowFields + q];
   }
   const double tokens = std::max(1.0, sums[4]);
   const auto opts = logp.options().dtype(ct);
   return {at::scalar_tensor(sums[0], opts), at::scalar_tensor(sums[1] / tokens, opts),
-          at::scalar_tensor(sums[2] / tokens, opts), at::scalar_tensor(sums[3] / tokens, opts), grad};
+          at::scalar_tensor(sums[2] / tokens, opts), at::scalar_tensor(sums[3] / tokens, opts),
+          at::scalar_tensor(sums[5] / tokens, opts), at::scalar_tensor(sums[6] / tokens, opts), grad};
 }
 
 }  // namespace iama::cpu

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace iama::cpu {
@@ -31,10 +32,12 @@ struct TokenProblem {
   int loss_type = 0;                                     // iama::LossKind
   double uniform_scale = 0.0;                            // w_scale for "token" and "dr_grpo"
   double eps_low = 0.2, eps_high = 0.2, beta = 0.0;
+  double dual_clip = std::numeric_limits<double>::infinity();  // c of the dual clip; +inf: off
 };
 
-// Per-row results in rows[r * kRowFields + q]: loss, m * kl, clipped weight, m * ratio, mask sum.
-constexpr int kRowFields = 5;
+// Per-row results in rows[r * kRowFields + q]: loss, m * kl, clipped weight, m * ratio, mask sum,
+// m * log-ratio, dual-clipped weight.
+constexpr int kRowFields = 7;
 
 // Runs the pass with the best kernel build for this CPU.
 void token_pass(const TokenProblem& p, std::vector<double>& rows);

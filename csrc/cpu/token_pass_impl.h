@@ -25,6 +25,7 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
   const acc_t lo = static_cast<acc_t>(1.0 - p.eps_low);
   const acc_t hi = static_cast<acc_t>(1.0 + p.eps_high);
   const acc_t beta = static_cast<acc_t>(p.beta);
+  const acc_t dual_c = static_cast<acc_t>(p.dual_clip);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.T));
   at::parallel_for(0, p.S, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -44,7 +45,7 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       if constexpr (std::is_same_v<lp_t, float> && std::is_same_v<aux_t, float> && std::is_same_v<mask_t, uint8_t>) {
         if (!p.ratio_kl) {
           sums = policy_loss_row_f32_byte(lp_row, old_row, ref_row, mk, p.T, static_cast<float>(p.adv[r]),
-                                          static_cast<float>(w_scale), lo, hi, beta, grad_row);
+                                          static_cast<float>(w_scale), lo, hi, beta, dual_c, grad_row);
           done = true;
         }
       }
@@ -52,9 +53,9 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       if (!done) {
         const acc_t A = static_cast<acc_t>(p.adv[r]), ws = static_cast<acc_t>(w_scale);
         sums = p.ratio_kl ? policy_loss_row<lp_t, aux_t, mask_t, acc_t, true>(lp_row, old_row, ref_row, mk, p.T, A, ws,
-                                                                              lo, hi, beta, grad_row)
+                                                                              lo, hi, beta, dual_c, grad_row)
                           : policy_loss_row<lp_t, aux_t, mask_t, acc_t, false>(lp_row, old_row, ref_row, mk, p.T, A,
-                                                                               ws, lo, hi, beta, grad_row);
+                                                                               ws, lo, hi, beta, dual_c, grad_row);
       }
       double* out = rows.data() + r * kRowFields;
       out[0] = sums.loss;
@@ -62,6 +63,8 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       out[2] = sums.clip;
       out[3] = sums.ratio;
       out[4] = msum;
+      out[5] = sums.lratio;
+      out[6] = sums.dual;
     }
   });
 }

@@ -11,7 +11,9 @@
 //     denormal range and overflow to inf come out the same);
 //   * masking: only the two differences (logp - old, ref - logp) are zeroed where the mask is 0;
 //     every other term is then finite and is zeroed by masked arithmetic, not by selects;
-//   * the 64-token tile's four term vectors stay in registers.
+//   * the 64-token tile's six term vectors stay in registers;
+//   * the dual clip: A is the row's constant, so "A < 0" is decided once per row (a lane mask of
+//     all or nothing) and the per-token test is one compare.
 #pragma once
 
 #include <immintrin.h>
@@ -60,13 +62,13 @@ inline __m512 k3_16(__m512 d, __m512 ed) {
 }
 
 struct Terms16 {
-  __m512 loss, kl, clip, ratio;
+  __m512 loss, kl, clip, ratio, lratio, dual;
 };
 
 // The terms of 16 tokens starting at t; lanes outside `lanes` are not read and give 0.
 inline Terms16 token_terms16(const float* logp, const float* old, const float* ref, const uint8_t* mask, float* grad,
                              int64_t t, __mmask16 lanes, __m512 A, __m512 w_scale, __m512 lo, __m512 hi,
-                             __m512 beta) {
+                             __m512 beta, __m512 dual_c, __mmask16 negative_a) {
   const __m128i mb = _mm_maskz_loadu_epi8(lanes, mask + t);
   const __mmask16 keep = _mm_test_epi8_mask(mb, mb);
   const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb));
@@ -79,19 +81,25 @@ inline Terms16 token_terms16(const float* logp, const float* old, const float* r
   const __m512 unclipped_term = _mm512_mul_ps(ratio, A);
   const __m512 clipped_term = _mm512_mul_ps(clipped, A);
   const __mmask16 active = _mm512_cmp_ps_mask(unclipped_term, clipped_term, _CMP_LE_OQ);
+  // ratio > c (ordered: a NaN ratio is not dual-clipped, as in token_terms).
+  const __mmask16 dual = negative_a & _mm512_cmp_ps_mask(ratio, dual_c, _CMP_GT_OQ);
   const __m512 ed = exp16(d);
   const __m512 kl = k3_16(d, ed);
   const __m512 w = _mm512_mul_ps(m, w_scale);
   Terms16 s;
-  const __m512 chosen = _mm512_mask_blend_ps(active, clipped_term, unclipped_term);
+  const __m512 chosen =
+      _mm512_mask_blend_ps(dual, _mm512_mask_blend_ps(active, clipped_term, unclipped_term), _mm512_mul_ps(dual_c, A));
   s.loss = _mm512_maskz_mul_ps(keep, _mm512_fmsub_ps(beta, kl, chosen), w);
-  const __m512 g = _mm512_maskz_mul_ps(
-      keep, w,
-      _mm512_fmsub_ps(beta, _mm512_sub_ps(_mm512_set1_ps(1.0f), ed), _mm512_maskz_mov_ps(active, unclipped_term)));
+  const __mmask16 unclipped_grad = active & static_cast<__mmask16>(~dual);
+  const __m512 g = _mm512_maskz_mul_ps(keep, w,
+                                       _mm512_fmsub_ps(beta, _mm512_sub_ps(_mm512_set1_ps(1.0f), ed),
+                                                       _mm512_maskz_mov_ps(unclipped_grad, unclipped_term)));
   _mm512_mask_storeu_ps(grad + t, lanes, g);
   s.kl = _mm512_mul_ps(kl, m);
   s.clip = _mm512_maskz_mov_ps(static_cast<__mmask16>(~active), m);
   s.ratio = _mm512_mul_ps(ratio, m);
+  s.lratio = _mm512_mul_ps(d_old, m);
+  s.dual = _mm512_maskz_mov_ps(dual, m);
   return s;
 }
 
@@ -115,11 +123,12 @@ inline double lanes_sum(__m512d v) {
 // policy_loss_row for float32 logp/old/ref and a byte mask.
 inline RowSums policy_loss_row_f32_byte(const float* logp, const float* old, const float* ref, const uint8_t* mask,
                                         int64_t T, float A_, float w_scale_, float lo_, float hi_, float beta_,
-                                        float* grad) {
+                                        float dual_c_, float* grad) {
   const __m512 A = _mm512_set1_ps(A_), w_scale = _mm512_set1_ps(w_scale_), lo = _mm512_set1_ps(lo_),
-               hi = _mm512_set1_ps(hi_), beta = _mm512_set1_ps(beta_);
+               hi = _mm512_set1_ps(hi_), beta = _mm512_set1_ps(beta_), dual_c = _mm512_set1_ps(dual_c_);
+  const __mmask16 negative_a = A_ < 0.0f ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0);
   __m512d acc_loss = _mm512_setzero_pd(), acc_kl = _mm512_setzero_pd(), acc_clip = _mm512_setzero_pd(),
-          acc_ratio = _mm512_setzero_pd();
+          acc_ratio = _mm512_setzero_pd(), acc_lratio = _mm512_setzero_pd(), acc_dual = _mm512_setzero_pd();
   auto lanes_from = [T](int64_t t) -> __mmask16 {
     const int64_t left = T - t;
     if (left >= 16) return static_cast<__mmask16>(0xFFFF);
@@ -134,14 +143,17 @@ inline RowSums policy_loss_row_f32_byte(const float* logp, const float* old, con
     for (int q = 0; q < 4; ++q) {
       const int64_t t = t0 + 16 * q;
       const __mmask16 lanes = full ? static_cast<__mmask16>(0xFFFF) : lanes_from(t);
-      v[q] = token_terms16(logp, old, ref, mask, grad, t, lanes, A, w_scale, lo, hi, beta);
+      v[q] = token_terms16(logp, old, ref, mask, grad, t, lanes, A, w_scale, lo, hi, beta, dual_c, negative_a);
     }
     acc_loss = _mm512_add_pd(acc_loss, tile_sum(v[0].loss, v[1].loss, v[2].loss, v[3].loss));
     acc_kl = _mm512_add_pd(acc_kl, tile_sum(v[0].kl, v[1].kl, v[2].kl, v[3].kl));
     acc_clip = _mm512_add_pd(acc_clip, tile_sum(v[0].clip, v[1].clip, v[2].clip, v[3].clip));
     acc_ratio = _mm512_add_pd(acc_ratio, tile_sum(v[0].ratio, v[1].ratio, v[2].ratio, v[3].ratio));
+    acc_lratio = _mm512_add_pd(acc_lratio, tile_sum(v[0].lratio, v[1].lratio, v[2].lratio, v[3].lratio));
+    acc_dual = _mm512_add_pd(acc_dual, tile_sum(v[0].dual, v[1].dual, v[2].dual, v[3].dual));
   }
-  return RowSums{lanes_sum(acc_loss), lanes_sum(acc_kl), lanes_sum(acc_clip), lanes_sum(acc_ratio)};
+  return RowSums{lanes_sum(acc_loss),  lanes_sum(acc_kl),     lanes_sum(acc_clip),
+                 lanes_sum(acc_ratio), lanes_sum(acc_lratio), lanes_sum(acc_dual)};
 }
 
 }  // namespace IAMA_ISA_NAMESPACE

@@ -41,11 +41,11 @@ __global__ void loss_kernel(const float* logp, const float* old, const float* re
   const double msum = iama::mask_row_sum(mask + r * T, T);
   sums[r] = iama::policy_loss_row<float, float, unsigned char, float>(
       logp + r * T, old + r * T, ref + r * T, mask + r * T, T, adv[r], static_cast<float>(1.0 / (S * msum)), 0.8f,
-      1.2f, 0.04f, grad + r * T);
+      1.2f, 0.04f, 3.0f, grad + r * T);
 }
 
 __global__ void loss_kernel_f64(const double* logp, const double* mask, double* out) {
   const iama::TokenTerms<double> t = iama::token_terms<double>(mask[0], logp[0], logp[1], logp[2], 1.0, 1.0, 0.8,
-                                                               1.2, 0.1);
-  out[0] = t.grad + t.loss + t.kl + t.clip + t.ratio;
+                                                               1.2, 0.1, 3.0);
+  out[0] = t.grad + t.loss + t.kl + t.clip + t.ratio + t.lratio + t.dual;
 }

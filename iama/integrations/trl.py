@@ -69,9 +69,11 @@ class IAMAGRPOTrainer(GRPOTrainer):
             ``"reference"``) computes the same clipped-ratio + k3 KL loss and its gradient with
             iama's kernels, one pass over the tokens instead of TRL's chain of elementwise ops.
             It covers TRL's ``loss_type`` ``"grpo"``, ``"bnpo"``, ``"dr_grpo"`` and ``"dapo"``
-            with token-level ratios; a setting it does not cover (sequence-level importance
-            sampling, ``delta``, entropy masks or bonus, the off-policy mask, vLLM
-            importance-sampling correction) is a ``ValueError`` when the trainer is built. With
+            with token-level ratios, and TRL's two-sided clip ``delta`` when
+            ``delta >= 1 + epsilon_high`` (it is then the kernel's ``dual_clip``); a setting it
+            does not cover (sequence-level importance sampling, a smaller ``delta``, entropy
+            masks or bonus, the off-policy mask, vLLM importance-sampling correction) is a
+            ``ValueError`` when the trainer is built. With
             ``use_bias_correction_kl`` (TRL's default) and ``beta > 0`` the KL term is TRL's
             ratio-weighted ``rho * k3``, the kernel's ``kl_weight="ratio"``. It logs TRL's
             ``kl``, ``entropy`` and ``clip_ratio/region_mean``, not the low/high clip split.
@@ -126,8 +128,11 @@ class IAMAGRPOTrainer(GRPOTrainer):
             refused.append(f"loss_type={self.loss_type!r} (supported: {sorted(_LOSS_TYPES)})")
         if self.importance_sampling_level != "token":
             refused.append(f"importance_sampling_level={self.importance_sampling_level!r}")
-        if args.delta is not None:
-            refused.append(f"delta={args.delta}")
+        if args.delta is not None and not (args.delta > 1 and args.delta >= 1 + self.epsilon_high):
+            # Above 1 + epsilon_high TRL's two-sided clip is the dual clip (A < 0, ratio > delta:
+            # the constant delta A); below it would also cut positive advantages' ratios.
+            refused.append(f"delta={args.delta} (covered when delta >= 1 + epsilon_high = "
+                           f"{1 + self.epsilon_high:g})")
         if self.off_policy_mask_threshold is not None:
             refused.append(f"off_policy_mask_threshold={self.off_policy_mask_threshold}")
         if self.top_entropy_quantile < 1.0:
@@ -223,7 +228,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
             beta=0.0 if ref is None else self.beta * float(scale), loss_type=kind,
             max_completion_length=max_length,
             kl_weight="ratio" if ref is not None and self.args.use_bias_correction_kl else "none",
-            impl=self.loss_impl,
+            dual_clip=self.args.delta, impl=self.loss_impl,
         )
         loss = out.loss
         if self.aux_loss_enabled:

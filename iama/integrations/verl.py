@@ -5,7 +5,9 @@ estimator* (``algorithm.adv_estimator``: ``"grpo"``, ``"rloo"``, ...), grouping 
 one prompt by their ``uid``. This module gives verl an estimator whose advantages are the
 non-linear GRPO advantages of a transform (``Mean()``, ``BestOfN(n)``, ``SoftBestOfN(tau)``):
 the first variation of the reward *after* the inference-time algorithm, centred and scaled per
-group. Everything else (rollout, reward managers, actor loss, critic-free PPO) stays verl's.
+group. Everything else (rollout, reward managers, critic-free PPO) stays verl's; the actor's
+PPO loss can run on iama's fused kernel through the ``"iama"`` policy loss of
+:mod:`iama.integrations.verl_loss`.
 
 With iama installed, ``import verl`` registers the estimator ``"iama"`` (through verl's
 ``verl.plugins`` entry points; with ``VERL_USE_EXTERNAL_PLUGINS=none`` set, add

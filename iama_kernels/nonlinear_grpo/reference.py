@@ -27,14 +27,15 @@ def nonlinear_grpo_loss_ref(
     criterion_weights: torch.Tensor | None = None,
     max_completion_length: int | None = None,
     kl_weight: str = "none",
+    dual_clip: float | None = None,
 ) -> NonlinearGRPOOutput:
     """Reference :func:`iama_kernels.nonlinear_grpo_loss`; rewards ``[B, G, m]``, validated."""
     adv = group_advantages_ref(rewards, objective, estimator, scale, eps, criterion_weights)
     out = policy_loss_ref(
         logp, old_logp, ref_logp, adv.advantages.reshape(-1), mask,
-        eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight,
+        eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight, dual_clip,
     )
     return NonlinearGRPOOutput(
         out.loss, adv.advantages, out.kl, out.clip_fraction, out.ratio_mean,
-        adv.values, adv.criterion_weights,
+        adv.values, adv.criterion_weights, out.log_ratio_mean, out.dual_clip_fraction,
     )

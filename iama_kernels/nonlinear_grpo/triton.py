@@ -40,10 +40,12 @@ from ..objectives import Objective
 from ..policy_loss.triton import (
     LOSS_TYPE_CODES,
     N_PARTIALS,
+    N_STATS,
     _policy_loss_op,
     _store_partials,
     _token_row,
     backward_logp,
+    dual_clip_args,
     finalize,
     grad_dtype,
     needs_grad,
@@ -60,10 +62,11 @@ def _nonlinear_grpo_fwd_kernel(
     table_ptr, crit_ptr, lam_ptr, adv_ptr, values_ptr, G, eps,
     logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, partial_ptr,
     s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
-    T, rows_per_prog, eps_low, eps_high, beta, norm,
+    T, rows_per_prog, eps_low, eps_high, beta, dual_c, norm,
     BG: tl.constexpr, M: tl.constexpr, SCALE: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr, RATIO_KL: tl.constexpr = False,
+    DUAL_CLIP: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     split = tl.program_id(1)
@@ -79,19 +82,22 @@ def _nonlinear_grpo_fwd_kernel(
     kl = tl.zeros([BLOCK_T], dtype=tl.float32)
     clip = tl.zeros([BLOCK_T], dtype=tl.float32)
     ratio = tl.zeros([BLOCK_T], dtype=tl.float32)
+    lratio = tl.zeros([BLOCK_T], dtype=tl.float32)
+    dual = tl.zeros([BLOCK_T], dtype=tl.float32)
     msum = 0.0
     start = split * rows_per_prog
     end = tl.minimum(start + rows_per_prog, G)
     for j in range(start, end):
         a = tl.sum(tl.where(offs == j, adv, 0.0), axis=0)  # sample j's advantage (one lane)
-        loss, kl, clip, ratio, r_m = _token_row(
+        loss, kl, clip, ratio, lratio, dual, r_m = _token_row(
             a, b * G + j, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr,
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
-            T, eps_low, eps_high, beta, norm, loss, kl, clip, ratio,
-            HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL,
+            T, eps_low, eps_high, beta, dual_c, norm, loss, kl, clip, ratio, lratio, dual,
+            HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL, DUAL_CLIP,
         )
         msum += r_m
-    _store_partials(partial_ptr, b * tl.num_programs(1) + split, loss, msum, kl, clip, ratio, NP)
+    _store_partials(partial_ptr, b * tl.num_programs(1) + split, loss, msum, kl, clip, ratio,
+                    lratio, dual, NP)
 
 
 def rows_per_program(B: int, G: int, device: torch.device) -> int:
@@ -106,9 +112,9 @@ def _nonlinear_grpo_fwd(
     mask: torch.Tensor, rewards: torch.Tensor, lam: torch.Tensor, codes: list[int],
     taus: list[float], estimator: str, eps: float, scale_code: int, eps_low: float,
     eps_high: float, beta: float, loss_type: str, max_completion_length: int, need_grad: bool,
-    ratio_kl: bool = False,
+    ratio_kl: bool = False, dual_clip: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One launch (plus the partials reduction). Returns float32 ``stats [5]``,
+    """One launch (plus the partials reduction). Returns float32 ``stats [N_STATS]``,
     ``advantages [B, G]``, ``values [B, m]`` and the gradient (``[S, T]`` or empty)."""
     B, G, m = rewards.shape
     S, T = logp.shape
@@ -122,14 +128,15 @@ def _nonlinear_grpo_fwd(
     splits = triton.cdiv(G, rpp)
     partials = torch.empty(B * splits, N_PARTIALS, dtype=torch.float32, device=dev)
     block_t, warps = token_block(T, logp.element_size())
+    dual_c, has_dual = dual_clip_args(dual_clip)
     _nonlinear_grpo_fwd_kernel[(B, splits)](
         rewards, *rewards.stride(), tables, crit, lam, adv, values, G, eps,
         *args[:5], partials, *args[5:],
-        T, rpp, eps_low, eps_high, beta, row_norm(S, T, loss_type, max_len),
+        T, rpp, eps_low, eps_high, beta, dual_c, row_norm(S, T, loss_type, max_len),
         BG=tables.shape[-1], M=m, SCALE=scale_code,
         HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
         LOSS_TYPE=LOSS_TYPE_CODES[loss_type], WRITE_GRAD=need_grad, BLOCK_T=block_t,
-        NP=N_PARTIALS, RATIO_KL=ratio_kl, num_warps=max(warps, group_warps(G)),
+        NP=N_PARTIALS, RATIO_KL=ratio_kl, DUAL_CLIP=has_dual, num_warps=max(warps, group_warps(G)),
     )
     return finalize(partials, loss_type), adv, values, grad
 
@@ -140,21 +147,22 @@ def _nonlinear_grpo_op(
     mask: torch.Tensor, rewards: torch.Tensor, lam: torch.Tensor, codes: list[int],
     taus: list[float], estimator: str, eps: float, scale_code: int, eps_low: float,
     eps_high: float, beta: float, loss_type: str, max_completion_length: int, need_grad: bool,
-    ratio_kl: bool = False,
+    ratio_kl: bool = False, dual_clip: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with launch_device(logp.device):
         return _nonlinear_grpo_fwd(logp, old_logp, ref_logp, mask, rewards, lam, codes, taus,
                                    estimator, eps, scale_code, eps_low, eps_high, beta, loss_type,
-                                   max_completion_length, need_grad, ratio_kl)
+                                   max_completion_length, need_grad, ratio_kl, dual_clip)
 
 
 @_nonlinear_grpo_op.register_fake
 def _(logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps, scale_code,
-      eps_low, eps_high, beta, loss_type, max_completion_length, need_grad, ratio_kl=False):
+      eps_low, eps_high, beta, loss_type, max_completion_length, need_grad, ratio_kl=False,
+      dual_clip=None):
     B, G, m = rewards.shape
     f32 = torch.float32
     shape = tuple(logp.shape) if need_grad else (0, 0)
-    return (logp.new_empty(5, dtype=f32), logp.new_empty((B, G), dtype=f32),
+    return (logp.new_empty(N_STATS, dtype=f32), logp.new_empty((B, G), dtype=f32),
             logp.new_empty((B, m), dtype=f32), logp.new_empty(shape, dtype=grad_dtype(logp)))
 
 
@@ -190,6 +198,7 @@ def nonlinear_grpo_loss_triton(
     criterion_weights: torch.Tensor | None = None,
     max_completion_length: int | None = None,
     kl_weight: str = "none",
+    dual_clip: float | None = None,
 ) -> NonlinearGRPOOutput:
     """Triton :func:`iama_kernels.nonlinear_grpo_loss`; rewards ``[B, G, m]``, validated."""
     ratio_kl = kl_weight == "ratio"
@@ -202,13 +211,13 @@ def nonlinear_grpo_loss_triton(
                                                  0, False)
         adv = scale_advantages(shaped, "batch", eps, None)
         stats, _ = _policy_loss_op(logp, old_logp, ref_logp, adv.reshape(-1), mask, eps_low,
-                                   eps_high, beta, loss_type, max_len, need, ratio_kl)
+                                   eps_high, beta, loss_type, max_len, need, ratio_kl, dual_clip)
     else:
         stats, adv, values, _ = _nonlinear_grpo_op(
             logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps,
             SCALE_CODES[scale],
-            eps_low, eps_high, beta, loss_type, max_len, need, ratio_kl,
+            eps_low, eps_high, beta, loss_type, max_len, need, ratio_kl, dual_clip,
         )
     metrics = stats.detach()
     return NonlinearGRPOOutput(stats[0], adv.detach(), metrics[1], metrics[2], metrics[3],
-                               values.detach(), lam)
+                               values.detach(), lam, metrics[5], metrics[6])

@@ -12,6 +12,7 @@ from .._checks import (
     KL_WEIGHTS,
     LOSS_TYPES,
     check_choice,
+    check_dual_clip,
     check_float,
     check_positive_float,
     check_tensor,
@@ -101,6 +102,7 @@ def policy_loss(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     kl_weight: str = "none",
+    dual_clip: float | None = None,
     impl: str = "auto",
 ) -> PolicyLossOutput:
     """Clipped-ratio surrogate plus k3 KL penalty: one mirror-descent step as a GRPO loss.
@@ -128,19 +130,25 @@ def policy_loss(
             by its ratio, ``rho * kl_t`` with ``rho`` not detached (TRL's
             ``use_bias_correction_kl``), whose gradient is ``beta rho (logp - ref)``; the ``kl``
             metric is then the mean of ``rho * kl_t``.
+        dual_clip: ``None`` or ``c > 1``: dual-clip PPO (Ye et al., 2020; verl's
+            ``clip_ratio_c``): a token with ``A < 0`` and ``rho > c`` has the surrogate ``c A``, a
+            constant (no surrogate gradient), so a negative advantage cannot push a token whose
+            ratio has already grown past ``c`` without bound.
         impl: ``"auto"`` or an explicit backend name.
 
     Returns:
         :class:`~iama_kernels.PolicyLossOutput` of scalars (float64 for float64 ``logp``, else
-        float32): ``loss`` and the detached metrics ``kl``, ``clip_fraction``, ``ratio_mean``
-        (mask-weighted means over tokens). ``d loss / d logp_t = w_t (-(rho A if the unclipped
-        term is active else 0) + beta (1 - exp(ref - logp)))`` (``beta rho (logp - ref)`` in
-        place of the last term with ``kl_weight="ratio"``).
+        float32): ``loss`` and the detached metrics ``kl``, ``clip_fraction``, ``ratio_mean``,
+        ``log_ratio_mean``, ``dual_clip_fraction`` (mask-weighted means over tokens).
+        ``d loss / d logp_t = w_t (-(rho A if the unclipped term is active and the dual clip
+        is not else 0) + beta (1 - exp(ref - logp)))`` (``beta rho (logp - ref)`` in place of
+        the last term with ``kl_weight="ratio"``).
     """
     eps_low, eps_high, beta = check_token_inputs(
         logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_type, max_completion_length
     )
     check_choice("kl_weight", kl_weight, KL_WEIGHTS)
+    dual_clip = check_dual_clip(dual_clip)
     advantages = check_float("advantages", advantages)
     if tuple(advantages.shape) != (logp.shape[0],):
         raise ValueError(f"advantages must have shape [S] = [{logp.shape[0]}], "
@@ -155,4 +163,4 @@ def policy_loss(
                  "row_span": row_span(logp, old_logp, ref_logp, mask)})
     backend = choose("policy_loss", impl, _POLICY_LOSS_BACKENDS, call)
     return backend.run(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,
-                       loss_type, max_completion_length, kl_weight)
+                       loss_type, max_completion_length, kl_weight, dual_clip)

@@ -24,10 +24,11 @@ def policy_loss_cpu(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     kl_weight: str = "none",
+    dual_clip: float | None = None,
 ) -> PolicyLossOutput:
     """``[S, T]`` log-probs, ``[S]`` advantages, ``[S, T]`` mask -> :class:`PolicyLossOutput`."""
-    loss, kl, clip_fraction, ratio_mean, _ = torch.ops.iama.policy_loss_fwd(
+    outputs = torch.ops.iama.policy_loss_fwd(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length,
-        kl_weight == "ratio",
+        kl_weight == "ratio", dual_clip,
     )
-    return PolicyLossOutput(loss, kl.detach(), clip_fraction.detach(), ratio_mean.detach())
+    return PolicyLossOutput(outputs[0], *(t.detach() for t in outputs[1:6]))

@@ -2,7 +2,8 @@
 
 Autograd through these ops gives exactly the closed-form gradient of the SPEC: the clipped branch
 is detached, so the gradient is ``-rho A`` where the unclipped term is active (ties included) and 0
-where the clipped one is, plus ``beta (1 - exp(ref - logp))``. Tokens with mask 0 are never read
+where the clipped one is (and where the dual clip holds the surrogate at ``c A``), plus
+``beta (1 - exp(ref - logp))``. Tokens with mask 0 are never read
 into the arithmetic (``torch.where``, not a product), so padding may hold inf or NaN.
 """
 
@@ -45,6 +46,7 @@ def policy_loss_ref(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     kl_weight: str = "none",
+    dual_clip: float | None = None,
 ) -> PolicyLossOutput:
     """Reference :func:`iama_kernels.policy_loss`; arguments already validated."""
     dtype = compute_dtype(logp.dtype)
@@ -58,6 +60,11 @@ def policy_loss_ref(
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
     unclipped_active = ratio * A <= clipped * A
     surrogate = torch.where(unclipped_active, ratio * A, (clipped * A).detach())
+    if dual_clip is None:
+        dual = torch.zeros_like(unclipped_active)
+    else:  # dual-clip PPO: for A < 0 the surrogate is at least c A, a constant
+        dual = (A < 0) & (ratio > dual_clip)
+        surrogate = torch.where(dual, (dual_clip * A).detach(), surrogate)
     if ref_logp is None:
         kl = torch.zeros_like(lp)
     else:
@@ -76,4 +83,7 @@ def policy_loss_ref(
         kl_mean = (kl.detach() * m).sum() / tokens
         clip_fraction = ((~unclipped_active).to(dtype) * m).sum() / tokens
         ratio_mean = (ratio * m).sum() / tokens
-    return PolicyLossOutput(loss, kl_mean.detach(), clip_fraction, ratio_mean.detach())
+        log_ratio_mean = ((lp - old) * m).sum() / tokens
+        dual_fraction = (dual.to(dtype) * m).sum() / tokens
+    return PolicyLossOutput(loss, kl_mean.detach(), clip_fraction, ratio_mean.detach(),
+                            log_ratio_mean.detach(), dual_fraction)

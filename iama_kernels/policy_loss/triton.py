@@ -4,8 +4,8 @@ The forward kernel streams each row's tokens once (logp, old_logp, ref_logp, mas
 per-token gradient ``d loss / d logp`` and per-program partial sums of the loss and the metrics
 (kept per lane over a program's rows and reduced across lanes once, at the program's end);
 a one-program kernel reduces the partials in a fixed order (deterministic, no atomics) into
-``stats = [loss, kl, clip_fraction, ratio_mean, post_scale]``. No other ``[S, T]`` tensor is
-created.
+``stats = [loss, kl, clip_fraction, ratio_mean, post_scale, log_ratio_mean,
+dual_clip_fraction]``. No other ``[S, T]`` tensor is created.
 
 Token weights (``policy_loss/reference.py::token_weights``):
 
@@ -44,7 +44,8 @@ from .._device import launch_device
 from .._types import PolicyLossOutput
 
 LOSS_TYPE_CODES = {"grpo": 0, "token": 1, "dr_grpo": 2}
-N_PARTIALS = 8  # loss, mask total, kl sum, clipped sum, ratio sum (padded to 8)
+N_PARTIALS = 8  # loss, mask total, kl, clipped, ratio, log-ratio, dual-clipped sums (padded to 8)
+N_STATS = 7  # loss, kl, clip_fraction, ratio_mean, post_scale, log_ratio_mean, dual_clip_fraction
 _SM_COUNT: dict[torch.device, int] = {}
 
 
@@ -84,19 +85,23 @@ def _sum_and_max(a_sum, a_max, b_sum, b_max):
 def _token_row(
     a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr,
     s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
-    T, eps_low, eps_high, beta, norm, loss_acc, kl_acc, clip_acc, ratio_acc,
-    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
+    T, eps_low, eps_high, beta, dual_c, norm, loss_acc, kl_acc, clip_acc, ratio_acc,
+    lratio_acc, dual_acc, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, RATIO_KL: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
 ):
     """Stream one row with advantage ``a`` into the program's per-lane ``[BLOCK_T]`` sums of the
-    weighted loss, kl, clipped and ratio terms; returns them and the row's mask total.
+    weighted loss, kl, clipped, ratio, log-ratio and dual-clipped terms; returns them and the
+    row's mask total.
 
     The sums are reduced across lanes once per program (``_store_partials``), not per row: each
     block-wide reduction is a shared-memory round trip behind a barrier, and a 1024-token row
     streams in the time of a few of them (benchmarks/gpu/NOTES.md, change 3). The one reduction
     left per row is the pre-pass's (mask total and extent together). ``norm``: ``1/S`` (grpo),
     ``1/(S L)`` (dr_grpo), unused (token). ``RATIO_KL``: the KL term is ``ratio * k3`` (ratio
-    not detached, TRL's bias correction), with derivative ``ratio * (logp - ref)``."""
+    not detached, TRL's bias correction), with derivative ``ratio * (logp - ref)``.
+    ``DUAL_CLIP``: the dual clip ``c = dual_c`` is on: for ``a < 0`` a token with ``ratio > c``
+    has the constant surrogate ``c a`` and no surrogate gradient."""
     offs = tl.arange(0, BLOCK_T)
     # Row bases in 64 bits: a tensor of 2**31 elements or more (65536 rows of 32768 tokens) has
     # row offsets past int32; offsets within a row stay 32-bit vectors.
@@ -135,7 +140,9 @@ def _token_row(
         lp = tl.load(logp_row + t * s_lt, mask=live, other=0.0).to(tl.float32)
         if HAS_OLD:
             old = tl.load(old_row + t * s_ot, mask=live, other=0.0).to(tl.float32)
-            ratio = tl.exp(lp - old)
+            log_ratio = tl.where(keep, lp - old, 0.0)
+            ratio = tl.exp(log_ratio)
+            lratio_acc += m * log_ratio
         else:
             ratio = tl.full([BLOCK_T], 1.0, tl.float32)
         clipped = tl.minimum(tl.maximum(ratio, lo), hi)
@@ -143,7 +150,15 @@ def _token_row(
         ca = clipped * a
         active = ra <= ca  # the unclipped term is the one min() takes (ties included)
         surr = tl.where(active, ra, ca)
-        g = -tl.where(active, ra, 0.0)
+        if DUAL_CLIP:
+            # a < 0 is ra < 0 wherever ratio > c > 0 (a tensor test: the interpreter cannot and
+            # a scalar bool into a block).
+            dual = (ratio > dual_c) & (ra < 0.0)
+            surr = tl.where(dual, dual_c * a, surr)
+            g = -tl.where(active & (~dual), ra, 0.0)
+            dual_acc += tl.where(keep & dual, m, 0.0)
+        else:
+            g = -tl.where(active, ra, 0.0)
         if HAS_REF:
             ref = tl.load(ref_row + t * s_rt, mask=live, other=0.0).to(tl.float32)
             d = ref - lp
@@ -164,27 +179,30 @@ def _token_row(
         ratio_acc += tl.where(keep, m * ratio, 0.0)
         if WRITE_GRAD:
             tl.store(grad_row + t * s_gt, tl.where(keep, w * g, 0.0), mask=t < T)
-    return loss_acc, kl_acc, clip_acc, ratio_acc, msum
+    return loss_acc, kl_acc, clip_acc, ratio_acc, lratio_acc, dual_acc, msum
 
 
 @triton.jit
-def _store_partials(partial_ptr, pid, loss_acc, msum, kl_acc, clip_acc, ratio_acc,
-                    NP: tl.constexpr):
+def _store_partials(partial_ptr, pid, loss_acc, msum, kl_acc, clip_acc, ratio_acc, lratio_acc,
+                    dual_acc, NP: tl.constexpr):
     """The program's partials: its per-lane sums reduced (once), and its mask total."""
     tl.store(partial_ptr + pid * NP + 0, tl.sum(loss_acc, axis=0))
     tl.store(partial_ptr + pid * NP + 1, msum)
     tl.store(partial_ptr + pid * NP + 2, tl.sum(kl_acc, axis=0))
     tl.store(partial_ptr + pid * NP + 3, tl.sum(clip_acc, axis=0))
     tl.store(partial_ptr + pid * NP + 4, tl.sum(ratio_acc, axis=0))
+    tl.store(partial_ptr + pid * NP + 5, tl.sum(lratio_acc, axis=0))
+    tl.store(partial_ptr + pid * NP + 6, tl.sum(dual_acc, axis=0))
 
 
 @triton.jit
 def _policy_loss_fwd_kernel(
     logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr, partial_ptr,
     s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_a,
-    S, T, rows_per_prog, eps_low, eps_high, beta, norm,
+    S, T, rows_per_prog, eps_low, eps_high, beta, dual_c, norm,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr, RATIO_KL: tl.constexpr = False,
+    DUAL_CLIP: tl.constexpr = False,
 ):
     """Program ``pid`` streams rows ``[pid * rows_per_prog, ...)`` and writes its partials."""
     pid = tl.program_id(0)
@@ -192,31 +210,36 @@ def _policy_loss_fwd_kernel(
     kl = tl.zeros([BLOCK_T], dtype=tl.float32)
     clip = tl.zeros([BLOCK_T], dtype=tl.float32)
     ratio = tl.zeros([BLOCK_T], dtype=tl.float32)
+    lratio = tl.zeros([BLOCK_T], dtype=tl.float32)
+    dual = tl.zeros([BLOCK_T], dtype=tl.float32)
     msum = 0.0
     start = pid * rows_per_prog
     end = tl.minimum(start + rows_per_prog, S)
     for row in range(start, end):
         a = tl.load(adv_ptr + row * s_a).to(tl.float32)
-        loss, kl, clip, ratio, r_m = _token_row(
+        loss, kl, clip, ratio, lratio, dual, r_m = _token_row(
             a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr,
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
-            T, eps_low, eps_high, beta, norm, loss, kl, clip, ratio,
-            HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL,
+            T, eps_low, eps_high, beta, dual_c, norm, loss, kl, clip, ratio, lratio, dual,
+            HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL, DUAL_CLIP,
         )
         msum += r_m
-    _store_partials(partial_ptr, pid, loss, msum, kl, clip, ratio, NP)
+    _store_partials(partial_ptr, pid, loss, msum, kl, clip, ratio, lratio, dual, NP)
 
 
 @triton.jit
 def _finalize_kernel(partial_ptr, P, out_ptr, LOSS_TYPE: tl.constexpr, NP: tl.constexpr,
                      BLOCK_P: tl.constexpr):
-    """Sum ``[P, NP]`` partials (fixed order) into ``[loss, kl, clip, ratio, post_scale]``."""
+    """Sum ``[P, NP]`` partials (fixed order) into ``[loss, kl, clip, ratio, post_scale,
+    log_ratio, dual]``."""
     offs = tl.arange(0, BLOCK_P)
     loss = tl.zeros([BLOCK_P], dtype=tl.float32)
     msum = tl.zeros([BLOCK_P], dtype=tl.float32)
     kl = tl.zeros([BLOCK_P], dtype=tl.float32)
     clip = tl.zeros([BLOCK_P], dtype=tl.float32)
     ratio = tl.zeros([BLOCK_P], dtype=tl.float32)
+    lratio = tl.zeros([BLOCK_P], dtype=tl.float32)
+    dual = tl.zeros([BLOCK_P], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + offs
         inb = p < P
@@ -225,6 +248,8 @@ def _finalize_kernel(partial_ptr, P, out_ptr, LOSS_TYPE: tl.constexpr, NP: tl.co
         kl += tl.load(partial_ptr + p * NP + 2, mask=inb, other=0.0)
         clip += tl.load(partial_ptr + p * NP + 3, mask=inb, other=0.0)
         ratio += tl.load(partial_ptr + p * NP + 4, mask=inb, other=0.0)
+        lratio += tl.load(partial_ptr + p * NP + 5, mask=inb, other=0.0)
+        dual += tl.load(partial_ptr + p * NP + 6, mask=inb, other=0.0)
     tokens = tl.maximum(tl.sum(msum, axis=0), 1.0)
     total = tl.sum(loss, axis=0)
     if LOSS_TYPE == 1:
@@ -237,16 +262,24 @@ def _finalize_kernel(partial_ptr, P, out_ptr, LOSS_TYPE: tl.constexpr, NP: tl.co
     tl.store(out_ptr + 2, tl.sum(clip, axis=0) / tokens)
     tl.store(out_ptr + 3, tl.sum(ratio, axis=0) / tokens)
     tl.store(out_ptr + 4, post)
+    tl.store(out_ptr + 5, tl.sum(lratio, axis=0) / tokens)
+    tl.store(out_ptr + 6, tl.sum(dual, axis=0) / tokens)
 
 
 def finalize(partials: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """``[5]`` float32 ``[loss, kl, clip_fraction, ratio_mean, post_scale]`` from partials."""
-    stats = torch.empty(5, dtype=torch.float32, device=partials.device)
+    """``[N_STATS]`` float32 ``[loss, kl, clip_fraction, ratio_mean, post_scale,
+    log_ratio_mean, dual_clip_fraction]`` from partials."""
+    stats = torch.empty(N_STATS, dtype=torch.float32, device=partials.device)
     P = partials.shape[0]
     block = min(1024, max(16, triton.next_power_of_2(P)))
     _finalize_kernel[(1,)](partials, P, stats, LOSS_TYPE=LOSS_TYPE_CODES[loss_type],
                            NP=N_PARTIALS, BLOCK_P=block, num_warps=4)
     return stats
+
+
+def dual_clip_args(dual_clip: float | None) -> tuple[float, bool]:
+    """The kernels' ``(dual_c, DUAL_CLIP)``; off, the dual-clip code is compiled out."""
+    return (0.0, False) if dual_clip is None else (float(dual_clip), True)
 
 
 def row_norm(S: int, T: int, loss_type: str, max_completion_length: int | None) -> float:
@@ -278,8 +311,9 @@ def _policy_loss_fwd(
     logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
     advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
     loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
+    dual_clip: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward launch: ``stats [5]`` float32 and the gradient (``[S, T]``, or empty)."""
+    """Forward launch: ``stats [N_STATS]`` float32 and the gradient (``[S, T]``, or empty)."""
     S, T = logp.shape
     max_len = None if max_completion_length <= 0 else max_completion_length
     args, grad = token_args(logp, old_logp, ref_logp, mask, need_grad)
@@ -290,14 +324,15 @@ def _policy_loss_fwd(
     partials = (torch.empty if launch else torch.zeros)(
         max(P, 1), N_PARTIALS, dtype=torch.float32, device=logp.device)
     block_t, warps = token_block(T, logp.element_size())
+    dual_c, has_dual = dual_clip_args(dual_clip)
     if launch:
         _policy_loss_fwd_kernel[(P,)](
             *args[:5], advantages, partials, *args[5:], advantages.stride(0),
-            S, T, rows_per_prog, eps_low, eps_high, beta,
+            S, T, rows_per_prog, eps_low, eps_high, beta, dual_c,
             row_norm(S, T, loss_type, max_len),
             HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
             LOSS_TYPE=LOSS_TYPE_CODES[loss_type], WRITE_GRAD=need_grad, BLOCK_T=block_t,
-            NP=N_PARTIALS, RATIO_KL=ratio_kl, num_warps=warps,
+            NP=N_PARTIALS, RATIO_KL=ratio_kl, DUAL_CLIP=has_dual, num_warps=warps,
         )
     return finalize(partials, loss_type), grad
 
@@ -307,17 +342,19 @@ def _policy_loss_op(
     logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
     advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
     loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
+    dual_clip: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with launch_device(logp.device):
         return _policy_loss_fwd(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high,
-                                beta, loss_type, max_completion_length, need_grad, ratio_kl)
+                                beta, loss_type, max_completion_length, need_grad, ratio_kl,
+                                dual_clip)
 
 
 @_policy_loss_op.register_fake
 def _(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
-      max_completion_length, need_grad, ratio_kl=False):
+      max_completion_length, need_grad, ratio_kl=False, dual_clip=None):
     shape = tuple(logp.shape) if need_grad else (0, 0)
-    return (logp.new_empty(5, dtype=torch.float32),
+    return (logp.new_empty(N_STATS, dtype=torch.float32),
             logp.new_empty(shape, dtype=grad_dtype(logp)))
 
 
@@ -358,12 +395,13 @@ def policy_loss_triton(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     kl_weight: str = "none",
+    dual_clip: float | None = None,
 ) -> PolicyLossOutput:
     """Triton :func:`iama_kernels.policy_loss`; arguments already validated. float32 outputs."""
     stats, _ = _policy_loss_op(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
         0 if max_completion_length is None else int(max_completion_length), needs_grad(logp),
-        kl_weight == "ratio",
+        kl_weight == "ratio", dual_clip,
     )
     metrics = stats.detach()
-    return PolicyLossOutput(stats[0], metrics[1], metrics[2], metrics[3])
+    return PolicyLossOutput(stats[0], metrics[1], metrics[2], metrics[3], metrics[5], metrics[6])

@@ -2,9 +2,11 @@
 //
 // Per token, with m the mask weight and w = m * w_scale its aggregation weight:
 //   ratio = exp(logp - old);  active = ratio A <= clip(ratio, 1 - eps_low, 1 + eps_high) A
+//   dual  = A < 0 and ratio > c   (dual-clip PPO, c = dual_clip; c = +inf turns it off)
 //   kl    = exp(ref - logp) - (ref - logp) - 1
-//   loss  = w (beta kl - (ratio A if active else clip(ratio) A))
-//   grad  = w (-(ratio A if active else 0) + beta (1 - exp(ref - logp)))     (d loss / d logp)
+//   surr  = c A if dual else (ratio A if active else clip(ratio) A)
+//   loss  = w (beta kl - surr)
+//   grad  = w (-(ratio A if active and not dual else 0) + beta (1 - exp(ref - logp)))  (d loss / d logp)
 // With ratio_kl (TRL's bias-corrected KL) the KL term is ratio * kl, ratio not detached: its
 // derivative is ratio * kl + ratio * (1 - exp(ref - logp)) = ratio * (logp - ref).
 // Tokens with m == 0 are never read into the arithmetic: their inputs are replaced by 0 before
@@ -22,11 +24,14 @@ struct TokenTerms {
   acc_t kl;     // m * kl
   acc_t clip;   // m if the clipped term is strictly active, else 0
   acc_t ratio;  // m * ratio
+  acc_t lratio; // m * (logp - old)
+  acc_t dual;   // m if the dual clip is active, else 0
 };
 
 template <typename acc_t>
 IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t ref, acc_t A, acc_t w_scale,
-                                             acc_t lo, acc_t hi, acc_t beta, bool ratio_kl = false) {
+                                             acc_t lo, acc_t hi, acc_t beta, acc_t dual_c,
+                                             bool ratio_kl = false) {
   const bool keep = m != acc_t(0);
   lp = keep ? lp : acc_t(0);
   old = keep ? old : acc_t(0);
@@ -36,6 +41,8 @@ IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t
   const acc_t unclipped_term = ratio * A;
   const acc_t clipped_term = clipped * A;
   const bool active = unclipped_term <= clipped_term;
+  const bool dual = A < acc_t(0) && ratio > dual_c;
+  const acc_t surrogate = dual ? dual_c * A : (active ? unclipped_term : clipped_term);
   const acc_t d = ref - lp;
   const acc_t ed = exp_acc(d);
   const acc_t k3 = k3_from_exp(d, ed);
@@ -43,17 +50,20 @@ IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t
   const acc_t dkl = ratio_kl ? -(ratio * d) : acc_t(1) - ed;
   const acc_t w = m * w_scale;
   TokenTerms<acc_t> t;
-  t.loss = keep ? (beta * kl - (active ? unclipped_term : clipped_term)) * w : acc_t(0);
-  t.grad = keep ? w * (beta * dkl - (active ? unclipped_term : acc_t(0))) : acc_t(0);
+  t.loss = keep ? (beta * kl - surrogate) * w : acc_t(0);
+  t.grad = keep ? w * (beta * dkl - (active && !dual ? unclipped_term : acc_t(0))) : acc_t(0);
   t.kl = kl * m;
   t.clip = active ? acc_t(0) : m;
   t.ratio = ratio * m;
+  t.lratio = (lp - old) * m;
+  t.dual = dual ? m : acc_t(0);
   return t;
 }
 
-// Sums of one row's token terms: loss, m * kl, clipped weight, m * ratio.
+// Sums of one row's token terms: loss, m * kl, clipped weight, m * ratio, m * log-ratio,
+// dual-clipped weight.
 struct RowSums {
-  double loss, kl, clip, ratio;
+  double loss, kl, clip, ratio, lratio, dual;
 };
 
 // One row of T tokens: writes grad[0..T) and returns the row's sums.
@@ -68,33 +78,39 @@ struct RowSums {
 template <typename lp_t, typename aux_t, typename mask_t, typename acc_t, bool kRatioKL = false>
 IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old, const aux_t* ref,
                                 const mask_t* __restrict__ mask, int64_t T, acc_t A, acc_t w_scale, acc_t lo,
-                                acc_t hi, acc_t beta, lp_t* __restrict__ grad) {
+                                acc_t hi, acc_t beta, acc_t dual_c, lp_t* __restrict__ grad) {
   constexpr int kTile = 64;
-  RowSums sums = {0.0, 0.0, 0.0, 0.0};
-  acc_t t_loss[kTile], t_kl[kTile], t_clip[kTile], t_ratio[kTile];
+  RowSums sums = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  acc_t t_loss[kTile], t_kl[kTile], t_clip[kTile], t_ratio[kTile], t_lratio[kTile], t_dual[kTile];
   // Each tile's 8 lanes go to 8 double accumulators (lane j of every tile into slot j): one
   // vector conversion and one vector add per tile and quantity, where a scalar sum would make
   // 8 dependent additions.
-  double lane_loss[8], lane_kl[8], lane_clip[8], lane_ratio[8];
-  for (int j = 0; j < 8; ++j) lane_loss[j] = lane_kl[j] = lane_clip[j] = lane_ratio[j] = 0.0;
+  double lane_loss[8], lane_kl[8], lane_clip[8], lane_ratio[8], lane_lratio[8], lane_dual[8];
+  for (int j = 0; j < 8; ++j) {
+    lane_loss[j] = lane_kl[j] = lane_clip[j] = lane_ratio[j] = lane_lratio[j] = lane_dual[j] = 0.0;
+  }
   for (int64_t t0 = 0; t0 < T; t0 += kTile) {
     const int len = (T - t0) < kTile ? static_cast<int>(T - t0) : kTile;
     for (int j = 0; j < len; ++j) {
       const int64_t t = t0 + j;
       const TokenTerms<acc_t> tt =
           token_terms<acc_t>(static_cast<acc_t>(mask[t]), static_cast<acc_t>(logp[t]), static_cast<acc_t>(old[t]),
-                             static_cast<acc_t>(ref[t]), A, w_scale, lo, hi, beta, kRatioKL);
+                             static_cast<acc_t>(ref[t]), A, w_scale, lo, hi, beta, dual_c, kRatioKL);
       grad[t] = static_cast<lp_t>(tt.grad);
       t_loss[j] = tt.loss;
       t_kl[j] = tt.kl;
       t_clip[j] = tt.clip;
       t_ratio[j] = tt.ratio;
+      t_lratio[j] = tt.lratio;
+      t_dual[j] = tt.dual;
     }
     for (int j = len; j < kTile; ++j) {
       t_loss[j] = acc_t(0);
       t_kl[j] = acc_t(0);
       t_clip[j] = acc_t(0);
       t_ratio[j] = acc_t(0);
+      t_lratio[j] = acc_t(0);
+      t_dual[j] = acc_t(0);
     }
     for (int width = kTile / 2; width >= 8; width /= 2) {
       for (int j = 0; j < width; ++j) {
@@ -102,6 +118,8 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
         t_kl[j] += t_kl[j + width];
         t_clip[j] += t_clip[j + width];
         t_ratio[j] += t_ratio[j + width];
+        t_lratio[j] += t_lratio[j + width];
+        t_dual[j] += t_dual[j + width];
       }
     }
     for (int j = 0; j < 8; ++j) {
@@ -109,6 +127,8 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       lane_kl[j] += static_cast<double>(t_kl[j]);
       lane_clip[j] += static_cast<double>(t_clip[j]);
       lane_ratio[j] += static_cast<double>(t_ratio[j]);
+      lane_lratio[j] += static_cast<double>(t_lratio[j]);
+      lane_dual[j] += static_cast<double>(t_dual[j]);
     }
   }
   // The 8 lanes, pairwise in a fixed order.
@@ -118,12 +138,16 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       lane_kl[j] += lane_kl[j + width];
       lane_clip[j] += lane_clip[j + width];
       lane_ratio[j] += lane_ratio[j + width];
+      lane_lratio[j] += lane_lratio[j + width];
+      lane_dual[j] += lane_dual[j + width];
     }
   }
   sums.loss = lane_loss[0];
   sums.kl = lane_kl[0];
   sums.clip = lane_clip[0];
   sums.ratio = lane_ratio[0];
+  sums.lratio = lane_lratio[0];
+  sums.dual = lane_dual[0];
   return sums;
 }
 

@@ -1,0 +1,114 @@
+"""verl's ``"vanilla"`` PPO policy loss against iama's ``"iama"`` policy loss (the fused kernel).
+
+Both rows call the registered functions of verl 0.9.1's policy-loss registry the way verl's actor
+loss calls them (keyword arguments, an actor config with ``clip_ratio_high=0.28`` and the default
+dual clip ``clip_ratio_c=3``), on the same float32 micro-batch: log-probs, old log-probs,
+per-response advantages broadcast over a bool response mask. A call is the loss, its three
+metrics (verl reads each with ``.item()``) and the backward into the log-probs. The rows take
+turns call by call in shuffled order; the median of ``--rounds`` each is reported, with GB/s over
+the bytes the loss must move (log-probs, old log-probs and advantages read once, the mask read
+once, the gradient written once). ``iama unchecked`` skips the check that the advantages are
+constant along each response (one more read of the advantages and the mask). Before timing, the
+losses and gradients are checked equal.
+
+verl is installed into ``.venv`` by ``make``: ``.venv/bin/python benchmarks/verl_loss.py``.
+Results go to ``benchmarks/results/verl_loss.jsonl`` (device and versions included); the table is
+printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Measurement, format_table, from_times, interleaved, write_results
+
+
+def _config(mode: str) -> Any:
+    from verl.workers.config import FSDPActorConfig
+
+    config = FSDPActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, ppo_mini_batch_size=4,
+                             rollout_n=4, clip_ratio_high=0.28, loss_agg_mode=mode)
+    config.global_batch_info.update({"dp_size": 1, "batch_num_tokens": None, "global_batch_size": None,
+                                     "loss_scale_factor": None})
+    return config
+
+
+def _micro_batch(S: int, T: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(S, T, generator=g) * 3
+    lengths = torch.randint(T // 4, T + 1, (S,), generator=g)
+    mask = torch.arange(T) < lengths.unsqueeze(1)
+    adv = torch.randn(S, generator=g).unsqueeze(1) * mask
+    return {"log_prob": logp, "old_log_prob": logp + 0.3 * torch.randn(S, T, generator=g),
+            "advantages": adv, "response_mask": mask}
+
+
+def _loss_call(fn: Callable[..., Any], batch: dict[str, torch.Tensor], mode: str) -> Callable[[], Any]:
+    leaf = batch["log_prob"].clone().requires_grad_(True)
+    config = _config(mode)
+
+    def call() -> torch.Tensor:
+        leaf.grad = None
+        loss, metrics = fn(old_log_prob=batch["old_log_prob"], log_prob=leaf, advantages=batch["advantages"],
+                           response_mask=batch["response_mask"], loss_agg_mode=mode, config=config,
+                           rollout_is_weights=None)
+        loss.backward()
+        assert len(metrics) == 3
+        return leaf.grad
+
+    return call
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="64x1024,256x2048,512x4096", help="comma-separated SxT")
+    parser.add_argument("--modes", default="token-mean,seq-mean-token-mean", help="verl loss_agg_modes")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows: list[Measurement] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from verl.trainer.ppo import core_algos
+
+        from iama.integrations.verl_loss import VerlPolicyLoss
+
+        losses = {"verl vanilla": core_algos.get_policy_loss_fn("vanilla"),
+                  "iama": VerlPolicyLoss(), "iama unchecked": VerlPolicyLoss(check_advantages=False)}
+        for mode in args.modes.split(","):
+            for shape in args.shapes.split(","):
+                S, T = (int(x) for x in shape.split("x"))
+                batch = _micro_batch(S, T)
+                calls = {name: _loss_call(fn, batch, mode) for name, fn in losses.items()}
+                grads = {name: call().clone() for name, call in calls.items()}
+                for name in ("iama", "iama unchecked"):
+                    torch.testing.assert_close(grads[name], grads["verl vanilla"], rtol=1e-4,
+                                               atol=1e-6 * float(grads["verl vanilla"].abs().max()))
+                times = interleaved(calls, args.rounds)
+                moved = 4 * S * T * 4 + S * T  # float32 logp, old, advantages, gradient; bool mask
+                label = f"S={S} T={T} {mode}"
+                for name, ms in times.items():
+                    rows.append(from_times("verl policy loss (fwd+bwd)", name, label, ms, bytes_moved=moved,
+                                           extra={"threads": args.threads,
+                                                  "verl": importlib.metadata.version("verl")}))
+                    print(f"{label:<36} {name:<16} {rows[-1].median_ms:9.3f} ms", flush=True)
+    if not args.no_write:
+        print(f"wrote {write_results(rows, 'verl_loss')}")
+    print(format_table(rows, baseline_impl="verl vanilla"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,240 @@
+"""verl's PPO actor loss on the fused kernel: the ``"iama"`` policy loss.
+
+verl computes the actor's clipped-ratio loss through a registered *policy loss*
+(``actor_rollout_ref.actor.policy_loss.loss_mode``, ``"vanilla"`` by default). This module gives
+verl one that computes what ``"vanilla"`` computes (the PPO clip with ``clip_ratio_low`` and
+``clip_ratio_high``, the dual clip ``clip_ratio_c``, every ``loss_agg_mode``, verl's global
+batch normalisers, ``rollout_is_weights``) in one pass of :func:`iama_kernels.policy_loss`, which
+writes the gradient of the loss with respect to the log-probs during the forward pass instead of
+materialising a dozen ``[bs, T]`` intermediates. With iama installed, ``import verl`` registers it
+(the plugin that also registers the ``"iama"`` advantage estimator)::
+
+    python -m verl.trainer.main_ppo actor_rollout_ref.actor.policy_loss.loss_mode=iama ...
+
+What differs from ``"vanilla"``:
+
+* The advantages must be one value per response, repeated over its tokens: what verl's outcome
+  estimators give (GRPO, RLOO, REINFORCE++ with outcome rewards, ``"iama"``), not GAE's
+  per-token advantages. This is checked on every call (``check_advantages``) and refused with a
+  ``ValueError``; the check reads the advantages and the mask once more.
+* verl clamps ``log_prob - old_log_prob`` to ``[-20, 20]`` before ``exp``; the kernel does not.
+  The loss and its gradient differ only on tokens whose ratio is below ``e**-20`` (by at most
+  ``e**-20 |A|`` each); above ``e**20`` both clips make the token's loss a constant anyway.
+  ``actor/ppo_kl`` is then the mean of the unclamped log-ratios.
+* With ``rollout_is_weights`` the metrics are means weighted by each token's weight in the loss
+  (the importance weight, divided by the response's length for ``seq-mean-token-mean``); verl's
+  are unweighted means over the response tokens.
+* An empty batch (no response token) gives a loss of 0, not verl's 0/0.
+
+Metrics (as ``"vanilla"``): ``actor/pg_clipfrac``, ``actor/ppo_kl``,
+``actor/pg_clipfrac_lower``, read from the device in one transfer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from iama_kernels import policy_loss
+from iama_kernels._checks import check_choice
+from iama_kernels._dispatch import IMPLS
+
+POLICY_LOSS_NAME = "iama"
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+                  "seq-mean-token-mean")
+
+
+def _option(config: Any, name: str, default: Any = None) -> Any:
+    """``config.name`` of verl's actor config (a dataclass with ``get``), or a mapping's entry."""
+    if config is None:
+        return default
+    value = config.get(name, default) if isinstance(config, Mapping) else getattr(config, name, default)
+    return default if value is None else value
+
+
+def _clip_range(config: Any) -> tuple[float, float, float]:
+    """``(eps_low, eps_high, c)`` from ``clip_ratio``, ``clip_ratio_low/high``, ``clip_ratio_c``."""
+    if config is None:
+        raise ValueError("config (verl's actor config, with clip_ratio and clip_ratio_c) is required")
+    clip_ratio = _option(config, "clip_ratio", 0.2)
+    low = float(_option(config, "clip_ratio_low", clip_ratio))
+    high = float(_option(config, "clip_ratio_high", clip_ratio))
+    c = float(_option(config, "clip_ratio_c", 3.0))
+    if not c > 1.0:
+        raise ValueError(f"clip_ratio_c (the dual clip) must be > 1, got {c}")
+    return low, high, c
+
+
+def sequence_advantages(advantages: torch.Tensor, response_mask: torch.Tensor,
+                        check: bool = True) -> torch.Tensor:
+    """``[bs]`` one advantage per response from verl's ``[bs, T]`` token-level advantages.
+
+    The value at each response's first token; with ``check``, a ``ValueError`` if any other
+    response token holds another value (per-token advantages such as GAE's).
+    """
+    keep = response_mask.bool()
+    flags = keep.view(torch.uint8)
+    # The index of a row's first maximum (torch.max documents the first): its first response
+    # token, or 0 for an empty response. Cheaper than argmax on bytes, and no copy of the mask.
+    first = flags.max(dim=1, keepdim=True).indices
+    values = advantages.gather(1, first)
+    if check:
+        differs = (advantages != values).view(torch.uint8).mul_(flags)
+        if bool(differs.any()):
+            row = int(differs.any(dim=1).nonzero()[0, 0])
+            raise ValueError(
+                f"advantages vary along response {row}'s tokens: the '{POLICY_LOSS_NAME}' policy loss "
+                "takes one advantage per response (outcome estimators such as grpo, rloo or iama); "
+                "use loss_mode=vanilla for per-token advantages (gae)")
+    return values.squeeze(1)
+
+
+def _require_global(name: str, dp_size: float) -> None:
+    """verl's rule: a local count stands in for the global one only without data parallelism."""
+    if dp_size > 1:
+        raise ValueError(f"(global) {name} is required in config.global_batch_info when "
+                         f"dp_size > 1 (got dp_size={dp_size:g})")
+
+
+def _count(value: Any, fallback: torch.Tensor, name: str, dp_size: float) -> torch.Tensor | float:
+    """A global count from verl's ``global_batch_info`` (int or tensor), else the local one,
+    at least 1."""
+    if value is None:
+        _require_global(name, dp_size)
+        return fallback.clamp(min=1)
+    if isinstance(value, torch.Tensor):
+        return value.to(torch.float64).clamp(min=1)
+    return float(max(value, 1))
+
+
+class VerlPolicyLoss:
+    """A verl policy loss: ``(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+    config, rollout_is_weights) -> (loss, metrics)``, verl's ``"vanilla"`` on the fused kernel.
+
+    Args:
+        impl: backend of :func:`iama_kernels.policy_loss` (``"auto"``: Triton on CUDA, the C++
+            extension on CPU).
+        check_advantages: check that the advantages are constant along each response.
+    """
+
+    def __init__(self, impl: str = "auto", check_advantages: bool = True) -> None:
+        check_choice("impl", impl, IMPLS)
+        if not isinstance(check_advantages, bool):
+            raise TypeError(f"check_advantages must be a bool, got {type(check_advantages).__name__}")
+        self.impl = impl
+        self.check_advantages = check_advantages
+
+    def __repr__(self) -> str:
+        return f"VerlPolicyLoss(impl={self.impl!r}, check_advantages={self.check_advantages})"
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, VerlPolicyLoss) and other.impl == self.impl
+                and other.check_advantages == self.check_advantages)
+
+    def __hash__(self) -> int:
+        return hash((self.impl, self.check_advantages))
+
+    def __call__(
+        self,
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = "token-mean",
+        config: Any = None,
+        rollout_is_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The aggregated PPO loss (differentiable in ``log_prob``) and verl's metrics.
+
+        Args:
+            old_log_prob, log_prob: ``[bs, T]`` log-probs under the rollout (old) and current
+                policy; ``log_prob`` carries the gradient.
+            advantages: ``[bs, T]`` one advantage per response, repeated over its tokens.
+            response_mask: ``[bs, T]`` bool (or 0/1) mask of the response tokens.
+            loss_agg_mode: one of :data:`LOSS_AGG_MODES`, as verl's ``agg_loss``.
+            config: verl's actor config: ``clip_ratio(_low/_high)``, ``clip_ratio_c`` and the
+                ``global_batch_info`` (``dp_size``, ``batch_num_tokens``, ``global_batch_size``,
+                ``loss_scale_factor``) that verl fills in before each call.
+            rollout_is_weights: ``[bs, T]`` importance weights of rollout correction, or None.
+        """
+        check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
+        eps_low, eps_high, dual_clip = _clip_range(config)
+        for name, t in (("old_log_prob", old_log_prob), ("log_prob", log_prob),
+                        ("advantages", advantages), ("response_mask", response_mask)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.shape != log_prob.shape or t.ndim != 2:
+                raise ValueError(f"{name} must be [bs, T] like log_prob {tuple(log_prob.shape)}, "
+                                 f"got {tuple(t.shape)}")
+        keep = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+        seq_adv = sequence_advantages(advantages, keep, self.check_advantages)
+        info = _option(config, "global_batch_info", {}) or {}
+        dp_size = float(info.get("dp_size", 1) or 1)
+        S, T = log_prob.shape
+
+        # The kernel's loss types are per-token weights over the mask; verl's normalisers are
+        # global counts. "grpo" divides each response by its own token count (seq-mean-token-mean);
+        # "dr_grpo" with length 1 is sum(loss * mask) / S, which every other mode rescales. The
+        # rescaling is a positive scalar, folded into the advantages (the loss is linear in them).
+        mask: torch.Tensor = keep
+        loss_type, length = "dr_grpo", 1
+        if loss_agg_mode == "token-mean":
+            tokens = info.get("batch_num_tokens")
+            if tokens is None and rollout_is_weights is None:
+                _require_global("batch_num_tokens", dp_size)
+                loss_type, length, scale = "token", None, 1.0  # the kernel counts the tokens
+            else:
+                scale = S / _count(tokens, keep.sum().double(), "batch_num_tokens", dp_size)
+        elif loss_agg_mode == "token-sum":
+            scale = float(S)
+        else:
+            sequences = _count(info.get("global_batch_size"), keep.any(dim=1).sum().double(),
+                               "global_batch_size", dp_size)
+            scale = S / sequences
+            if loss_agg_mode == "seq-mean-token-sum-norm":
+                factor = info.get("loss_scale_factor") or T
+                scale = scale / float(factor)
+            elif loss_agg_mode == "seq-mean-token-mean":
+                if rollout_is_weights is None:  # grpo: each response over its count, then / S
+                    loss_type, length = "grpo", None
+                else:
+                    # verl adds 1e-8 to the integer count in float32, where it vanishes.
+                    mask = keep / keep.sum(dim=1, keepdim=True).clamp(min=1).to(log_prob.dtype)
+        if rollout_is_weights is not None:
+            if rollout_is_weights.shape != log_prob.shape:
+                raise ValueError(f"rollout_is_weights must be [bs, T] like log_prob, got "
+                                 f"{tuple(rollout_is_weights.shape)}")
+            mask = rollout_is_weights.detach() * mask
+        scale = scale * dp_size
+        scaled_adv = seq_adv * (scale.to(seq_adv.dtype) if isinstance(scale, torch.Tensor) else scale)
+        out = policy_loss(log_prob, old_log_prob.detach(), None, scaled_adv.detach(), mask,
+                          eps_low=eps_low, eps_high=eps_high, beta=0.0, loss_type=loss_type,
+                          max_completion_length=length, dual_clip=dual_clip, impl=self.impl)
+        clipfrac, log_ratio, lower = torch.stack(
+            [out.clip_fraction, out.log_ratio_mean, out.dual_clip_fraction]).tolist()
+        metrics = {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": -log_ratio,
+                   "actor/pg_clipfrac_lower": lower}
+        return out.loss, metrics
+
+
+def register_policy_loss(name: str = POLICY_LOSS_NAME, impl: str = "auto",
+                         check_advantages: bool = True) -> VerlPolicyLoss:
+    """Register :class:`VerlPolicyLoss` in verl's policy-loss registry under ``name``.
+
+    ``register_policy_loss()`` is what ``import verl`` runs through the plugin; select it with
+    ``actor_rollout_ref.actor.policy_loss.loss_mode=iama``. Registering a name again with the
+    same options is a no-op; with others, or over one of verl's own losses, a ``ValueError``.
+    """
+    from verl.trainer.ppo import core_algos
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    fn = VerlPolicyLoss(impl, check_advantages)
+    known = core_algos.POLICY_LOSS_REGISTRY.get(name)
+    if known is not None and known != fn:
+        raise ValueError(f"verl already has a policy loss named {name!r} ({known!r}); choose another name")
+    core_algos.register_policy_loss(name)(fn)
+    return fn
+

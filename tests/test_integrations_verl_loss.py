@@ -1,0 +1,187 @@
+"""iama.integrations.verl_loss: the "iama" policy loss against verl 0.9's own "vanilla" loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from iama.integrations.verl_loss import (
+    LOSS_AGG_MODES,
+    VerlPolicyLoss,
+    register_policy_loss,
+    sequence_advantages,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*engine is not available:UserWarning",
+                                        "ignore:Ray state API:DeprecationWarning")
+
+GLOBAL_INFO = {"dp_size": 2, "batch_num_tokens": 300, "global_batch_size": 30, "loss_scale_factor": 64}
+
+
+@pytest.fixture(scope="module")
+def verl_algos():
+    return pytest.importorskip("verl.trainer.ppo.core_algos")
+
+
+def _actor_config(**overrides):
+    from verl.workers.config import FSDPActorConfig
+
+    kw = dict(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, ppo_mini_batch_size=4, rollout_n=4,
+              clip_ratio_high=0.28, clip_ratio_c=1.6)
+    return FSDPActorConfig(**dict(kw, **overrides))
+
+
+def _batch(bs: int = 12, T: int = 17, seed: int = 0, dtype=torch.float64):
+    """verl-like micro-batch: ratios spread widely (both clips and the dual clip act), responses of
+    0 to T tokens, one advantage per response broadcast over its mask (verl's outcome estimators),
+    and importance weights of rollout correction."""
+    g = torch.Generator().manual_seed(seed)
+    logp = torch.randn(bs, T, generator=g, dtype=torch.float64) * 0.5 - 2
+    old = logp + torch.randn(bs, T, generator=g, dtype=torch.float64) * 0.6
+    lengths = torch.randint(0, T + 1, (bs,), generator=g)
+    lengths[0] = 0
+    mask = torch.arange(T) < lengths[:, None]
+    adv = torch.randn(bs, generator=g, dtype=torch.float64)[:, None] * mask
+    weights = torch.rand(bs, T, generator=g, dtype=torch.float64) + 0.5
+    return logp.to(dtype), old.to(dtype), adv.to(dtype), mask, weights.to(dtype)
+
+
+def _run(fn, old, logp, adv, mask, mode, config, weights):
+    x = logp.clone().requires_grad_(True)
+    loss, metrics = fn(old, x, adv, mask, mode, config, weights)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), grad, metrics
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("info", [{}, GLOBAL_INFO], ids=["local", "global"])
+@pytest.mark.parametrize("with_weights", [False, True], ids=["plain", "rollout-is"])
+def test_equals_verl_vanilla(verl_algos, mode: str, info: dict, with_weights: bool) -> None:
+    """float64, reference backend: verl's own loss and gradient to rounding, its metrics to its
+    1e-8 masked-mean epsilon (unweighted case)."""
+    logp, old, adv, mask, weights = _batch()
+    config = _actor_config()
+    config.global_batch_info.update(info)
+    w = weights if with_weights else None
+    want_loss, want_grad, want_metrics = _run(verl_algos.compute_policy_loss_vanilla, old, logp, adv, mask,
+                                              mode, config, w)
+    loss, grad, metrics = _run(VerlPolicyLoss(impl="reference"), old, logp, adv, mask, mode, config, w)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-13, atol=1e-15)
+    assert set(metrics) == set(want_metrics)
+    assert want_metrics["actor/pg_clipfrac_lower"] > 0.02 and want_metrics["actor/pg_clipfrac"] > 0.05
+    if not with_weights:  # weighted, ours are means weighted by the loss weights (documented)
+        for key, value in want_metrics.items():
+            assert metrics[key] == pytest.approx(value, rel=1e-7, abs=1e-12), key
+
+
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_float32_backends_match_verl(verl_algos, impl: str, mode: str) -> None:
+    """float32 inputs (verl's usual log-probs): every backend against verl computed in float64."""
+    logp, old, adv, mask, _ = _batch(bs=16, T=70, seed=1)
+    config = _actor_config(clip_ratio_c=2.0)
+    want_loss, want_grad, _ = _run(verl_algos.compute_policy_loss_vanilla, old, logp, adv, mask, mode,
+                                   config, None)
+    loss, grad, _ = _run(VerlPolicyLoss(impl=impl), old.float(), logp.float(), adv.float(), mask, mode,
+                         config, None)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+    eps = torch.finfo(torch.float32).eps
+    scale = float(want_grad.abs().max())
+    assert abs(float(loss) - float(want_loss)) <= 64 * eps * max(abs(float(want_loss)), 1.0)
+    assert float((grad.double() - want_grad).abs().max()) <= 16 * eps * scale
+
+
+def test_per_token_advantages_are_refused() -> None:
+    logp, old, adv, mask, _ = _batch()
+    adv = adv.clone()
+    adv[2, 1] += 0.5  # GAE-like: varies along response 2
+    assert bool(mask[2, 1])
+    with pytest.raises(ValueError, match="advantages vary along response 2's tokens"):
+        VerlPolicyLoss()(old, logp.requires_grad_(), adv, mask, "token-mean", {"clip_ratio": 0.2})
+    # Values under the mask's zeros are not advantages: ignored.
+    adv = adv.clone()
+    adv[2, 1] -= 0.5
+    adv[~mask] = 7.0
+    seq = sequence_advantages(adv, mask)
+    assert torch.equal(seq[1:], adv[1:, 0]) and float(seq[0]) == 7.0  # row 0 is empty
+    loss, _ = VerlPolicyLoss(check_advantages=False)(old, logp, adv, mask, "token-mean", {"clip_ratio": 0.2})
+    assert torch.isfinite(loss)
+
+
+def test_bad_arguments_name_themselves() -> None:
+    logp, old, adv, mask, _ = _batch()
+    fn = VerlPolicyLoss()
+    cfg = {"clip_ratio": 0.2}
+    with pytest.raises(ValueError, match="loss_agg_mode must be one of"):
+        fn(old, logp, adv, mask, "mean", cfg)
+    with pytest.raises(ValueError, match=r"config \(verl's actor config, .*\) is required"):
+        fn(old, logp, adv, mask, "token-mean", None)
+    with pytest.raises(ValueError, match=r"clip_ratio_c \(the dual clip\) must be > 1"):
+        fn(old, logp, adv, mask, "token-mean", {"clip_ratio": 0.2, "clip_ratio_c": 1.0})
+    with pytest.raises(ValueError, match=r"advantages must be \[bs, T\]"):
+        fn(old, logp, adv[:, :3], mask, "token-mean", cfg)
+    with pytest.raises(TypeError, match=r"response_mask must be a torch\.Tensor"):
+        fn(old, logp, adv, mask.tolist(), "token-mean", cfg)
+    with pytest.raises(ValueError, match="batch_num_tokens is required"):
+        fn(old, logp, adv, mask, "token-mean", dict(cfg, global_batch_info={"dp_size": 2}))
+    with pytest.raises(ValueError, match="global_batch_size is required"):
+        fn(old, logp, adv, mask, "seq-mean-token-sum", dict(cfg, global_batch_info={"dp_size": 2}))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        VerlPolicyLoss(impl="gpu")
+
+
+def test_empty_batch_gives_zero(verl_algos) -> None:
+    logp, old, adv, mask, _ = _batch(bs=3, T=5)
+    mask = torch.zeros_like(mask)
+    x = logp.clone().requires_grad_(True)
+    loss, metrics = VerlPolicyLoss()(old, x, adv * 0, mask, "token-mean", _actor_config())
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+    assert metrics["actor/pg_clipfrac"] == 0.0
+
+
+def test_import_verl_registers_the_policy_loss(verl_algos) -> None:
+    fn = verl_algos.get_policy_loss_fn("iama")
+    assert isinstance(fn, VerlPolicyLoss) and fn.impl == "auto"
+    assert register_policy_loss() == fn  # same options: a no-op
+    custom = register_policy_loss("iama_test_reference", impl="reference")
+    assert verl_algos.get_policy_loss_fn("iama_test_reference") is custom
+    with pytest.raises(ValueError, match="already has a policy loss named 'iama_test_reference'"):
+        register_policy_loss("iama_test_reference", impl="cpu")
+    with pytest.raises(ValueError, match="already has a policy loss named 'vanilla'"):
+        register_policy_loss("vanilla")
+
+
+def test_called_through_the_registry_as_verl_calls_it(verl_algos) -> None:
+    """The keyword call of verl's actor loss (workers/utils/losses.py::ppo_loss): the registered
+    "iama" and "vanilla" give the same loss, gradient and metric keys on float32 inputs."""
+    logp, old, adv, mask, weights = _batch(bs=8, T=9, seed=2, dtype=torch.float32)
+    results = {}
+    for mode in ("vanilla", "iama"):
+        config = _actor_config()
+        config.global_batch_info.update({"dp_size": 1, "batch_num_tokens": None, "global_batch_size": None,
+                                         "loss_scale_factor": None})
+        x = logp.clone().requires_grad_(True)
+        loss, metrics = verl_algos.get_policy_loss_fn(mode)(
+            old_log_prob=old, log_prob=x, advantages=adv, response_mask=mask, loss_agg_mode="token-mean",
+            config=config, rollout_is_weights=weights)
+        (grad,) = torch.autograd.grad(loss, x)
+        results[mode] = (loss.detach(), grad, set(metrics))
+    torch.testing.assert_close(results["iama"][0], results["vanilla"][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(results["iama"][1], results["vanilla"][1], rtol=1e-5, atol=1e-8)
+    assert results["iama"][2] == results["vanilla"][2]
+
+
+def test_the_loss_benchmark_runs(verl_algos, capsys) -> None:
+    """benchmarks/verl_loss.py at a tiny size (it checks iama's gradient against verl's)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "verl_loss.py"
+    spec = importlib.util.spec_from_file_location("verl_loss_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--shapes", "5x9,3x16", "--modes", "token-mean", "--rounds", "3", "--no-write"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("iama unchecked") == 4  # two progress lines and two table rows
