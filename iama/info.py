@@ -78,8 +78,10 @@ def _inputs(device: torch.device) -> dict[str, Any]:
     lengths[2] = 0  # an empty row
     mask = torch.arange(T) < lengths.unsqueeze(1)
     advantages = torch.randn(B * G, generator=g)
+    token_advantages = torch.randn(B * G, T, generator=g)  # PPO's per-token advantages (GAE's)
     return {k: v.to(device) for k, v in dict(rewards=rewards, logp=logp, old=old, ref=ref, mask=mask,
-                                             advantages=advantages).items()}
+                                             advantages=advantages,
+                                             token_advantages=token_advantages).items()}
 
 
 def _cases(x: dict[str, Any]) -> dict[str, tuple[Callable[..., Any], tuple, dict, bool]]:
@@ -94,6 +96,9 @@ def _cases(x: dict[str, Any]) -> dict[str, tuple[Callable[..., Any], tuple, dict
                         loss_kw, True),
         "policy_loss ratio kl": (policy_loss, (x["logp"], x["old"], x["ref"], x["advantages"], x["mask"]),
                                  dict(loss_kw, kl_weight="ratio", loss_type="token"), True),
+        "policy_loss ppo": (  # per-token advantages (GAE's) and the dual clip, as verl's PPO
+            policy_loss, (x["logp"], x["old"], None, x["token_advantages"], x["mask"]),
+            dict(loss_kw, beta=0.0, dual_clip=1.3, loss_type="dr_grpo"), True),
         "nonlinear_grpo_loss": (nonlinear_grpo_loss, (x["logp"], x["old"], x["ref"], x["mask"], x["rewards"],
                                                       _OBJECTIVE), dict(loss_kw, estimator="unbiased"), True),
     }

@@ -458,7 +458,7 @@ def policy_loss_by_loops(
                 agg = w / (S * length)
             else:
                 raise ValueError(f"unknown loss_type {loss_type!r}")
-            A = adv[s]
+            A = adv[s][t] if isinstance(adv[s], list) else adv[s]
             rho = math.exp(lp[s][t] - old[s][t])
             clipped = (rho < 1 - eps_low and A < 0) or (rho > 1 + eps_high and A > 0)
             surr = min(rho * A, min(max(rho, 1 - eps_low), 1 + eps_high) * A)

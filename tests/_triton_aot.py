@@ -55,6 +55,9 @@ def compile_kernel(fn: triton.runtime.JITFunction, consts: dict, num_warps: int,
                    types: dict | None = None, aligned: bool = False) -> str:
     """Compile for sm_90 and return the PTX; ``aligned``: the contiguous-launch specialisation."""
     types = {**TYPES, **(types or {})}
+    # Constexpr parameters left out take their defaults, as in a JIT launch (else they would be
+    # compiled as run-time integers).
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
     signature = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
     attrs = {}
     if aligned:
@@ -128,6 +131,7 @@ def main() -> None:
     dual_clip = {"HAS_OLD": True, "HAS_REF": False, "LOSS_TYPE": 1, "WRITE_GRAD": True, "BLOCK_T": 1024,
                  "NP": 8, "DUAL_CLIP": True}  # verl's vanilla loss: dual clip, no KL term
     compile_kernel(_policy_loss_fwd_kernel, dual_clip, 8)
+    compile_kernel(_policy_loss_fwd_kernel, dict(dual_clip, TOKEN_ADV=True), 8)  # GAE's advantages
     compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, DUAL_CLIP=True), max(4, group_warps(16)))
     compile_kernel(_finalize_kernel, {"LOSS_TYPE": 1, "NP": 8, "BLOCK_P": 1024}, 4)
     for BG, M in [(2, 1), (16, 2), (32, 3), (128, 1)]:

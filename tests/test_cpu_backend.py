@@ -414,6 +414,29 @@ def test_policy_loss_dual_clip_matches_reference(cpu_ext, loss_type, dtype, mask
         assert not torch.equal(grad, plain_grad)
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "token", "dr_grpo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["bool", "int64", "float"])
+def test_policy_loss_token_advantages_match_reference(cpu_ext, loss_type, dtype, mask_kind):
+    """[S, T] advantages (the templated rows' kTokenAdv; float32 + bool leaves the AVX-512 row),
+    NaN under the mask, rows of any stride, with and without the dual clip and the ratio KL."""
+    S, T = 9, 131
+    logp, old, ref, _, mask = _token_inputs(S, T, dtype, mask_kind=mask_kind)
+    gen = torch.Generator().manual_seed(5)
+    wide = torch.randn(S, T + 3, generator=gen)  # rows with a stride: read in place
+    adv = torch.where(mask != 0, wide[:, :T], torch.nan)
+    for kl_weight, dual_clip, kind in (("none", None, loss_type), ("ratio", 1.2, loss_type)):
+        kw = dict(eps_low=0.2, eps_high=0.28, beta=0.05, loss_type=kind, kl_weight=kl_weight,
+                  dual_clip=dual_clip, max_completion_length=150 if kind == "dr_grpo" else None)
+        out, grad = _loss_and_grad("cpu", logp, old, ref, adv, mask, **kw)
+        _, ref_grad = _loss_and_grad("reference", logp, old, ref, adv, mask, **kw)
+        oracle, grad64 = _loss_and_grad("reference", logp.double(), old.double(), ref.double(), adv.double(),
+                                        mask, **kw)
+        _check_all(out, oracle, _rel(dtype))
+        assert_matches_reference(grad, grad64, ref_grad, factor=2.0, rel=_rel(dtype), name="grad")
+        assert torch.isfinite(grad).all()
+
+
 def test_policy_loss_matches_the_loop_oracle(cpu_ext):
     logp, old, ref, adv, mask = _token_inputs(5, 70, torch.float64, mask_kind="float")
     for loss_type in ("grpo", "token", "dr_grpo"):

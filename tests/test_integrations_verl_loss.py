@@ -5,12 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iama.integrations.verl_loss import (
-    LOSS_AGG_MODES,
-    VerlPolicyLoss,
-    register_policy_loss,
-    sequence_advantages,
-)
+from iama.integrations.verl_loss import LOSS_AGG_MODES, VerlPolicyLoss, register_policy_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*engine is not available:UserWarning",
                                         "ignore:Ray state API:DeprecationWarning")
@@ -31,17 +26,20 @@ def _actor_config(**overrides):
     return FSDPActorConfig(**dict(kw, **overrides))
 
 
-def _batch(bs: int = 12, T: int = 17, seed: int = 0, dtype=torch.float64):
+def _batch(bs: int = 12, T: int = 17, seed: int = 0, dtype=torch.float64, per_token: bool = False):
     """verl-like micro-batch: ratios spread widely (both clips and the dual clip act), responses of
-    0 to T tokens, one advantage per response broadcast over its mask (verl's outcome estimators),
-    and importance weights of rollout correction."""
+    0 to T tokens, one advantage per response broadcast over its mask (verl's outcome estimators)
+    or, ``per_token``, one per token (GAE's), and importance weights of rollout correction."""
     g = torch.Generator().manual_seed(seed)
     logp = torch.randn(bs, T, generator=g, dtype=torch.float64) * 0.5 - 2
     old = logp + torch.randn(bs, T, generator=g, dtype=torch.float64) * 0.6
     lengths = torch.randint(0, T + 1, (bs,), generator=g)
     lengths[0] = 0
     mask = torch.arange(T) < lengths[:, None]
-    adv = torch.randn(bs, generator=g, dtype=torch.float64)[:, None] * mask
+    if per_token:
+        adv = torch.randn(bs, T, generator=g, dtype=torch.float64) * mask
+    else:
+        adv = torch.randn(bs, generator=g, dtype=torch.float64)[:, None] * mask
     weights = torch.rand(bs, T, generator=g, dtype=torch.float64) + 0.5
     return logp.to(dtype), old.to(dtype), adv.to(dtype), mask, weights.to(dtype)
 
@@ -56,10 +54,11 @@ def _run(fn, old, logp, adv, mask, mode, config, weights):
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
 @pytest.mark.parametrize("info", [{}, GLOBAL_INFO], ids=["local", "global"])
 @pytest.mark.parametrize("with_weights", [False, True], ids=["plain", "rollout-is"])
-def test_equals_verl_vanilla(verl_algos, mode: str, info: dict, with_weights: bool) -> None:
+@pytest.mark.parametrize("per_token", [False, True], ids=["outcome", "gae"])
+def test_equals_verl_vanilla(verl_algos, mode: str, info: dict, with_weights: bool, per_token: bool) -> None:
     """float64, reference backend: verl's own loss and gradient to rounding, its metrics to its
     1e-8 masked-mean epsilon (unweighted case)."""
-    logp, old, adv, mask, weights = _batch()
+    logp, old, adv, mask, weights = _batch(per_token=per_token)
     config = _actor_config()
     config.global_batch_info.update(info)
     w = weights if with_weights else None
@@ -92,21 +91,15 @@ def test_float32_backends_match_verl(verl_algos, impl: str, mode: str) -> None:
     assert float((grad.double() - want_grad).abs().max()) <= 16 * eps * scale
 
 
-def test_per_token_advantages_are_refused() -> None:
-    logp, old, adv, mask, _ = _batch()
-    adv = adv.clone()
-    adv[2, 1] += 0.5  # GAE-like: varies along response 2
-    assert bool(mask[2, 1])
-    with pytest.raises(ValueError, match="advantages vary along response 2's tokens"):
-        VerlPolicyLoss()(old, logp.requires_grad_(), adv, mask, "token-mean", {"clip_ratio": 0.2})
-    # Values under the mask's zeros are not advantages: ignored.
-    adv = adv.clone()
-    adv[2, 1] -= 0.5
-    adv[~mask] = 7.0
-    seq = sequence_advantages(adv, mask)
-    assert torch.equal(seq[1:], adv[1:, 0]) and float(seq[0]) == 7.0  # row 0 is empty
-    loss, _ = VerlPolicyLoss(check_advantages=False)(old, logp, adv, mask, "token-mean", {"clip_ratio": 0.2})
-    assert torch.isfinite(loss)
+def test_padding_under_the_mask_is_not_read() -> None:
+    """Advantages and log-probs past a response's end may hold anything (here NaN)."""
+    logp, old, adv, mask, _ = _batch(per_token=True)
+    cfg = {"clip_ratio": 0.2}
+    want, _ = VerlPolicyLoss(impl="reference")(old, logp, adv, mask, "token-mean", cfg)
+    nan = torch.tensor(float("nan"), dtype=logp.dtype)
+    got, _ = VerlPolicyLoss()(torch.where(mask, old, nan), torch.where(mask, logp, nan),
+                              torch.where(mask, adv, nan), mask, "token-mean", cfg)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
 def test_bad_arguments_name_themselves() -> None:
@@ -121,6 +114,11 @@ def test_bad_arguments_name_themselves() -> None:
         fn(old, logp, adv, mask, "token-mean", {"clip_ratio": 0.2, "clip_ratio_c": 1.0})
     with pytest.raises(ValueError, match=r"advantages must be \[bs, T\]"):
         fn(old, logp, adv[:, :3], mask, "token-mean", cfg)
+    bad = adv.clone()
+    bad[1, 0] = float("inf")
+    assert bool(mask[1, 0])
+    with pytest.raises(ValueError, match=r"finite, got inf at \(sequence, token\) \(1, 0\)"):
+        fn(old, logp, bad, mask, "token-mean", cfg)
     with pytest.raises(TypeError, match=r"response_mask must be a torch\.Tensor"):
         fn(old, logp, adv, mask.tolist(), "token-mean", cfg)
     with pytest.raises(ValueError, match="batch_num_tokens is required"):
@@ -144,8 +142,9 @@ def test_empty_batch_gives_zero(verl_algos) -> None:
 def test_import_verl_registers_the_policy_loss(verl_algos) -> None:
     fn = verl_algos.get_policy_loss_fn("iama")
     assert isinstance(fn, VerlPolicyLoss) and fn.impl == "auto"
-    assert register_policy_loss() == fn  # same options: a no-op
+    assert register_policy_loss() is fn  # same options: a no-op
     custom = register_policy_loss("iama_test_reference", impl="reference")
+    assert register_policy_loss("iama_test_reference", impl="reference") is custom
     assert verl_algos.get_policy_loss_fn("iama_test_reference") is custom
     with pytest.raises(ValueError, match="already has a policy loss named 'iama_test_reference'"):
         register_policy_loss("iama_test_reference", impl="cpu")
@@ -184,4 +183,4 @@ def test_the_loss_benchmark_runs(verl_algos, capsys) -> None:
     spec.loader.exec_module(module)
     assert module.main(["--shapes", "5x9,3x16", "--modes", "token-mean", "--rounds", "3", "--no-write"]) == 0
     table = capsys.readouterr().out
-    assert table.count("iama unchecked") == 4  # two progress lines and two table rows
+    assert table.count("verl vanilla") == 4  # two progress lines and two table rows

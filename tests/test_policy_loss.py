@@ -355,3 +355,49 @@ def test_log_ratio_mean_without_old_is_zero() -> None:
 def test_dual_clip_is_checked(value: object, error: type) -> None:
     with pytest.raises(error, match="dual_clip must be"):
         _run(_inputs(), dual_clip=value)
+
+
+# --- per-token advantages [S, T] (PPO's, e.g. GAE's) -----------------------------------------------
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize(("beta", "kl_weight", "dual_clip"), [(0.0, "none", None), (0.05, "ratio", 1.5)])
+def test_token_advantages_against_loops(loss_type: str, beta: float, kl_weight: str,
+                                        dual_clip: float | None) -> None:
+    inp = _dual_inputs(seed=80 + len(loss_type))
+    g = torch.Generator().manual_seed(1)
+    token_adv = torch.randn(inp["logp"].shape, generator=g, dtype=torch.float64)
+    kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": beta, "loss_type": loss_type, "kl_weight": kl_weight,
+          "dual_clip": dual_clip}
+    # Under mask 0 the advantages are padding: NaN there must not leak.
+    padded = torch.where(inp["mask"], token_adv, torch.tensor(float("nan"), dtype=torch.float64))
+    out, grad = _run(dict(inp, advantages=padded), **kw)
+    want = policy_loss_by_loops(inp["logp"], inp["old_logp"], inp["ref_logp"], token_adv, inp["mask"], **kw)
+    for name in want._fields:
+        if name != "grad":
+            torch.testing.assert_close(getattr(out, name), getattr(want, name), rtol=0, atol=1e-13)
+    torch.testing.assert_close(grad, want.grad, rtol=0, atol=1e-13)
+    if dual_clip is not None:
+        assert float(out.dual_clip_fraction) > 0.05
+
+
+def test_row_advantages_broadcast_over_tokens_are_the_row_path() -> None:
+    inp = _dual_inputs(seed=90)
+    kw = {"beta": 0.05, "loss_type": "grpo", "dual_clip": 2.0}
+    row, row_grad = _run(inp, **kw)
+    per_token = inp["advantages"].unsqueeze(1).expand_as(inp["logp"])  # a stride-0 view
+    tok, tok_grad = _run(dict(inp, advantages=per_token), **kw)
+    for a, b in zip(tok, row, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+    torch.testing.assert_close(tok_grad, row_grad, rtol=0, atol=1e-15)
+
+
+def test_token_advantages_are_checked() -> None:
+    inp = _inputs()
+    with pytest.raises(ValueError, match=r"advantages must have shape \[S\] = \[6\] or the shape of logp"):
+        _run(dict(inp, advantages=torch.zeros(6, 3, dtype=torch.float64)))
+    adv = torch.zeros(inp["logp"].shape, dtype=torch.float64)
+    row, col = (int(i) for i in inp["mask"].nonzero()[3])
+    adv[row, col] = float("inf")
+    with pytest.raises(ValueError, match=rf"finite, got inf at \(sequence, token\) \({row}, {col}\)"):
+        _run(dict(inp, advantages=adv))

@@ -349,6 +349,27 @@ def test_policy_loss_dual_clip(lane: Lane, loss_type: str, dtype: torch.dtype, h
     assert float(plain.dual_clip_fraction) == 0.0 and not torch.equal(out.loss, plain.loss)
 
 
+@pytest.mark.parametrize(("kl_weight", "dual_clip"), [("none", None), ("ratio", 1.2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_type", ["grpo", "token"])
+def test_policy_loss_token_advantages(lane: Lane, loss_type: str, dtype: torch.dtype, kl_weight: str,
+                                      dual_clip: float | None) -> None:
+    """[S, T] advantages (TOKEN_ADV): NaN under the mask is never read into the arithmetic."""
+    S = 6 if lane.device.type == "cpu" else 300
+    logp, old, ref, mask = _token_inputs(lane, S, dtype, seed=80)
+    adv = torch.randn(S, lane.tokens, generator=torch.Generator().manual_seed(4)).to(lane.device)
+    adv = torch.where(mask.bool(), adv, torch.tensor(float("nan"), device=lane.device))
+    kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.05, "loss_type": loss_type, "kl_weight": kl_weight,
+          "dual_clip": dual_clip}
+    x = logp.detach().clone().requires_grad_(True)
+    out = policy_loss(x, old, ref, adv, mask, impl="triton", **kw)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    (oracle, grad64), (same, grad_same) = reference_grad_pair(policy_loss, logp, old, ref, adv, mask, **kw)
+    name = f"token adv {loss_type} {dtype} {kl_weight}"
+    _loss_fields(out, oracle, same, name)
+    _close(grad, grad64, grad_same, name=f"{name}: grad")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_row_extents_on_aligned_rows(lane: Lane, dtype: torch.dtype) -> None:
     """Rows of a multiple of 16 tokens (on a GPU: the specialisation with 16-byte loads bounded by

@@ -43,8 +43,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   check_cpu(advantages, "advantages");
   check_floating(advantages, "advantages");
-  TORCH_CHECK_VALUE(advantages.dim() == 1 && advantages.size(0) == S, "advantages must have shape [S] = [", S,
-                    "], got ", advantages.sizes());
+  const bool token_adv = advantages.dim() == 2;
+  TORCH_CHECK_VALUE((advantages.dim() == 1 && advantages.size(0) == S) || (token_adv && advantages.sizes() == logp.sizes()),
+                    "advantages must have shape [S] = [", S, "] or the shape of logp ", logp.sizes(), ", got ",
+                    advantages.sizes());
   check_cpu(mask, "mask");
   TORCH_CHECK_VALUE(mask.sizes() == logp.sizes(), "mask must have the shape of logp ", logp.sizes(), ", got ",
                     mask.sizes());
@@ -80,7 +82,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                              : mask.scalar_type() == at::kLong                                 ? MaskKind::kInt64
                                                                                                : MaskKind::kCompute;
   const at::Tensor mk = rows_contiguous(mask_kind == MaskKind::kCompute ? mask.to(ct) : mask);
-  const at::Tensor adv64 = advantages.to(ct).to(at::kDouble).contiguous();
+  // Row advantages in double (one per row); per-token ones in the compute dtype, rows contiguous.
+  const at::Tensor adv64 = token_adv ? at::Tensor() : advantages.to(ct).to(at::kDouble).contiguous();
+  const at::Tensor adv_tok = token_adv ? rows_contiguous(advantages.to(ct)) : at::Tensor();
 
   at::Tensor grad = at::empty({S, T}, logp.options().memory_format(at::MemoryFormat::Contiguous));
   TokenProblem p;
@@ -102,7 +106,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.s_ref = ref.stride(0);
   p.s_mask = mk.stride(0);
   p.grad = grad.mutable_data_ptr();
-  p.adv = adv64.const_data_ptr<double>();
+  if (token_adv) {
+    p.adv_tokens = adv_tok.const_data_ptr();
+    p.s_adv = adv_tok.stride(0);
+  } else {
+    p.adv = adv64.const_data_ptr<double>();
+  }
   p.loss_type = kind;
   p.eps_low = eps_low;
   p.eps_high = eps_high;

@@ -27,7 +27,9 @@ struct TokenProblem {
   const void* mask = nullptr;
   int64_t s_logp = 0, s_old = 0, s_ref = 0, s_mask = 0;  // row strides (elements); rows are contiguous
   void* grad = nullptr;                                  // [S, T] contiguous, logp's dtype
-  const double* adv = nullptr;                           // [S]
+  const double* adv = nullptr;                           // [S], or null with adv_tokens
+  const void* adv_tokens = nullptr;                      // [S, T] per-token advantages, compute dtype
+  int64_t s_adv = 0;                                     // their row stride
   const double* row_mask_sums = nullptr;                 // [S] when known in advance ("token")
   int loss_type = 0;                                     // iama::LossKind
   double uniform_scale = 0.0;                            // w_scale for "token" and "dr_grpo"

@@ -43,7 +43,7 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       // A build with a hand-vectorised row for the most common case (float32, bool mask, plain
       // k3) uses it; the ratio-weighted KL takes the templated row.
       if constexpr (std::is_same_v<lp_t, float> && std::is_same_v<aux_t, float> && std::is_same_v<mask_t, uint8_t>) {
-        if (!p.ratio_kl) {
+        if (!p.ratio_kl && p.adv_tokens == nullptr) {
           sums = policy_loss_row_f32_byte(lp_row, old_row, ref_row, mk, p.T, static_cast<float>(p.adv[r]),
                                           static_cast<float>(w_scale), lo, hi, beta, dual_c, grad_row);
           done = true;
@@ -51,11 +51,20 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       }
 #endif
       if (!done) {
-        const acc_t A = static_cast<acc_t>(p.adv[r]), ws = static_cast<acc_t>(w_scale);
-        sums = p.ratio_kl ? policy_loss_row<lp_t, aux_t, mask_t, acc_t, true>(lp_row, old_row, ref_row, mk, p.T, A, ws,
-                                                                              lo, hi, beta, dual_c, grad_row)
-                          : policy_loss_row<lp_t, aux_t, mask_t, acc_t, false>(lp_row, old_row, ref_row, mk, p.T, A,
-                                                                               ws, lo, hi, beta, dual_c, grad_row);
+        const acc_t ws = static_cast<acc_t>(w_scale);
+        if (p.adv_tokens != nullptr) {
+          const acc_t* a_row = static_cast<const acc_t*>(p.adv_tokens) + r * p.s_adv;
+          sums = p.ratio_kl ? policy_loss_row<lp_t, aux_t, mask_t, acc_t, true, true>(
+                                  lp_row, old_row, ref_row, mk, p.T, acc_t(0), ws, lo, hi, beta, dual_c, grad_row, a_row)
+                            : policy_loss_row<lp_t, aux_t, mask_t, acc_t, false, true>(
+                                  lp_row, old_row, ref_row, mk, p.T, acc_t(0), ws, lo, hi, beta, dual_c, grad_row, a_row);
+        } else {
+          const acc_t A = static_cast<acc_t>(p.adv[r]);
+          sums = p.ratio_kl ? policy_loss_row<lp_t, aux_t, mask_t, acc_t, true>(lp_row, old_row, ref_row, mk, p.T, A,
+                                                                                ws, lo, hi, beta, dual_c, grad_row)
+                            : policy_loss_row<lp_t, aux_t, mask_t, acc_t, false>(lp_row, old_row, ref_row, mk, p.T, A,
+                                                                                 ws, lo, hi, beta, dual_c, grad_row);
+        }
       }
       double* out = rows.data() + r * kRowFields;
       out[0] = sums.loss;
@@ -85,8 +94,8 @@ void dispatch_mask(const TokenProblem& p, std::vector<double>& rows) {
   }
 }
 
-// logp dtype x (old/ref in logp's dtype or in float32) x mask kind (x plain or ratio KL):
-// 18 token kernels, 36 row instantiations.
+// logp dtype x (old/ref in logp's dtype or in float32) x mask kind (x plain or ratio KL x row
+// or per-token advantages): 18 token kernels, 72 row instantiations.
 inline void dispatch_token_pass(const TokenProblem& p, std::vector<double>& rows) {
   switch (p.logp_dtype) {
     case TokenDtype::kFloat32:

@@ -11,12 +11,11 @@ materialising a dozen ``[bs, T]`` intermediates. With iama installed, ``import v
 
     python -m verl.trainer.main_ppo actor_rollout_ref.actor.policy_loss.loss_mode=iama ...
 
+The advantages are verl's ``[bs, T]`` token-level ones, read by the kernel as they are: those of
+the outcome estimators (GRPO, RLOO, ``"iama"``: one value per response) and GAE's alike.
+
 What differs from ``"vanilla"``:
 
-* The advantages must be one value per response, repeated over its tokens: what verl's outcome
-  estimators give (GRPO, RLOO, REINFORCE++ with outcome rewards, ``"iama"``), not GAE's
-  per-token advantages. This is checked on every call (``check_advantages``) and refused with a
-  ``ValueError``; the check reads the advantages and the mask once more.
 * verl clamps ``log_prob - old_log_prob`` to ``[-20, 20]`` before ``exp``; the kernel does not.
   The loss and its gradient differ only on tokens whose ratio is below ``e**-20`` (by at most
   ``e**-20 |A|`` each); above ``e**20`` both clips make the token's loss a constant anyway.
@@ -67,30 +66,6 @@ def _clip_range(config: Any) -> tuple[float, float, float]:
     return low, high, c
 
 
-def sequence_advantages(advantages: torch.Tensor, response_mask: torch.Tensor,
-                        check: bool = True) -> torch.Tensor:
-    """``[bs]`` one advantage per response from verl's ``[bs, T]`` token-level advantages.
-
-    The value at each response's first token; with ``check``, a ``ValueError`` if any other
-    response token holds another value (per-token advantages such as GAE's).
-    """
-    keep = response_mask.bool()
-    flags = keep.view(torch.uint8)
-    # The index of a row's first maximum (torch.max documents the first): its first response
-    # token, or 0 for an empty response. Cheaper than argmax on bytes, and no copy of the mask.
-    first = flags.max(dim=1, keepdim=True).indices
-    values = advantages.gather(1, first)
-    if check:
-        differs = (advantages != values).view(torch.uint8).mul_(flags)
-        if bool(differs.any()):
-            row = int(differs.any(dim=1).nonzero()[0, 0])
-            raise ValueError(
-                f"advantages vary along response {row}'s tokens: the '{POLICY_LOSS_NAME}' policy loss "
-                "takes one advantage per response (outcome estimators such as grpo, rloo or iama); "
-                "use loss_mode=vanilla for per-token advantages (gae)")
-    return values.squeeze(1)
-
-
 def _require_global(name: str, dp_size: float) -> None:
     """verl's rule: a local count stands in for the global one only without data parallelism."""
     if dp_size > 1:
@@ -116,25 +91,20 @@ class VerlPolicyLoss:
     Args:
         impl: backend of :func:`iama_kernels.policy_loss` (``"auto"``: Triton on CUDA, the C++
             extension on CPU).
-        check_advantages: check that the advantages are constant along each response.
     """
 
-    def __init__(self, impl: str = "auto", check_advantages: bool = True) -> None:
+    def __init__(self, impl: str = "auto") -> None:
         check_choice("impl", impl, IMPLS)
-        if not isinstance(check_advantages, bool):
-            raise TypeError(f"check_advantages must be a bool, got {type(check_advantages).__name__}")
         self.impl = impl
-        self.check_advantages = check_advantages
 
     def __repr__(self) -> str:
-        return f"VerlPolicyLoss(impl={self.impl!r}, check_advantages={self.check_advantages})"
+        return f"VerlPolicyLoss(impl={self.impl!r})"
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, VerlPolicyLoss) and other.impl == self.impl
-                and other.check_advantages == self.check_advantages)
+        return isinstance(other, VerlPolicyLoss) and other.impl == self.impl
 
     def __hash__(self) -> int:
-        return hash((self.impl, self.check_advantages))
+        return hash(self.impl)
 
     def __call__(
         self,
@@ -151,7 +121,7 @@ class VerlPolicyLoss:
         Args:
             old_log_prob, log_prob: ``[bs, T]`` log-probs under the rollout (old) and current
                 policy; ``log_prob`` carries the gradient.
-            advantages: ``[bs, T]`` one advantage per response, repeated over its tokens.
+            advantages: ``[bs, T]`` token-level advantages (read only under the mask).
             response_mask: ``[bs, T]`` bool (or 0/1) mask of the response tokens.
             loss_agg_mode: one of :data:`LOSS_AGG_MODES`, as verl's ``agg_loss``.
             config: verl's actor config: ``clip_ratio(_low/_high)``, ``clip_ratio_c`` and the
@@ -169,15 +139,15 @@ class VerlPolicyLoss:
                 raise ValueError(f"{name} must be [bs, T] like log_prob {tuple(log_prob.shape)}, "
                                  f"got {tuple(t.shape)}")
         keep = response_mask if response_mask.dtype == torch.bool else response_mask != 0
-        seq_adv = sequence_advantages(advantages, keep, self.check_advantages)
         info = _option(config, "global_batch_info", {}) or {}
         dp_size = float(info.get("dp_size", 1) or 1)
         S, T = log_prob.shape
 
         # The kernel's loss types are per-token weights over the mask; verl's normalisers are
-        # global counts. "grpo" divides each response by its own token count (seq-mean-token-mean);
-        # "dr_grpo" with length 1 is sum(loss * mask) / S, which every other mode rescales. The
-        # rescaling is a positive scalar, folded into the advantages (the loss is linear in them).
+        # global counts. "token" is verl's local token-mean; "grpo" divides each response by its
+        # own token count (seq-mean-token-mean); "dr_grpo" with length 1 is sum(loss * mask) / S,
+        # which every other mode rescales by a positive scalar (the loss is linear in it; on the
+        # GPU the backward multiplies the saved gradient by the incoming one anyway).
         mask: torch.Tensor = keep
         loss_type, length = "dr_grpo", 1
         if loss_agg_mode == "token-mean":
@@ -208,19 +178,19 @@ class VerlPolicyLoss:
                                  f"{tuple(rollout_is_weights.shape)}")
             mask = rollout_is_weights.detach() * mask
         scale = scale * dp_size
-        scaled_adv = seq_adv * (scale.to(seq_adv.dtype) if isinstance(scale, torch.Tensor) else scale)
-        out = policy_loss(log_prob, old_log_prob.detach(), None, scaled_adv.detach(), mask,
+        out = policy_loss(log_prob, old_log_prob.detach(), None, advantages.detach(), mask,
                           eps_low=eps_low, eps_high=eps_high, beta=0.0, loss_type=loss_type,
                           max_completion_length=length, dual_clip=dual_clip, impl=self.impl)
         clipfrac, log_ratio, lower = torch.stack(
             [out.clip_fraction, out.log_ratio_mean, out.dual_clip_fraction]).tolist()
         metrics = {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": -log_ratio,
                    "actor/pg_clipfrac_lower": lower}
-        return out.loss, metrics
+        if isinstance(scale, torch.Tensor):
+            return out.loss * scale.to(out.loss.dtype), metrics
+        return (out.loss if scale == 1.0 else out.loss * scale), metrics
 
 
-def register_policy_loss(name: str = POLICY_LOSS_NAME, impl: str = "auto",
-                         check_advantages: bool = True) -> VerlPolicyLoss:
+def register_policy_loss(name: str = POLICY_LOSS_NAME, impl: str = "auto") -> VerlPolicyLoss:
     """Register :class:`VerlPolicyLoss` in verl's policy-loss registry under ``name``.
 
     ``register_policy_loss()`` is what ``import verl`` runs through the plugin; select it with
@@ -231,10 +201,13 @@ def register_policy_loss(name: str = POLICY_LOSS_NAME, impl: str = "auto",
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
-    fn = VerlPolicyLoss(impl, check_advantages)
+    fn = VerlPolicyLoss(impl)
     known = core_algos.POLICY_LOSS_REGISTRY.get(name)
-    if known is not None and known != fn:
-        raise ValueError(f"verl already has a policy loss named {name!r} ({known!r}); choose another name")
+    if known is not None:
+        if known != fn:
+            raise ValueError(f"verl already has a policy loss named {name!r} ({known!r}); "
+                             "choose another name")
+        return known
     core_algos.register_policy_loss(name)(fn)
     return fn
 

@@ -90,10 +90,10 @@ def _nonlinear_grpo_fwd_kernel(
     for j in range(start, end):
         a = tl.sum(tl.where(offs == j, adv, 0.0), axis=0)  # sample j's advantage (one lane)
         loss, kl, clip, ratio, lratio, dual, r_m = _token_row(
-            a, b * G + j, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr,
-            s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
+            a, b * G + j, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr,
+            s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, 0, 0,
             T, eps_low, eps_high, beta, dual_c, norm, loss, kl, clip, ratio, lratio, dual,
-            HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL, DUAL_CLIP,
+            HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL, DUAL_CLIP, False,
         )
         msum += r_m
     _store_partials(partial_ptr, b * tl.num_programs(1) + split, loss, msum, kl, clip, ratio,

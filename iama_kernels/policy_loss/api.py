@@ -117,7 +117,10 @@ def policy_loss(
         old_logp: ``[S, T]`` log-probs under the sampling policy, or ``None`` for
             ``logp.detach()`` (one update per batch: the ratio is 1).
         ref_logp: ``[S, T]`` log-probs under the reference policy; required when ``beta > 0``.
-        advantages: ``[S]`` one advantage per sequence (float).
+        advantages: ``[S]`` one advantage per sequence (float), or ``[S, T]`` one per token
+            (PPO's per-token advantages, e.g. GAE's; read only where the mask is not 0). With
+            data checks on (:func:`iama_kernels.set_data_checks`), a non-finite advantage is a
+            ``ValueError``: per-token ones are looked for when the loss comes out non-finite.
         mask: ``[S, T]`` bool, integer or floating token weights (1 = completion token). Tokens
             with weight 0 are ignored entirely: their log-probs may be anything, even NaN.
         eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``.
@@ -150,17 +153,34 @@ def policy_loss(
     check_choice("kl_weight", kl_weight, KL_WEIGHTS)
     dual_clip = check_dual_clip(dual_clip)
     advantages = check_float("advantages", advantages)
-    if tuple(advantages.shape) != (logp.shape[0],):
-        raise ValueError(f"advantages must have shape [S] = [{logp.shape[0]}], "
-                         f"got {tuple(advantages.shape)}")
+    per_token = advantages.dim() == 2
+    if tuple(advantages.shape) not in ((logp.shape[0],), tuple(logp.shape)):
+        raise ValueError(f"advantages must have shape [S] = [{logp.shape[0]}] or the shape of logp "
+                         f"{tuple(logp.shape)}, got {tuple(advantages.shape)}")
     if advantages.device != logp.device:
         raise ValueError(f"advantages is on {advantages.device} but logp is on {logp.device}")
-    if data_checks_enabled() and not bool(torch.isfinite(advantages).all()):
+    if data_checks_enabled() and not per_token and not bool(torch.isfinite(advantages).all()):
         bad = int((~torch.isfinite(advantages)).nonzero()[0, 0])
         raise ValueError(f"advantages must be finite, got {advantages[bad].item()} at sequence {bad}")
     call = Call("policy_loss", logp.device, impl != "auto",
                 {"dtype": logp.dtype, "shape": tuple(logp.shape),
-                 "row_span": row_span(logp, old_logp, ref_logp, mask)})
+                 "row_span": row_span(logp, old_logp, ref_logp, mask,
+                                      advantages if per_token else None)})
     backend = choose("policy_loss", impl, _POLICY_LOSS_BACKENDS, call)
-    return backend.run(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,
-                       loss_type, max_completion_length, kl_weight, dual_clip)
+    out = backend.run(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,
+                      loss_type, max_completion_length, kl_weight, dual_clip)
+    if per_token and data_checks_enabled():
+        _check_token_advantages(out.loss, advantages, mask)
+    return out
+
+
+def _check_token_advantages(loss: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> None:
+    """Per-token advantages are checked through the loss, which any non-finite one under the mask
+    makes non-finite: a check of every token up front would cost as much as the loss itself."""
+    if bool(torch.isfinite(loss.detach())):
+        return
+    bad_at = ~torch.isfinite(advantages) & (mask != 0)
+    if bool(bad_at.any()):
+        where = tuple(int(i) for i in bad_at.nonzero()[0])
+        raise ValueError(f"advantages must be finite, got {advantages[where].item()} at "
+                         f"(sequence, token) {where}")

@@ -54,7 +54,10 @@ def policy_loss_ref(
     zero = torch.zeros((), dtype=dtype, device=logp.device)
     lp = torch.where(keep, logp.to(dtype), zero)
     old = lp.detach() if old_logp is None else torch.where(keep, old_logp.to(dtype), zero)
-    A = advantages.to(dtype).unsqueeze(-1)
+    if advantages.dim() == 1:
+        A = advantages.to(dtype).unsqueeze(-1)
+    else:  # per-token advantages, read only under the mask
+        A = torch.where(keep, advantages.to(dtype), zero)
 
     ratio = torch.exp(lp - old)
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high)

@@ -83,12 +83,12 @@ def _sum_and_max(a_sum, a_max, b_sum, b_max):
 
 @triton.jit
 def _token_row(
-    a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr,
-    s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
+    a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr,
+    s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_ar, s_at,
     T, eps_low, eps_high, beta, dual_c, norm, loss_acc, kl_acc, clip_acc, ratio_acc,
     lratio_acc, dual_acc, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, RATIO_KL: tl.constexpr,
-    DUAL_CLIP: tl.constexpr,
+    DUAL_CLIP: tl.constexpr, TOKEN_ADV: tl.constexpr,
 ):
     """Stream one row with advantage ``a`` into the program's per-lane ``[BLOCK_T]`` sums of the
     weighted loss, kl, clipped, ratio, log-ratio and dual-clipped terms; returns them and the
@@ -101,7 +101,9 @@ def _token_row(
     ``1/(S L)`` (dr_grpo), unused (token). ``RATIO_KL``: the KL term is ``ratio * k3`` (ratio
     not detached, TRL's bias correction), with derivative ``ratio * (logp - ref)``.
     ``DUAL_CLIP``: the dual clip ``c = dual_c`` is on: for ``a < 0`` a token with ``ratio > c``
-    has the constant surrogate ``c a`` and no surrogate gradient."""
+    has the constant surrogate ``c a`` and no surrogate gradient. ``TOKEN_ADV``: each token's
+    advantage is read from ``adv_ptr`` (row stride ``s_ar``, token stride ``s_at``; 0 where the
+    mask is 0), not the row's ``a``."""
     offs = tl.arange(0, BLOCK_T)
     # Row bases in 64 bits: a tensor of 2**31 elements or more (65536 rows of 32768 tokens) has
     # row offsets past int32; offsets within a row stay 32-bit vectors.
@@ -111,6 +113,7 @@ def _token_row(
     ref_row = ref_ptr + r64 * s_rr
     mask_row = mask_ptr + r64 * s_mr
     grad_row = grad_ptr + r64 * s_gr
+    adv_row = adv_ptr + r64 * s_ar
     # Pre-pass over the row's mask: its total (returned, and the grpo weight) and its extent (one
     # past the last valid token, rounded up to 16 tokens so that the loads below keep whole
     # 16-byte vectors).
@@ -145,16 +148,20 @@ def _token_row(
             lratio_acc += m * log_ratio
         else:
             ratio = tl.full([BLOCK_T], 1.0, tl.float32)
+        if TOKEN_ADV:
+            a_t = tl.where(keep, tl.load(adv_row + t * s_at, mask=live, other=0.0).to(tl.float32), 0.0)
+        else:
+            a_t = a
         clipped = tl.minimum(tl.maximum(ratio, lo), hi)
-        ra = ratio * a
-        ca = clipped * a
+        ra = ratio * a_t
+        ca = clipped * a_t
         active = ra <= ca  # the unclipped term is the one min() takes (ties included)
         surr = tl.where(active, ra, ca)
         if DUAL_CLIP:
             # a < 0 is ra < 0 wherever ratio > c > 0 (a tensor test: the interpreter cannot and
             # a scalar bool into a block).
             dual = (ratio > dual_c) & (ra < 0.0)
-            surr = tl.where(dual, dual_c * a, surr)
+            surr = tl.where(dual, dual_c * a_t, surr)
             g = -tl.where(active & (~dual), ra, 0.0)
             dual_acc += tl.where(keep & dual, m, 0.0)
         else:
@@ -198,13 +205,14 @@ def _store_partials(partial_ptr, pid, loss_acc, msum, kl_acc, clip_acc, ratio_ac
 @triton.jit
 def _policy_loss_fwd_kernel(
     logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr, partial_ptr,
-    s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_a,
+    s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_a, s_at,
     S, T, rows_per_prog, eps_low, eps_high, beta, dual_c, norm,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr, RATIO_KL: tl.constexpr = False,
-    DUAL_CLIP: tl.constexpr = False,
+    DUAL_CLIP: tl.constexpr = False, TOKEN_ADV: tl.constexpr = False,
 ):
-    """Program ``pid`` streams rows ``[pid * rows_per_prog, ...)`` and writes its partials."""
+    """Program ``pid`` streams rows ``[pid * rows_per_prog, ...)`` and writes its partials
+    (advantages: one per row, or with ``TOKEN_ADV`` one per token)."""
     pid = tl.program_id(0)
     loss = tl.zeros([BLOCK_T], dtype=tl.float32)
     kl = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -216,12 +224,15 @@ def _policy_loss_fwd_kernel(
     start = pid * rows_per_prog
     end = tl.minimum(start + rows_per_prog, S)
     for row in range(start, end):
-        a = tl.load(adv_ptr + row * s_a).to(tl.float32)
+        if TOKEN_ADV:  # noqa: SIM108 (a constexpr branch: the load is not compiled at all)
+            a = 0.0
+        else:
+            a = tl.load(adv_ptr + row * s_a).to(tl.float32)
         loss, kl, clip, ratio, lratio, dual, r_m = _token_row(
-            a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr,
-            s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
+            a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr,
+            s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_a, s_at,
             T, eps_low, eps_high, beta, dual_c, norm, loss, kl, clip, ratio, lratio, dual,
-            HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL, DUAL_CLIP,
+            HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL, DUAL_CLIP, TOKEN_ADV,
         )
         msum += r_m
     _store_partials(partial_ptr, pid, loss, msum, kl, clip, ratio, lratio, dual, NP)
@@ -325,14 +336,17 @@ def _policy_loss_fwd(
         max(P, 1), N_PARTIALS, dtype=torch.float32, device=logp.device)
     block_t, warps = token_block(T, logp.element_size())
     dual_c, has_dual = dual_clip_args(dual_clip)
+    token_adv = advantages.dim() == 2
     if launch:
         _policy_loss_fwd_kernel[(P,)](
             *args[:5], advantages, partials, *args[5:], advantages.stride(0),
+            advantages.stride(1) if token_adv else 0,
             S, T, rows_per_prog, eps_low, eps_high, beta, dual_c,
             row_norm(S, T, loss_type, max_len),
             HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
             LOSS_TYPE=LOSS_TYPE_CODES[loss_type], WRITE_GRAD=need_grad, BLOCK_T=block_t,
-            NP=N_PARTIALS, RATIO_KL=ratio_kl, DUAL_CLIP=has_dual, num_warps=warps,
+            NP=N_PARTIALS, RATIO_KL=ratio_kl, DUAL_CLIP=has_dual, TOKEN_ADV=token_adv,
+            num_warps=warps,
         )
     return finalize(partials, loss_type), grad
 

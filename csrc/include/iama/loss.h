@@ -74,11 +74,13 @@ struct RowSums {
 // Summation error per tile is a few ulp of acc_t, and the row sum is in double, so float32 rows
 // of any length keep ~1e-7 relative accuracy.
 // kRatioKL is a template parameter, not an argument: as a run-time flag it kept the token loop
-// from vectorising (the int64-mask row, which takes this path, ran 2x slower).
-template <typename lp_t, typename aux_t, typename mask_t, typename acc_t, bool kRatioKL = false>
+// from vectorising (the int64-mask row, which takes this path, ran 2x slower). kTokenAdv: the
+// advantage of token t is A_tok[t] (PPO's per-token advantages, e.g. GAE), not the row's A.
+template <typename lp_t, typename aux_t, typename mask_t, typename acc_t, bool kRatioKL = false, bool kTokenAdv = false>
 IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old, const aux_t* ref,
                                 const mask_t* __restrict__ mask, int64_t T, acc_t A, acc_t w_scale, acc_t lo,
-                                acc_t hi, acc_t beta, acc_t dual_c, lp_t* __restrict__ grad) {
+                                acc_t hi, acc_t beta, acc_t dual_c, lp_t* __restrict__ grad,
+                                const acc_t* __restrict__ A_tok = nullptr) {
   constexpr int kTile = 64;
   RowSums sums = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
   acc_t t_loss[kTile], t_kl[kTile], t_clip[kTile], t_ratio[kTile], t_lratio[kTile], t_dual[kTile];
@@ -93,9 +95,16 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
     const int len = (T - t0) < kTile ? static_cast<int>(T - t0) : kTile;
     for (int j = 0; j < len; ++j) {
       const int64_t t = t0 + j;
-      const TokenTerms<acc_t> tt =
-          token_terms<acc_t>(static_cast<acc_t>(mask[t]), static_cast<acc_t>(logp[t]), static_cast<acc_t>(old[t]),
-                             static_cast<acc_t>(ref[t]), A, w_scale, lo, hi, beta, dual_c, kRatioKL);
+      const acc_t m = static_cast<acc_t>(mask[t]);
+      // A masked token's advantage may be padding (NaN). It is not replaced: token_terms selects
+      // every output of a masked token by its mask (the loss and gradient) or multiplies a
+      // finite term by its 0 weight, so it never reaches one. (A select here kept GCC from
+      // vectorising the loop: 10x slower.)
+      acc_t a = A;
+      if constexpr (kTokenAdv) a = A_tok[t];
+      const TokenTerms<acc_t> tt = token_terms<acc_t>(m, static_cast<acc_t>(logp[t]), static_cast<acc_t>(old[t]),
+                                                      static_cast<acc_t>(ref[t]), a, w_scale, lo, hi, beta, dual_c,
+                                                      kRatioKL);
       grad[t] = static_cast<lp_t>(tt.grad);
       t_loss[j] = tt.loss;
       t_kl[j] = tt.kl;
