@@ -276,6 +276,18 @@ def _loss_fields(out: object, oracle: object, same: object, name: str) -> None:
     assert torch.isfinite(out.loss)
 
 
+def _triton_loss_against_reference(logp, old, ref, adv, mask, kw: dict, name: str):
+    """policy_loss(impl="triton"): loss, metrics and gradient against the float64 reference;
+    returns the Triton output, the float64 oracle and the gradient."""
+    x = logp.detach().clone().requires_grad_(True)
+    out = policy_loss(x, old, ref, adv, mask, impl="triton", **kw)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    (oracle, grad64), (same, grad_same) = reference_grad_pair(policy_loss, logp, old, ref, adv, mask, **kw)
+    _loss_fields(out, oracle, same, name)
+    _close(grad, grad64, grad_same, name=f"{name}: grad")
+    return out, oracle, grad
+
+
 @pytest.mark.parametrize(("has_old", "has_ref"), [(True, True), (False, True), (True, False), (False, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("loss_type", ["grpo", "token", "dr_grpo"])
@@ -289,14 +301,9 @@ def test_policy_loss_matches_reference(
     adv = torch.randn(S, generator=torch.Generator().manual_seed(1)).to(lane.device)
     kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.04 if has_ref else 0.0, "loss_type": loss_type,
           "max_completion_length": lane.tokens + 5 if loss_type == "dr_grpo" else None}
-    x = logp.detach().clone().requires_grad_(True)
-    out = policy_loss(x, old, ref, adv, mask, impl="triton", **kw)
-    (grad,) = torch.autograd.grad(out.loss, x)
-    (oracle, grad64), (same, grad_same) = reference_grad_pair(policy_loss, logp, old, ref, adv, mask, **kw)
-    name = f"{loss_type} {dtype} old={has_old} ref={has_ref}"
-    _loss_fields(out, oracle, same, name)
+    _, _, grad = _triton_loss_against_reference(logp, old, ref, adv, mask, kw,
+                                                f"{loss_type} {dtype} old={has_old} ref={has_ref}")
     assert grad.dtype == dtype and grad.shape == logp.shape
-    _close(grad, grad64, grad_same, name=f"{name}: grad")
     assert torch.equal(grad[~mask.bool()], torch.zeros_like(grad[~mask.bool()]))
 
 
@@ -310,13 +317,8 @@ def test_policy_loss_ratio_weighted_kl(lane: Lane, loss_type: str, dtype: torch.
     old = old if has_old else None
     adv = torch.randn(S, generator=torch.Generator().manual_seed(2)).to(lane.device)
     kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.1, "loss_type": loss_type, "kl_weight": "ratio"}
-    x = logp.detach().clone().requires_grad_(True)
-    out = policy_loss(x, old, ref, adv, mask, impl="triton", **kw)
-    (grad,) = torch.autograd.grad(out.loss, x)
-    (oracle, grad64), (same, grad_same) = reference_grad_pair(policy_loss, logp, old, ref, adv, mask, **kw)
-    name = f"ratio kl {loss_type} {dtype} old={has_old}"
-    _loss_fields(out, oracle, same, name)
-    _close(grad, grad64, grad_same, name=f"{name}: grad")
+    out, _, _ = _triton_loss_against_reference(logp, old, ref, adv, mask, kw,
+                                               f"ratio kl {loss_type} {dtype} old={has_old}")
     plain = policy_loss(logp, old, ref, adv, mask, impl="triton", **dict(kw, kl_weight="none"))
     if has_old:
         assert not torch.equal(out.kl, plain.kl)
@@ -337,14 +339,9 @@ def test_policy_loss_dual_clip(lane: Lane, loss_type: str, dtype: torch.dtype, h
     adv = adv.to(lane.device)
     kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.05 if has_ref else 0.0, "loss_type": loss_type,
           "kl_weight": kl_weight, "dual_clip": 1.2}
-    x = logp.detach().clone().requires_grad_(True)
-    out = policy_loss(x, old, ref, adv, mask, impl="triton", **kw)
-    (grad,) = torch.autograd.grad(out.loss, x)
-    (oracle, grad64), (same, grad_same) = reference_grad_pair(policy_loss, logp, old, ref, adv, mask, **kw)
-    name = f"dual clip {loss_type} {dtype} ref={has_ref}"
+    out, oracle, _ = _triton_loss_against_reference(logp, old, ref, adv, mask, kw,
+                                                    f"dual clip {loss_type} {dtype} ref={has_ref}")
     assert float(oracle.dual_clip_fraction) > 0.02
-    _loss_fields(out, oracle, same, name)
-    _close(grad, grad64, grad_same, name=f"{name}: grad")
     plain = policy_loss(logp, old, ref, adv, mask, impl="triton", **dict(kw, dual_clip=None))
     assert float(plain.dual_clip_fraction) == 0.0 and not torch.equal(out.loss, plain.loss)
 
@@ -361,13 +358,8 @@ def test_policy_loss_token_advantages(lane: Lane, loss_type: str, dtype: torch.d
     adv = torch.where(mask.bool(), adv, torch.tensor(float("nan"), device=lane.device))
     kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.05, "loss_type": loss_type, "kl_weight": kl_weight,
           "dual_clip": dual_clip}
-    x = logp.detach().clone().requires_grad_(True)
-    out = policy_loss(x, old, ref, adv, mask, impl="triton", **kw)
-    (grad,) = torch.autograd.grad(out.loss, x)
-    (oracle, grad64), (same, grad_same) = reference_grad_pair(policy_loss, logp, old, ref, adv, mask, **kw)
-    name = f"token adv {loss_type} {dtype} {kl_weight}"
-    _loss_fields(out, oracle, same, name)
-    _close(grad, grad64, grad_same, name=f"{name}: grad")
+    _triton_loss_against_reference(logp, old, ref, adv, mask, kw,
+                                   f"token adv {loss_type} {dtype} {kl_weight}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
