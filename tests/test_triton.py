@@ -787,7 +787,7 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "gpu_bench.csv").exists() and (tmp_path / "gpu_bench.jsonl").exists()
     assert "fused" in proc.stdout
     checks = [line for line in proc.stdout.splitlines() if line.startswith("check N=")]
-    assert len(checks) == 6 and all(line.endswith("(ok)") for line in checks), checks
+    assert len(checks) == 8 and all(line.endswith("(ok)") for line in checks), checks
 
 
 def test_kernels_compile_for_sm90() -> None:
