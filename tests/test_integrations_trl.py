@@ -163,8 +163,13 @@ class _BothLosses(IAMAGRPOTrainer):
     """Computes iama's loss and TRL's on the same inputs at every step; trains on iama's."""
 
     records: list[dict[str, Any]]
+    token_advantages = False  # give both losses per-token advantages [S, T] (TRL takes them too)
 
     def _compute_loss(self, model: Any, inputs: dict) -> torch.Tensor:
+        if self.token_advantages:
+            T = inputs["completion_ids"].shape[1]
+            factor = 1 + 0.5 * torch.sin(torch.arange(T, dtype=torch.float32))
+            inputs = dict(inputs, advantages=inputs["advantages"][:, None] * factor)
         params = [p for p in model.parameters() if p.requires_grad]
         metrics = self._metrics["train"]
         ours = super()._compute_loss(model, inputs)
@@ -243,6 +248,17 @@ def test_iama_loss_equals_trl_loss(tmp_path: Path, loss_type: str, beta: float, 
     assert m_last["clip_ratio/region_mean"] > 0
     if beta:
         assert m_last["kl"] > 0
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_iama_loss_equals_trl_loss_on_token_advantages(tmp_path: Path, impl: str) -> None:
+    """Per-token advantages [S, T] (a subclass's, e.g. for tool turns): TRL broadcasts only a 1-D
+    one, so both losses read the same per-token values."""
+    _BothLosses.token_advantages = True
+    try:
+        test_iama_loss_equals_trl_loss(tmp_path, "dapo", 0.1, 2, 2, True, 1.25, impl)
+    finally:
+        _BothLosses.token_advantages = False
 
 
 def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:

@@ -69,7 +69,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
             ``"reference"``) computes the same clipped-ratio + k3 KL loss and its gradient with
             iama's kernels, one pass over the tokens instead of TRL's chain of elementwise ops.
             It covers TRL's ``loss_type`` ``"grpo"``, ``"bnpo"``, ``"dr_grpo"`` and ``"dapo"``
-            with token-level ratios, and TRL's two-sided clip ``delta`` when
+            with token-level ratios (advantages ``[S]`` or per token ``[S, T]``), and TRL's
+            two-sided clip ``delta`` when
             ``delta >= 1 + epsilon_high`` (it is then the kernel's ``dual_clip``); a setting it
             does not cover (sequence-level importance sampling, a smaller ``delta``, entropy
             masks or bonus, the off-policy mask, vLLM importance-sampling correction) is a
@@ -201,10 +202,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
             **{key: inputs.get(key) for key in _MODEL_INPUTS},
         )
         kind, normaliser = _LOSS_TYPES[self.loss_type]
-        advantages = inputs["advantages"]
-        if advantages.dim() != 1:
-            raise ValueError(f"IAMAGRPOTrainer: loss_impl needs one advantage per completion, got "
-                             f"advantages of shape {tuple(advantages.shape)}")
+        advantages = inputs["advantages"]  # [S], or [S, T] per token (policy_loss takes both)
         old = inputs.get("old_per_token_logps")
         ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
         max_length = self.max_completion_length if kind == "dr_grpo" else None
