@@ -44,7 +44,7 @@ def _group_advantages_fake(rewards, valid, lam, kinds, ns, taus, estimator, scal
 
 def _token_outputs_fake(logp: torch.Tensor) -> tuple[torch.Tensor, ...]:
     dtype = _compute_dtype(logp.dtype)
-    scalars = tuple(logp.new_empty((), dtype=dtype) for _ in range(6))
+    scalars = tuple(logp.new_empty((), dtype=dtype) for _ in range(7))
     return (*scalars, torch.empty_like(logp, memory_format=torch.contiguous_format))
 
 
@@ -62,6 +62,6 @@ def _nonlinear_grpo_fwd_fake(logp, old_logp, ref_logp, mask, rewards, criterion_
     torch._check(rewards.dim() == 3, lambda: "rewards must have shape [B, G, m]")
     B, G, m = rewards.shape
     rdtype = _compute_dtype(rewards.dtype)
-    loss, kl, clip, ratio, lratio, dual, grad = _token_outputs_fake(logp)
+    loss, kl, clip, ratio, lratio, dual, high, grad = _token_outputs_fake(logp)
     return (loss, rewards.new_empty((B, G), dtype=rdtype), kl, clip, ratio,
-            rewards.new_empty((B, m), dtype=rdtype), lratio, dual, grad)
+            rewards.new_empty((B, m), dtype=rdtype), lratio, dual, high, grad)

@@ -37,6 +37,8 @@ class PolicyLossOutput(NamedTuple):
             ``ppo_kl``; 0 without ``old_logp``).
         dual_clip_fraction: scalar, mask-weighted fraction of tokens with ``A < 0`` and
             ``ratio > dual_clip`` (verl's ``pg_clipfrac_lower``; 0 without ``dual_clip``).
+        clip_high_fraction: scalar, the part of ``clip_fraction`` clipped above (``A > 0`` and
+            ``ratio > 1 + eps_high``; TRL's ``clip_ratio/high_mean``); the rest is clipped below.
     """
 
     loss: torch.Tensor
@@ -45,11 +47,12 @@ class PolicyLossOutput(NamedTuple):
     ratio_mean: torch.Tensor
     log_ratio_mean: torch.Tensor
     dual_clip_fraction: torch.Tensor
+    clip_high_fraction: torch.Tensor
 
 
 class NonlinearGRPOOutput(NamedTuple):
     """Result of :func:`iama_kernels.nonlinear_grpo_loss`: the loss, its metrics and the
-    intermediate advantages, values and criterion weights (all but ``loss`` detached). The two
+    intermediate advantages, values and criterion weights (all but ``loss`` detached). The three
     metrics added last (after ``criterion_weights``, so that positional unpacking of the first
     seven keeps working) are those of :class:`PolicyLossOutput`."""
 
@@ -62,3 +65,4 @@ class NonlinearGRPOOutput(NamedTuple):
     criterion_weights: torch.Tensor
     log_ratio_mean: torch.Tensor
     dual_clip_fraction: torch.Tensor
+    clip_high_fraction: torch.Tensor

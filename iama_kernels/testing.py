@@ -407,6 +407,7 @@ class LoopPolicyLoss(NamedTuple):
     ratio_mean: torch.Tensor  # []
     log_ratio_mean: torch.Tensor  # []
     dual_clip_fraction: torch.Tensor  # []
+    clip_high_fraction: torch.Tensor  # []
 
 
 def policy_loss_by_loops(
@@ -442,7 +443,8 @@ def policy_loss_by_loops(
     S, T = len(lp), len(lp[0]) if lp else 0
     total = sum(math.fsum(row) for row in msk)
     length = T if max_completion_length is None else max_completion_length
-    loss_terms, kl_terms, clip_terms, ratio_terms, lratio_terms, dual_terms = [], [], [], [], [], []
+    loss_terms, kl_terms, clip_terms, ratio_terms = [], [], [], []
+    lratio_terms, dual_terms, high_terms = [], [], []
     grad = [[0.0] * T for _ in range(S)]
     for s in range(S):
         row_total = math.fsum(msk[s])
@@ -479,6 +481,7 @@ def policy_loss_by_loops(
             ratio_terms.append(w * rho)
             lratio_terms.append(w * (lp[s][t] - old[s][t]))
             dual_terms.append(w * float(dual))
+            high_terms.append(w * float(rho > 1 + eps_high and A > 0))
     tokens = max(1.0, total)
 
     def t64(v: object) -> torch.Tensor:
@@ -492,4 +495,5 @@ def policy_loss_by_loops(
         t64(math.fsum(ratio_terms) / tokens),
         t64(math.fsum(lratio_terms) / tokens),
         t64(math.fsum(dual_terms) / tokens),
+        t64(math.fsum(high_terms) / tokens),
     )

@@ -159,6 +159,9 @@ def test_a_trl_that_skips_the_reward_hook_is_an_error(tmp_path: Path,
         _train(IAMAGRPOTrainer, tmp_path, objective=objective)
 
 
+CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+
+
 class _BothLosses(IAMAGRPOTrainer):
     """Computes iama's loss and TRL's on the same inputs at every step; trains on iama's."""
 
@@ -174,8 +177,7 @@ class _BothLosses(IAMAGRPOTrainer):
         metrics = self._metrics["train"]
         ours = super()._compute_loss(model, inputs)
         ours_grad = torch.autograd.grad(ours, params, retain_graph=True)
-        ours_metrics = {k: metrics[k][-1] for k in ("kl", "entropy", "clip_ratio/region_mean")
-                        if k in metrics}
+        ours_metrics = {k: metrics[k][-1] for k in ("kl", "entropy", *CLIP_METRICS) if k in metrics}
         impl, self.loss_impl = self.loss_impl, None
         try:
             theirs = super()._compute_loss(model, inputs)
@@ -240,8 +242,7 @@ def test_iama_loss_equals_trl_loss(tmp_path: Path, loss_type: str, beta: float, 
         assert g_theirs.abs().max() > 0
         torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-5 * g_theirs.abs().max().item())
         m_ours, m_theirs = record["metrics"]
-        assert set(m_ours) == ({"kl", "entropy", "clip_ratio/region_mean"} if beta
-                               else {"entropy", "clip_ratio/region_mean"})
+        assert set(m_ours) == ({"kl", "entropy", *CLIP_METRICS} if beta else {"entropy", *CLIP_METRICS})
         assert m_ours == pytest.approx(m_theirs, rel=1e-5, abs=1e-7)
     # The second step's ratio moved off 1: the clip and the KL terms were exercised.
     m_last = records[-1]["metrics"][1]
@@ -275,7 +276,7 @@ def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
     for overrides, message in [
         ({"loss_type": "cispo"}, "loss_type='cispo'"),
         ({"importance_sampling_level": "sequence"}, "importance_sampling_level='sequence'"),
-        ({"delta": 1.1}, "delta=1.1 (covered when delta >= 1 + epsilon_high = 1.2)"),
+        ({"delta": 1.2}, "delta=1.2 (covered when delta > 1 + epsilon_high = 1.2)"),
         ({"top_entropy_quantile": 0.5}, "top_entropy_quantile=0.5"),
         ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold=0.5"),
     ]:

@@ -74,16 +74,22 @@ def test_equals_verl_vanilla(verl_algos, mode: str, info: dict, with_weights: bo
             assert metrics[key] == pytest.approx(value, rel=1e-7, abs=1e-12), key
 
 
+TENSOR_INFO = {"dp_size": 2, "batch_num_tokens": torch.tensor(700), "global_batch_size": torch.tensor(40)}
+
+
 @pytest.mark.parametrize("impl", ["cpu", "reference"])
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
-def test_float32_backends_match_verl(verl_algos, impl: str, mode: str) -> None:
-    """float32 inputs (verl's usual log-probs): every backend against verl computed in float64."""
+@pytest.mark.parametrize("info", [{}, TENSOR_INFO], ids=["local", "global-tensors"])
+def test_float32_backends_match_verl(verl_algos, impl: str, mode: str, info: dict) -> None:
+    """float32 inputs (verl's usual log-probs), an int64 mask, verl's counts as plain numbers or as
+    tensors: every backend against verl computed in float64."""
     logp, old, adv, mask, _ = _batch(bs=16, T=70, seed=1)
     config = _actor_config(clip_ratio_c=2.0)
+    config.global_batch_info.update(info)
     want_loss, want_grad, _ = _run(verl_algos.compute_policy_loss_vanilla, old, logp, adv, mask, mode,
                                    config, None)
-    loss, grad, _ = _run(VerlPolicyLoss(impl=impl), old.float(), logp.float(), adv.float(), mask, mode,
-                         config, None)
+    loss, grad, _ = _run(VerlPolicyLoss(impl=impl), old.float(), logp.float(), adv.float(), mask.long(),
+                         mode, config, None)
     assert loss.dtype == torch.float32 and grad.dtype == torch.float32
     eps = torch.finfo(torch.float32).eps
     scale = float(want_grad.abs().max())

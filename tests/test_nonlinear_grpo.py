@@ -133,7 +133,8 @@ def test_token_options_equal_composition(impl: str, scale: str, option: str) -> 
     adv = group_advantages(rewards.double(), objective, scale=scale, impl="reference")
     (oracle, grad64), _ = reference_grad_pair(policy_loss, tok["logp"], tok["old_logp"], tok["ref_logp"],
                                               adv.advantages.reshape(-1), tok["mask"], **kw)
-    for field in ("loss", "kl", "clip_fraction", "ratio_mean", "log_ratio_mean", "dual_clip_fraction"):
+    for field in ("loss", "kl", "clip_fraction", "ratio_mean", "log_ratio_mean", "dual_clip_fraction",
+                  "clip_high_fraction"):
         torch.testing.assert_close(getattr(fused, field).double(), getattr(oracle, field),
                                    rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(grad.double(), grad64, rtol=2e-5, atol=1e-6)

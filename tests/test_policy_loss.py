@@ -171,8 +171,10 @@ def test_metrics_definitions() -> None:
     m = inp["mask"]
     rho = torch.exp(inp["logp"] - inp["old_logp"])[m]
     A = inp["advantages"].unsqueeze(-1).expand_as(inp["logp"])[m]
-    clipped = ((rho < 1 - el) & (A < 0)) | ((rho > 1 + eh) & (A > 0))  # TRL's definition
-    assert float(out.clip_fraction) == pytest.approx(float(clipped.double().mean()), abs=1e-15)
+    low, high = (rho < 1 - el) & (A < 0), (rho > 1 + eh) & (A > 0)  # TRL's definitions
+    assert float(out.clip_fraction) == pytest.approx(float((low | high).double().mean()), abs=1e-15)
+    assert float(out.clip_high_fraction) == pytest.approx(float(high.double().mean()), abs=1e-15)
+    assert 0 < float(out.clip_high_fraction) < float(out.clip_fraction)  # both sides occur
     assert float(out.ratio_mean) == pytest.approx(float(rho.mean()), abs=1e-14)
     d = (inp["ref_logp"] - inp["logp"])[m]
     assert float(out.kl) == pytest.approx(float((torch.exp(d) - d - 1).mean()), abs=1e-14)

@@ -271,7 +271,8 @@ def _token_inputs(lane: Lane, S: int, dtype: torch.dtype, seed: int, float_mask:
 
 
 def _loss_fields(out: object, oracle: object, same: object, name: str) -> None:
-    for field in ("loss", "kl", "clip_fraction", "ratio_mean", "log_ratio_mean", "dual_clip_fraction"):
+    for field in ("loss", "kl", "clip_fraction", "ratio_mean", "log_ratio_mean", "dual_clip_fraction",
+                  "clip_high_fraction"):
         _close(getattr(out, field), getattr(oracle, field), getattr(same, field), name=f"{name}: {field}")
     assert torch.isfinite(out.loss)
 

@@ -25,7 +25,7 @@ at::Tensor rows_contiguous(const at::Tensor& t) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
     c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
@@ -141,7 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto opts = logp.options().dtype(ct);
   return {at::scalar_tensor(sums[0], opts), at::scalar_tensor(sums[1] / tokens, opts),
           at::scalar_tensor(sums[2] / tokens, opts), at::scalar_tensor(sums[3] / tokens, opts),
-          at::scalar_tensor(sums[5] / tokens, opts), at::scalar_tensor(sums[6] / tokens, opts), grad};
+          at::scalar_tensor(sums[5] / tokens, opts), at::scalar_tensor(sums[6] / tokens, opts),
+          at::scalar_tensor(sums[7] / tokens, opts), grad};
 }
 
 }  // namespace iama::cpu

@@ -38,8 +38,8 @@ struct TokenProblem {
 };
 
 // Per-row results in rows[r * kRowFields + q]: loss, m * kl, clipped weight, m * ratio, mask sum,
-// m * log-ratio, dual-clipped weight.
-constexpr int kRowFields = 7;
+// m * log-ratio, dual-clipped weight, clipped-above weight.
+constexpr int kRowFields = 8;
 
 // Runs the pass with the best kernel build for this CPU.
 void token_pass(const TokenProblem& p, std::vector<double>& rows);

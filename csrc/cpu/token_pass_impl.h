@@ -74,6 +74,7 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       out[4] = msum;
       out[5] = sums.lratio;
       out[6] = sums.dual;
+      out[7] = sums.high;
     }
   });
 }

@@ -11,7 +11,7 @@
 //     denormal range and overflow to inf come out the same);
 //   * masking: only the two differences (logp - old, ref - logp) are zeroed where the mask is 0;
 //     every other term is then finite and is zeroed by masked arithmetic, not by selects;
-//   * the 64-token tile's six term vectors stay in registers;
+//   * the 64-token tile's seven term vectors stay in registers;
 //   * the dual clip: A is the row's constant, so "A < 0" is decided once per row (a lane mask of
 //     all or nothing) and the per-token test is one compare.
 #pragma once
@@ -62,13 +62,13 @@ inline __m512 k3_16(__m512 d, __m512 ed) {
 }
 
 struct Terms16 {
-  __m512 loss, kl, clip, ratio, lratio, dual;
+  __m512 loss, kl, clip, ratio, lratio, dual, high;
 };
 
 // The terms of 16 tokens starting at t; lanes outside `lanes` are not read and give 0.
 inline Terms16 token_terms16(const float* logp, const float* old, const float* ref, const uint8_t* mask, float* grad,
                              int64_t t, __mmask16 lanes, __m512 A, __m512 w_scale, __m512 lo, __m512 hi,
-                             __m512 beta, __m512 dual_c, __mmask16 negative_a) {
+                             __m512 beta, __m512 dual_c, __mmask16 negative_a, __mmask16 positive_a) {
   const __m128i mb = _mm_maskz_loadu_epi8(lanes, mask + t);
   const __mmask16 keep = _mm_test_epi8_mask(mb, mb);
   const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb));
@@ -100,6 +100,7 @@ inline Terms16 token_terms16(const float* logp, const float* old, const float* r
   s.ratio = _mm512_mul_ps(ratio, m);
   s.lratio = _mm512_mul_ps(d_old, m);
   s.dual = _mm512_maskz_mov_ps(dual, m);
+  s.high = _mm512_maskz_mov_ps(static_cast<__mmask16>(~active) & positive_a, m);
   return s;
 }
 
@@ -127,8 +128,10 @@ inline RowSums policy_loss_row_f32_byte(const float* logp, const float* old, con
   const __m512 A = _mm512_set1_ps(A_), w_scale = _mm512_set1_ps(w_scale_), lo = _mm512_set1_ps(lo_),
                hi = _mm512_set1_ps(hi_), beta = _mm512_set1_ps(beta_), dual_c = _mm512_set1_ps(dual_c_);
   const __mmask16 negative_a = A_ < 0.0f ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0);
+  const __mmask16 positive_a = A_ > 0.0f ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0);
   __m512d acc_loss = _mm512_setzero_pd(), acc_kl = _mm512_setzero_pd(), acc_clip = _mm512_setzero_pd(),
-          acc_ratio = _mm512_setzero_pd(), acc_lratio = _mm512_setzero_pd(), acc_dual = _mm512_setzero_pd();
+          acc_ratio = _mm512_setzero_pd(), acc_lratio = _mm512_setzero_pd(), acc_dual = _mm512_setzero_pd(),
+          acc_high = _mm512_setzero_pd();
   auto lanes_from = [T](int64_t t) -> __mmask16 {
     const int64_t left = T - t;
     if (left >= 16) return static_cast<__mmask16>(0xFFFF);
@@ -143,7 +146,8 @@ inline RowSums policy_loss_row_f32_byte(const float* logp, const float* old, con
     for (int q = 0; q < 4; ++q) {
       const int64_t t = t0 + 16 * q;
       const __mmask16 lanes = full ? static_cast<__mmask16>(0xFFFF) : lanes_from(t);
-      v[q] = token_terms16(logp, old, ref, mask, grad, t, lanes, A, w_scale, lo, hi, beta, dual_c, negative_a);
+      v[q] = token_terms16(logp, old, ref, mask, grad, t, lanes, A, w_scale, lo, hi, beta, dual_c, negative_a,
+                           positive_a);
     }
     acc_loss = _mm512_add_pd(acc_loss, tile_sum(v[0].loss, v[1].loss, v[2].loss, v[3].loss));
     acc_kl = _mm512_add_pd(acc_kl, tile_sum(v[0].kl, v[1].kl, v[2].kl, v[3].kl));
@@ -151,9 +155,10 @@ inline RowSums policy_loss_row_f32_byte(const float* logp, const float* old, con
     acc_ratio = _mm512_add_pd(acc_ratio, tile_sum(v[0].ratio, v[1].ratio, v[2].ratio, v[3].ratio));
     acc_lratio = _mm512_add_pd(acc_lratio, tile_sum(v[0].lratio, v[1].lratio, v[2].lratio, v[3].lratio));
     acc_dual = _mm512_add_pd(acc_dual, tile_sum(v[0].dual, v[1].dual, v[2].dual, v[3].dual));
+    acc_high = _mm512_add_pd(acc_high, tile_sum(v[0].high, v[1].high, v[2].high, v[3].high));
   }
-  return RowSums{lanes_sum(acc_loss),  lanes_sum(acc_kl),     lanes_sum(acc_clip),
-                 lanes_sum(acc_ratio), lanes_sum(acc_lratio), lanes_sum(acc_dual)};
+  return RowSums{lanes_sum(acc_loss),   lanes_sum(acc_kl),   lanes_sum(acc_clip), lanes_sum(acc_ratio),
+                 lanes_sum(acc_lratio), lanes_sum(acc_dual), lanes_sum(acc_high)};
 }
 
 }  // namespace IAMA_ISA_NAMESPACE

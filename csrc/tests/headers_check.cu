@@ -47,5 +47,5 @@ __global__ void loss_kernel(const float* logp, const float* old, const float* re
 __global__ void loss_kernel_f64(const double* logp, const double* mask, double* out) {
   const iama::TokenTerms<double> t = iama::token_terms<double>(mask[0], logp[0], logp[1], logp[2], 1.0, 1.0, 0.8,
                                                                1.2, 0.1, 3.0);
-  out[0] = t.grad + t.loss + t.kl + t.clip + t.ratio + t.lratio + t.dual;
+  out[0] = t.grad + t.loss + t.kl + t.clip + t.ratio + t.lratio + t.dual + t.high;
 }

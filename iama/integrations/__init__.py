@@ -7,6 +7,9 @@
   ``GRPOTrainer`` with IAMA advantages (``pip install "iama[trl]"``).
 * :mod:`iama.integrations.verl`: the ``"iama"`` advantage estimator for verl's PPO trainer
   (``algorithm.adv_estimator=iama``), registered when verl is imported.
+* :mod:`iama.integrations.verl_loss`: the ``"iama"`` policy loss for verl's actor
+  (``actor_rollout_ref.actor.policy_loss.loss_mode=iama``): verl's PPO loss on the fused kernel,
+  registered with the estimator.
 
 The submodules are imported on demand, so ``import iama.integrations`` never imports TRL or verl.
 """

@@ -71,13 +71,14 @@ class IAMAGRPOTrainer(GRPOTrainer):
             It covers TRL's ``loss_type`` ``"grpo"``, ``"bnpo"``, ``"dr_grpo"`` and ``"dapo"``
             with token-level ratios (advantages ``[S]`` or per token ``[S, T]``), and TRL's
             two-sided clip ``delta`` when
-            ``delta >= 1 + epsilon_high`` (it is then the kernel's ``dual_clip``); a setting it
+            ``delta > 1 + epsilon_high`` (it is then the kernel's ``dual_clip``); a setting it
             does not cover (sequence-level importance sampling, a smaller ``delta``, entropy
             masks or bonus, the off-policy mask, vLLM importance-sampling correction) is a
             ``ValueError`` when the trainer is built. With
             ``use_bias_correction_kl`` (TRL's default) and ``beta > 0`` the KL term is TRL's
             ratio-weighted ``rho * k3``, the kernel's ``kl_weight="ratio"``. It logs TRL's
-            ``kl``, ``entropy`` and ``clip_ratio/region_mean``, not the low/high clip split.
+            ``kl``, ``entropy`` and ``clip_ratio/{low,high,region}_mean``, not the per-sequence
+            ``clip_ratio/low_min`` and ``high_max``.
 
     Logged next to TRL's metrics: ``iama/lambda/<criterion>`` (the weight ``dg/dR`` of each
     criterion) and ``iama/value/<criterion>`` (the batch's estimate of the criterion's value
@@ -129,10 +130,11 @@ class IAMAGRPOTrainer(GRPOTrainer):
             refused.append(f"loss_type={self.loss_type!r} (supported: {sorted(_LOSS_TYPES)})")
         if self.importance_sampling_level != "token":
             refused.append(f"importance_sampling_level={self.importance_sampling_level!r}")
-        if args.delta is not None and not (args.delta > 1 and args.delta >= 1 + self.epsilon_high):
+        if args.delta is not None and not args.delta > 1 + self.epsilon_high:
             # Above 1 + epsilon_high TRL's two-sided clip is the dual clip (A < 0, ratio > delta:
-            # the constant delta A); below it would also cut positive advantages' ratios.
-            refused.append(f"delta={args.delta} (covered when delta >= 1 + epsilon_high = "
+            # the constant delta A); at or below it, it would also cut positive advantages'
+            # ratios (and TRL's clip metrics, taken after it, would change).
+            refused.append(f"delta={args.delta} (covered when delta > 1 + epsilon_high = "
                            f"{1 + self.epsilon_high:g})")
         if self.off_policy_mask_threshold is not None:
             refused.append(f"off_policy_mask_threshold={self.off_policy_mask_threshold}")
@@ -233,12 +235,15 @@ class IAMAGRPOTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         # Token-weighted means over every process, as TRL reports them; one reduction for all.
-        weighted = torch.stack([out.kl * tokens, out.clip_fraction * tokens,
+        weighted = torch.stack([out.kl * tokens, out.clip_fraction * tokens, out.clip_high_fraction * tokens,
                                 (entropies.detach() * mask).sum().to(tokens.dtype), tokens])
-        kl_sum, clip_sum, entropy_sum, count = self.accelerator.reduce(weighted, reduction="sum").tolist()
+        kl_sum, clip_sum, high_sum, entropy_sum, count = self.accelerator.reduce(
+            weighted, reduction="sum").tolist()
         count = max(count, 1.0)
         if self.beta != 0.0:
             self._metrics[mode]["kl"].append(kl_sum / count)
         self._metrics[mode]["entropy"].append(entropy_sum / count)
+        self._metrics[mode]["clip_ratio/low_mean"].append((clip_sum - high_sum) / count)
+        self._metrics[mode]["clip_ratio/high_mean"].append(high_sum / count)
         self._metrics[mode]["clip_ratio/region_mean"].append(clip_sum / count)
         return loss

@@ -38,11 +38,12 @@ def nonlinear_grpo_loss_cpu(
     """Rewards ``[B, G, m]`` and ``[B * G, T]`` token inputs -> :class:`NonlinearGRPOOutput`."""
     kinds, ns, taus = objective_codes(objective)
     lam = resolve_criterion_weights(rewards, objective, estimator, criterion_weights, None)
-    loss, advantages, kl, clip_fraction, ratio_mean, values, lratio, dual, _ = (
+    loss, advantages, kl, clip_fraction, ratio_mean, values, lratio, dual, high, _ = (
         torch.ops.iama.nonlinear_grpo_fwd(
             logp, old_logp, ref_logp, mask, rewards, lam, kinds, ns, taus, estimator, scale, eps,
             eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight == "ratio", dual_clip,
         )
     )
     return NonlinearGRPOOutput(loss, advantages.detach(), kl.detach(), clip_fraction.detach(),
-                               ratio_mean.detach(), values.detach(), lam, lratio.detach(), dual.detach())
+                               ratio_mean.detach(), values.detach(), lam, lratio.detach(), dual.detach(),
+                               high.detach())

@@ -84,20 +84,21 @@ def _nonlinear_grpo_fwd_kernel(
     ratio = tl.zeros([BLOCK_T], dtype=tl.float32)
     lratio = tl.zeros([BLOCK_T], dtype=tl.float32)
     dual = tl.zeros([BLOCK_T], dtype=tl.float32)
+    high = tl.zeros([BLOCK_T], dtype=tl.float32)
     msum = 0.0
     start = split * rows_per_prog
     end = tl.minimum(start + rows_per_prog, G)
     for j in range(start, end):
         a = tl.sum(tl.where(offs == j, adv, 0.0), axis=0)  # sample j's advantage (one lane)
-        loss, kl, clip, ratio, lratio, dual, r_m = _token_row(
+        loss, kl, clip, ratio, lratio, dual, high, r_m = _token_row(
             a, b * G + j, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr,
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, 0, 0,
-            T, eps_low, eps_high, beta, dual_c, norm, loss, kl, clip, ratio, lratio, dual,
+            T, eps_low, eps_high, beta, dual_c, norm, loss, kl, clip, ratio, lratio, dual, high,
             HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL, DUAL_CLIP, False,
         )
         msum += r_m
     _store_partials(partial_ptr, b * tl.num_programs(1) + split, loss, msum, kl, clip, ratio,
-                    lratio, dual, NP)
+                    lratio, dual, high, NP)
 
 
 def rows_per_program(B: int, G: int, device: torch.device) -> int:
@@ -220,4 +221,4 @@ def nonlinear_grpo_loss_triton(
         )
     metrics = stats.detach()
     return NonlinearGRPOOutput(stats[0], adv.detach(), metrics[1], metrics[2], metrics[3],
-                               values.detach(), lam, metrics[5], metrics[6])
+                               values.detach(), lam, metrics[5], metrics[6], metrics[7])

@@ -31,4 +31,4 @@ def policy_loss_cpu(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length,
         kl_weight == "ratio", dual_clip,
     )
-    return PolicyLossOutput(outputs[0], *(t.detach() for t in outputs[1:6]))
+    return PolicyLossOutput(outputs[0], *(t.detach() for t in outputs[1:7]))

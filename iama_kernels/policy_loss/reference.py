@@ -88,5 +88,6 @@ def policy_loss_ref(
         ratio_mean = (ratio * m).sum() / tokens
         log_ratio_mean = ((lp - old) * m).sum() / tokens
         dual_fraction = (dual.to(dtype) * m).sum() / tokens
+        high_fraction = ((~unclipped_active & (A > 0)).to(dtype) * m).sum() / tokens
     return PolicyLossOutput(loss, kl_mean.detach(), clip_fraction, ratio_mean.detach(),
-                            log_ratio_mean.detach(), dual_fraction)
+                            log_ratio_mean.detach(), dual_fraction, high_fraction)

@@ -5,7 +5,7 @@ per-token gradient ``d loss / d logp`` and per-program partial sums of the loss 
 (kept per lane over a program's rows and reduced across lanes once, at the program's end);
 a one-program kernel reduces the partials in a fixed order (deterministic, no atomics) into
 ``stats = [loss, kl, clip_fraction, ratio_mean, post_scale, log_ratio_mean,
-dual_clip_fraction]``. No other ``[S, T]`` tensor is created.
+dual_clip_fraction, clip_high_fraction]``. No other ``[S, T]`` tensor is created.
 
 Token weights (``policy_loss/reference.py::token_weights``):
 
@@ -44,8 +44,9 @@ from .._device import launch_device
 from .._types import PolicyLossOutput
 
 LOSS_TYPE_CODES = {"grpo": 0, "token": 1, "dr_grpo": 2}
-N_PARTIALS = 8  # loss, mask total, kl, clipped, ratio, log-ratio, dual-clipped sums (padded to 8)
-N_STATS = 7  # loss, kl, clip_fraction, ratio_mean, post_scale, log_ratio_mean, dual_clip_fraction
+N_PARTIALS = 8  # loss, mask total, kl, clipped, ratio, log-ratio, dual-clipped, clipped-above sums
+N_STATS = 8  # loss, kl, clip_fraction, ratio_mean, post_scale, log_ratio_mean, dual_clip_fraction,
+# clip_high_fraction
 _SM_COUNT: dict[torch.device, int] = {}
 
 
@@ -86,13 +87,13 @@ def _token_row(
     a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr,
     s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_ar, s_at,
     T, eps_low, eps_high, beta, dual_c, norm, loss_acc, kl_acc, clip_acc, ratio_acc,
-    lratio_acc, dual_acc, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
+    lratio_acc, dual_acc, high_acc, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, RATIO_KL: tl.constexpr,
     DUAL_CLIP: tl.constexpr, TOKEN_ADV: tl.constexpr,
 ):
     """Stream one row with advantage ``a`` into the program's per-lane ``[BLOCK_T]`` sums of the
-    weighted loss, kl, clipped, ratio, log-ratio and dual-clipped terms; returns them and the
-    row's mask total.
+    weighted loss, kl, clipped, ratio, log-ratio, dual-clipped and clipped-above terms; returns
+    them and the row's mask total.
 
     The sums are reduced across lanes once per program (``_store_partials``), not per row: each
     block-wide reduction is a shared-memory round trip behind a barrier, and a 1024-token row
@@ -183,15 +184,16 @@ def _token_row(
         w = m * wscale
         loss_acc += tl.where(keep, w * per, 0.0)
         clip_acc += tl.where(keep & (~active), m, 0.0)
+        high_acc += tl.where(keep & (~active) & (ra > 0.0), m, 0.0)  # A > 0 where clipped
         ratio_acc += tl.where(keep, m * ratio, 0.0)
         if WRITE_GRAD:
             tl.store(grad_row + t * s_gt, tl.where(keep, w * g, 0.0), mask=t < T)
-    return loss_acc, kl_acc, clip_acc, ratio_acc, lratio_acc, dual_acc, msum
+    return loss_acc, kl_acc, clip_acc, ratio_acc, lratio_acc, dual_acc, high_acc, msum
 
 
 @triton.jit
 def _store_partials(partial_ptr, pid, loss_acc, msum, kl_acc, clip_acc, ratio_acc, lratio_acc,
-                    dual_acc, NP: tl.constexpr):
+                    dual_acc, high_acc, NP: tl.constexpr):
     """The program's partials: its per-lane sums reduced (once), and its mask total."""
     tl.store(partial_ptr + pid * NP + 0, tl.sum(loss_acc, axis=0))
     tl.store(partial_ptr + pid * NP + 1, msum)
@@ -200,6 +202,7 @@ def _store_partials(partial_ptr, pid, loss_acc, msum, kl_acc, clip_acc, ratio_ac
     tl.store(partial_ptr + pid * NP + 4, tl.sum(ratio_acc, axis=0))
     tl.store(partial_ptr + pid * NP + 5, tl.sum(lratio_acc, axis=0))
     tl.store(partial_ptr + pid * NP + 6, tl.sum(dual_acc, axis=0))
+    tl.store(partial_ptr + pid * NP + 7, tl.sum(high_acc, axis=0))
 
 
 @triton.jit
@@ -220,6 +223,7 @@ def _policy_loss_fwd_kernel(
     ratio = tl.zeros([BLOCK_T], dtype=tl.float32)
     lratio = tl.zeros([BLOCK_T], dtype=tl.float32)
     dual = tl.zeros([BLOCK_T], dtype=tl.float32)
+    high = tl.zeros([BLOCK_T], dtype=tl.float32)
     msum = 0.0
     start = pid * rows_per_prog
     end = tl.minimum(start + rows_per_prog, S)
@@ -228,21 +232,21 @@ def _policy_loss_fwd_kernel(
             a = 0.0
         else:
             a = tl.load(adv_ptr + row * s_a).to(tl.float32)
-        loss, kl, clip, ratio, lratio, dual, r_m = _token_row(
+        loss, kl, clip, ratio, lratio, dual, high, r_m = _token_row(
             a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr,
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_a, s_at,
-            T, eps_low, eps_high, beta, dual_c, norm, loss, kl, clip, ratio, lratio, dual,
+            T, eps_low, eps_high, beta, dual_c, norm, loss, kl, clip, ratio, lratio, dual, high,
             HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL, DUAL_CLIP, TOKEN_ADV,
         )
         msum += r_m
-    _store_partials(partial_ptr, pid, loss, msum, kl, clip, ratio, lratio, dual, NP)
+    _store_partials(partial_ptr, pid, loss, msum, kl, clip, ratio, lratio, dual, high, NP)
 
 
 @triton.jit
 def _finalize_kernel(partial_ptr, P, out_ptr, LOSS_TYPE: tl.constexpr, NP: tl.constexpr,
                      BLOCK_P: tl.constexpr):
     """Sum ``[P, NP]`` partials (fixed order) into ``[loss, kl, clip, ratio, post_scale,
-    log_ratio, dual]``."""
+    log_ratio, dual, high]``."""
     offs = tl.arange(0, BLOCK_P)
     loss = tl.zeros([BLOCK_P], dtype=tl.float32)
     msum = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -251,6 +255,7 @@ def _finalize_kernel(partial_ptr, P, out_ptr, LOSS_TYPE: tl.constexpr, NP: tl.co
     ratio = tl.zeros([BLOCK_P], dtype=tl.float32)
     lratio = tl.zeros([BLOCK_P], dtype=tl.float32)
     dual = tl.zeros([BLOCK_P], dtype=tl.float32)
+    high = tl.zeros([BLOCK_P], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + offs
         inb = p < P
@@ -261,6 +266,7 @@ def _finalize_kernel(partial_ptr, P, out_ptr, LOSS_TYPE: tl.constexpr, NP: tl.co
         ratio += tl.load(partial_ptr + p * NP + 4, mask=inb, other=0.0)
         lratio += tl.load(partial_ptr + p * NP + 5, mask=inb, other=0.0)
         dual += tl.load(partial_ptr + p * NP + 6, mask=inb, other=0.0)
+        high += tl.load(partial_ptr + p * NP + 7, mask=inb, other=0.0)
     tokens = tl.maximum(tl.sum(msum, axis=0), 1.0)
     total = tl.sum(loss, axis=0)
     if LOSS_TYPE == 1:
@@ -275,11 +281,12 @@ def _finalize_kernel(partial_ptr, P, out_ptr, LOSS_TYPE: tl.constexpr, NP: tl.co
     tl.store(out_ptr + 4, post)
     tl.store(out_ptr + 5, tl.sum(lratio, axis=0) / tokens)
     tl.store(out_ptr + 6, tl.sum(dual, axis=0) / tokens)
+    tl.store(out_ptr + 7, tl.sum(high, axis=0) / tokens)
 
 
 def finalize(partials: torch.Tensor, loss_type: str) -> torch.Tensor:
     """``[N_STATS]`` float32 ``[loss, kl, clip_fraction, ratio_mean, post_scale,
-    log_ratio_mean, dual_clip_fraction]`` from partials."""
+    log_ratio_mean, dual_clip_fraction, clip_high_fraction]`` from partials."""
     stats = torch.empty(N_STATS, dtype=torch.float32, device=partials.device)
     P = partials.shape[0]
     block = min(1024, max(16, triton.next_power_of_2(P)))
@@ -418,4 +425,5 @@ def policy_loss_triton(
         kl_weight == "ratio", dual_clip,
     )
     metrics = stats.detach()
-    return PolicyLossOutput(stats[0], metrics[1], metrics[2], metrics[3], metrics[5], metrics[6])
+    return PolicyLossOutput(stats[0], metrics[1], metrics[2], metrics[3], metrics[5], metrics[6],
+                            metrics[7])

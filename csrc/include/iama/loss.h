@@ -26,6 +26,7 @@ struct TokenTerms {
   acc_t ratio;  // m * ratio
   acc_t lratio; // m * (logp - old)
   acc_t dual;   // m if the dual clip is active, else 0
+  acc_t high;   // m if the clipped term is strictly active with A > 0 (ratio > 1 + eps_high)
 };
 
 template <typename acc_t>
@@ -57,13 +58,14 @@ IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t
   t.ratio = ratio * m;
   t.lratio = (lp - old) * m;
   t.dual = dual ? m : acc_t(0);
+  t.high = !active && A > acc_t(0) ? m : acc_t(0);
   return t;
 }
 
 // Sums of one row's token terms: loss, m * kl, clipped weight, m * ratio, m * log-ratio,
-// dual-clipped weight.
+// dual-clipped weight, clipped-above weight.
 struct RowSums {
-  double loss, kl, clip, ratio, lratio, dual;
+  double loss, kl, clip, ratio, lratio, dual, high;
 };
 
 // One row of T tokens: writes grad[0..T) and returns the row's sums.
@@ -82,14 +84,14 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
                                 acc_t hi, acc_t beta, acc_t dual_c, lp_t* __restrict__ grad,
                                 const acc_t* __restrict__ A_tok = nullptr) {
   constexpr int kTile = 64;
-  RowSums sums = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-  acc_t t_loss[kTile], t_kl[kTile], t_clip[kTile], t_ratio[kTile], t_lratio[kTile], t_dual[kTile];
+  RowSums sums = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  acc_t t_loss[kTile], t_kl[kTile], t_clip[kTile], t_ratio[kTile], t_lratio[kTile], t_dual[kTile], t_high[kTile];
   // Each tile's 8 lanes go to 8 double accumulators (lane j of every tile into slot j): one
   // vector conversion and one vector add per tile and quantity, where a scalar sum would make
   // 8 dependent additions.
-  double lane_loss[8], lane_kl[8], lane_clip[8], lane_ratio[8], lane_lratio[8], lane_dual[8];
+  double lane_loss[8], lane_kl[8], lane_clip[8], lane_ratio[8], lane_lratio[8], lane_dual[8], lane_high[8];
   for (int j = 0; j < 8; ++j) {
-    lane_loss[j] = lane_kl[j] = lane_clip[j] = lane_ratio[j] = lane_lratio[j] = lane_dual[j] = 0.0;
+    lane_loss[j] = lane_kl[j] = lane_clip[j] = lane_ratio[j] = lane_lratio[j] = lane_dual[j] = lane_high[j] = 0.0;
   }
   for (int64_t t0 = 0; t0 < T; t0 += kTile) {
     const int len = (T - t0) < kTile ? static_cast<int>(T - t0) : kTile;
@@ -112,6 +114,7 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       t_ratio[j] = tt.ratio;
       t_lratio[j] = tt.lratio;
       t_dual[j] = tt.dual;
+      t_high[j] = tt.high;
     }
     for (int j = len; j < kTile; ++j) {
       t_loss[j] = acc_t(0);
@@ -120,6 +123,7 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       t_ratio[j] = acc_t(0);
       t_lratio[j] = acc_t(0);
       t_dual[j] = acc_t(0);
+      t_high[j] = acc_t(0);
     }
     for (int width = kTile / 2; width >= 8; width /= 2) {
       for (int j = 0; j < width; ++j) {
@@ -129,6 +133,7 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
         t_ratio[j] += t_ratio[j + width];
         t_lratio[j] += t_lratio[j + width];
         t_dual[j] += t_dual[j + width];
+        t_high[j] += t_high[j + width];
       }
     }
     for (int j = 0; j < 8; ++j) {
@@ -138,6 +143,7 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       lane_ratio[j] += static_cast<double>(t_ratio[j]);
       lane_lratio[j] += static_cast<double>(t_lratio[j]);
       lane_dual[j] += static_cast<double>(t_dual[j]);
+      lane_high[j] += static_cast<double>(t_high[j]);
     }
   }
   // The 8 lanes, pairwise in a fixed order.
@@ -149,6 +155,7 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       lane_ratio[j] += lane_ratio[j + width];
       lane_lratio[j] += lane_lratio[j + width];
       lane_dual[j] += lane_dual[j + width];
+      lane_high[j] += lane_high[j + width];
     }
   }
   sums.loss = lane_loss[0];
@@ -157,6 +164,7 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
   sums.ratio = lane_ratio[0];
   sums.lratio = lane_lratio[0];
   sums.dual = lane_dual[0];
+  sums.high = lane_high[0];
   return sums;
 }
 
