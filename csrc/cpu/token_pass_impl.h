@@ -11,6 +11,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 
 #include "iama/loss.h"
@@ -59,11 +60,20 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
                             : policy_loss_row<lp_t, aux_t, mask_t, acc_t, false, true>(
                                   lp_row, old_row, ref_row, mk, p.T, acc_t(0), ws, lo, hi, beta, dual_c, grad_row, a_row);
         } else {
+          // One advantage per row: the dual clip can act only in a row with A < 0 (and finite c).
           const acc_t A = static_cast<acc_t>(p.adv[r]);
-          sums = p.ratio_kl ? policy_loss_row<lp_t, aux_t, mask_t, acc_t, true>(lp_row, old_row, ref_row, mk, p.T, A,
-                                                                                ws, lo, hi, beta, dual_c, grad_row)
-                            : policy_loss_row<lp_t, aux_t, mask_t, acc_t, false>(lp_row, old_row, ref_row, mk, p.T, A,
-                                                                                 ws, lo, hi, beta, dual_c, grad_row);
+          const bool dual = A < acc_t(0) && std::isfinite(p.dual_clip);
+          if (p.ratio_kl) {
+            sums = dual ? policy_loss_row<lp_t, aux_t, mask_t, acc_t, true, false, true>(
+                              lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row)
+                        : policy_loss_row<lp_t, aux_t, mask_t, acc_t, true, false, false>(
+                              lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row);
+          } else {
+            sums = dual ? policy_loss_row<lp_t, aux_t, mask_t, acc_t, false, false, true>(
+                              lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row)
+                        : policy_loss_row<lp_t, aux_t, mask_t, acc_t, false, false, false>(
+                              lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row);
+          }
         }
       }
       double* out = rows.data() + r * kRowFields;
@@ -96,7 +106,8 @@ void dispatch_mask(const TokenProblem& p, std::vector<double>& rows) {
 }
 
 // logp dtype x (old/ref in logp's dtype or in float32) x mask kind (x plain or ratio KL x row
-// or per-token advantages): 18 token kernels, 72 row instantiations.
+// advantages with or without the dual clip, or per-token advantages): 18 token kernels, 108 row
+// instantiations.
 inline void dispatch_token_pass(const TokenProblem& p, std::vector<double>& rows) {
   switch (p.logp_dtype) {
     case TokenDtype::kFloat32:

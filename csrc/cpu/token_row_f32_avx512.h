@@ -11,14 +11,16 @@
 //     denormal range and overflow to inf come out the same);
 //   * masking: only the two differences (logp - old, ref - logp) are zeroed where the mask is 0;
 //     every other term is then finite and is zeroed by masked arithmetic, not by selects;
-//   * the 64-token tile's seven term vectors stay in registers;
-//   * the dual clip: A is the row's constant, so "A < 0" is decided once per row (a lane mask of
-//     all or nothing) and the per-token test is one compare.
+//   * the 64-token tile's term vectors stay in registers;
+//   * A is the row's constant, so the dual clip, which only acts where A < 0, is compiled into
+//     the loop only for rows with A < 0 and a finite c (kDual), and the clipped-above weight is
+//     the row's clipped weight or 0 (no sum of its own).
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
+#include <limits>
 
 #include "iama/loss.h"
 
@@ -62,13 +64,15 @@ inline __m512 k3_16(__m512 d, __m512 ed) {
 }
 
 struct Terms16 {
-  __m512 loss, kl, clip, ratio, lratio, dual, high;
+  __m512 loss, kl, clip, ratio, lratio, dual;
 };
 
-// The terms of 16 tokens starting at t; lanes outside `lanes` are not read and give 0.
+// The terms of 16 tokens starting at t; lanes outside `lanes` are not read and give 0. kDual: the
+// row's A is negative and the dual clip c finite (else no token of the row is dual-clipped).
+template <bool kDual>
 inline Terms16 token_terms16(const float* logp, const float* old, const float* ref, const uint8_t* mask, float* grad,
                              int64_t t, __mmask16 lanes, __m512 A, __m512 w_scale, __m512 lo, __m512 hi,
-                             __m512 beta, __m512 dual_c, __mmask16 negative_a, __mmask16 positive_a) {
+                             __m512 beta, __m512 dual_c) {
   const __m128i mb = _mm_maskz_loadu_epi8(lanes, mask + t);
   const __mmask16 keep = _mm_test_epi8_mask(mb, mb);
   const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb));
@@ -82,13 +86,13 @@ inline Terms16 token_terms16(const float* logp, const float* old, const float* r
   const __m512 clipped_term = _mm512_mul_ps(clipped, A);
   const __mmask16 active = _mm512_cmp_ps_mask(unclipped_term, clipped_term, _CMP_LE_OQ);
   // ratio > c (ordered: a NaN ratio is not dual-clipped, as in token_terms).
-  const __mmask16 dual = negative_a & _mm512_cmp_ps_mask(ratio, dual_c, _CMP_GT_OQ);
+  const __mmask16 dual = kDual ? _mm512_cmp_ps_mask(ratio, dual_c, _CMP_GT_OQ) : static_cast<__mmask16>(0);
   const __m512 ed = exp16(d);
   const __m512 kl = k3_16(d, ed);
   const __m512 w = _mm512_mul_ps(m, w_scale);
   Terms16 s;
-  const __m512 chosen =
-      _mm512_mask_blend_ps(dual, _mm512_mask_blend_ps(active, clipped_term, unclipped_term), _mm512_mul_ps(dual_c, A));
+  __m512 chosen = _mm512_mask_blend_ps(active, clipped_term, unclipped_term);
+  if constexpr (kDual) chosen = _mm512_mask_blend_ps(dual, chosen, _mm512_mul_ps(dual_c, A));
   s.loss = _mm512_maskz_mul_ps(keep, _mm512_fmsub_ps(beta, kl, chosen), w);
   const __mmask16 unclipped_grad = active & static_cast<__mmask16>(~dual);
   const __m512 g = _mm512_maskz_mul_ps(keep, w,
@@ -99,8 +103,7 @@ inline Terms16 token_terms16(const float* logp, const float* old, const float* r
   s.clip = _mm512_maskz_mov_ps(static_cast<__mmask16>(~active), m);
   s.ratio = _mm512_mul_ps(ratio, m);
   s.lratio = _mm512_mul_ps(d_old, m);
-  s.dual = _mm512_maskz_mov_ps(dual, m);
-  s.high = _mm512_maskz_mov_ps(static_cast<__mmask16>(~active) & positive_a, m);
+  s.dual = kDual ? _mm512_maskz_mov_ps(dual, m) : _mm512_setzero_ps();
   return s;
 }
 
@@ -121,17 +124,13 @@ inline double lanes_sum(__m512d v) {
   return lane[0];
 }
 
-// policy_loss_row for float32 logp/old/ref and a byte mask.
-inline RowSums policy_loss_row_f32_byte(const float* logp, const float* old, const float* ref, const uint8_t* mask,
-                                        int64_t T, float A_, float w_scale_, float lo_, float hi_, float beta_,
-                                        float dual_c_, float* grad) {
+template <bool kDual>
+inline RowSums row_f32_byte(const float* logp, const float* old, const float* ref, const uint8_t* mask, int64_t T,
+                            float A_, float w_scale_, float lo_, float hi_, float beta_, float dual_c_, float* grad) {
   const __m512 A = _mm512_set1_ps(A_), w_scale = _mm512_set1_ps(w_scale_), lo = _mm512_set1_ps(lo_),
                hi = _mm512_set1_ps(hi_), beta = _mm512_set1_ps(beta_), dual_c = _mm512_set1_ps(dual_c_);
-  const __mmask16 negative_a = A_ < 0.0f ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0);
-  const __mmask16 positive_a = A_ > 0.0f ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0);
   __m512d acc_loss = _mm512_setzero_pd(), acc_kl = _mm512_setzero_pd(), acc_clip = _mm512_setzero_pd(),
-          acc_ratio = _mm512_setzero_pd(), acc_lratio = _mm512_setzero_pd(), acc_dual = _mm512_setzero_pd(),
-          acc_high = _mm512_setzero_pd();
+          acc_ratio = _mm512_setzero_pd(), acc_lratio = _mm512_setzero_pd(), acc_dual = _mm512_setzero_pd();
   auto lanes_from = [T](int64_t t) -> __mmask16 {
     const int64_t left = T - t;
     if (left >= 16) return static_cast<__mmask16>(0xFFFF);
@@ -146,19 +145,29 @@ inline RowSums policy_loss_row_f32_byte(const float* logp, const float* old, con
     for (int q = 0; q < 4; ++q) {
       const int64_t t = t0 + 16 * q;
       const __mmask16 lanes = full ? static_cast<__mmask16>(0xFFFF) : lanes_from(t);
-      v[q] = token_terms16(logp, old, ref, mask, grad, t, lanes, A, w_scale, lo, hi, beta, dual_c, negative_a,
-                           positive_a);
+      v[q] = token_terms16<kDual>(logp, old, ref, mask, grad, t, lanes, A, w_scale, lo, hi, beta, dual_c);
     }
     acc_loss = _mm512_add_pd(acc_loss, tile_sum(v[0].loss, v[1].loss, v[2].loss, v[3].loss));
     acc_kl = _mm512_add_pd(acc_kl, tile_sum(v[0].kl, v[1].kl, v[2].kl, v[3].kl));
     acc_clip = _mm512_add_pd(acc_clip, tile_sum(v[0].clip, v[1].clip, v[2].clip, v[3].clip));
     acc_ratio = _mm512_add_pd(acc_ratio, tile_sum(v[0].ratio, v[1].ratio, v[2].ratio, v[3].ratio));
     acc_lratio = _mm512_add_pd(acc_lratio, tile_sum(v[0].lratio, v[1].lratio, v[2].lratio, v[3].lratio));
-    acc_dual = _mm512_add_pd(acc_dual, tile_sum(v[0].dual, v[1].dual, v[2].dual, v[3].dual));
-    acc_high = _mm512_add_pd(acc_high, tile_sum(v[0].high, v[1].high, v[2].high, v[3].high));
+    if constexpr (kDual) acc_dual = _mm512_add_pd(acc_dual, tile_sum(v[0].dual, v[1].dual, v[2].dual, v[3].dual));
   }
-  return RowSums{lanes_sum(acc_loss),   lanes_sum(acc_kl),   lanes_sum(acc_clip), lanes_sum(acc_ratio),
-                 lanes_sum(acc_lratio), lanes_sum(acc_dual), lanes_sum(acc_high)};
+  const double clip = lanes_sum(acc_clip);
+  return RowSums{lanes_sum(acc_loss),   lanes_sum(acc_kl),   clip, lanes_sum(acc_ratio),
+                 lanes_sum(acc_lratio), lanes_sum(acc_dual), A_ > 0.0f ? clip : 0.0};
+}
+
+// policy_loss_row for float32 logp/old/ref and a byte mask.
+inline RowSums policy_loss_row_f32_byte(const float* logp, const float* old, const float* ref, const uint8_t* mask,
+                                        int64_t T, float A, float w_scale, float lo, float hi, float beta, float dual_c,
+                                        float* grad) {
+  // dual_c < inf is false for +inf (the dual clip off) and for NaN.
+  if (A < 0.0f && dual_c < std::numeric_limits<float>::infinity()) {
+    return row_f32_byte<true>(logp, old, ref, mask, T, A, w_scale, lo, hi, beta, dual_c, grad);
+  }
+  return row_f32_byte<false>(logp, old, ref, mask, T, A, w_scale, lo, hi, beta, dual_c, grad);
 }
 
 }  // namespace IAMA_ISA_NAMESPACE

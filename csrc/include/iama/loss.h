@@ -32,7 +32,7 @@ struct TokenTerms {
 template <typename acc_t>
 IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t ref, acc_t A, acc_t w_scale,
                                              acc_t lo, acc_t hi, acc_t beta, acc_t dual_c,
-                                             bool ratio_kl = false) {
+                                             bool ratio_kl = false, bool use_dual = true) {
   const bool keep = m != acc_t(0);
   lp = keep ? lp : acc_t(0);
   old = keep ? old : acc_t(0);
@@ -42,7 +42,7 @@ IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t
   const acc_t unclipped_term = ratio * A;
   const acc_t clipped_term = clipped * A;
   const bool active = unclipped_term <= clipped_term;
-  const bool dual = A < acc_t(0) && ratio > dual_c;
+  const bool dual = use_dual && A < acc_t(0) && ratio > dual_c;
   const acc_t surrogate = dual ? dual_c * A : (active ? unclipped_term : clipped_term);
   const acc_t d = ref - lp;
   const acc_t ed = exp_acc(d);
@@ -78,7 +78,10 @@ struct RowSums {
 // kRatioKL is a template parameter, not an argument: as a run-time flag it kept the token loop
 // from vectorising (the int64-mask row, which takes this path, ran 2x slower). kTokenAdv: the
 // advantage of token t is A_tok[t] (PPO's per-token advantages, e.g. GAE), not the row's A.
-template <typename lp_t, typename aux_t, typename mask_t, typename acc_t, bool kRatioKL = false, bool kTokenAdv = false>
+// kDual = false: the caller knows no token of the row is dual-clipped (a row advantage A >= 0,
+// or no finite c), and the loop leaves the dual clip and its sum out.
+template <typename lp_t, typename aux_t, typename mask_t, typename acc_t, bool kRatioKL = false, bool kTokenAdv = false,
+          bool kDual = true>
 IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old, const aux_t* ref,
                                 const mask_t* __restrict__ mask, int64_t T, acc_t A, acc_t w_scale, acc_t lo,
                                 acc_t hi, acc_t beta, acc_t dual_c, lp_t* __restrict__ grad,
@@ -106,15 +109,15 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       if constexpr (kTokenAdv) a = A_tok[t];
       const TokenTerms<acc_t> tt = token_terms<acc_t>(m, static_cast<acc_t>(logp[t]), static_cast<acc_t>(old[t]),
                                                       static_cast<acc_t>(ref[t]), a, w_scale, lo, hi, beta, dual_c,
-                                                      kRatioKL);
+                                                      kRatioKL, kDual);
       grad[t] = static_cast<lp_t>(tt.grad);
       t_loss[j] = tt.loss;
       t_kl[j] = tt.kl;
       t_clip[j] = tt.clip;
       t_ratio[j] = tt.ratio;
       t_lratio[j] = tt.lratio;
-      t_dual[j] = tt.dual;
-      t_high[j] = tt.high;
+      if constexpr (kDual) t_dual[j] = tt.dual;
+      if constexpr (kTokenAdv) t_high[j] = tt.high;
     }
     for (int j = len; j < kTile; ++j) {
       t_loss[j] = acc_t(0);
@@ -122,8 +125,8 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       t_clip[j] = acc_t(0);
       t_ratio[j] = acc_t(0);
       t_lratio[j] = acc_t(0);
-      t_dual[j] = acc_t(0);
-      t_high[j] = acc_t(0);
+      if constexpr (kDual) t_dual[j] = acc_t(0);
+      if constexpr (kTokenAdv) t_high[j] = acc_t(0);
     }
     for (int width = kTile / 2; width >= 8; width /= 2) {
       for (int j = 0; j < width; ++j) {
@@ -132,8 +135,8 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
         t_clip[j] += t_clip[j + width];
         t_ratio[j] += t_ratio[j + width];
         t_lratio[j] += t_lratio[j + width];
-        t_dual[j] += t_dual[j + width];
-        t_high[j] += t_high[j + width];
+        if constexpr (kDual) t_dual[j] += t_dual[j + width];
+        if constexpr (kTokenAdv) t_high[j] += t_high[j + width];
       }
     }
     for (int j = 0; j < 8; ++j) {
@@ -142,8 +145,8 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       lane_clip[j] += static_cast<double>(t_clip[j]);
       lane_ratio[j] += static_cast<double>(t_ratio[j]);
       lane_lratio[j] += static_cast<double>(t_lratio[j]);
-      lane_dual[j] += static_cast<double>(t_dual[j]);
-      lane_high[j] += static_cast<double>(t_high[j]);
+      if constexpr (kDual) lane_dual[j] += static_cast<double>(t_dual[j]);
+      if constexpr (kTokenAdv) lane_high[j] += static_cast<double>(t_high[j]);
     }
   }
   // The 8 lanes, pairwise in a fixed order.
@@ -164,7 +167,13 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
   sums.ratio = lane_ratio[0];
   sums.lratio = lane_lratio[0];
   sums.dual = lane_dual[0];
-  sums.high = lane_high[0];
+  // With one advantage per row, every clipped token of the row is clipped above or every one
+  // below: the clipped-above weight is the clipped weight or 0, and needs no sum of its own.
+  if constexpr (kTokenAdv) {
+    sums.high = lane_high[0];
+  } else {
+    sums.high = A > acc_t(0) ? sums.clip : 0.0;
+  }
   return sums;
 }
 
