@@ -169,6 +169,7 @@ def _(logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps,
 
 def _setup_context(ctx, inputs, output):
     stats, _, _, grad = output
+    ctx.set_materialize_grads(False)  # only the loss carries a gradient (see policy_loss/triton.py)
     ctx.save_for_backward(grad, stats)
     ctx.logp_dtype = inputs[0].dtype
     ctx.n_inputs = len(inputs)
@@ -176,7 +177,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_stats, grad_adv, grad_values, grad_grad):
     grad, stats = ctx.saved_tensors
-    return (backward_logp(grad, stats, grad_stats, ctx.logp_dtype),) + (None,) * (ctx.n_inputs - 1)
+    d_logp = None if grad_stats is None else backward_logp(grad, stats, grad_stats, ctx.logp_dtype)
+    return (d_logp,) + (None,) * (ctx.n_inputs - 1)
 
 
 _nonlinear_grpo_op.register_autograd(_backward, setup_context=_setup_context)

@@ -387,6 +387,9 @@ def backward_logp(grad: torch.Tensor, stats: torch.Tensor, grad_stats: torch.Ten
 
 def _setup_context(ctx, inputs, output):
     stats, grad = output
+    # Only the loss carries a gradient: without this, autograd would allocate and fill a zero
+    # [S, T] gradient for the `grad` output on every backward (a full extra write of it).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad, stats)
     ctx.logp_dtype = inputs[0].dtype
     ctx.n_inputs = len(inputs)
@@ -394,7 +397,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_stats, grad_grad):
     grad, stats = ctx.saved_tensors
-    return (backward_logp(grad, stats, grad_stats, ctx.logp_dtype),) + (None,) * (ctx.n_inputs - 1)
+    d_logp = None if grad_stats is None else backward_logp(grad, stats, grad_stats, ctx.logp_dtype)
+    return (d_logp,) + (None,) * (ctx.n_inputs - 1)
 
 
 _policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
