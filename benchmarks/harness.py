@@ -130,6 +130,23 @@ def from_times(benchmark: str, impl: str, shape: str, times: list[float], *,
                        extra=dict(extra or {}))
 
 
+def record_times(rows: list[Measurement], benchmark: str, shape: str, times: dict[str, list[float]], *,
+                 bytes_moved: float | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Append a :class:`Measurement` per candidate of an :func:`interleaved` run to ``rows`` and
+    print a progress line for each."""
+    for impl, ms in times.items():
+        rows.append(from_times(benchmark, impl, shape, ms, bytes_moved=bytes_moved, extra=extra))
+        print(f"{shape:<36} {impl:<28} {rows[-1].median_ms:9.3f} ms", flush=True)
+
+
+def report(rows: list[Measurement], name: str, baseline_impl: str, write: bool = True) -> None:
+    """The end of a benchmark script: ``<name>.jsonl`` in benchmarks/results (unless ``write`` is
+    False), then the table."""
+    if write:
+        print(f"wrote {write_results(rows, name)}")
+    print(format_table(rows, baseline_impl=baseline_impl))
+
+
 def environment() -> dict[str, Any]:
     """Machine and versions, recorded with every results file."""
     info: dict[str, Any] = {

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Measurement, format_table, from_times, interleaved, write_results
+from harness import Measurement, interleaved, record_times, report
 
 from iama_kernels import BestOfN, Criterion, Objective
 
@@ -131,14 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                 # float32 logp, old (and ref) read and the gradient written; the int64 mask read.
                 moved = (3 + (1 if beta else 0)) * S * T * 4 + S * T * 8
                 label = f"S={S} T={T} {loss_type} beta={beta:g}" + (" corrected" if corrected else "")
-                for name, ms in times.items():
-                    rows.append(from_times("loss inside TRL (fwd+bwd)", name, label, ms, bytes_moved=moved,
-                                           extra={"threads": args.threads,
-                                                  "trl": importlib.metadata.version("trl")}))
-                    print(f"{label:<32} {name:<22} {rows[-1].median_ms:9.3f} ms", flush=True)
-    if not args.no_write:
-        print(f"wrote {write_results(rows, 'trl_loss')}")
-    print(format_table(rows, baseline_impl="TRL loss"))
+                record_times(rows, "loss inside TRL (fwd+bwd)", label, times, bytes_moved=moved,
+                             extra={"threads": args.threads, "trl": importlib.metadata.version("trl")})
+    report(rows, "trl_loss", "TRL loss", write=not args.no_write)
     return 0
 
 

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Measurement, format_table, from_times, interleaved, write_results
+from harness import Measurement, interleaved, record_times, report
 
 from iama.integrations.verl import advantage_estimator
 from iama_kernels import BestOfN, Mean, SoftBestOfN
@@ -84,14 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         # Bytes verl's tensors oblige an estimator to move: read the rewards and the mask once,
         # write the advantages once (returns is the same tensor).
         moved = token.numel() * token.element_size() * 2 + mask.numel() * mask.element_size()
-        for name, ms in times.items():
-            rows.append(from_times("verl advantage estimator", name, shape, ms, bytes_moved=moved))
-            print(f"{shape:<24} {name:<28} {rows[-1].median_ms:9.3f} ms", flush=True)
-    for r in rows:
-        r.extra = {"threads": args.threads, "verl": importlib.metadata.version("verl")}
-    if not args.no_write:
-        print(f"wrote {write_results(rows, 'verl_estimators')}")
-    print(format_table(rows, baseline_impl="verl grpo"))
+        record_times(rows, "verl advantage estimator", shape, times, bytes_moved=moved,
+                     extra={"threads": args.threads, "verl": importlib.metadata.version("verl")})
+    report(rows, "verl_estimators", "verl grpo", write=not args.no_write)
     return 0
 
 

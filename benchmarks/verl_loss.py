@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Measurement, format_table, from_times, interleaved, write_results
+from harness import Measurement, interleaved, record_times, report
 
 
 def _config(mode: str) -> Any:
@@ -95,15 +95,10 @@ def main(argv: list[str] | None = None) -> int:
                                            atol=1e-6 * float(grads["verl vanilla"].abs().max()))
                 times = interleaved(calls, args.rounds)
                 moved = 4 * S * T * 4 + S * T  # float32 logp, old, advantages, gradient; bool mask
-                label = f"S={S} T={T} {mode}"
-                for name, ms in times.items():
-                    rows.append(from_times("verl policy loss (fwd+bwd)", name, label, ms, bytes_moved=moved,
-                                           extra={"threads": args.threads,
-                                                  "verl": importlib.metadata.version("verl")}))
-                    print(f"{label:<36} {name:<16} {rows[-1].median_ms:9.3f} ms", flush=True)
-    if not args.no_write:
-        print(f"wrote {write_results(rows, 'verl_loss')}")
-    print(format_table(rows, baseline_impl="verl vanilla"))
+                record_times(rows, "verl policy loss (fwd+bwd)", f"S={S} T={T} {mode}", times,
+                             bytes_moved=moved,
+                             extra={"threads": args.threads, "verl": importlib.metadata.version("verl")})
+    report(rows, "verl_loss", "verl vanilla", write=not args.no_write)
     return 0
 
 

@@ -27,6 +27,7 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
   const acc_t hi = static_cast<acc_t>(1.0 + p.eps_high);
   const acc_t beta = static_cast<acc_t>(p.beta);
   const acc_t dual_c = static_cast<acc_t>(p.dual_clip);
+  const bool has_dual = std::isfinite(p.dual_clip);  // +inf: the dual clip is off
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.T));
   at::parallel_for(0, p.S, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -38,43 +39,43 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       const aux_t* old_row = static_cast<const aux_t*>(p.old) + r * p.s_old;
       const aux_t* ref_row = static_cast<const aux_t*>(p.ref) + r * p.s_ref;
       lp_t* grad_row = static_cast<lp_t*>(p.grad) + r * p.T;
+      const bool token_adv = p.adv_tokens != nullptr;
+      const acc_t A = token_adv ? acc_t(0) : static_cast<acc_t>(p.adv[r]);
+      const acc_t* a_row = token_adv ? static_cast<const acc_t*>(p.adv_tokens) + r * p.s_adv : nullptr;
+      // With one advantage per row the dual clip can act only in a row with A < 0 (and c finite);
+      // the per-token rows test it token by token.
+      const bool dual = has_dual && A < acc_t(0);
       RowSums sums;
       bool done = false;
 #ifdef IAMA_TOKEN_ROW_F32_BYTE
       // A build with a hand-vectorised row for the most common case (float32, bool mask, plain
-      // k3) uses it; the ratio-weighted KL takes the templated row.
+      // k3, row advantages) uses it; the other cases take the templated row.
       if constexpr (std::is_same_v<lp_t, float> && std::is_same_v<aux_t, float> && std::is_same_v<mask_t, uint8_t>) {
-        if (!p.ratio_kl && p.adv_tokens == nullptr) {
-          sums = policy_loss_row_f32_byte(lp_row, old_row, ref_row, mk, p.T, static_cast<float>(p.adv[r]),
-                                          static_cast<float>(w_scale), lo, hi, beta, dual_c, grad_row);
+        if (!p.ratio_kl && !token_adv) {
+          sums = policy_loss_row_f32_byte(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
+                                          beta, dual_c, dual, grad_row);
           done = true;
         }
       }
 #endif
       if (!done) {
         const acc_t ws = static_cast<acc_t>(w_scale);
-        if (p.adv_tokens != nullptr) {
-          const acc_t* a_row = static_cast<const acc_t*>(p.adv_tokens) + r * p.s_adv;
-          sums = p.ratio_kl ? policy_loss_row<lp_t, aux_t, mask_t, acc_t, true, true>(
-                                  lp_row, old_row, ref_row, mk, p.T, acc_t(0), ws, lo, hi, beta, dual_c, grad_row, a_row)
-                            : policy_loss_row<lp_t, aux_t, mask_t, acc_t, false, true>(
-                                  lp_row, old_row, ref_row, mk, p.T, acc_t(0), ws, lo, hi, beta, dual_c, grad_row, a_row);
-        } else {
-          // One advantage per row: the dual clip can act only in a row with A < 0 (and finite c).
-          const acc_t A = static_cast<acc_t>(p.adv[r]);
-          const bool dual = A < acc_t(0) && std::isfinite(p.dual_clip);
-          if (p.ratio_kl) {
-            sums = dual ? policy_loss_row<lp_t, aux_t, mask_t, acc_t, true, false, true>(
-                              lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row)
-                        : policy_loss_row<lp_t, aux_t, mask_t, acc_t, true, false, false>(
-                              lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row);
+        // The run-time flags as template arguments (each a bool_constant): see policy_loss_row.
+        auto row = [&](auto ratio_kl, auto per_token, auto with_dual) {
+          return policy_loss_row<lp_t, aux_t, mask_t, acc_t, ratio_kl(), per_token(), with_dual()>(
+              lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row, a_row);
+        };
+        auto with_dual = [&](auto ratio_kl, auto per_token) {
+          if constexpr (per_token()) {  // one build: the dual clip is tested token by token
+            return row(ratio_kl, per_token, std::true_type{});
           } else {
-            sums = dual ? policy_loss_row<lp_t, aux_t, mask_t, acc_t, false, false, true>(
-                              lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row)
-                        : policy_loss_row<lp_t, aux_t, mask_t, acc_t, false, false, false>(
-                              lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row);
+            return dual ? row(ratio_kl, per_token, std::true_type{}) : row(ratio_kl, per_token, std::false_type{});
           }
-        }
+        };
+        auto with_adv = [&](auto ratio_kl) {
+          return token_adv ? with_dual(ratio_kl, std::true_type{}) : with_dual(ratio_kl, std::false_type{});
+        };
+        sums = p.ratio_kl ? with_adv(std::true_type{}) : with_adv(std::false_type{});
       }
       double* out = rows.data() + r * kRowFields;
       out[0] = sums.loss;

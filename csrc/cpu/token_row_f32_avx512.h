@@ -20,7 +20,6 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <limits>
 
 #include "iama/loss.h"
 
@@ -159,15 +158,13 @@ inline RowSums row_f32_byte(const float* logp, const float* old, const float* re
                  lanes_sum(acc_lratio), lanes_sum(acc_dual), A_ > 0.0f ? clip : 0.0};
 }
 
-// policy_loss_row for float32 logp/old/ref and a byte mask.
+// policy_loss_row for float32 logp/old/ref and a byte mask; `dual`: the caller's decision that
+// the dual clip can act in this row (A < 0 and a finite c).
 inline RowSums policy_loss_row_f32_byte(const float* logp, const float* old, const float* ref, const uint8_t* mask,
                                         int64_t T, float A, float w_scale, float lo, float hi, float beta, float dual_c,
-                                        float* grad) {
-  // dual_c < inf is false for +inf (the dual clip off) and for NaN.
-  if (A < 0.0f && dual_c < std::numeric_limits<float>::infinity()) {
-    return row_f32_byte<true>(logp, old, ref, mask, T, A, w_scale, lo, hi, beta, dual_c, grad);
-  }
-  return row_f32_byte<false>(logp, old, ref, mask, T, A, w_scale, lo, hi, beta, dual_c, grad);
+                                        bool dual, float* grad) {
+  return dual ? row_f32_byte<true>(logp, old, ref, mask, T, A, w_scale, lo, hi, beta, dual_c, grad)
+              : row_f32_byte<false>(logp, old, ref, mask, T, A, w_scale, lo, hi, beta, dual_c, grad);
 }
 
 }  // namespace IAMA_ISA_NAMESPACE
