@@ -13,7 +13,8 @@ Measures, with every torch thread of this machine:
    many runs, GB/s = 2 * bytes / time): of 256 MiB (main memory: the DRAM roofline) and of the
    op's own size, 17.8 MB (the same working-set class as the op's data, which stays largely in
    the last-level cache between repetitions: the roofline that the op could reach at best).
-   Also the C++ op with the int64 mask TRL and verl use (read as is: 8 B per token, 25.2 MB).
+   Also the C++ op with the int64 mask TRL and verl use (read as is: 8 B per token, 25.2 MB),
+   and with GSPO's sequence ratio (``ratio_level="sequence"``: the same bytes, a pre-pass per row).
 3. ``nonlinear_grpo_loss`` forward + backward at the same token count (B = 32, G = 16, T = 2048):
    the one-pass op vs ``group_advantages`` + ``policy_loss`` run separately (timed in alternation,
    call by call) vs the reference.
@@ -161,6 +162,14 @@ def bench(timing: dict) -> tuple[list[Measurement], list[str]]:
     row = measure("policy_loss fwd+bwd", "cpu, int64 mask", shape,
                   _loss_step(policy_loss, x, t["old"], t["ref"], adv, long_mask, beta=0.04, impl="cpu"),
                   bytes_moved=nbytes + 7 * S * T, **timing)
+    row.extra["fraction_of_copy_bandwidth"] = row.gbps / dram.gbps
+    rows.append(row)
+    # GSPO's sequence ratio: each row's mean log-ratio first (the row stays in cache), then the loss.
+    x = t["logp"].clone().requires_grad_(True)
+    row = measure("policy_loss fwd+bwd", "cpu, sequence ratio", shape,
+                  _loss_step(policy_loss, x, t["old"], t["ref"], adv, t["mask"], beta=0.04,
+                             ratio_level="sequence", impl="cpu"),
+                  bytes_moved=nbytes, **timing)
     row.extra["fraction_of_copy_bandwidth"] = row.gbps / dram.gbps
     rows.append(row)
     x = t["logp"].clone()

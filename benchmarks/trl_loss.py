@@ -37,7 +37,7 @@ from harness import Measurement, interleaved, record_times, report
 from iama_kernels import BestOfN, Criterion, Objective
 
 
-def _trainer(loss_type: str, beta: float, corrected: bool, out_dir: str) -> Any:
+def _trainer(loss_type: str, beta: float, corrected: bool, level: str, out_dir: str) -> Any:
     import datasets
     import trl
 
@@ -50,7 +50,8 @@ def _trainer(loss_type: str, beta: float, corrected: bool, out_dir: str) -> Any:
     config = trl.GRPOConfig(output_dir=out_dir, use_cpu=True, bf16=False, report_to="none",
                             save_strategy="no", disable_tqdm=True, per_device_train_batch_size=4,
                             num_generations=4, loss_type=loss_type, beta=beta,
-                            use_bias_correction_kl=corrected, max_completion_length=8)
+                            use_bias_correction_kl=corrected, importance_sampling_level=level,
+                            max_completion_length=8)
     def zero(completions: list, **kwargs: Any) -> list[float]:
         return [0.0] * len(completions)
 
@@ -102,9 +103,10 @@ def _loss_call(trainer: Any, impl: str | None, inputs: dict[str, Any], logp: tor
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="64x1024,256x2048,512x4096", help="comma-separated SxT")
-    parser.add_argument("--configs", default="grpo:0,dapo:0.04,dapo:0.04:corrected",
-                        help="comma-separated loss_type:beta[:corrected] (corrected: TRL's default "
-                             "use_bias_correction_kl, the ratio-weighted KL)")
+    parser.add_argument("--configs", default="grpo:0,dapo:0.04,dapo:0.04:corrected,grpo:0:sequence",
+                        help="comma-separated loss_type:beta[:corrected][:sequence] (corrected: TRL's "
+                             "default use_bias_correction_kl, the ratio-weighted KL; sequence: GSPO's "
+                             "importance_sampling_level='sequence')")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--no-write", action="store_true")
@@ -115,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for spec in args.configs.split(","):
-            loss_type, beta, *flag = spec.split(":")
-            beta, corrected = float(beta), flag == ["corrected"]
-            trainer = _trainer(loss_type, beta, corrected, f"{tmp}/{spec.replace(':', '_')}")
+            loss_type, beta, *flags = spec.split(":")
+            beta, corrected = float(beta), "corrected" in flags
+            level = "sequence" if "sequence" in flags else "token"
+            trainer = _trainer(loss_type, beta, corrected, level, f"{tmp}/{spec.replace(':', '_')}")
             trainer.model.train()
             for shape in args.shapes.split(","):
                 S, T = (int(x) for x in shape.split("x"))
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 times = interleaved(calls, args.rounds)
                 # float32 logp, old (and ref) read and the gradient written; the int64 mask read.
                 moved = (3 + (1 if beta else 0)) * S * T * 4 + S * T * 8
-                label = f"S={S} T={T} {loss_type} beta={beta:g}" + (" corrected" if corrected else "")
+                label = (f"S={S} T={T} {loss_type} beta={beta:g}" + (" corrected" if corrected else "")
+                         + (" sequence" if level == "sequence" else ""))
                 record_times(rows, "loss inside TRL (fwd+bwd)", label, times, bytes_moved=moved,
                              extra={"threads": args.threads, "trl": importlib.metadata.version("trl")})
     report(rows, "trl_loss", "TRL loss", write=not args.no_write)

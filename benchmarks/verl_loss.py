@@ -1,10 +1,12 @@
-"""verl's ``"vanilla"`` PPO policy loss against iama's ``"iama"`` policy loss (the fused kernel).
+"""verl's PPO policy losses against iama's on the fused kernel: ``"vanilla"`` against ``"iama"``,
+``"gspo"`` against ``"iama_gspo"``.
 
 Both rows call the registered functions of verl 0.9.1's policy-loss registry the way verl's actor
 loss calls them (keyword arguments, an actor config with ``clip_ratio_high=0.28`` and the default
-dual clip ``clip_ratio_c=3``), on the same float32 micro-batch: log-probs, old log-probs,
-per-response advantages broadcast over a bool response mask. A call is the loss, its three
-metrics (verl reads each with ``.item()``) and the backward into the log-probs. The rows take
+dual clip ``clip_ratio_c=3``, which ``"gspo"`` does not use), on the same float32 micro-batch:
+log-probs, old log-probs, per-response advantages broadcast over a bool response mask. A call is
+the loss, its three metrics (verl reads each with ``.item()``) and the backward into the
+log-probs. The rows take
 turns call by call in shuffled order; the median of ``--rounds`` each is reported, with GB/s over
 the bytes the loss must move (log-probs, old log-probs and the token-level advantages read once,
 the mask read once, the gradient written once). Before timing, the losses and gradients are
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="64x1024,256x2048,512x4096", help="comma-separated SxT")
     parser.add_argument("--modes", default="token-mean,seq-mean-token-mean", help="verl loss_agg_modes")
+    parser.add_argument("--losses", default="vanilla,gspo", help="verl policy losses (vanilla, gspo)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--no-write", action="store_true")
@@ -84,21 +87,25 @@ def main(argv: list[str] | None = None) -> int:
 
         from iama.integrations.verl_loss import VerlPolicyLoss
 
-        losses = {"verl vanilla": core_algos.get_policy_loss_fn("vanilla"), "iama": VerlPolicyLoss()}
-        for mode in args.modes.split(","):
-            for shape in args.shapes.split(","):
-                S, T = (int(x) for x in shape.split("x"))
-                batch = _micro_batch(S, T)
-                calls = {name: _loss_call(fn, batch, mode) for name, fn in losses.items()}
-                grads = {name: call().clone() for name, call in calls.items()}
-                torch.testing.assert_close(grads["iama"], grads["verl vanilla"], rtol=1e-4,
-                                           atol=1e-6 * float(grads["verl vanilla"].abs().max()))
-                times = interleaved(calls, args.rounds)
-                moved = 4 * S * T * 4 + S * T  # float32 logp, old, advantages, gradient; bool mask
-                record_times(rows, "verl policy loss (fwd+bwd)", f"S={S} T={T} {mode}", times,
-                             bytes_moved=moved,
-                             extra={"threads": args.threads, "verl": importlib.metadata.version("verl")})
-    report(rows, "verl_loss", "verl vanilla", write=not args.no_write)
+        ours = {"vanilla": VerlPolicyLoss(), "gspo": VerlPolicyLoss(ratio_level="sequence")}
+        for loss in args.losses.split(","):
+            if loss not in ours:
+                parser.error(f"--losses: {loss!r} is not one of {sorted(ours)}")
+            losses = {"verl": core_algos.get_policy_loss_fn(loss), "iama": ours[loss]}
+            for mode in args.modes.split(","):
+                for shape in args.shapes.split(","):
+                    S, T = (int(x) for x in shape.split("x"))
+                    batch = _micro_batch(S, T)
+                    calls = {name: _loss_call(fn, batch, mode) for name, fn in losses.items()}
+                    grads = {name: call().clone() for name, call in calls.items()}
+                    torch.testing.assert_close(grads["iama"], grads["verl"], rtol=1e-4,
+                                               atol=1e-6 * float(grads["verl"].abs().max()))
+                    times = interleaved(calls, args.rounds)
+                    moved = 4 * S * T * 4 + S * T  # float32 logp, old, advantages, gradient; bool mask
+                    record_times(rows, f"verl {loss} loss (fwd+bwd)", f"S={S} T={T} {mode}", times,
+                                 bytes_moved=moved,
+                                 extra={"threads": args.threads, "verl": importlib.metadata.version("verl")})
+    report(rows, "verl_loss", "verl", write=not args.no_write)
     return 0
 
 

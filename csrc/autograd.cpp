@@ -57,19 +57,19 @@ struct PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction>
                                const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages,
                                const at::Tensor& mask, double eps_low, double eps_high, double beta,
                                c10::string_view loss_type, std::optional<int64_t> max_completion_length,
-                               bool ratio_kl, std::optional<double> dual_clip) {
+                               bool ratio_kl, std::optional<double> dual_clip, bool seq_ratio) {
     static const auto op = typed_op<decltype(policy_loss_fwd)>("iama::policy_loss_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, kl, clip, ratio, lratio, dual, high, grad] = op.call(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl,
-        dual_clip);
+        dual_clip, seq_ratio);
     ctx->save_for_backward({grad.detach()});
     ctx->set_materialize_grads(false);  // else autograd fills a zero [S, T] for the grad output
     ctx->mark_non_differentiable({kl, clip, ratio, lratio, dual, high, grad});
     return {loss, kl, clip, ratio, lratio, dual, high, grad};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(12);
+    variable_list out(13);
     out[0] = scaled(ctx, grads[0]);
     return out;
   }
@@ -82,19 +82,19 @@ struct NonlinearGRPOFunction : public torch::autograd::Function<NonlinearGRPOFun
                                at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator,
                                c10::string_view scale, double eps, double eps_low, double eps_high, double beta,
                                c10::string_view loss_type, std::optional<int64_t> max_completion_length,
-                               bool ratio_kl, std::optional<double> dual_clip) {
+                               bool ratio_kl, std::optional<double> dual_clip, bool seq_ratio) {
     static const auto op = typed_op<decltype(nonlinear_grpo_fwd)>("iama::nonlinear_grpo_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, adv, kl, clip, ratio, values, lratio, dual, high, grad] =
         op.call(logp, old_logp, ref_logp, mask, rewards, criterion_weights, kinds, ns, taus, estimator, scale, eps,
-                eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl, dual_clip);
+                eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl, dual_clip, seq_ratio);
     ctx->save_for_backward({grad.detach()});
     ctx->set_materialize_grads(false);  // else autograd fills a zero [S, T] for the grad output
     ctx->mark_non_differentiable({adv, kl, clip, ratio, values, lratio, dual, high, grad});
     return {loss, adv, kl, clip, ratio, values, lratio, dual, high, grad};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(19);
+    variable_list out(20);
     out[0] = scaled(ctx, grads[0]);
     return out;
   }
@@ -104,9 +104,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
     c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
-    std::optional<double> dual_clip) {
-  const variable_list o = PolicyLossFunction::apply(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high,
-                                                    beta, loss_type, max_completion_length, ratio_kl, dual_clip);
+    std::optional<double> dual_clip, bool seq_ratio) {
+  const variable_list o =
+      PolicyLossFunction::apply(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
+                                max_completion_length, ratio_kl, dual_clip, seq_ratio);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]};
 }
 
@@ -116,10 +117,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& mask, const at::Tensor& rewards, const at::Tensor& criterion_weights, at::IntArrayRef kinds,
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,
     double eps_low, double eps_high, double beta, c10::string_view loss_type,
-    std::optional<int64_t> max_completion_length, bool ratio_kl, std::optional<double> dual_clip) {
-  const variable_list o = NonlinearGRPOFunction::apply(logp, old_logp, ref_logp, mask, rewards, criterion_weights,
-                                                       kinds, ns, taus, estimator, scale, eps, eps_low, eps_high, beta,
-                                                       loss_type, max_completion_length, ratio_kl, dual_clip);
+    std::optional<int64_t> max_completion_length, bool ratio_kl, std::optional<double> dual_clip,
+    bool seq_ratio) {
+  const variable_list o =
+      NonlinearGRPOFunction::apply(logp, old_logp, ref_logp, mask, rewards, criterion_weights, kinds, ns, taus,
+                                   estimator, scale, eps, eps_low, eps_high, beta, loss_type, max_completion_length,
+                                   ratio_kl, dual_clip, seq_ratio);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9]};
 }
 

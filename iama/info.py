@@ -99,6 +99,9 @@ def _cases(x: dict[str, Any]) -> dict[str, tuple[Callable[..., Any], tuple, dict
         "policy_loss ppo": (  # per-token advantages (GAE's) and the dual clip, as verl's PPO
             policy_loss, (x["logp"], x["old"], None, x["token_advantages"], x["mask"]),
             dict(loss_kw, beta=0.0, dual_clip=1.3, loss_type="dr_grpo"), True),
+        "policy_loss gspo": (  # GSPO's sequence ratio
+            policy_loss, (x["logp"], x["old"], x["ref"], x["advantages"], x["mask"]),
+            dict(loss_kw, ratio_level="sequence"), True),
         "nonlinear_grpo_loss": (nonlinear_grpo_loss, (x["logp"], x["old"], x["ref"], x["mask"], x["rewards"],
                                                       _OBJECTIVE), dict(loss_kw, estimator="unbiased"), True),
     }

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from iama_kernels import group_values, nonlinear_grpo_loss
-from iama_kernels._checks import ESTIMATORS, LOSS_TYPES, SCALES, check_group_sizes
+from iama_kernels._checks import ESTIMATORS, LOSS_TYPES, RATIO_LEVELS, SCALES, check_group_sizes
 from iama_kernels.objectives import Criterion, Objective, Transform, as_objective
 
 from .rollout import Generator, HFGenerator, RewardFn, Rollout, score, sequence_logprobs
@@ -66,6 +66,8 @@ class TrainerConfig:
         kl_target: if set, beta is adapted after every step: ``log beta += kl_gain *
             clip((KL - kl_target) / kl_target, -1, 1)``, then clamped to ``[beta_min, beta_max]``.
         loss_type, estimator, scale, eps: passed to :func:`iama_kernels.nonlinear_grpo_loss`.
+        ratio_level: ``"token"`` (PPO's per-token ratios) or ``"sequence"`` (GSPO's ratio per
+            completion, the exp of its mean log-ratio); matters from the second inner epoch on.
         gradient_accumulation_steps: each step's groups are split into this many micro-batches
             (whole groups) whose gradients are accumulated into one optimizer update.
         max_grad_norm: gradient clipping (``None`` for none).
@@ -101,6 +103,7 @@ class TrainerConfig:
     beta_min: float = 1e-6
     beta_max: float = 10.0
     loss_type: str = "grpo"
+    ratio_level: str = "token"
     estimator: str = "plugin"
     scale: str = "group"
     eps: float = 1e-4
@@ -142,7 +145,7 @@ class TrainerConfig:
         if self.eps_low >= 1:
             raise ValueError(f"TrainerConfig.eps_low must be < 1, got {self.eps_low}")
         for name, choices in (("loss_type", LOSS_TYPES), ("estimator", ESTIMATORS), ("scale", SCALES),
-                              ("optimizer", _OPTIMIZERS)):
+                              ("optimizer", _OPTIMIZERS), ("ratio_level", RATIO_LEVELS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainerConfig.{name} must be one of {choices}, "
                                  f"got {getattr(self, name)!r}")
@@ -399,7 +402,8 @@ class NonLinearGRPOTrainer:
                         estimator=cfg.estimator, scale=cfg.scale, eps=cfg.eps,
                         eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=self.beta,
                         loss_type=cfg.loss_type, criterion_weights=lam,
-                        max_completion_length=cfg.max_new_tokens, impl=cfg.impl,
+                        max_completion_length=cfg.max_new_tokens, ratio_level=cfg.ratio_level,
+                        impl=cfg.impl,
                     )
                     tokens = float(sub.completion_mask.sum())
                     # The op normalises over its own rows; rescale to the global batch. DDP then

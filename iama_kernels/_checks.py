@@ -35,6 +35,7 @@ def data_checks_enabled() -> bool:
 SCALES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "token", "dr_grpo")
 KL_WEIGHTS = ("none", "ratio")  # policy_loss: plain k3, or k3 weighted by the ratio (TRL bias correction)
+RATIO_LEVELS = ("token", "sequence")  # policy_loss: per-token ratios, or GSPO's one per sequence
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -424,6 +424,7 @@ def policy_loss_by_loops(
     max_completion_length: int | None = None,
     kl_weight: str = "none",
     dual_clip: float | None = None,
+    ratio_level: str = "token",
 ) -> LoopPolicyLoss:
     """SPEC section 5 token by token in plain Python float64 loops: loss, gradient and metrics.
 
@@ -433,7 +434,9 @@ def policy_loss_by_loops(
     ``A < 0`` or ``rho > 1 + eps_high`` with ``A > 0``), which is also ``clip_fraction``. Tokens
     with mask 0 are skipped before their values are read. ``mask`` values are token weights.
     ``dual_clip`` ``c``: a token with ``A < 0`` and ``rho > c`` has surrogate ``c A`` and no
-    surrogate gradient (dual-clip PPO, verl's ``clip_ratio_c``).
+    surrogate gradient (dual-clip PPO, verl's ``clip_ratio_c``). ``ratio_level="sequence"``: every
+    token of a row has GSPO's ratio ``exp`` of the row's mean ``logp - old`` over its tokens with a
+    non-zero mask, and ``d rho / d logp_t = rho`` (GSPO-token's ``sg[s] pi_t / sg[pi_t]``).
     """
     lp = logp.detach().double().tolist()
     old = lp if old_logp is None else old_logp.detach().double().tolist()
@@ -448,6 +451,9 @@ def policy_loss_by_loops(
     grad = [[0.0] * T for _ in range(S)]
     for s in range(S):
         row_total = math.fsum(msk[s])
+        support = [t for t in range(T) if msk[s][t] != 0]
+        row_log_ratio = (math.fsum(lp[s][t] - old[s][t] for t in support) / len(support)
+                         if support else 0.0)
         for t in range(T):
             w = msk[s][t]
             if w == 0:
@@ -461,7 +467,8 @@ def policy_loss_by_loops(
             else:
                 raise ValueError(f"unknown loss_type {loss_type!r}")
             A = adv[s][t] if isinstance(adv[s], list) else adv[s]
-            rho = math.exp(lp[s][t] - old[s][t])
+            log_rho = row_log_ratio if ratio_level == "sequence" else lp[s][t] - old[s][t]
+            rho = math.exp(log_rho)
             clipped = (rho < 1 - eps_low and A < 0) or (rho > 1 + eps_high and A > 0)
             surr = min(rho * A, min(max(rho, 1 - eps_low), 1 + eps_high) * A)
             dual = dual_clip is not None and A < 0 and rho > dual_clip
@@ -479,7 +486,7 @@ def policy_loss_by_loops(
             kl_terms.append(w * kl)
             clip_terms.append(w * float(clipped))
             ratio_terms.append(w * rho)
-            lratio_terms.append(w * (lp[s][t] - old[s][t]))
+            lratio_terms.append(w * log_rho)
             dual_terms.append(w * float(dual))
             high_terms.append(w * float(rho > 1 + eps_high and A > 0))
     tokens = max(1.0, total)

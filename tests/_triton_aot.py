@@ -133,6 +133,8 @@ def main() -> None:
     compile_kernel(_policy_loss_fwd_kernel, dual_clip, 8)
     compile_kernel(_policy_loss_fwd_kernel, dict(dual_clip, TOKEN_ADV=True), 8)  # GAE's advantages
     compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, DUAL_CLIP=True), max(4, group_warps(16)))
+    compile_kernel(_policy_loss_fwd_kernel, dict(dual_clip, TOKEN_ADV=True, SEQ_RATIO=True), 8)  # verl's gspo
+    compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, SEQ_RATIO=True), max(4, group_warps(16)))
     compile_kernel(_finalize_kernel, {"LOSS_TYPE": 1, "NP": 8, "BLOCK_P": 1024}, 4)
     for BG, M in [(2, 1), (16, 2), (32, 3), (128, 1)]:
         compile_kernel(_nonlinear_grpo_fwd_kernel, {"BG": BG, "M": M, "SCALE": 1, "HAS_OLD": True,
@@ -147,6 +149,10 @@ def main() -> None:
                       "BLOCK_T": block_t, "NP": 8, **UNIT_STRIDES}
             ptx = compile_kernel(_policy_loss_fwd_kernel, consts, warps, types, aligned=True)
             check_vector_loads(ptx, 3, f"policy_loss {dtype} loss_type={loss_type}")
+        # GSPO: the pre-pass loads logp and old, the loss pass logp and ref, all as vectors.
+        ptx = compile_kernel(_policy_loss_fwd_kernel, dict(consts, SEQ_RATIO=True), warps, types,
+                             aligned=True)
+        check_vector_loads(ptx, 4, f"policy_loss {dtype} sequence ratio")
         consts = {"BG": 16, "M": 2, "SCALE": 1, "HAS_OLD": True, "HAS_REF": True, "LOSS_TYPE": 0,
                   "WRITE_GRAD": True, "BLOCK_T": block_t, "NP": 8, "stride_rm": 1, **UNIT_STRIDES}
         ptx = compile_kernel(_nonlinear_grpo_fwd_kernel, consts, max(warps, group_warps(16)), types,

@@ -437,6 +437,49 @@ def test_policy_loss_token_advantages_match_reference(cpu_ext, loss_type, dtype,
         assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "token", "dr_grpo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["bool", "int64", "float"])
+def test_policy_loss_sequence_ratio_matches_reference(cpu_ext, loss_type, dtype, mask_kind):
+    """ratio_level="sequence" (GSPO): the row's mean log-ratio first, then the row with old := logp
+    and the mean added (float32 + bool: the AVX-512 row's kSeq build; the others the templated row),
+    with row and per-token advantages, the dual clip and the ratio KL."""
+    S, T = 9, 131
+    logp, old, ref, adv, mask = _token_inputs(S, T, dtype, mask_kind=mask_kind)
+    shift = torch.linspace(-0.5, 0.5, S, dtype=torch.float64).unsqueeze(1)  # rows on both sides of the clip
+    logp = (logp.double() + shift).to(dtype)
+    adv[::2] = -adv[::2].abs()
+    noise = torch.randn(S, T, generator=torch.Generator().manual_seed(6))
+    token_adv = torch.where(mask != 0, noise, torch.nan)
+    for a, r, kl_weight, dual_clip in ((adv, None, "none", None), (adv, ref, "none", 1.2),
+                                       (adv, ref, "ratio", None), (token_adv, ref, "none", 1.2)):
+        kw = dict(eps_low=0.2, eps_high=0.28, beta=0.0 if r is None else 0.05, loss_type=loss_type,
+                  kl_weight=kl_weight, dual_clip=dual_clip, ratio_level="sequence",
+                  max_completion_length=150 if loss_type == "dr_grpo" else None)
+        out, grad = _loss_and_grad("cpu", logp, old, r, a, mask, **kw)
+        _, ref_grad = _loss_and_grad("reference", logp, old, r, a, mask, **kw)
+        r64 = None if r is None else r.double()
+        oracle, grad64 = _loss_and_grad("reference", logp.double(), old.double(), r64, a.double(), mask, **kw)
+        assert float(oracle.clip_fraction) > 0.05
+        _check_all(out, oracle, _rel(dtype))
+        assert_matches_reference(grad, grad64, ref_grad, factor=2.0, rel=_rel(dtype), name="grad")
+        assert torch.isfinite(grad).all()
+        _, token_grad = _loss_and_grad("cpu", logp, old, r, a, mask, **dict(kw, ratio_level="token"))
+        assert not torch.equal(grad, token_grad)
+
+
+def test_policy_loss_sequence_ratio_mixed_dtypes(cpu_ext):
+    """bfloat16 logp with float32 old: the loss pass reads logp converted to old's dtype."""
+    logp, old, ref, adv, mask = _token_inputs(6, 40, torch.float32)
+    for lp, o in ((logp.bfloat16(), old), (logp, old.double()), (logp.t().contiguous().t(), old)):
+        out, grad = _loss_and_grad("cpu", lp, o, ref, adv, mask, beta=0.02, ratio_level="sequence")
+        ref_out, ref_grad = _loss_and_grad("reference", lp, o, ref, adv, mask, beta=0.02,
+                                           ratio_level="sequence")
+        _check_all(out, ref_out, 1e-5)
+        assert grad.dtype == lp.dtype
+        assert_matches_reference(grad, ref_grad.double(), rel=1e-5 if lp.dtype == torch.float32 else 1e-2)
+
+
 def test_policy_loss_matches_the_loop_oracle(cpu_ext):
     logp, old, ref, adv, mask = _token_inputs(5, 70, torch.float64, mask_kind="float")
     for loss_type in ("grpo", "token", "dr_grpo"):
@@ -576,6 +619,15 @@ def test_nonlinear_grpo_loss_matches_reference(cpu_ext, name, dtype):
     adv = group_advantages(rewards, objective, estimator="unbiased", impl="cpu").advantages
     sep = policy_loss(logp, old, ref, adv.reshape(-1), mask, beta=0.04, loss_type="token", impl="cpu")
     assert torch.equal(out.loss.detach(), sep.loss) and torch.equal(out.advantages, adv)
+    # GSPO's sequence ratio through the one-pass op
+    seq = nonlinear_grpo_loss(logp, old, ref, mask, rewards, objective, impl="cpu", ratio_level="sequence",
+                              **kw)
+    seq64 = nonlinear_grpo_loss(logp.double(), old.double(), ref.double(), mask, rewards.double(), objective,
+                                impl="reference", ratio_level="sequence", **kw)
+    _check_all(seq, seq64, rel)
+    sep = policy_loss(logp, old, ref, adv.reshape(-1), mask, beta=0.04, loss_type="token", impl="cpu",
+                      ratio_level="sequence")
+    assert torch.equal(seq.loss, sep.loss) and not torch.equal(seq.loss, out.loss.detach())
 
 
 # ------------------------------------------------------------------------------------------
@@ -606,10 +658,13 @@ def _op_samples() -> list[tuple[str, tuple]]:
         ("policy_loss_fwd", (logp, old, ref, adv, mask.long(), 0.2, 0.28, 0.1, "token", None, True)),
         ("nonlinear_grpo_fwd", (logp, old, ref, mask, r, lam, *codes, "plugin", "group", 1e-4, 0.2, 0.2, 0.04,
                                 "token", None)),
+        ("policy_loss_fwd", (logp, old, None, adv, mask, 0.2, 0.28, 0.0, "grpo", None, False, 2.0, True)),
+        ("nonlinear_grpo_fwd", (logp, old, ref, mask, r, lam, *codes, "plugin", "group", 1e-4, 0.2, 0.2, 0.04,
+                                "grpo", None, False, None, True)),
     ]
 
 
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(10))
 def test_opcheck(cpu_ext, index):
     name, args = _op_samples()[index]
     torch.library.opcheck(getattr(torch.ops.iama, name).default, args)
@@ -692,6 +747,10 @@ def test_every_instruction_set_build_agrees(cpu_ext):
             out = torch.ops.iama.policy_loss_fwd(logp.to(dtype), old.to(dtype), None, adv, mask,
                                                  0.2, 0.2, 0.0, "token", None, False, 1.15)
             results.append([t.double() for t in out])
+        for dtype in (torch.float32, torch.float64):  # GSPO's sequence ratio
+            out = torch.ops.iama.policy_loss_fwd(logp.to(dtype), old.to(dtype), ref.to(dtype), adv, mask,
+                                                 0.2, 0.2, 0.05, "grpo", None, False, 1.15, True)
+            results.append([t.double() for t in out])
         rewards = torch.randn(300, 16, 2, generator=g)
         rewards[::4] = torch.randint(0, 2, rewards[::4].shape, generator=g).float()
         lam = torch.tensor([0.6, 0.4])
@@ -709,10 +768,15 @@ def test_every_instruction_set_build_agrees(cpu_ext):
         path.unlink()
     oracle = per_isa["generic"][2]  # float64 (std::exp in every build)
     dual_oracle = per_isa["generic"][4]
+    seq_oracle = per_isa["generic"][6]
     assert float(dual_oracle[5]) > 0.02  # some tokens are dual-clipped
-    for isa, (f32, bf16, f64, f32_dual, f64_dual, *groups) in per_isa.items():
+    for isa, (f32, bf16, f64, f32_dual, f64_dual, f32_seq, f64_seq, *groups) in per_isa.items():
+        for a, b in zip(f32_seq, seq_oracle, strict=True):
+            assert_matches_reference(a, b, rel=1e-5, name=f"{isa} float32 sequence ratio")
+        for a, b in zip(f64_seq, seq_oracle, strict=True):
+            assert_matches_reference(a, b, rel=1e-12, name=f"{isa} float64 sequence ratio")
         # the group kernels (fixed-size pass, and for AVX-512 the fused G = 16 kernel) round alike
-        for a, b in zip(groups, per_isa["generic"][5:], strict=True):
+        for a, b in zip(groups, per_isa["generic"][7:], strict=True):
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), isa
         for a, b in zip(f32, oracle, strict=True):
             assert_matches_reference(a, b, rel=1e-5, name=f"{isa} float32")

@@ -208,7 +208,7 @@ class _BothLosses(IAMAGRPOTrainer):
 @pytest.mark.parametrize("impl", ["reference", "auto"])
 def test_iama_loss_equals_trl_loss(tmp_path: Path, loss_type: str, beta: float, accumulation: int,
                                    steps_per_generation: int, corrected: bool, delta: float | None,
-                                   impl: str) -> None:
+                                   impl: str, level: str = "token") -> None:
     """Loss, gradient and metrics of loss_impl against TRL's own, over two optimizer steps of
     ``accumulation`` micro-batches each. Every generation is used for ``num_iterations``
     micro-batches spanning both steps, so the second step's ratio is not 1. TRL's normalisers
@@ -221,6 +221,7 @@ def test_iama_loss_equals_trl_loss(tmp_path: Path, loss_type: str, beta: float, 
     objective = Objective([Criterion("short", BestOfN(2)), Criterion("long", Mean())])
     _BothLosses.records = []
     config = _config(tmp_path, max_steps=2, loss_type=loss_type, beta=beta, delta=delta,
+                     importance_sampling_level=level,
                      use_bias_correction_kl=corrected, learning_rate=5e-2, max_completion_length=12,
                      per_device_train_batch_size=len(PROMPTS) * GROUP // accumulation,
                      gradient_accumulation_steps=accumulation,
@@ -262,6 +263,20 @@ def test_iama_loss_equals_trl_loss_on_token_advantages(tmp_path: Path, impl: str
         _BothLosses.token_advantages = False
 
 
+@pytest.mark.parametrize(("loss_type", "beta", "accumulation", "steps_per_generation", "delta"), [
+    ("grpo", 0.0, 2, 2, None), ("bnpo", 0.1, 1, 1, None), ("dr_grpo", 0.0, 1, 1, 1.25),
+    ("dapo", 0.1, 2, 2, 1.25)])
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_iama_loss_equals_trl_loss_at_the_sequence_level(tmp_path: Path, loss_type: str, beta: float,
+                                                         accumulation: int, steps_per_generation: int,
+                                                         delta: float | None, impl: str) -> None:
+    """GSPO (importance_sampling_level="sequence"): TRL differentiates its sequence ratio through
+    every token of the sequence; the kernel's ratio_level="sequence" gives the same loss and
+    gradient, and the clip metrics are TRL's means over sequences (beta > 0 with the plain KL)."""
+    test_iama_loss_equals_trl_loss(tmp_path, loss_type, beta, accumulation, steps_per_generation, False,
+                                   delta, impl, level="sequence")
+
+
 def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer, seed=0, max_positions=64)
@@ -275,7 +290,7 @@ def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
 
     for overrides, message in [
         ({"loss_type": "cispo"}, "loss_type='cispo'"),
-        ({"importance_sampling_level": "sequence"}, "importance_sampling_level='sequence'"),
+
         ({"delta": 1.2}, "delta=1.2 (covered when delta > 1 + epsilon_high = 1.2)"),
         ({"top_entropy_quantile": 0.5}, "top_entropy_quantile=0.5"),
         ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold=0.5"),
@@ -285,6 +300,16 @@ def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="loss_impl must be None or a str"):
         make(loss_impl=1)
     assert make(loss_impl=None, loss_type="cispo").loss_impl is None  # TRL's loss: anything goes
+    # TRL's sequence weight on the KL term (beta > 0: TRL builds the reference model from a path)
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    with pytest.raises(ValueError, match=re.escape(
+            "importance_sampling_level='sequence' with use_bias_correction_kl=True and beta=0.1")):
+        IAMAGRPOTrainer(model=str(model_dir), reward_funcs=[short, long],
+                        args=_config(tmp_path, importance_sampling_level="sequence", beta=0.1,
+                                     use_bias_correction_kl=True),
+                        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+                        processing_class=tokenizer, objective=objective, loss_impl="auto")
 
 
 def test_evaluation_uses_the_eval_group_size(tmp_path: Path) -> None:
@@ -354,7 +379,7 @@ def test_the_loss_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     spec = importlib.util.spec_from_file_location("trl_loss", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(["--shapes", "6x5", "--configs", "grpo:0,dapo:0.1:corrected", "--rounds", "2",
+    assert module.main(["--shapes", "6x5", "--configs", "grpo:0:sequence,dapo:0.1:corrected", "--rounds", "2",
                         "--no-write"]) == 0
     out = capsys.readouterr().out
     assert out.count("iama loss_impl=auto") == 4  # two progress lines and two table rows

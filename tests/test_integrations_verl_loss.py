@@ -74,6 +74,37 @@ def test_equals_verl_vanilla(verl_algos, mode: str, info: dict, with_weights: bo
             assert metrics[key] == pytest.approx(value, rel=1e-7, abs=1e-12), key
 
 
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("info", [{}, GLOBAL_INFO], ids=["local", "global"])
+@pytest.mark.parametrize("with_weights", [False, True], ids=["plain", "rollout-is"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["outcome", "gae"])
+def test_equals_verl_gspo(verl_algos, mode: str, info: dict, with_weights: bool, per_token: bool) -> None:
+    """ratio_level="sequence" against verl's own "gspo" (GSPO-token) in float64: loss and gradient
+    to rounding, its metrics (pg_clipfrac_lower 0: no dual clip) in the unweighted case."""
+    logp, old, adv, mask, weights = _batch(per_token=per_token)
+    logp = logp + torch.linspace(-0.4, 0.4, logp.shape[0], dtype=logp.dtype)[:, None]  # clipped rows
+    config = _actor_config()
+    config.global_batch_info.update(info)
+    w = weights if with_weights else None
+    want_loss, want_grad, want_metrics = _run(verl_algos.compute_policy_loss_gspo, old, logp, adv, mask,
+                                              mode, config, w)
+    loss, grad, metrics = _run(VerlPolicyLoss(impl="reference", ratio_level="sequence"), old, logp, adv,
+                               mask, mode, config, w)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-13, atol=1e-15)
+    assert set(metrics) == set(want_metrics)
+    assert want_metrics["actor/pg_clipfrac"] > 0.05 and metrics["actor/pg_clipfrac_lower"] == 0.0
+    if not with_weights:
+        for key, value in want_metrics.items():
+            assert metrics[key] == pytest.approx(value, rel=1e-7, abs=1e-12), key
+    # the CPU kernel in float32 against verl in float64
+    loss32, grad32, _ = _run(VerlPolicyLoss(impl="cpu", ratio_level="sequence"), old.float(), logp.float(),
+                             adv.float(), mask.long(), mode, config, None if w is None else w.float())
+    eps = torch.finfo(torch.float32).eps
+    assert abs(float(loss32) - float(loss)) <= 64 * eps * max(abs(float(loss)), 1.0)
+    assert float((grad32.double() - grad).abs().max()) <= 64 * eps * float(grad.abs().max())
+
+
 TENSOR_INFO = {"dp_size": 2, "batch_num_tokens": torch.tensor(700), "global_batch_size": torch.tensor(40)}
 
 
@@ -156,6 +187,10 @@ def test_import_verl_registers_the_policy_loss(verl_algos) -> None:
         register_policy_loss("iama_test_reference", impl="cpu")
     with pytest.raises(ValueError, match="already has a policy loss named 'vanilla'"):
         register_policy_loss("vanilla")
+    gspo = verl_algos.get_policy_loss_fn("iama_gspo")
+    assert gspo == VerlPolicyLoss("auto", "sequence") and gspo != fn
+    with pytest.raises(ValueError, match="ratio_level must be one of"):
+        VerlPolicyLoss(ratio_level="seq")
 
 
 def test_called_through_the_registry_as_verl_calls_it(verl_algos) -> None:
@@ -188,5 +223,7 @@ def test_the_loss_benchmark_runs(verl_algos, capsys) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--shapes", "5x9,3x16", "--modes", "token-mean", "--rounds", "3", "--no-write"]) == 0
-    table = capsys.readouterr().out
-    assert table.count("verl vanilla") == 4  # two progress lines and two table rows
+    table = capsys.readouterr().out.split("x base")[-1]
+    for loss in ("vanilla", "gspo"):  # a verl row and an iama row per shape
+        rows = [line.split() for line in table.splitlines() if line.startswith(f"verl {loss} loss")]
+        assert sorted(row[4] for row in rows) == ["iama", "iama", "verl", "verl"], rows

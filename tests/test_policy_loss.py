@@ -298,6 +298,17 @@ def _dual_inputs(seed: int) -> dict[str, torch.Tensor]:
     return inp
 
 
+def _assert_equals_loops(inp: dict[str, torch.Tensor], out: object, grad: torch.Tensor,
+                         advantages: torch.Tensor | None = None, **kw: object) -> None:
+    """Every output and the gradient equal the loop oracle's to 1e-13 (float64)."""
+    adv = inp["advantages"] if advantages is None else advantages
+    want = policy_loss_by_loops(inp["logp"], inp["old_logp"], inp["ref_logp"], adv, inp["mask"], **kw)
+    for name in want._fields:
+        if name != "grad":
+            torch.testing.assert_close(getattr(out, name), getattr(want, name), rtol=0, atol=1e-13)
+    torch.testing.assert_close(grad, want.grad, rtol=0, atol=1e-13)
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize(("beta", "kl_weight"), [(0.0, "none"), (0.05, "none"), (0.05, "ratio")])
 def test_dual_clip_against_loops(loss_type: str, beta: float, kl_weight: str) -> None:
@@ -305,12 +316,7 @@ def test_dual_clip_against_loops(loss_type: str, beta: float, kl_weight: str) ->
     kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": beta, "loss_type": loss_type, "kl_weight": kl_weight,
           "dual_clip": 1.5}
     out, grad = _run(inp, **kw)
-    want = policy_loss_by_loops(inp["logp"], inp["old_logp"], inp["ref_logp"], inp["advantages"],
-                                inp["mask"], **kw)
-    for name in want._fields:
-        if name != "grad":
-            torch.testing.assert_close(getattr(out, name), getattr(want, name), rtol=0, atol=1e-13)
-    torch.testing.assert_close(grad, want.grad, rtol=0, atol=1e-13)
+    _assert_equals_loops(inp, out, grad, **kw)
     assert float(out.dual_clip_fraction) > 0.05  # the case exercises the dual clip
     plain, plain_grad = _run(inp, **dict(kw, dual_clip=None))
     assert float(plain.dual_clip_fraction) == 0.0
@@ -374,11 +380,7 @@ def test_token_advantages_against_loops(loss_type: str, beta: float, kl_weight: 
     # Under mask 0 the advantages are padding: NaN there must not leak.
     padded = torch.where(inp["mask"], token_adv, torch.tensor(float("nan"), dtype=torch.float64))
     out, grad = _run(dict(inp, advantages=padded), **kw)
-    want = policy_loss_by_loops(inp["logp"], inp["old_logp"], inp["ref_logp"], token_adv, inp["mask"], **kw)
-    for name in want._fields:
-        if name != "grad":
-            torch.testing.assert_close(getattr(out, name), getattr(want, name), rtol=0, atol=1e-13)
-    torch.testing.assert_close(grad, want.grad, rtol=0, atol=1e-13)
+    _assert_equals_loops(inp, out, grad, token_adv, **kw)
     if dual_clip is not None:
         assert float(out.dual_clip_fraction) > 0.05
 
@@ -403,3 +405,114 @@ def test_token_advantages_are_checked() -> None:
     adv[row, col] = float("inf")
     with pytest.raises(ValueError, match=rf"finite, got inf at \(sequence, token\) \({row}, {col}\)"):
         _run(dict(inp, advantages=adv))
+
+
+# --- ratio_level="sequence": GSPO's sequence ratio ---------------------------------------------------
+
+
+def _gspo_inputs(seed: int) -> dict[str, torch.Tensor]:
+    """Rows whose mean log-ratio falls on both sides of the clip range (and past c = 1.5 where
+    A < 0), ragged masks with an empty row."""
+    inp = _inputs(S=10, T=13, seed=seed, spread=0.4)
+    shift = torch.linspace(-0.6, 0.6, 10, dtype=torch.float64).unsqueeze(1)
+    inp["logp"] = inp["logp"] + shift  # row i's mean log-ratio moves by shift[i]
+    inp["advantages"][::3] = -inp["advantages"][::3].abs() - 0.1
+    return inp
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize(("beta", "kl_weight", "dual_clip"), [(0.0, "none", None), (0.05, "none", 1.5),
+                                                              (0.05, "ratio", None)])
+@pytest.mark.parametrize("advantages", ["row", "token"])
+@pytest.mark.parametrize("weights", [False, True])
+def test_sequence_ratio_against_loops(loss_type: str, beta: float, kl_weight: str, dual_clip: float | None,
+                                      advantages: str, weights: bool) -> None:
+    inp = _gspo_inputs(seed=100 + len(loss_type))
+    if advantages == "token":
+        g = torch.Generator().manual_seed(7)
+        inp["advantages"] = torch.randn(inp["logp"].shape, generator=g, dtype=torch.float64)
+    if weights:  # token weights: the sequence ratio is the mean over the row's support
+        g = torch.Generator().manual_seed(8)
+        inp["mask"] = inp["mask"] * torch.rand(inp["mask"].shape, generator=g, dtype=torch.float64).add(0.5)
+    kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": beta, "loss_type": loss_type, "kl_weight": kl_weight,
+          "dual_clip": dual_clip, "ratio_level": "sequence"}
+    out, grad = _run(inp, **kw)
+    _assert_equals_loops(inp, out, grad, **kw)
+    assert 0.03 < float(out.clip_fraction) < 0.9  # whole rows clipped, others not
+    token, token_grad = _run(inp, **dict(kw, ratio_level="token"))
+    assert (grad - token_grad).abs().max() > 1e-3
+    assert float(out.ratio_mean) != float(token.ratio_mean)
+    # The mask-weighted mean of each token's (row) log-ratio: the token mean of logp - old for 0/1
+    # masks; with weights it differs.
+    if not weights:
+        assert float(out.log_ratio_mean) == pytest.approx(float(token.log_ratio_mean), abs=1e-14)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_sequence_ratio_is_the_gspo_sequence_objective(loss_type: str) -> None:
+    """Independently of the oracle: autograd of GSPO's sequence-level objective as TRL writes it
+    (``s_i = exp(masked mean of logp - old)``, not detached, one loss per sequence, aggregated by
+    loss type) gives the same loss and gradient for 0/1 masks."""
+    inp = _gspo_inputs(seed=110)
+    el, eh = 0.2, 0.28
+    out, grad = _run(inp, eps_low=el, eps_high=eh, loss_type=loss_type, max_completion_length=20,
+                     ratio_level="sequence")
+    logp = inp["logp"].clone().requires_grad_(True)
+    m = inp["mask"].double()
+    A = inp["advantages"].unsqueeze(1)
+    s = torch.exp(((logp - inp["old_logp"]) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1))
+    per_seq = -torch.min(s * A, s.clamp(1 - el, 1 + eh) * A)  # [S, 1], broadcast over the tokens
+    if loss_type == "grpo":
+        loss = ((per_seq * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "token":
+        loss = (per_seq * m).sum() / m.sum().clamp(min=1)
+    else:
+        loss = (per_seq * m).sum() / (m.shape[0] * 20)
+    (want,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(out.loss, loss.detach(), rtol=0, atol=1e-14)
+    torch.testing.assert_close(grad, want, rtol=0, atol=1e-14)
+
+
+def test_sequence_ratio_is_verls_gspo_token_loss() -> None:
+    """verl's "gspo" loss: per-token advantages and GSPO-token's ratio
+    ``exp(sg[mean log-ratio] + logp - sg[logp])``, token-mean; and its pg_clipfrac and ppo_kl."""
+    inp = _gspo_inputs(seed=120)
+    g = torch.Generator().manual_seed(9)
+    A = torch.randn(inp["logp"].shape, generator=g, dtype=torch.float64)
+    el, eh = 0.2, 0.28
+    out, grad = _run(dict(inp, advantages=A), eps_low=el, eps_high=eh, loss_type="token",
+                     ratio_level="sequence")
+    logp = inp["logp"].clone().requires_grad_(True)
+    m = inp["mask"]
+    lr = logp - inp["old_logp"]
+    seq = (lr * m).sum(-1) / m.sum(-1).clamp(min=1)
+    ratio = torch.exp(logp - logp.detach() + seq.detach().unsqueeze(-1))
+    loss1, loss2 = -A * ratio, -A * ratio.clamp(1 - el, 1 + eh)
+    loss = torch.maximum(loss1, loss2)[m].sum() / m.sum()
+    (want,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(out.loss, loss.detach(), rtol=0, atol=1e-14)
+    torch.testing.assert_close(grad, want, rtol=0, atol=1e-14)
+    assert float(out.clip_fraction) == pytest.approx(float((loss2 > loss1)[m].double().mean()), abs=1e-15)
+    assert float(-out.log_ratio_mean) == pytest.approx(float(-lr.detach()[m].mean()), abs=1e-14)
+
+
+def test_sequence_ratio_ignores_masked_values_and_needs_old_logp_to_matter() -> None:
+    inp = _gspo_inputs(seed=130)
+    kw = {"beta": 0.1, "ratio_level": "sequence"}
+    out, grad = _run(inp, **kw)
+    off = ~inp["mask"]
+    dirty = dict(inp, logp=torch.where(off, torch.nan, inp["logp"]),
+                 old_logp=torch.where(off, torch.inf, inp["old_logp"]))
+    out_d, grad_d = _run(dirty, **kw)
+    for a, b in zip(out, out_d, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(grad, grad_d)
+    # Without old_logp every ratio is 1 at either level.
+    seq, seq_grad = _run(dict(inp, old_logp=None), **kw)
+    tok, tok_grad = _run(dict(inp, old_logp=None), beta=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(seq, tok, strict=True)) and torch.equal(seq_grad, tok_grad)
+
+
+def test_ratio_level_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"ratio_level must be one of \('token', 'sequence'\), got 'seq'"):
+        _run(_inputs(), ratio_level="seq")

@@ -116,6 +116,8 @@ def test_construction_errors(tmp_path):
         TrainerConfig(beta=0.0, kl_target=0.1)
     with pytest.raises(ValueError, match="loss_type"):
         TrainerConfig(loss_type="sum")
+    with pytest.raises(ValueError, match="ratio_level"):
+        TrainerConfig(ratio_level="sentence")
 
 
 def test_reward_error_names_criterion_and_prompt(tmp_path):
@@ -144,6 +146,20 @@ def test_gradient_accumulation_matches_one_batch(tmp_path, loss_type):
     assert max(float(d.abs().max()) for d in runs[0].values()) > 1e-3
     for k in runs[0]:
         torch.testing.assert_close(runs[1][k], runs[0][k], atol=1e-6, rtol=1e-5)
+
+
+def test_sequence_ratio_changes_the_second_inner_epoch(tmp_path):
+    """ratio_level="sequence" (GSPO) reaches the loss: the first inner epoch has ratio 1 at either
+    level, the second does not, so the two levels' updates differ (SGD, no clipping of the norm)."""
+    updates = {}
+    for level in ("token", "sequence"):
+        trainer = make(tmp_path / level, optimizer="sgd", learning_rate=1.0, max_grad_norm=None,
+                       prompts_per_step=4, inner_epochs=2, eps_low=0.01, eps_high=0.01, ratio_level=level)
+        before = params(trainer.model)
+        trainer.train(1)
+        updates[level] = torch.cat([(v - before[k]).flatten() for k, v in params(trainer.model).items()])
+    assert float(updates["token"].abs().max()) > 1e-3
+    assert not torch.allclose(updates["sequence"], updates["token"], rtol=1e-3, atol=1e-6)
 
 
 def test_adaptive_beta_follows_the_controller(tmp_path):

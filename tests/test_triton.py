@@ -363,6 +363,33 @@ def test_policy_loss_token_advantages(lane: Lane, loss_type: str, dtype: torch.d
                                    f"token adv {loss_type} {dtype} {kl_weight}")
 
 
+@pytest.mark.parametrize(("advantages", "kl_weight", "dual_clip"),
+                         [("row", "none", None), ("row", "ratio", 1.2), ("token", "none", None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_type", ["grpo", "token"])
+def test_policy_loss_sequence_ratio(lane: Lane, loss_type: str, dtype: torch.dtype, advantages: str,
+                                    kl_weight: str, dual_clip: float | None) -> None:
+    """ratio_level="sequence" (GSPO; SEQ_RATIO): the row's mean log-ratio from a second pre-pass
+    (holes, NaN padding, an empty and a short row), then the row streamed without old_logp."""
+    S = 6 if lane.device.type == "cpu" else 300
+    logp, old, ref, mask = _token_inputs(lane, S, dtype, seed=90)
+    g = torch.Generator().manual_seed(6)
+    shift = torch.linspace(-0.5, 0.5, S).unsqueeze(1).to(lane.device)  # rows on both sides of the clip
+    logp = (logp.double() + shift.double()).to(dtype)
+    if advantages == "token":
+        adv = torch.randn(S, lane.tokens, generator=g).to(lane.device)
+    else:
+        adv = torch.randn(S, generator=g)
+        adv[::2] = -adv[::2].abs()
+        adv = adv.to(lane.device)
+    kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.05, "loss_type": loss_type, "kl_weight": kl_weight,
+          "dual_clip": dual_clip, "ratio_level": "sequence"}
+    out, oracle, _ = _triton_loss_against_reference(logp, old, ref, adv, mask, kw,
+                                                    f"sequence {loss_type} {dtype} {advantages}")
+    token = policy_loss(logp, old, ref, adv, mask, impl="triton", **dict(kw, ratio_level="token"))
+    assert float(oracle.clip_fraction) > 0.02 and not torch.equal(out.ratio_mean, token.ratio_mean)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_row_extents_on_aligned_rows(lane: Lane, dtype: torch.dtype) -> None:
     """Rows of a multiple of 16 tokens (on a GPU: the specialisation with 16-byte loads bounded by
@@ -504,14 +531,16 @@ def test_nonlinear_grpo_matches_reference(lane: Lane, G: int, objective: str, sc
 FUSED_TOKEN_OPTIONS = {  # objective, seed, options; and the metric that must show the option acting
     "ratio-kl": ("smoothmin", 12, {"beta": 0.1, "loss_type": "grpo", "kl_weight": "ratio"}, None),
     "dual-clip": ("wsum", 13, {"beta": 0.05, "loss_type": "token", "dual_clip": 1.2}, "dual_clip_fraction"),
+    "sequence-ratio": ("wsum", 14, {"beta": 0.05, "loss_type": "grpo", "ratio_level": "sequence"},
+                       "clip_fraction"),
 }
 
 
 @pytest.mark.parametrize("scale", ["group", "batch"])  # batch: the launch that runs the token kernel
 @pytest.mark.parametrize("option", list(FUSED_TOKEN_OPTIONS))
 def test_nonlinear_grpo_token_options(lane: Lane, scale: str, option: str) -> None:
-    """kl_weight="ratio" and dual_clip in the fused kernel (and in the batch-scale path) against
-    the reference."""
+    """kl_weight="ratio", dual_clip and ratio_level="sequence" in the fused kernel (and in the
+    batch-scale path) against the reference."""
     objective, seed, options, acting = FUSED_TOKEN_OPTIONS[option]
     obj = OBJECTIVES[objective]
     G = 8
@@ -735,6 +764,8 @@ def test_custom_ops_pass_opcheck(lane: Lane) -> None:
     rewards = torch.randn(2, 2, 1, device=dev)
     lam = torch.ones(1, device=dev)
     torch.library.opcheck(_policy_loss_op, (logp, old, ref, adv, mask, 0.2, 0.2, 0.1, "grpo", 0, True))
+    torch.library.opcheck(_policy_loss_op, (logp, old, ref, adv, mask, 0.2, 0.2, 0.1, "token", 0, True,
+                                            False, None, True))
     torch.library.opcheck(_nonlinear_grpo_op, (logp, old, ref, mask, rewards, lam, [2], [1.0], "plugin",
                                                1e-4, 1, 0.2, 0.2, 0.1, "token", 0, True))
     torch.library.opcheck(_group_advantages_op, (rewards, None, lam, [-1], [0.5], "plugin", 1e-4, 1, False))
@@ -780,7 +811,7 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "gpu_bench.csv").exists() and (tmp_path / "gpu_bench.jsonl").exists()
     assert "fused" in proc.stdout
     checks = [line for line in proc.stdout.splitlines() if line.startswith("check N=")]
-    assert len(checks) == 8 and all(line.endswith("(ok)") for line in checks), checks
+    assert len(checks) == 10 and all(line.endswith("(ok)") for line in checks), checks
 
 
 def test_kernels_compile_for_sm90() -> None:

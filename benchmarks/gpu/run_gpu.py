@@ -26,7 +26,9 @@ Measures, on the current CUDA device:
    and float32 at 16M tokens with G = 64 (no compiled row), for the register lead in
    ``benchmarks/gpu/NOTES.md``;
    and, last, ``ppo policy_loss fwd+bwd`` at both sizes: ``policy_loss`` as verl's ``"iama"``
-   policy loss runs it (per-token advantages, dual clip, no KL), Triton against eager;
+   policy loss runs it (per-token advantages, dual clip, no KL), Triton against eager, and
+   ``gspo policy_loss fwd+bwd``: the same as verl's ``"iama_gspo"`` runs it (GSPO's sequence
+   ratio: a second pre-pass over each row's logp and old, no dual clip);
    with GB/s computed from the fewest bytes the op must move (:func:`floor_bytes`: the mask and
    the gradient for every token, logp/old/ref up to each row's last valid token; rewards are
    negligible) and the ratio to the copy bandwidth, to eager and to compiled. The backward of
@@ -289,16 +291,21 @@ def bench_tokens(timer: Timer, device: torch.device, tokens: int, G: int, T: int
     return rows
 
 
-def bench_ppo(timer: Timer, device: torch.device, tokens: int, T: int) -> list[Measurement]:
-    """verl's PPO policy loss as iama's ``"iama"`` verl loss runs it: ``policy_loss`` with
-    per-token advantages ``[S, T]`` (GAE's, or an outcome estimator's broadcast), the dual clip
-    ``c = 3`` and ``eps_high = 0.28``, no KL term, float32; Triton against eager, checked first."""
+def bench_ppo(timer: Timer, device: torch.device, tokens: int, T: int,
+              loss: str = "ppo") -> list[Measurement]:
+    """verl's PPO policy loss as iama's ``"iama"`` verl loss runs it (``loss="ppo"``):
+    ``policy_loss`` with per-token advantages ``[S, T]`` (GAE's, or an outcome estimator's
+    broadcast), the dual clip ``c = 3`` and ``eps_high = 0.28``, no KL term, float32; or as
+    ``"iama_gspo"`` runs it (``loss="gspo"``: GSPO's sequence ratio, no dual clip). Triton against
+    eager, checked first."""
     logp, old, _, mask, _ = token_inputs(tokens, 8, T, device, torch.float32, seed=7)
     g = torch.Generator(device="cpu").manual_seed(8)
     adv = (torch.randn(logp.shape, generator=g).to(device) * mask)
     shape = f"N={tokens} T={T} token advantages float32"
     nbytes = floor_bytes(logp, mask)  # logp, old and the advantages up to each row's extent
     kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.0, "loss_type": "token", "dual_clip": 3.0}
+    if loss == "gspo":
+        kw = dict(kw, dual_clip=None, ratio_level="sequence")
     leaf = logp.clone().requires_grad_(True)
 
     def fwd_bwd(impl: str) -> Callable[[], None]:
@@ -327,9 +334,9 @@ def bench_ppo(timer: Timer, device: torch.device, tokens: int, T: int) -> list[M
                                    "check_ok": False})
     triton_ms = timer(fwd_bwd("triton"))
     eager_ms = timer(fwd_bwd("reference"))
-    return [row("ppo policy_loss fwd+bwd", "triton", shape, triton_ms, nbytes,
+    return [row(f"{loss} policy_loss fwd+bwd", "triton", shape, triton_ms, nbytes,
                 x_eager=eager_ms / triton_ms, **errors),
-            row("ppo policy_loss fwd+bwd", "eager", shape, eager_ms, nbytes)]
+            row(f"{loss} policy_loss fwd+bwd", "eager", shape, eager_ms, nbytes)]
 
 
 def bench_group_advantages(timer: Timer, device: torch.device, samples: int, G: int) -> list[Measurement]:
@@ -385,8 +392,9 @@ def targets(rows: list[Measurement]) -> list[str]:
             xe, xc = r.extra.get("x_eager"), r.extra.get("x_compiled")
             out.append(f"fused fwd+bwd {r.shape}: {xe or 0:.1f}x eager (target >= 5), "
                        + (f"{xc:.2f}x compiled (target >= 1.5)" if xc else "compiled not measured"))
-        if r.benchmark == "ppo policy_loss fwd+bwd" and r.impl == "triton":
-            out.append(f"ppo fwd+bwd {r.shape}: {r.extra.get('x_eager', 0):.1f}x eager, "
+        if r.benchmark in ("ppo policy_loss fwd+bwd", "gspo policy_loss fwd+bwd") and r.impl == "triton":
+            out.append(f"{r.benchmark.split()[0]} fwd+bwd {r.shape}: "
+                       f"{r.extra.get('x_eager', 0):.1f}x eager, "
                        f"{100 * r.extra.get('frac_copy_bw', 0):.0f}% of copy bandwidth")
         if r.benchmark == "group_advantages":
             out.append(f"group_advantages {r.impl} {r.shape}: {1e3 * r.median_ms:.1f} us "
@@ -468,9 +476,10 @@ def main(argv: list[str] | None = None) -> int:
                              compiled if dtype == torch.float32 and G <= 16 else None)
         save(rows, copy_gbps, out)  # after every case: a run stopped by its timeout keeps its rows
         print(f"[{time.perf_counter() - start:6.1f}s] tokens={tokens} G={G} {dtype} done", flush=True)
-    for tokens in token_sizes:  # verl's PPO loss: per-token advantages and the dual clip
-        rows += bench_ppo(timer, device, tokens, T)
-        save(rows, copy_gbps, out)
+    for loss in ("ppo", "gspo"):  # verl's PPO loss (per-token advantages, dual clip) and GSPO
+        for tokens in token_sizes:
+            rows += bench_ppo(timer, device, tokens, T, loss)
+            save(rows, copy_gbps, out)
     summary = save(rows, copy_gbps, out)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (interpreter)'}; "
           f"copy bandwidth {copy_gbps:.0f} GB/s; total {time.perf_counter() - start:.0f}s; "

@@ -14,7 +14,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& mask, const at::Tensor& rewards, const at::Tensor& criterion_weights, at::IntArrayRef kinds,
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,
     double eps_low, double eps_high, double beta, c10::string_view loss_type,
-    std::optional<int64_t> max_completion_length, bool ratio_kl, std::optional<double> dual_clip) {
+    std::optional<int64_t> max_completion_length, bool ratio_kl, std::optional<double> dual_clip,
+    bool seq_ratio) {
   TORCH_CHECK_VALUE(rewards.dim() == 3, "rewards must have shape [B, G, m], got ", rewards.sizes());
   TORCH_CHECK_VALUE(logp.dim() == 2 && logp.size(0) == rewards.size(0) * rewards.size(1), "logp must have B * G = ",
                     rewards.size(0) * rewards.size(1), " rows (group-major), got shape ", logp.sizes());
@@ -28,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   auto [loss, kl, clip, ratio, lratio, dual, high, grad] =
       policy_loss_fwd(logp, old_logp, ref_logp, adv.reshape({-1}), mask, eps_low, eps_high, beta, loss_type,
-                      max_completion_length, ratio_kl, dual_clip);
+                      max_completion_length, ratio_kl, dual_clip, seq_ratio);
   return {loss, adv, kl, clip, ratio, values, lratio, dual, high, grad};
 }
 

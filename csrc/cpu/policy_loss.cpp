@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
     c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
-    std::optional<double> dual_clip) {
+    std::optional<double> dual_clip, bool seq_ratio) {
   check_cpu(logp, "logp");
   check_floating(logp, "logp");
   TORCH_CHECK_VALUE(logp.dim() == 2, "logp must have shape [S, T], got ", logp.sizes());
@@ -77,6 +77,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return lp_as_aux;
   };
   const at::Tensor old = aux(old_logp);
+  // GSPO reads logp in old's dtype in place of old in its loss pass (see TokenProblem::seq_old);
+  // without old_logp every ratio is 1 at either level.
+  const at::Tensor seq_old = seq_ratio && old_logp.has_value() ? aux(std::nullopt) : at::Tensor();
   const at::Tensor ref = aux(ref_logp);
   const MaskKind mask_kind = mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte ? MaskKind::kByte
                              : mask.scalar_type() == at::kLong                                 ? MaskKind::kInt64
@@ -117,6 +120,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.eps_high = eps_high;
   p.beta = beta;
   if (dual_clip.has_value()) p.dual_clip = *dual_clip;
+  if (seq_old.defined()) {
+    p.seq_old = seq_old.const_data_ptr();
+    p.s_seq_old = seq_old.stride(0);
+  }
 
   std::vector<double> rows(static_cast<size_t>(S) * kRowFields, 0.0);
   std::vector<double> mask_sums;

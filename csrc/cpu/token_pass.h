@@ -35,6 +35,11 @@ struct TokenProblem {
   double uniform_scale = 0.0;                            // w_scale for "token" and "dr_grpo"
   double eps_low = 0.2, eps_high = 0.2, beta = 0.0;
   double dual_clip = std::numeric_limits<double>::infinity();  // c of the dual clip; +inf: off
+  // GSPO's sequence ratio: each row's log-ratio is its mean over the row's support, computed from
+  // logp and old first; the loss pass then reads seq_old (logp itself, in old's dtype) as `old`
+  // and adds that mean to every token's (zero) log-ratio. Null: per-token ratios.
+  const void* seq_old = nullptr;
+  int64_t s_seq_old = 0;
 };
 
 // Per-row results in rows[r * kRowFields + q]: loss, m * kl, clipped weight, m * ratio, mask sum,

@@ -37,6 +37,11 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
           p.loss_type == kLossGrpo ? 1.0 / (static_cast<double>(p.S) * std::max(1.0, msum)) : p.uniform_scale;
       const lp_t* lp_row = static_cast<const lp_t*>(p.logp) + r * p.s_logp;
       const aux_t* old_row = static_cast<const aux_t*>(p.old) + r * p.s_old;
+      acc_t lr0 = acc_t(0);
+      if (p.seq_old != nullptr) {  // GSPO: the row's mean log-ratio, then `old` := logp itself
+        lr0 = static_cast<acc_t>(row_mean_log_ratio<lp_t, aux_t, mask_t, acc_t>(lp_row, old_row, mk, p.T));
+        old_row = static_cast<const aux_t*>(p.seq_old) + r * p.s_seq_old;
+      }
       const aux_t* ref_row = static_cast<const aux_t*>(p.ref) + r * p.s_ref;
       lp_t* grad_row = static_cast<lp_t*>(p.grad) + r * p.T;
       const bool token_adv = p.adv_tokens != nullptr;
@@ -53,7 +58,7 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       if constexpr (std::is_same_v<lp_t, float> && std::is_same_v<aux_t, float> && std::is_same_v<mask_t, uint8_t>) {
         if (!p.ratio_kl && !token_adv) {
           sums = policy_loss_row_f32_byte(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
-                                          beta, dual_c, dual, grad_row);
+                                          beta, dual_c, dual, p.seq_old != nullptr, lr0, grad_row);
           done = true;
         }
       }
@@ -63,7 +68,7 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
         // The run-time flags as template arguments (each a bool_constant): see policy_loss_row.
         auto row = [&](auto ratio_kl, auto per_token, auto with_dual) {
           return policy_loss_row<lp_t, aux_t, mask_t, acc_t, ratio_kl(), per_token(), with_dual()>(
-              lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row, a_row);
+              lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row, a_row, lr0);
         };
         auto with_dual = [&](auto ratio_kl, auto per_token) {
           if constexpr (per_token()) {  // one build: the dual clip is tested token by token

@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "iama/loss.h"
 
@@ -68,15 +69,18 @@ struct Terms16 {
 
 // The terms of 16 tokens starting at t; lanes outside `lanes` are not read and give 0. kDual: the
 // row's A is negative and the dual clip c finite (else no token of the row is dual-clipped).
-template <bool kDual>
+template <bool kDual, bool kSeq>
 inline Terms16 token_terms16(const float* logp, const float* old, const float* ref, const uint8_t* mask, float* grad,
                              int64_t t, __mmask16 lanes, __m512 A, __m512 w_scale, __m512 lo, __m512 hi,
-                             __m512 beta, __m512 dual_c) {
+                             __m512 beta, __m512 dual_c, __m512 lr0) {
   const __m128i mb = _mm_maskz_loadu_epi8(lanes, mask + t);
   const __mmask16 keep = _mm_test_epi8_mask(mb, mb);
   const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb));
   const __m512 lp = _mm512_maskz_loadu_ps(keep, logp + t);
-  const __m512 d_old = _mm512_maskz_sub_ps(keep, lp, _mm512_maskz_loadu_ps(keep, old + t));
+  // The log-ratio logp - old, plus lr0 for GSPO's sequence ratio (kSeq: old is logp itself and lr0
+  // the row's mean), zeroed where the mask is 0.
+  __m512 d_old = _mm512_maskz_sub_ps(keep, lp, _mm512_maskz_loadu_ps(keep, old + t));
+  if constexpr (kSeq) d_old = _mm512_maskz_add_ps(keep, d_old, lr0);
   const __m512 d = _mm512_maskz_sub_ps(keep, _mm512_maskz_loadu_ps(keep, ref + t), lp);
   const __m512 ratio = exp16(d_old);
   // max(lo, ratio) then min(hi, .): a NaN ratio stays NaN, as in token_terms.
@@ -123,11 +127,13 @@ inline double lanes_sum(__m512d v) {
   return lane[0];
 }
 
-template <bool kDual>
+template <bool kDual, bool kSeq>
 inline RowSums row_f32_byte(const float* logp, const float* old, const float* ref, const uint8_t* mask, int64_t T,
-                            float A_, float w_scale_, float lo_, float hi_, float beta_, float dual_c_, float* grad) {
+                            float A_, float w_scale_, float lo_, float hi_, float beta_, float dual_c_, float lr0_,
+                            float* grad) {
   const __m512 A = _mm512_set1_ps(A_), w_scale = _mm512_set1_ps(w_scale_), lo = _mm512_set1_ps(lo_),
-               hi = _mm512_set1_ps(hi_), beta = _mm512_set1_ps(beta_), dual_c = _mm512_set1_ps(dual_c_);
+               hi = _mm512_set1_ps(hi_), beta = _mm512_set1_ps(beta_), dual_c = _mm512_set1_ps(dual_c_),
+               lr0 = _mm512_set1_ps(lr0_);
   __m512d acc_loss = _mm512_setzero_pd(), acc_kl = _mm512_setzero_pd(), acc_clip = _mm512_setzero_pd(),
           acc_ratio = _mm512_setzero_pd(), acc_lratio = _mm512_setzero_pd(), acc_dual = _mm512_setzero_pd();
   auto lanes_from = [T](int64_t t) -> __mmask16 {
@@ -144,7 +150,7 @@ inline RowSums row_f32_byte(const float* logp, const float* old, const float* re
     for (int q = 0; q < 4; ++q) {
       const int64_t t = t0 + 16 * q;
       const __mmask16 lanes = full ? static_cast<__mmask16>(0xFFFF) : lanes_from(t);
-      v[q] = token_terms16<kDual>(logp, old, ref, mask, grad, t, lanes, A, w_scale, lo, hi, beta, dual_c);
+      v[q] = token_terms16<kDual, kSeq>(logp, old, ref, mask, grad, t, lanes, A, w_scale, lo, hi, beta, dual_c, lr0);
     }
     acc_loss = _mm512_add_pd(acc_loss, tile_sum(v[0].loss, v[1].loss, v[2].loss, v[3].loss));
     acc_kl = _mm512_add_pd(acc_kl, tile_sum(v[0].kl, v[1].kl, v[2].kl, v[3].kl));
@@ -159,12 +165,17 @@ inline RowSums row_f32_byte(const float* logp, const float* old, const float* re
 }
 
 // policy_loss_row for float32 logp/old/ref and a byte mask; `dual`: the caller's decision that
-// the dual clip can act in this row (A < 0 and a finite c).
+// the dual clip can act in this row (A < 0 and a finite c); `seq`: GSPO's sequence ratio, lr0 as in
+// policy_loss_row (compiled in only for such rows: the add cost the per-token rows 3%).
 inline RowSums policy_loss_row_f32_byte(const float* logp, const float* old, const float* ref, const uint8_t* mask,
                                         int64_t T, float A, float w_scale, float lo, float hi, float beta, float dual_c,
-                                        bool dual, float* grad) {
-  return dual ? row_f32_byte<true>(logp, old, ref, mask, T, A, w_scale, lo, hi, beta, dual_c, grad)
-              : row_f32_byte<false>(logp, old, ref, mask, T, A, w_scale, lo, hi, beta, dual_c, grad);
+                                        bool dual, bool seq, float lr0, float* grad) {
+  auto row = [&](auto with_dual, auto with_seq) {
+    return row_f32_byte<with_dual(), with_seq()>(logp, old, ref, mask, T, A, w_scale, lo, hi, beta, dual_c, lr0,
+                                                   grad);
+  };
+  if (seq) return dual ? row(std::true_type{}, std::true_type{}) : row(std::false_type{}, std::true_type{});
+  return dual ? row(std::true_type{}, std::false_type{}) : row(std::false_type{}, std::false_type{});
 }
 
 }  // namespace IAMA_ISA_NAMESPACE

@@ -69,16 +69,19 @@ class IAMAGRPOTrainer(GRPOTrainer):
             ``"reference"``) computes the same clipped-ratio + k3 KL loss and its gradient with
             iama's kernels, one pass over the tokens instead of TRL's chain of elementwise ops.
             It covers TRL's ``loss_type`` ``"grpo"``, ``"bnpo"``, ``"dr_grpo"`` and ``"dapo"``
-            with token-level ratios (advantages ``[S]`` or per token ``[S, T]``), and TRL's
-            two-sided clip ``delta`` when
+            with token-level ratios (advantages ``[S]`` or per token ``[S, T]``) and with GSPO's
+            sequence-level ones (``importance_sampling_level="sequence"``, the kernel's
+            ``ratio_level="sequence"``), and TRL's two-sided clip ``delta`` when
             ``delta > 1 + epsilon_high`` (it is then the kernel's ``dual_clip``); a setting it
-            does not cover (sequence-level importance sampling, a smaller ``delta``, entropy
-            masks or bonus, the off-policy mask, vLLM importance-sampling correction) is a
-            ``ValueError`` when the trainer is built. With
+            does not cover (a smaller ``delta``, entropy masks or bonus, the off-policy mask,
+            vLLM importance-sampling correction, and at the sequence level a KL term with
+            ``use_bias_correction_kl``, whose sequence weight TRL differentiates through every
+            token of the sequence) is a ``ValueError`` when the trainer is built. With
             ``use_bias_correction_kl`` (TRL's default) and ``beta > 0`` the KL term is TRL's
             ratio-weighted ``rho * k3``, the kernel's ``kl_weight="ratio"``. It logs TRL's
-            ``kl``, ``entropy`` and ``clip_ratio/{low,high,region}_mean``, not the per-sequence
-            ``clip_ratio/low_min`` and ``high_max``.
+            ``kl``, ``entropy`` and ``clip_ratio/{low,high,region}_mean`` (at the sequence level,
+            as TRL, means over sequences: one small extra pass over ``logp - old`` gives each
+            sequence's ratio), not the per-sequence ``clip_ratio/low_min`` and ``high_max``.
 
     Logged next to TRL's metrics: ``iama/lambda/<criterion>`` (the weight ``dg/dR`` of each
     criterion) and ``iama/value/<criterion>`` (the batch's estimate of the criterion's value
@@ -128,8 +131,14 @@ class IAMAGRPOTrainer(GRPOTrainer):
         refused = []
         if self.loss_type not in _LOSS_TYPES:
             refused.append(f"loss_type={self.loss_type!r} (supported: {sorted(_LOSS_TYPES)})")
-        if self.importance_sampling_level != "token":
+        if self.importance_sampling_level not in ("token", "sequence"):
             refused.append(f"importance_sampling_level={self.importance_sampling_level!r}")
+        elif (self.importance_sampling_level == "sequence" and self.beta != 0.0
+              and args.use_bias_correction_kl):
+            # TRL's KL is then s_i * k3_t with s_i not detached: a gradient through every token of
+            # the sequence, which the kernel's per-token KL weight does not have.
+            refused.append("importance_sampling_level='sequence' with use_bias_correction_kl=True and "
+                           f"beta={self.beta} (set use_bias_correction_kl=False)")
         if args.delta is not None and not args.delta > 1 + self.epsilon_high:
             # Above 1 + epsilon_high TRL's two-sided clip is the dual clip (A < 0, ratio > delta:
             # the constant delta A); at or below it, it would also cut positive advantages'
@@ -228,22 +237,43 @@ class IAMAGRPOTrainer(GRPOTrainer):
             beta=0.0 if ref is None else self.beta * float(scale), loss_type=kind,
             max_completion_length=max_length,
             kl_weight="ratio" if ref is not None and self.args.use_bias_correction_kl else "none",
-            dual_clip=self.args.delta, impl=self.loss_impl,
+            dual_clip=self.args.delta, ratio_level=self.importance_sampling_level, impl=self.loss_impl,
         )
         loss = out.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        # Token-weighted means over every process, as TRL reports them; one reduction for all.
-        weighted = torch.stack([out.kl * tokens, out.clip_fraction * tokens, out.clip_high_fraction * tokens,
-                                (entropies.detach() * mask).sum().to(tokens.dtype), tokens])
-        kl_sum, clip_sum, high_sum, entropy_sum, count = self.accelerator.reduce(
+        # Means over every process, as TRL reports them; one reduction for all. The clip metrics
+        # are token-weighted, except for sequence ratios with one advantage per sequence, which
+        # TRL averages over sequences.
+        if self.importance_sampling_level == "sequence" and advantages.dim() == 1:
+            low_sum, high_sum, clip_count = self._sequence_clip_counts(logps, old, mask, advantages)
+        else:
+            high_sum = out.clip_high_fraction * tokens
+            low_sum, clip_count = out.clip_fraction * tokens - high_sum, tokens
+        weighted = torch.stack([out.kl * tokens, low_sum.to(tokens.dtype), high_sum.to(tokens.dtype),
+                                (entropies.detach() * mask).sum().to(tokens.dtype), tokens,
+                                torch.as_tensor(clip_count, dtype=tokens.dtype, device=tokens.device)])
+        kl_sum, low_sum, high_sum, entropy_sum, count, clip_count = self.accelerator.reduce(
             weighted, reduction="sum").tolist()
-        count = max(count, 1.0)
+        count, clip_count = max(count, 1.0), max(clip_count, 1.0)
         if self.beta != 0.0:
             self._metrics[mode]["kl"].append(kl_sum / count)
         self._metrics[mode]["entropy"].append(entropy_sum / count)
-        self._metrics[mode]["clip_ratio/low_mean"].append((clip_sum - high_sum) / count)
-        self._metrics[mode]["clip_ratio/high_mean"].append(high_sum / count)
-        self._metrics[mode]["clip_ratio/region_mean"].append(clip_sum / count)
+        self._metrics[mode]["clip_ratio/low_mean"].append(low_sum / clip_count)
+        self._metrics[mode]["clip_ratio/high_mean"].append(high_sum / clip_count)
+        self._metrics[mode]["clip_ratio/region_mean"].append((low_sum + high_sum) / clip_count)
         return loss
+
+    def _sequence_clip_counts(self, logps: torch.Tensor, old: torch.Tensor | None, mask: torch.Tensor,
+                              advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Sequences clipped below and above, and the number of sequences, as TRL counts them for
+        sequence-level ratios (``exp`` of the masked mean of ``logp - old``)."""
+        if old is None:  # one update per generation: every ratio is 1
+            log_ratio = torch.zeros_like(advantages, dtype=logps.dtype)
+        else:
+            log_ratio = ((logps.detach() - old) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        ratio = torch.exp(log_ratio)
+        low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).sum()
+        high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).sum()
+        return low, high, advantages.shape[0]

@@ -1,4 +1,4 @@
-"""verl's PPO actor loss on the fused kernel: the ``"iama"`` policy loss.
+"""verl's PPO actor loss on the fused kernel: the ``"iama"`` and ``"iama_gspo"`` policy losses.
 
 verl computes the actor's clipped-ratio loss through a registered *policy loss*
 (``actor_rollout_ref.actor.policy_loss.loss_mode``, ``"vanilla"`` by default). This module gives
@@ -13,6 +13,14 @@ materialising a dozen ``[bs, T]`` intermediates. With iama installed, ``import v
 
 The advantages are verl's ``[bs, T]`` token-level ones, read by the kernel as they are: those of
 the outcome estimators (GRPO, RLOO, ``"iama"``: one value per response) and GAE's alike.
+
+``"iama_gspo"`` is verl's ``"gspo"`` (GSPO-token: every token's ratio is its response's
+``exp(mean log-ratio)``, with the gradient of a token ratio; the clip with ``clip_ratio_low`` and
+``clip_ratio_high``, no dual clip, every ``loss_agg_mode``) on the kernel's
+``ratio_level="sequence"``: ``loss_mode=iama_gspo``. Besides the differences below, verl clamps
+the sequence log-ratio at 10 (the kernel does not), and with ``rollout_is_weights`` the mean
+log-ratio is taken over the tokens whose weight is not 0 (verl's: over the response mask; the
+same for positive weights).
 
 What differs from ``"vanilla"``:
 
@@ -41,6 +49,8 @@ from iama_kernels._checks import check_choice
 from iama_kernels._dispatch import IMPLS
 
 POLICY_LOSS_NAME = "iama"
+GSPO_POLICY_LOSS_NAME = "iama_gspo"
+RATIO_LEVELS = ("token", "sequence")
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm",
                   "seq-mean-token-mean")
 
@@ -86,25 +96,31 @@ def _count(value: Any, fallback: torch.Tensor, name: str, dp_size: float) -> tor
 
 class VerlPolicyLoss:
     """A verl policy loss: ``(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
-    config, rollout_is_weights) -> (loss, metrics)``, verl's ``"vanilla"`` on the fused kernel.
+    config, rollout_is_weights) -> (loss, metrics)``, verl's ``"vanilla"`` (or ``"gspo"``) on the
+    fused kernel.
 
     Args:
         impl: backend of :func:`iama_kernels.policy_loss` (``"auto"``: Triton on CUDA, the C++
             extension on CPU).
+        ratio_level: ``"token"`` (verl's ``"vanilla"``) or ``"sequence"`` (verl's ``"gspo"``:
+            GSPO-token's sequence ratio, no dual clip).
     """
 
-    def __init__(self, impl: str = "auto") -> None:
+    def __init__(self, impl: str = "auto", ratio_level: str = "token") -> None:
         check_choice("impl", impl, IMPLS)
+        check_choice("ratio_level", ratio_level, RATIO_LEVELS)
         self.impl = impl
+        self.ratio_level = ratio_level
 
     def __repr__(self) -> str:
-        return f"VerlPolicyLoss(impl={self.impl!r})"
+        return f"VerlPolicyLoss(impl={self.impl!r}, ratio_level={self.ratio_level!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, VerlPolicyLoss) and other.impl == self.impl
+        return (isinstance(other, VerlPolicyLoss) and other.impl == self.impl
+                and other.ratio_level == self.ratio_level)
 
     def __hash__(self) -> int:
-        return hash(self.impl)
+        return hash((self.impl, self.ratio_level))
 
     def __call__(
         self,
@@ -131,6 +147,8 @@ class VerlPolicyLoss:
         """
         check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
         eps_low, eps_high, dual_clip = _clip_range(config)
+        if self.ratio_level == "sequence":
+            dual_clip = None  # verl's "gspo" has no dual clip
         for name, t in (("old_log_prob", old_log_prob), ("log_prob", log_prob),
                         ("advantages", advantages), ("response_mask", response_mask)):
             if not isinstance(t, torch.Tensor):
@@ -180,7 +198,8 @@ class VerlPolicyLoss:
         scale = scale * dp_size
         out = policy_loss(log_prob, old_log_prob.detach(), None, advantages.detach(), mask,
                           eps_low=eps_low, eps_high=eps_high, beta=0.0, loss_type=loss_type,
-                          max_completion_length=length, dual_clip=dual_clip, impl=self.impl)
+                          max_completion_length=length, dual_clip=dual_clip, ratio_level=self.ratio_level,
+                          impl=self.impl)
         clipfrac, log_ratio, lower = torch.stack(
             [out.clip_fraction, out.log_ratio_mean, out.dual_clip_fraction]).tolist()
         metrics = {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": -log_ratio,
@@ -190,18 +209,21 @@ class VerlPolicyLoss:
         return (out.loss if scale == 1.0 else out.loss * scale), metrics
 
 
-def register_policy_loss(name: str = POLICY_LOSS_NAME, impl: str = "auto") -> VerlPolicyLoss:
+def register_policy_loss(name: str = POLICY_LOSS_NAME, impl: str = "auto",
+                         ratio_level: str = "token") -> VerlPolicyLoss:
     """Register :class:`VerlPolicyLoss` in verl's policy-loss registry under ``name``.
 
-    ``register_policy_loss()`` is what ``import verl`` runs through the plugin; select it with
-    ``actor_rollout_ref.actor.policy_loss.loss_mode=iama``. Registering a name again with the
-    same options is a no-op; with others, or over one of verl's own losses, a ``ValueError``.
+    ``import verl`` runs ``register_policy_loss()`` and
+    ``register_policy_loss("iama_gspo", ratio_level="sequence")`` through the plugin; select one
+    with ``actor_rollout_ref.actor.policy_loss.loss_mode=iama`` (or ``iama_gspo``). Registering a
+    name again with the same options is a no-op; with others, or over one of verl's own losses,
+    a ``ValueError``.
     """
     from verl.trainer.ppo import core_algos
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
-    fn = VerlPolicyLoss(impl)
+    fn = VerlPolicyLoss(impl, ratio_level)
     known = core_algos.POLICY_LOSS_REGISTRY.get(name)
     if known is not None:
         if known != fn:

@@ -34,6 +34,7 @@ def nonlinear_grpo_loss_cpu(
     max_completion_length: int | None = None,
     kl_weight: str = "none",
     dual_clip: float | None = None,
+    ratio_level: str = "token",
 ) -> NonlinearGRPOOutput:
     """Rewards ``[B, G, m]`` and ``[B * G, T]`` token inputs -> :class:`NonlinearGRPOOutput`."""
     kinds, ns, taus = objective_codes(objective)
@@ -42,6 +43,7 @@ def nonlinear_grpo_loss_cpu(
         torch.ops.iama.nonlinear_grpo_fwd(
             logp, old_logp, ref_logp, mask, rewards, lam, kinds, ns, taus, estimator, scale, eps,
             eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight == "ratio", dual_clip,
+            ratio_level == "sequence",
         )
     )
     return NonlinearGRPOOutput(loss, advantages.detach(), kl.detach(), clip_fraction.detach(),

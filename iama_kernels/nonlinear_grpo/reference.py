@@ -28,12 +28,14 @@ def nonlinear_grpo_loss_ref(
     max_completion_length: int | None = None,
     kl_weight: str = "none",
     dual_clip: float | None = None,
+    ratio_level: str = "token",
 ) -> NonlinearGRPOOutput:
     """Reference :func:`iama_kernels.nonlinear_grpo_loss`; rewards ``[B, G, m]``, validated."""
     adv = group_advantages_ref(rewards, objective, estimator, scale, eps, criterion_weights)
     out = policy_loss_ref(
         logp, old_logp, ref_logp, adv.advantages.reshape(-1), mask,
         eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight, dual_clip,
+        ratio_level,
     )
     return NonlinearGRPOOutput(
         out.loss, adv.advantages, out.kl, out.clip_fraction, out.ratio_mean,

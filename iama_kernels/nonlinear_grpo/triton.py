@@ -66,7 +66,7 @@ def _nonlinear_grpo_fwd_kernel(
     BG: tl.constexpr, M: tl.constexpr, SCALE: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr, RATIO_KL: tl.constexpr = False,
-    DUAL_CLIP: tl.constexpr = False,
+    DUAL_CLIP: tl.constexpr = False, SEQ_RATIO: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     split = tl.program_id(1)
@@ -95,6 +95,7 @@ def _nonlinear_grpo_fwd_kernel(
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, 0, 0,
             T, eps_low, eps_high, beta, dual_c, norm, loss, kl, clip, ratio, lratio, dual, high,
             HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL, DUAL_CLIP, False,
+            SEQ_RATIO,
         )
         msum += r_m
     _store_partials(partial_ptr, b * tl.num_programs(1) + split, loss, msum, kl, clip, ratio,
@@ -113,7 +114,7 @@ def _nonlinear_grpo_fwd(
     mask: torch.Tensor, rewards: torch.Tensor, lam: torch.Tensor, codes: list[int],
     taus: list[float], estimator: str, eps: float, scale_code: int, eps_low: float,
     eps_high: float, beta: float, loss_type: str, max_completion_length: int, need_grad: bool,
-    ratio_kl: bool = False, dual_clip: float | None = None,
+    ratio_kl: bool = False, dual_clip: float | None = None, seq_ratio: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One launch (plus the partials reduction). Returns float32 ``stats [N_STATS]``,
     ``advantages [B, G]``, ``values [B, m]`` and the gradient (``[S, T]`` or empty)."""
@@ -137,7 +138,8 @@ def _nonlinear_grpo_fwd(
         BG=tables.shape[-1], M=m, SCALE=scale_code,
         HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
         LOSS_TYPE=LOSS_TYPE_CODES[loss_type], WRITE_GRAD=need_grad, BLOCK_T=block_t,
-        NP=N_PARTIALS, RATIO_KL=ratio_kl, DUAL_CLIP=has_dual, num_warps=max(warps, group_warps(G)),
+        NP=N_PARTIALS, RATIO_KL=ratio_kl, DUAL_CLIP=has_dual,
+        SEQ_RATIO=seq_ratio and old_logp is not None, num_warps=max(warps, group_warps(G)),
     )
     return finalize(partials, loss_type), adv, values, grad
 
@@ -148,18 +150,19 @@ def _nonlinear_grpo_op(
     mask: torch.Tensor, rewards: torch.Tensor, lam: torch.Tensor, codes: list[int],
     taus: list[float], estimator: str, eps: float, scale_code: int, eps_low: float,
     eps_high: float, beta: float, loss_type: str, max_completion_length: int, need_grad: bool,
-    ratio_kl: bool = False, dual_clip: float | None = None,
+    ratio_kl: bool = False, dual_clip: float | None = None, seq_ratio: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with launch_device(logp.device):
         return _nonlinear_grpo_fwd(logp, old_logp, ref_logp, mask, rewards, lam, codes, taus,
                                    estimator, eps, scale_code, eps_low, eps_high, beta, loss_type,
-                                   max_completion_length, need_grad, ratio_kl, dual_clip)
+                                   max_completion_length, need_grad, ratio_kl, dual_clip,
+                                   seq_ratio)
 
 
 @_nonlinear_grpo_op.register_fake
 def _(logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps, scale_code,
       eps_low, eps_high, beta, loss_type, max_completion_length, need_grad, ratio_kl=False,
-      dual_clip=None):
+      dual_clip=None, seq_ratio=False):
     B, G, m = rewards.shape
     f32 = torch.float32
     shape = tuple(logp.shape) if need_grad else (0, 0)
@@ -202,9 +205,11 @@ def nonlinear_grpo_loss_triton(
     max_completion_length: int | None = None,
     kl_weight: str = "none",
     dual_clip: float | None = None,
+    ratio_level: str = "token",
 ) -> NonlinearGRPOOutput:
     """Triton :func:`iama_kernels.nonlinear_grpo_loss`; rewards ``[B, G, m]``, validated."""
     ratio_kl = kl_weight == "ratio"
+    seq_ratio = ratio_level == "sequence"
     lam, _ = _lambda(rewards, objective, estimator, criterion_weights, None)
     codes, taus = transform_codes(objective.transforms)
     max_len = 0 if max_completion_length is None else int(max_completion_length)
@@ -214,12 +219,13 @@ def nonlinear_grpo_loss_triton(
                                                  0, False)
         adv = scale_advantages(shaped, "batch", eps, None)
         stats, _ = _policy_loss_op(logp, old_logp, ref_logp, adv.reshape(-1), mask, eps_low,
-                                   eps_high, beta, loss_type, max_len, need, ratio_kl, dual_clip)
+                                   eps_high, beta, loss_type, max_len, need, ratio_kl, dual_clip,
+                                   seq_ratio)
     else:
         stats, adv, values, _ = _nonlinear_grpo_op(
             logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps,
             SCALE_CODES[scale],
-            eps_low, eps_high, beta, loss_type, max_len, need, ratio_kl, dual_clip,
+            eps_low, eps_high, beta, loss_type, max_len, need, ratio_kl, dual_clip, seq_ratio,
         )
     metrics = stats.detach()
     return NonlinearGRPOOutput(stats[0], adv.detach(), metrics[1], metrics[2], metrics[3],

@@ -11,6 +11,7 @@ from .. import _triton_backend as _tb
 from .._checks import (
     KL_WEIGHTS,
     LOSS_TYPES,
+    RATIO_LEVELS,
     check_choice,
     check_dual_clip,
     check_float,
@@ -103,6 +104,7 @@ def policy_loss(
     max_completion_length: int | None = None,
     kl_weight: str = "none",
     dual_clip: float | None = None,
+    ratio_level: str = "token",
     impl: str = "auto",
 ) -> PolicyLossOutput:
     """Clipped-ratio surrogate plus k3 KL penalty: one mirror-descent step as a GRPO loss.
@@ -137,6 +139,17 @@ def policy_loss(
             ``clip_ratio_c``): a token with ``A < 0`` and ``rho > c`` has the surrogate ``c A``, a
             constant (no surrogate gradient), so a negative advantage cannot push a token whose
             ratio has already grown past ``c`` without bound.
+        ratio_level: ``"token"`` (PPO's ratio per token) or ``"sequence"`` (GSPO, Zheng et al.,
+            2025): every token of row ``i`` has the ratio ``s_i = exp(l_i)``, ``l_i`` the mean of
+            ``logp - old_logp`` over the row's tokens with a non-zero mask (0 for an empty row),
+            as GSPO-token's ``sg[s_i] pi_t / sg[pi_t]``: its value is ``s_i`` and its derivative
+            in ``logp_t`` is ``s_i``, so clipping, the dual clip, the KL weight and the gradient
+            below hold with ``rho = s_i``. With one advantage per row and a mask uniform over
+            each row (0/1 masks, every ``loss_type``), this loss and gradient are exactly those of
+            GSPO's sequence-level objective (TRL's ``importance_sampling_level="sequence"``);
+            with per-token advantages it is verl's ``"gspo"`` loss. The metrics stay
+            mask-weighted means over tokens (``log_ratio_mean`` is then the token mean of
+            ``logp - old_logp`` for a 0/1 mask).
         impl: ``"auto"`` or an explicit backend name.
 
     Returns:
@@ -152,6 +165,7 @@ def policy_loss(
         logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_type, max_completion_length
     )
     check_choice("kl_weight", kl_weight, KL_WEIGHTS)
+    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     dual_clip = check_dual_clip(dual_clip)
     advantages = check_float("advantages", advantages)
     per_token = advantages.dim() == 2
@@ -169,7 +183,7 @@ def policy_loss(
                                       advantages if per_token else None)})
     backend = choose("policy_loss", impl, _POLICY_LOSS_BACKENDS, call)
     out = backend.run(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,
-                      loss_type, max_completion_length, kl_weight, dual_clip)
+                      loss_type, max_completion_length, kl_weight, dual_clip, ratio_level)
     if per_token and data_checks_enabled():
         _check_token_advantages(out.loss, advantages, mask)
     return out

@@ -25,10 +25,11 @@ def policy_loss_cpu(
     max_completion_length: int | None = None,
     kl_weight: str = "none",
     dual_clip: float | None = None,
+    ratio_level: str = "token",
 ) -> PolicyLossOutput:
     """``[S, T]`` log-probs, ``[S]`` advantages, ``[S, T]`` mask -> :class:`PolicyLossOutput`."""
     outputs = torch.ops.iama.policy_loss_fwd(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length,
-        kl_weight == "ratio", dual_clip,
+        kl_weight == "ratio", dual_clip, ratio_level == "sequence",
     )
     return PolicyLossOutput(outputs[0], *(t.detach() for t in outputs[1:7]))

@@ -3,7 +3,10 @@
 Autograd through these ops gives exactly the closed-form gradient of the SPEC: the clipped branch
 is detached, so the gradient is ``-rho A`` where the unclipped term is active (ties included) and 0
 where the clipped one is (and where the dual clip holds the surrogate at ``c A``), plus
-``beta (1 - exp(ref - logp))``. Tokens with mask 0 are never read
+``beta (1 - exp(ref - logp))``. With ``ratio_level="sequence"`` the log-ratio of every token of a
+row is GSPO's ``sg[l_i] + logp_t - sg[logp_t]`` (``l_i`` the row's mean log-ratio), whose value is
+``l_i`` and whose derivative in ``logp_t`` is 1, so the same closed form holds with
+``rho = exp(l_i)``. Tokens with mask 0 are never read
 into the arithmetic (``torch.where``, not a product), so padding may hold inf or NaN.
 """
 
@@ -34,6 +37,14 @@ def token_weights(
     return m / (S * length)
 
 
+def sequence_log_ratio(log_ratio: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``[S, 1]`` GSPO's log sequence ratio: the mean of ``logp - old`` over each row's tokens
+    with a non-zero mask (its support, whatever the weights), 0 for an empty row."""
+    zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
+    total = torch.where(keep, log_ratio, zero).sum(-1, keepdim=True)
+    return total / keep.sum(-1, keepdim=True).clamp(min=1).to(log_ratio.dtype)
+
+
 def policy_loss_ref(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -47,6 +58,7 @@ def policy_loss_ref(
     max_completion_length: int | None = None,
     kl_weight: str = "none",
     dual_clip: float | None = None,
+    ratio_level: str = "token",
 ) -> PolicyLossOutput:
     """Reference :func:`iama_kernels.policy_loss`; arguments already validated."""
     dtype = compute_dtype(logp.dtype)
@@ -59,7 +71,11 @@ def policy_loss_ref(
     else:  # per-token advantages, read only under the mask
         A = torch.where(keep, advantages.to(dtype), zero)
 
-    ratio = torch.exp(lp - old)
+    log_ratio = lp - old
+    if ratio_level == "sequence":
+        log_ratio = torch.where(keep, sequence_log_ratio(log_ratio.detach(), keep) + (lp - lp.detach()),
+                                zero)
+    ratio = torch.exp(log_ratio)
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
     unclipped_active = ratio * A <= clipped * A
     surrogate = torch.where(unclipped_active, ratio * A, (clipped * A).detach())
@@ -86,7 +102,7 @@ def policy_loss_ref(
         kl_mean = (kl.detach() * m).sum() / tokens
         clip_fraction = ((~unclipped_active).to(dtype) * m).sum() / tokens
         ratio_mean = (ratio * m).sum() / tokens
-        log_ratio_mean = ((lp - old) * m).sum() / tokens
+        log_ratio_mean = (log_ratio.detach() * m).sum() / tokens
         dual_fraction = (dual.to(dtype) * m).sum() / tokens
         high_fraction = ((~unclipped_active & (A > 0)).to(dtype) * m).sum() / tokens
     return PolicyLossOutput(loss, kl_mean.detach(), clip_fraction, ratio_mean.detach(),

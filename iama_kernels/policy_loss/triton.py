@@ -89,7 +89,7 @@ def _token_row(
     T, eps_low, eps_high, beta, dual_c, norm, loss_acc, kl_acc, clip_acc, ratio_acc,
     lratio_acc, dual_acc, high_acc, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, RATIO_KL: tl.constexpr,
-    DUAL_CLIP: tl.constexpr, TOKEN_ADV: tl.constexpr,
+    DUAL_CLIP: tl.constexpr, TOKEN_ADV: tl.constexpr, SEQ_RATIO: tl.constexpr,
 ):
     """Stream one row with advantage ``a`` into the program's per-lane ``[BLOCK_T]`` sums of the
     weighted loss, kl, clipped, ratio, log-ratio, dual-clipped and clipped-above terms; returns
@@ -104,7 +104,10 @@ def _token_row(
     ``DUAL_CLIP``: the dual clip ``c = dual_c`` is on: for ``a < 0`` a token with ``ratio > c``
     has the constant surrogate ``c a`` and no surrogate gradient. ``TOKEN_ADV``: each token's
     advantage is read from ``adv_ptr`` (row stride ``s_ar``, token stride ``s_at``; 0 where the
-    mask is 0), not the row's ``a``."""
+    mask is 0), not the row's ``a``. ``SEQ_RATIO`` (with ``HAS_OLD``): GSPO's sequence ratio, a
+    second pre-pass over the row's extent sums ``logp - old`` over its support, and every token's
+    log-ratio is that mean (``sg[l] + logp - sg[logp]``: derivative 1, so the formulas hold); the
+    main pass then does not load ``old``."""
     offs = tl.arange(0, BLOCK_T)
     # Row bases in 64 bits: a tensor of 2**31 elements or more (65536 rows of 32768 tokens) has
     # row offsets past int32; offsets within a row stay 32-bit vectors.
@@ -127,6 +130,19 @@ def _token_row(
         reach = tl.maximum(reach, tl.where(mk != 0, t + 1, 0))
     msum, last = tl.reduce((msum_row, reach), 0, _sum_and_max)
     extent = (last + 15) // 16 * 16
+    seq_lr = 0.0
+    if SEQ_RATIO:
+        lr_row = tl.zeros([BLOCK_T], dtype=tl.float32)
+        n_row = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + offs
+            live = (t < T) & (t < extent)
+            mk = tl.load(mask_row + t * s_mt, mask=live, other=0)
+            lp = tl.load(logp_row + t * s_lt, mask=live, other=0.0).to(tl.float32)
+            old = tl.load(old_row + t * s_ot, mask=live, other=0.0).to(tl.float32)
+            lr_row += tl.where(mk != 0, lp - old, 0.0)
+            n_row += tl.where(mk != 0, 1.0, 0.0)
+        seq_lr = tl.sum(lr_row, axis=0) / tl.maximum(tl.sum(n_row, axis=0), 1.0)
     if LOSS_TYPE == 0:
         wscale = norm / tl.maximum(msum, 1.0)
     elif LOSS_TYPE == 2:
@@ -142,7 +158,11 @@ def _token_row(
         keep = m != 0
         live = inb & (t < extent)
         lp = tl.load(logp_row + t * s_lt, mask=live, other=0.0).to(tl.float32)
-        if HAS_OLD:
+        if SEQ_RATIO:
+            log_ratio = tl.where(keep, seq_lr, 0.0)
+            ratio = tl.exp(log_ratio)
+            lratio_acc += m * log_ratio
+        elif HAS_OLD:
             old = tl.load(old_row + t * s_ot, mask=live, other=0.0).to(tl.float32)
             log_ratio = tl.where(keep, lp - old, 0.0)
             ratio = tl.exp(log_ratio)
@@ -212,7 +232,7 @@ def _policy_loss_fwd_kernel(
     S, T, rows_per_prog, eps_low, eps_high, beta, dual_c, norm,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr, RATIO_KL: tl.constexpr = False,
-    DUAL_CLIP: tl.constexpr = False, TOKEN_ADV: tl.constexpr = False,
+    DUAL_CLIP: tl.constexpr = False, TOKEN_ADV: tl.constexpr = False, SEQ_RATIO: tl.constexpr = False,
 ):
     """Program ``pid`` streams rows ``[pid * rows_per_prog, ...)`` and writes its partials
     (advantages: one per row, or with ``TOKEN_ADV`` one per token)."""
@@ -237,6 +257,7 @@ def _policy_loss_fwd_kernel(
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_a, s_at,
             T, eps_low, eps_high, beta, dual_c, norm, loss, kl, clip, ratio, lratio, dual, high,
             HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL, DUAL_CLIP, TOKEN_ADV,
+            SEQ_RATIO,
         )
         msum += r_m
     _store_partials(partial_ptr, pid, loss, msum, kl, clip, ratio, lratio, dual, high, NP)
@@ -329,7 +350,7 @@ def _policy_loss_fwd(
     logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
     advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
     loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
-    dual_clip: float | None = None,
+    dual_clip: float | None = None, seq_ratio: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launch: ``stats [N_STATS]`` float32 and the gradient (``[S, T]``, or empty)."""
     S, T = logp.shape
@@ -353,7 +374,7 @@ def _policy_loss_fwd(
             HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
             LOSS_TYPE=LOSS_TYPE_CODES[loss_type], WRITE_GRAD=need_grad, BLOCK_T=block_t,
             NP=N_PARTIALS, RATIO_KL=ratio_kl, DUAL_CLIP=has_dual, TOKEN_ADV=token_adv,
-            num_warps=warps,
+            SEQ_RATIO=seq_ratio and old_logp is not None, num_warps=warps,
         )
     return finalize(partials, loss_type), grad
 
@@ -363,17 +384,17 @@ def _policy_loss_op(
     logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
     advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
     loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
-    dual_clip: float | None = None,
+    dual_clip: float | None = None, seq_ratio: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with launch_device(logp.device):
         return _policy_loss_fwd(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high,
                                 beta, loss_type, max_completion_length, need_grad, ratio_kl,
-                                dual_clip)
+                                dual_clip, seq_ratio)
 
 
 @_policy_loss_op.register_fake
 def _(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
-      max_completion_length, need_grad, ratio_kl=False, dual_clip=None):
+      max_completion_length, need_grad, ratio_kl=False, dual_clip=None, seq_ratio=False):
     shape = tuple(logp.shape) if need_grad else (0, 0)
     return (logp.new_empty(N_STATS, dtype=torch.float32),
             logp.new_empty(shape, dtype=grad_dtype(logp)))
@@ -421,12 +442,13 @@ def policy_loss_triton(
     max_completion_length: int | None = None,
     kl_weight: str = "none",
     dual_clip: float | None = None,
+    ratio_level: str = "token",
 ) -> PolicyLossOutput:
     """Triton :func:`iama_kernels.policy_loss`; arguments already validated. float32 outputs."""
     stats, _ = _policy_loss_op(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
         0 if max_completion_length is None else int(max_completion_length), needs_grad(logp),
-        kl_weight == "ratio", dual_clip,
+        kl_weight == "ratio", dual_clip, ratio_level == "sequence",
     )
     metrics = stats.detach()
     return PolicyLossOutput(stats[0], metrics[1], metrics[2], metrics[3], metrics[5], metrics[6],

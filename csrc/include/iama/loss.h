@@ -9,6 +9,10 @@
 //   grad  = w (-(ratio A if active and not dual else 0) + beta (1 - exp(ref - logp)))  (d loss / d logp)
 // With ratio_kl (TRL's bias-corrected KL) the KL term is ratio * kl, ratio not detached: its
 // derivative is ratio * kl + ratio * (1 - exp(ref - logp)) = ratio * (logp - ref).
+// The log-ratio is (logp - old) + lr0. Per-token ratios have lr0 = 0; GSPO's sequence ratio
+// passes old = logp (so logp - old is exactly 0) and lr0 = the row's mean log-ratio: the token's
+// log-ratio is then sg[lr0] + logp - sg[logp], whose derivative in logp is 1 as for a token ratio,
+// so every formula above holds unchanged.
 // Tokens with m == 0 are never read into the arithmetic: their inputs are replaced by 0 before
 // use (so NaN/inf padding cannot leak) and they contribute exactly 0.
 #pragma once
@@ -32,12 +36,14 @@ struct TokenTerms {
 template <typename acc_t>
 IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t ref, acc_t A, acc_t w_scale,
                                              acc_t lo, acc_t hi, acc_t beta, acc_t dual_c,
-                                             bool ratio_kl = false, bool use_dual = true) {
+                                             bool ratio_kl = false, bool use_dual = true,
+                                             acc_t lr0 = acc_t(0)) {
   const bool keep = m != acc_t(0);
+  // old enters only through the log-ratio, which is selected as a whole (one select, as for lp).
   lp = keep ? lp : acc_t(0);
-  old = keep ? old : acc_t(0);
   ref = keep ? ref : acc_t(0);
-  const acc_t ratio = exp_acc(lp - old);
+  const acc_t lr = keep ? (lp - old) + lr0 : acc_t(0);
+  const acc_t ratio = exp_acc(lr);
   const acc_t clipped = ratio < lo ? lo : (ratio > hi ? hi : ratio);
   const acc_t unclipped_term = ratio * A;
   const acc_t clipped_term = clipped * A;
@@ -56,7 +62,7 @@ IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t
   t.kl = kl * m;
   t.clip = active ? acc_t(0) : m;
   t.ratio = ratio * m;
-  t.lratio = (lp - old) * m;
+  t.lratio = lr * m;
   t.dual = dual ? m : acc_t(0);
   t.high = !active && A > acc_t(0) ? m : acc_t(0);
   return t;
@@ -79,13 +85,14 @@ struct RowSums {
 // from vectorising (the int64-mask row, which takes this path, ran 2x slower). kTokenAdv: the
 // advantage of token t is A_tok[t] (PPO's per-token advantages, e.g. GAE), not the row's A.
 // kDual = false: the caller knows no token of the row is dual-clipped (a row advantage A >= 0,
-// or no finite c), and the loop leaves the dual clip and its sum out.
+// or no finite c), and the loop leaves the dual clip and its sum out. lr0: added to every token's
+// log-ratio (GSPO's sequence ratio, see token_terms; 0 for per-token ratios).
 template <typename lp_t, typename aux_t, typename mask_t, typename acc_t, bool kRatioKL = false, bool kTokenAdv = false,
           bool kDual = true>
 IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old, const aux_t* ref,
                                 const mask_t* __restrict__ mask, int64_t T, acc_t A, acc_t w_scale, acc_t lo,
                                 acc_t hi, acc_t beta, acc_t dual_c, lp_t* __restrict__ grad,
-                                const acc_t* __restrict__ A_tok = nullptr) {
+                                const acc_t* __restrict__ A_tok = nullptr, acc_t lr0 = acc_t(0)) {
   constexpr int kTile = 64;
   RowSums sums = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
   acc_t t_loss[kTile], t_kl[kTile], t_clip[kTile], t_ratio[kTile], t_lratio[kTile], t_dual[kTile], t_high[kTile];
@@ -109,7 +116,7 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       if constexpr (kTokenAdv) a = A_tok[t];
       const TokenTerms<acc_t> tt = token_terms<acc_t>(m, static_cast<acc_t>(logp[t]), static_cast<acc_t>(old[t]),
                                                       static_cast<acc_t>(ref[t]), a, w_scale, lo, hi, beta, dual_c,
-                                                      kRatioKL, kDual);
+                                                      kRatioKL, kDual, lr0);
       grad[t] = static_cast<lp_t>(tt.grad);
       t_loss[j] = tt.loss;
       t_kl[j] = tt.kl;
@@ -175,6 +182,38 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
     sums.high = A > acc_t(0) ? sums.clip : 0.0;
   }
   return sums;
+}
+
+// GSPO's log sequence ratio of one row: the mean of logp - old over the tokens with a non-zero
+// mask (the row's support, whatever its weights), 0 for an empty row. Each 64-token tile's
+// differences go to a small array (the mask selects them: NaN padding cannot leak; the loads are
+// unconditional, so the loop vectorises), summed pairwise in acc_t and added in double; the
+// support is counted in a loop of its own (a combined loop did not vectorise: 3x slower).
+template <typename lp_t, typename aux_t, typename mask_t, typename acc_t>
+IAMA_HD inline double row_mean_log_ratio(const lp_t* __restrict__ logp, const aux_t* __restrict__ old,
+                                         const mask_t* __restrict__ mask, int64_t T) {
+  constexpr int kTile = 64;
+  double total = 0.0;
+  int64_t t0 = 0;
+  for (; t0 + kTile <= T; t0 += kTile) {
+    acc_t d[kTile];
+    for (int j = 0; j < kTile; ++j) {
+      const int64_t t = t0 + j;
+      const acc_t diff = static_cast<acc_t>(logp[t]) - static_cast<acc_t>(old[t]);
+      d[j] = mask[t] != mask_t(0) ? diff : acc_t(0);
+    }
+    for (int width = kTile / 2; width >= 1; width /= 2) {
+      for (int j = 0; j < width; ++j) d[j] += d[j + width];
+    }
+    total += static_cast<double>(d[0]);
+  }
+  for (int64_t t = t0; t < T; ++t) {
+    const acc_t diff = static_cast<acc_t>(logp[t]) - static_cast<acc_t>(old[t]);
+    total += static_cast<double>(mask[t] != mask_t(0) ? diff : acc_t(0));
+  }
+  int64_t count = 0;
+  for (int64_t t = 0; t < T; ++t) count += mask[t] != mask_t(0) ? 1 : 0;
+  return count > 0 ? total / static_cast<double>(count) : 0.0;
 }
 
 // Sum of a row's mask weights (the grpo normaliser and the metrics' token count), in double.
