@@ -60,13 +60,13 @@ struct PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction>
                                bool ratio_kl, std::optional<double> dual_clip, bool seq_ratio) {
     static const auto op = typed_op<decltype(policy_loss_fwd)>("iama::policy_loss_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, kl, clip, ratio, lratio, dual, high, grad] = op.call(
+    auto [loss, kl, clip, ratio, lratio, dual, high, seq, grad] = op.call(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl,
         dual_clip, seq_ratio);
     ctx->save_for_backward({grad.detach()});
     ctx->set_materialize_grads(false);  // else autograd fills a zero [S, T] for the grad output
-    ctx->mark_non_differentiable({kl, clip, ratio, lratio, dual, high, grad});
-    return {loss, kl, clip, ratio, lratio, dual, high, grad};
+    ctx->mark_non_differentiable({kl, clip, ratio, lratio, dual, high, seq, grad});
+    return {loss, kl, clip, ratio, lratio, dual, high, seq, grad};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(13);
@@ -85,13 +85,13 @@ struct NonlinearGRPOFunction : public torch::autograd::Function<NonlinearGRPOFun
                                bool ratio_kl, std::optional<double> dual_clip, bool seq_ratio) {
     static const auto op = typed_op<decltype(nonlinear_grpo_fwd)>("iama::nonlinear_grpo_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, adv, kl, clip, ratio, values, lratio, dual, high, grad] =
+    auto [loss, adv, kl, clip, ratio, values, lratio, dual, high, seq, grad] =
         op.call(logp, old_logp, ref_logp, mask, rewards, criterion_weights, kinds, ns, taus, estimator, scale, eps,
                 eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl, dual_clip, seq_ratio);
     ctx->save_for_backward({grad.detach()});
     ctx->set_materialize_grads(false);  // else autograd fills a zero [S, T] for the grad output
-    ctx->mark_non_differentiable({adv, kl, clip, ratio, values, lratio, dual, high, grad});
-    return {loss, adv, kl, clip, ratio, values, lratio, dual, high, grad};
+    ctx->mark_non_differentiable({adv, kl, clip, ratio, values, lratio, dual, high, seq, grad});
+    return {loss, adv, kl, clip, ratio, values, lratio, dual, high, seq, grad};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(20);
@@ -100,7 +100,9 @@ struct NonlinearGRPOFunction : public torch::autograd::Function<NonlinearGRPOFun
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_autograd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+policy_loss_autograd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
     c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
@@ -108,11 +110,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const variable_list o =
       PolicyLossFunction::apply(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
                                 max_completion_length, ratio_kl, dual_clip, seq_ratio);
-  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]};
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor> nonlinear_grpo_autograd(
+           at::Tensor, at::Tensor, at::Tensor>
+nonlinear_grpo_autograd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& mask, const at::Tensor& rewards, const at::Tensor& criterion_weights, at::IntArrayRef kinds,
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,
@@ -123,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       NonlinearGRPOFunction::apply(logp, old_logp, ref_logp, mask, rewards, criterion_weights, kinds, ns, taus,
                                    estimator, scale, eps, eps_low, eps_high, beta, loss_type, max_completion_length,
                                    ratio_kl, dual_clip, seq_ratio);
-  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9]};
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10]};
 }
 
 }  // namespace

@@ -42,10 +42,11 @@ def _group_advantages_fake(rewards, valid, lam, kinds, ns, taus, estimator, scal
             rewards.new_empty((B, m), dtype=dtype))
 
 
-def _token_outputs_fake(logp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _token_outputs_fake(logp: torch.Tensor, seq_ratio: bool) -> tuple[torch.Tensor, ...]:
     dtype = _compute_dtype(logp.dtype)
     scalars = tuple(logp.new_empty((), dtype=dtype) for _ in range(7))
-    return (*scalars, torch.empty_like(logp, memory_format=torch.contiguous_format))
+    seq = logp.new_empty((logp.shape[0] if seq_ratio else 0,), dtype=dtype)
+    return (*scalars, seq, torch.empty_like(logp, memory_format=torch.contiguous_format))
 
 
 @torch.library.register_fake("iama::policy_loss_fwd")
@@ -53,7 +54,7 @@ def _policy_loss_fwd_fake(logp, old_logp, ref_logp, advantages, mask, eps_low, e
                           loss_type, max_completion_length, ratio_kl=False, dual_clip=None,
                           seq_ratio=False):
     torch._check(logp.dim() == 2, lambda: "logp must have shape [S, T]")
-    return _token_outputs_fake(logp)
+    return _token_outputs_fake(logp, seq_ratio)
 
 
 @torch.library.register_fake("iama::nonlinear_grpo_fwd")
@@ -63,6 +64,6 @@ def _nonlinear_grpo_fwd_fake(logp, old_logp, ref_logp, mask, rewards, criterion_
     torch._check(rewards.dim() == 3, lambda: "rewards must have shape [B, G, m]")
     B, G, m = rewards.shape
     rdtype = _compute_dtype(rewards.dtype)
-    loss, kl, clip, ratio, lratio, dual, high, grad = _token_outputs_fake(logp)
+    loss, kl, clip, ratio, lratio, dual, high, seq, grad = _token_outputs_fake(logp, seq_ratio)
     return (loss, rewards.new_empty((B, G), dtype=rdtype), kl, clip, ratio,
-            rewards.new_empty((B, m), dtype=rdtype), lratio, dual, high, grad)
+            rewards.new_empty((B, m), dtype=rdtype), lratio, dual, high, seq, grad)

@@ -39,6 +39,10 @@ class PolicyLossOutput(NamedTuple):
             ``ratio > dual_clip`` (verl's ``pg_clipfrac_lower``; 0 without ``dual_clip``).
         clip_high_fraction: scalar, the part of ``clip_fraction`` clipped above (``A > 0`` and
             ``ratio > 1 + eps_high``; TRL's ``clip_ratio/high_mean``); the rest is clipped below.
+        sequence_log_ratio: ``[S]`` with ``ratio_level="sequence"``: GSPO's log sequence ratio
+            of each row, the mean of ``logp - old_logp`` over its tokens with a non-zero mask (0
+            for an empty row or without ``old_logp``; ``exp`` of it is the row's ratio), in the
+            metrics' dtype; ``None`` with ``ratio_level="token"``.
     """
 
     loss: torch.Tensor
@@ -48,13 +52,15 @@ class PolicyLossOutput(NamedTuple):
     log_ratio_mean: torch.Tensor
     dual_clip_fraction: torch.Tensor
     clip_high_fraction: torch.Tensor
+    sequence_log_ratio: torch.Tensor | None
 
 
 class NonlinearGRPOOutput(NamedTuple):
     """Result of :func:`iama_kernels.nonlinear_grpo_loss`: the loss, its metrics and the
     intermediate advantages, values and criterion weights (all but ``loss`` detached). The three
     metrics added last (after ``criterion_weights``, so that positional unpacking of the first
-    seven keeps working) are those of :class:`PolicyLossOutput`."""
+    seven keeps working) are those of :class:`PolicyLossOutput`, and so is ``sequence_log_ratio``
+    (``[B * G]`` or ``None``)."""
 
     loss: torch.Tensor
     advantages: torch.Tensor
@@ -66,3 +72,4 @@ class NonlinearGRPOOutput(NamedTuple):
     log_ratio_mean: torch.Tensor
     dual_clip_fraction: torch.Tensor
     clip_high_fraction: torch.Tensor
+    sequence_log_ratio: torch.Tensor | None

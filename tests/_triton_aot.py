@@ -40,7 +40,7 @@ from iama_kernels.policy_loss.triton import _finalize_kernel, _policy_loss_fwd_k
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {
     **{name: "*fp32" for name in ("rewards_ptr", "table_ptr", "crit_ptr", "lam_ptr", "adv_ptr",
-                                  "shaped_ptr", "values_ptr", "old_ptr", "ref_ptr", "partial_ptr",
+                                  "shaped_ptr", "values_ptr", "old_ptr", "ref_ptr", "partial_ptr", "seq_ptr",
                                   "out_ptr")},
     "logp_ptr": "*bf16", "grad_ptr": "*bf16", "valid_ptr": "*u8", "mask_ptr": "*u8",
     **{name: "fp32" for name in ("eps", "eps_low", "eps_high", "beta", "norm")},

@@ -98,18 +98,22 @@ def test_group_advantages_compiles(impl):
     _assert_same(torch.compile(fn, fullgraph=True)(rewards, valid), fn(rewards, valid))
 
 
-@pytest.mark.parametrize("kl_weight", ["none", "ratio"])
-def test_policy_loss_compiles_and_backpropagates(impl, kl_weight):
+@pytest.mark.parametrize(("kl_weight", "ratio_level"), [("none", "token"), ("ratio", "token"),
+                                                       ("none", "sequence")])
+def test_policy_loss_compiles_and_backpropagates(impl, kl_weight, ratio_level):
     logp, old, ref, mask = _token_inputs(6, 33)
     adv = torch.randn(6)
 
     def fn(lp: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(policy_loss(lp, old, ref, adv, mask, beta=0.04, kl_weight=kl_weight, impl=impl))
+        out = policy_loss(lp, old, ref, adv, mask, beta=0.04, kl_weight=kl_weight, ratio_level=ratio_level,
+                          impl=impl)
+        return tuple(t for t in out if t is not None)  # sequence_log_ratio: None for token ratios
 
     results = []
     for f in (torch.compile(fn, fullgraph=True), fn):
         x = logp.clone().requires_grad_(True)
         out = f(x)
+        assert len(out) == (8 if ratio_level == "sequence" else 7)
         out[0].backward()
         results.append((*[t.detach() for t in out], x.grad))
     _assert_same(results[0], results[1])
@@ -121,7 +125,8 @@ def test_nonlinear_grpo_loss_compiles_and_backpropagates(impl):
     logp, old, ref, mask = _token_inputs(B * G, T)
 
     def fn(lp: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(nonlinear_grpo_loss(lp, old, ref, mask, rewards, OBJECTIVE, beta=0.04, impl=impl))
+        out = nonlinear_grpo_loss(lp, old, ref, mask, rewards, OBJECTIVE, beta=0.04, impl=impl)
+        return tuple(out[:-1])  # sequence_log_ratio: None for token ratios
 
     results = []
     for f in (torch.compile(fn, fullgraph=True), fn):

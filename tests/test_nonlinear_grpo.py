@@ -68,7 +68,8 @@ def test_equals_composition(objective: object, estimator: str, loss_type: str, s
     for name in ("kl", "clip_fraction", "ratio_mean"):
         assert torch.equal(getattr(fused, name), getattr(two, name))
     assert fused.loss.requires_grad
-    assert not any(t.requires_grad for t in fused[1:])
+    assert fused.sequence_log_ratio is None  # per-token ratios
+    assert not any(t.requires_grad for t in fused[1:-1])
 
 
 def test_criterion_weights_and_optional_inputs() -> None:

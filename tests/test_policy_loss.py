@@ -127,7 +127,8 @@ def test_empty_rows_and_all_empty_mask(loss_type: str) -> None:
         torch.testing.assert_close(out.loss, out_sub.loss * (S - 1) / S, rtol=1e-14, atol=0)
     empty = dict(inp, mask=torch.zeros_like(inp["mask"]))
     out, grad = _run(empty, beta=0.1, loss_type=loss_type)
-    for t in out:
+    assert out.sequence_log_ratio is None  # per-token ratios
+    for t in out[:-1]:
         assert float(t.detach()) == 0.0
     assert bool((grad == 0).all())
 
@@ -142,7 +143,7 @@ def test_masked_nan_and_inf_do_not_leak(loss_type: str) -> None:
         bad = torch.tensor([float("nan"), float("inf"), -float("inf")][i], dtype=torch.float64)
         dirty[key] = torch.where(off, bad, inp[key])
     out_d, grad_d = _run(dirty, beta=0.1, loss_type=loss_type)
-    for a, b in zip(out, out_d, strict=True):
+    for a, b in zip(out[:-1], out_d[:-1], strict=True):
         assert torch.equal(a, b)
     assert torch.equal(grad, grad_d)
     assert bool((grad_d[off] == 0).all())
@@ -439,6 +440,10 @@ def test_sequence_ratio_against_loops(loss_type: str, beta: float, kl_weight: st
     out, grad = _run(inp, **kw)
     _assert_equals_loops(inp, out, grad, **kw)
     assert 0.03 < float(out.clip_fraction) < 0.9  # whole rows clipped, others not
+    keep = inp["mask"] != 0
+    lr = torch.where(keep, inp["logp"] - inp["old_logp"], 0.0)
+    torch.testing.assert_close(out.sequence_log_ratio, lr.sum(-1) / keep.sum(-1).clamp(min=1),
+                               rtol=0, atol=1e-15)
     token, token_grad = _run(inp, **dict(kw, ratio_level="token"))
     assert (grad - token_grad).abs().max() > 1e-3
     assert float(out.ratio_mean) != float(token.ratio_mean)
@@ -510,7 +515,9 @@ def test_sequence_ratio_ignores_masked_values_and_needs_old_logp_to_matter() -> 
     # Without old_logp every ratio is 1 at either level.
     seq, seq_grad = _run(dict(inp, old_logp=None), **kw)
     tok, tok_grad = _run(dict(inp, old_logp=None), beta=0.1)
-    assert all(torch.equal(a, b) for a, b in zip(seq, tok, strict=True)) and torch.equal(seq_grad, tok_grad)
+    assert all(torch.equal(a, b) for a, b in zip(seq[:-1], tok[:-1], strict=True))
+    assert torch.equal(seq_grad, tok_grad) and tok.sequence_log_ratio is None
+    assert torch.equal(seq.sequence_log_ratio, torch.zeros(inp["logp"].shape[0], dtype=torch.float64))
 
 
 def test_ratio_level_is_checked() -> None:

@@ -274,6 +274,11 @@ def _loss_fields(out: object, oracle: object, same: object, name: str) -> None:
     for field in ("loss", "kl", "clip_fraction", "ratio_mean", "log_ratio_mean", "dual_clip_fraction",
                   "clip_high_fraction"):
         _close(getattr(out, field), getattr(oracle, field), getattr(same, field), name=f"{name}: {field}")
+    if oracle.sequence_log_ratio is None:
+        assert out.sequence_log_ratio is None, name
+    else:  # GSPO's per-row log-ratios
+        _close(out.sequence_log_ratio, oracle.sequence_log_ratio, same.sequence_log_ratio,
+               name=f"{name}: sequence_log_ratio")
     assert torch.isfinite(out.loss)
 
 

@@ -193,7 +193,7 @@ def check_launch(timer: Timer, launch: Callable[..., tuple[torch.Tensor, ...]],
     logp, old, ref, mask, rewards = inputs
 
     def check() -> dict[str, Any]:
-        stats, _, _, grad = launch(*inputs)
+        stats, *_, grad = launch(*inputs)
         (oracle, grad64), (same, grad_same) = reference_grad_pair(
             nonlinear_grpo_loss, logp, old, ref, mask, rewards, OBJECTIVE, **kw)
         try:

@@ -9,7 +9,8 @@
 namespace iama::cpu {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor> nonlinear_grpo_fwd(
+           at::Tensor, at::Tensor, at::Tensor>
+nonlinear_grpo_fwd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& mask, const at::Tensor& rewards, const at::Tensor& criterion_weights, at::IntArrayRef kinds,
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,
@@ -27,10 +28,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     adv = a;
     values = v;
   }
-  auto [loss, kl, clip, ratio, lratio, dual, high, grad] =
+  auto [loss, kl, clip, ratio, lratio, dual, high, seq, grad] =
       policy_loss_fwd(logp, old_logp, ref_logp, adv.reshape({-1}), mask, eps_low, eps_high, beta, loss_type,
                       max_completion_length, ratio_kl, dual_clip, seq_ratio);
-  return {loss, adv, kl, clip, ratio, values, lratio, dual, high, grad};
+  return {loss, adv, kl, clip, ratio, values, lratio, dual, high, seq, grad};
 }
 
 }  // namespace iama::cpu

@@ -21,18 +21,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_advantages(
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps);
 
 // -> (loss, kl, clip_fraction, ratio_mean, log_ratio_mean, dual_clip_fraction, clip_high_fraction)
-// scalars in the compute dtype, and grad [S, T] (logp's dtype). dual_clip: c > 1 of dual-clip PPO,
-// or none. seq_ratio: GSPO's ratio, one per sequence (the exp of its mean log-ratio).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd(
+// scalars in the compute dtype, sequence_log_ratio ([S] with seq_ratio, else [0]) and grad [S, T]
+// (logp's dtype). dual_clip: c > 1 of dual-clip PPO, or none. seq_ratio: GSPO's ratio, one per
+// sequence (the exp of its mean log-ratio, which sequence_log_ratio holds).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+policy_loss_fwd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
     c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
     std::optional<double> dual_clip, bool seq_ratio);
 
 // -> (loss, advantages [B, G], kl, clip_fraction, ratio_mean, values [B, m], log_ratio_mean,
-//     dual_clip_fraction, clip_high_fraction, grad [B * G, T]).
+//     dual_clip_fraction, clip_high_fraction, sequence_log_ratio, grad [B * G, T]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor> nonlinear_grpo_fwd(
+           at::Tensor, at::Tensor, at::Tensor>
+nonlinear_grpo_fwd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& mask, const at::Tensor& rewards, const at::Tensor& criterion_weights, at::IntArrayRef kinds,
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,

@@ -6,6 +6,7 @@
 // stride as long as each row is contiguous; other layouts are copied once.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <vector>
@@ -25,7 +26,9 @@ at::Tensor rows_contiguous(const at::Tensor& t) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+policy_loss_fwd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
     c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
@@ -146,10 +149,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const double tokens = std::max(1.0, sums[4]);
   const auto opts = logp.options().dtype(ct);
+  // GSPO's per-row mean log-ratios ([S], 0 without old_logp); an empty [0] for per-token ratios.
+  at::Tensor seq_log_ratio = at::zeros({seq_ratio ? S : 0}, opts.dtype(at::kDouble));
+  if (seq_old.defined()) {
+    double* dst = seq_log_ratio.mutable_data_ptr<double>();
+    for (int64_t r = 0; r < S; ++r) dst[r] = rows[r * kRowFields + 8];
+  }
   return {at::scalar_tensor(sums[0], opts), at::scalar_tensor(sums[1] / tokens, opts),
           at::scalar_tensor(sums[2] / tokens, opts), at::scalar_tensor(sums[3] / tokens, opts),
           at::scalar_tensor(sums[5] / tokens, opts), at::scalar_tensor(sums[6] / tokens, opts),
-          at::scalar_tensor(sums[7] / tokens, opts), grad};
+          at::scalar_tensor(sums[7] / tokens, opts), seq_log_ratio.to(ct), grad};
 }
 
 }  // namespace iama::cpu

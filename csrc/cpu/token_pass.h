@@ -43,8 +43,9 @@ struct TokenProblem {
 };
 
 // Per-row results in rows[r * kRowFields + q]: loss, m * kl, clipped weight, m * ratio, mask sum,
-// m * log-ratio, dual-clipped weight, clipped-above weight.
-constexpr int kRowFields = 8;
+// m * log-ratio, dual-clipped weight, clipped-above weight, and GSPO's mean log-ratio of the row
+// (0 for per-token ratios).
+constexpr int kRowFields = 9;
 
 // Runs the pass with the best kernel build for this CPU.
 void token_pass(const TokenProblem& p, std::vector<double>& rows);

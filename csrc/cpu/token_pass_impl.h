@@ -91,6 +91,7 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       out[5] = sums.lratio;
       out[6] = sums.dual;
       out[7] = sums.high;
+      out[8] = static_cast<double>(lr0);
     }
   });
 }

@@ -80,8 +80,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
             ``use_bias_correction_kl`` (TRL's default) and ``beta > 0`` the KL term is TRL's
             ratio-weighted ``rho * k3``, the kernel's ``kl_weight="ratio"``. It logs TRL's
             ``kl``, ``entropy`` and ``clip_ratio/{low,high,region}_mean`` (at the sequence level,
-            as TRL, means over sequences: one small extra pass over ``logp - old`` gives each
-            sequence's ratio), not the per-sequence ``clip_ratio/low_min`` and ``high_max``.
+            as TRL, means over sequences, from the kernel's ``sequence_log_ratio``), not the
+            per-sequence ``clip_ratio/low_min`` and ``high_max``.
 
     Logged next to TRL's metrics: ``iama/lambda/<criterion>`` (the weight ``dg/dR`` of each
     criterion) and ``iama/value/<criterion>`` (the batch's estimate of the criterion's value
@@ -247,7 +247,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
         # are token-weighted, except for sequence ratios with one advantage per sequence, which
         # TRL averages over sequences.
         if self.importance_sampling_level == "sequence" and advantages.dim() == 1:
-            low_sum, high_sum, clip_count = self._sequence_clip_counts(logps, old, mask, advantages)
+            low_sum, high_sum, clip_count = self._sequence_clip_counts(out.sequence_log_ratio, advantages)
         else:
             high_sum = out.clip_high_fraction * tokens
             low_sum, clip_count = out.clip_fraction * tokens - high_sum, tokens
@@ -265,14 +265,11 @@ class IAMAGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["clip_ratio/region_mean"].append((low_sum + high_sum) / clip_count)
         return loss
 
-    def _sequence_clip_counts(self, logps: torch.Tensor, old: torch.Tensor | None, mask: torch.Tensor,
+    def _sequence_clip_counts(self, log_ratio: torch.Tensor,
                               advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Sequences clipped below and above, and the number of sequences, as TRL counts them for
-        sequence-level ratios (``exp`` of the masked mean of ``logp - old``)."""
-        if old is None:  # one update per generation: every ratio is 1
-            log_ratio = torch.zeros_like(advantages, dtype=logps.dtype)
-        else:
-            log_ratio = ((logps.detach() - old) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        sequence-level ratios, from the kernel's ``[S]`` log sequence ratios (TRL's masked mean of
+        ``logp - old``, which is the kernel's mean over the support for a 0/1 mask)."""
         ratio = torch.exp(log_ratio)
         low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).sum()
         high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).sum()

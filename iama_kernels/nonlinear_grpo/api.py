@@ -62,8 +62,8 @@ def nonlinear_grpo_loss(
     Returns:
         :class:`~iama_kernels.NonlinearGRPOOutput` ``(loss, advantages [B, G], kl,
         clip_fraction, ratio_mean, values [B, m], criterion_weights [m], log_ratio_mean,
-        dual_clip_fraction, clip_high_fraction)``; only ``loss`` carries a gradient (into
-        ``logp``).
+        dual_clip_fraction, clip_high_fraction, sequence_log_ratio [B * G] or None)``; only
+        ``loss`` carries a gradient (into ``logp``).
     """
     eps_low, eps_high, beta = check_token_inputs(
         logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_type, max_completion_length

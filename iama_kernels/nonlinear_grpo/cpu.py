@@ -39,7 +39,7 @@ def nonlinear_grpo_loss_cpu(
     """Rewards ``[B, G, m]`` and ``[B * G, T]`` token inputs -> :class:`NonlinearGRPOOutput`."""
     kinds, ns, taus = objective_codes(objective)
     lam = resolve_criterion_weights(rewards, objective, estimator, criterion_weights, None)
-    loss, advantages, kl, clip_fraction, ratio_mean, values, lratio, dual, high, _ = (
+    loss, advantages, kl, clip_fraction, ratio_mean, values, lratio, dual, high, seq, _ = (
         torch.ops.iama.nonlinear_grpo_fwd(
             logp, old_logp, ref_logp, mask, rewards, lam, kinds, ns, taus, estimator, scale, eps,
             eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight == "ratio", dual_clip,
@@ -48,4 +48,4 @@ def nonlinear_grpo_loss_cpu(
     )
     return NonlinearGRPOOutput(loss, advantages.detach(), kl.detach(), clip_fraction.detach(),
                                ratio_mean.detach(), values.detach(), lam, lratio.detach(), dual.detach(),
-                               high.detach())
+                               high.detach(), seq.detach() if ratio_level == "sequence" else None)

@@ -40,5 +40,5 @@ def nonlinear_grpo_loss_ref(
     return NonlinearGRPOOutput(
         out.loss, adv.advantages, out.kl, out.clip_fraction, out.ratio_mean,
         adv.values, adv.criterion_weights, out.log_ratio_mean, out.dual_clip_fraction,
-        out.clip_high_fraction,
+        out.clip_high_fraction, out.sequence_log_ratio,
     )

@@ -50,6 +50,7 @@ from ..policy_loss.triton import (
     grad_dtype,
     needs_grad,
     row_norm,
+    sequence_buffer,
     sm_count,
     token_args,
     token_block,
@@ -60,7 +61,7 @@ from ..policy_loss.triton import (
 def _nonlinear_grpo_fwd_kernel(
     rewards_ptr, stride_rb, stride_rg, stride_rm,
     table_ptr, crit_ptr, lam_ptr, adv_ptr, values_ptr, G, eps,
-    logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, partial_ptr,
+    logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, partial_ptr, seq_ptr,
     s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
     T, rows_per_prog, eps_low, eps_high, beta, dual_c, norm,
     BG: tl.constexpr, M: tl.constexpr, SCALE: tl.constexpr,
@@ -91,7 +92,7 @@ def _nonlinear_grpo_fwd_kernel(
     for j in range(start, end):
         a = tl.sum(tl.where(offs == j, adv, 0.0), axis=0)  # sample j's advantage (one lane)
         loss, kl, clip, ratio, lratio, dual, high, r_m = _token_row(
-            a, b * G + j, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr,
+            a, b * G + j, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr, seq_ptr,
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, 0, 0,
             T, eps_low, eps_high, beta, dual_c, norm, loss, kl, clip, ratio, lratio, dual, high,
             HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL, DUAL_CLIP, False,
@@ -115,9 +116,10 @@ def _nonlinear_grpo_fwd(
     taus: list[float], estimator: str, eps: float, scale_code: int, eps_low: float,
     eps_high: float, beta: float, loss_type: str, max_completion_length: int, need_grad: bool,
     ratio_kl: bool = False, dual_clip: float | None = None, seq_ratio: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One launch (plus the partials reduction). Returns float32 ``stats [N_STATS]``,
-    ``advantages [B, G]``, ``values [B, m]`` and the gradient (``[S, T]`` or empty)."""
+    ``advantages [B, G]``, ``values [B, m]``, GSPO's per-row log-ratios (``[S]`` with
+    ``seq_ratio``, else empty) and the gradient (``[S, T]`` or empty)."""
     B, G, m = rewards.shape
     S, T = logp.shape
     dev = logp.device
@@ -131,9 +133,10 @@ def _nonlinear_grpo_fwd(
     partials = torch.empty(B * splits, N_PARTIALS, dtype=torch.float32, device=dev)
     block_t, warps = token_block(T, logp.element_size())
     dual_c, has_dual = dual_clip_args(dual_clip)
+    seq = sequence_buffer(S, seq_ratio, dev)
     _nonlinear_grpo_fwd_kernel[(B, splits)](
         rewards, *rewards.stride(), tables, crit, lam, adv, values, G, eps,
-        *args[:5], partials, *args[5:],
+        *args[:5], partials, seq, *args[5:],
         T, rpp, eps_low, eps_high, beta, dual_c, row_norm(S, T, loss_type, max_len),
         BG=tables.shape[-1], M=m, SCALE=scale_code,
         HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
@@ -141,7 +144,7 @@ def _nonlinear_grpo_fwd(
         NP=N_PARTIALS, RATIO_KL=ratio_kl, DUAL_CLIP=has_dual,
         SEQ_RATIO=seq_ratio and old_logp is not None, num_warps=max(warps, group_warps(G)),
     )
-    return finalize(partials, loss_type), adv, values, grad
+    return finalize(partials, loss_type), adv, values, seq, grad
 
 
 @torch.library.custom_op("iama_triton::nonlinear_grpo_loss", mutates_args=())
@@ -151,7 +154,7 @@ def _nonlinear_grpo_op(
     taus: list[float], estimator: str, eps: float, scale_code: int, eps_low: float,
     eps_high: float, beta: float, loss_type: str, max_completion_length: int, need_grad: bool,
     ratio_kl: bool = False, dual_clip: float | None = None, seq_ratio: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with launch_device(logp.device):
         return _nonlinear_grpo_fwd(logp, old_logp, ref_logp, mask, rewards, lam, codes, taus,
                                    estimator, eps, scale_code, eps_low, eps_high, beta, loss_type,
@@ -167,18 +170,19 @@ def _(logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps,
     f32 = torch.float32
     shape = tuple(logp.shape) if need_grad else (0, 0)
     return (logp.new_empty(N_STATS, dtype=f32), logp.new_empty((B, G), dtype=f32),
-            logp.new_empty((B, m), dtype=f32), logp.new_empty(shape, dtype=grad_dtype(logp)))
+            logp.new_empty((B, m), dtype=f32), logp.new_empty(logp.shape[0] if seq_ratio else 0, dtype=f32),
+            logp.new_empty(shape, dtype=grad_dtype(logp)))
 
 
 def _setup_context(ctx, inputs, output):
-    stats, _, _, grad = output
+    stats, _, _, _, grad = output
     ctx.set_materialize_grads(False)  # only the loss carries a gradient (see policy_loss/triton.py)
     ctx.save_for_backward(grad, stats)
     ctx.logp_dtype = inputs[0].dtype
     ctx.n_inputs = len(inputs)
 
 
-def _backward(ctx, grad_stats, grad_adv, grad_values, grad_grad):
+def _backward(ctx, grad_stats, grad_adv, grad_values, grad_seq, grad_grad):
     grad, stats = ctx.saved_tensors
     d_logp = None if grad_stats is None else backward_logp(grad, stats, grad_stats, ctx.logp_dtype)
     return (d_logp,) + (None,) * (ctx.n_inputs - 1)
@@ -218,15 +222,16 @@ def nonlinear_grpo_loss_triton(
         _, shaped, values = _group_advantages_op(rewards, None, lam, codes, taus, estimator, eps,
                                                  0, False)
         adv = scale_advantages(shaped, "batch", eps, None)
-        stats, _ = _policy_loss_op(logp, old_logp, ref_logp, adv.reshape(-1), mask, eps_low,
+        stats, seq, _ = _policy_loss_op(logp, old_logp, ref_logp, adv.reshape(-1), mask, eps_low,
                                    eps_high, beta, loss_type, max_len, need, ratio_kl, dual_clip,
                                    seq_ratio)
     else:
-        stats, adv, values, _ = _nonlinear_grpo_op(
+        stats, adv, values, seq, _ = _nonlinear_grpo_op(
             logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps,
             SCALE_CODES[scale],
             eps_low, eps_high, beta, loss_type, max_len, need, ratio_kl, dual_clip, seq_ratio,
         )
     metrics = stats.detach()
     return NonlinearGRPOOutput(stats[0], adv.detach(), metrics[1], metrics[2], metrics[3],
-                               values.detach(), lam, metrics[5], metrics[6], metrics[7])
+                               values.detach(), lam, metrics[5], metrics[6], metrics[7],
+                               seq.detach() if seq_ratio else None)

@@ -156,7 +156,8 @@ def policy_loss(
         :class:`~iama_kernels.PolicyLossOutput` of scalars (float64 for float64 ``logp``, else
         float32): ``loss`` and the detached metrics ``kl``, ``clip_fraction``, ``ratio_mean``,
         ``log_ratio_mean``, ``dual_clip_fraction``, ``clip_high_fraction`` (mask-weighted means
-        over tokens).
+        over tokens), and ``sequence_log_ratio``: ``[S]`` each row's ``l_i`` with
+        ``ratio_level="sequence"`` (``None`` otherwise).
         ``d loss / d logp_t = w_t (-(rho A if the unclipped term is active and the dual clip
         is not else 0) + beta (1 - exp(ref - logp)))`` (``beta rho (logp - ref)`` in place of
         the last term with ``kl_weight="ratio"``).

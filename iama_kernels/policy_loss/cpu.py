@@ -32,4 +32,5 @@ def policy_loss_cpu(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length,
         kl_weight == "ratio", dual_clip, ratio_level == "sequence",
     )
-    return PolicyLossOutput(outputs[0], *(t.detach() for t in outputs[1:7]))
+    seq = outputs[7].detach() if ratio_level == "sequence" else None
+    return PolicyLossOutput(outputs[0], *(t.detach() for t in outputs[1:7]), seq)

@@ -72,9 +72,10 @@ def policy_loss_ref(
         A = torch.where(keep, advantages.to(dtype), zero)
 
     log_ratio = lp - old
+    seq = None
     if ratio_level == "sequence":
-        log_ratio = torch.where(keep, sequence_log_ratio(log_ratio.detach(), keep) + (lp - lp.detach()),
-                                zero)
+        seq = sequence_log_ratio(log_ratio.detach(), keep)
+        log_ratio = torch.where(keep, seq + (lp - lp.detach()), zero)
     ratio = torch.exp(log_ratio)
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
     unclipped_active = ratio * A <= clipped * A
@@ -106,4 +107,5 @@ def policy_loss_ref(
         dual_fraction = (dual.to(dtype) * m).sum() / tokens
         high_fraction = ((~unclipped_active & (A > 0)).to(dtype) * m).sum() / tokens
     return PolicyLossOutput(loss, kl_mean.detach(), clip_fraction, ratio_mean.detach(),
-                            log_ratio_mean.detach(), dual_fraction, high_fraction)
+                            log_ratio_mean.detach(), dual_fraction, high_fraction,
+                            None if seq is None else seq.squeeze(-1).detach())

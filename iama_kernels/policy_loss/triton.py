@@ -84,7 +84,7 @@ def _sum_and_max(a_sum, a_max, b_sum, b_max):
 
 @triton.jit
 def _token_row(
-    a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr,
+    a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr, seq_ptr,
     s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_ar, s_at,
     T, eps_low, eps_high, beta, dual_c, norm, loss_acc, kl_acc, clip_acc, ratio_acc,
     lratio_acc, dual_acc, high_acc, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
@@ -106,8 +106,8 @@ def _token_row(
     advantage is read from ``adv_ptr`` (row stride ``s_ar``, token stride ``s_at``; 0 where the
     mask is 0), not the row's ``a``. ``SEQ_RATIO`` (with ``HAS_OLD``): GSPO's sequence ratio, a
     second pre-pass over the row's extent sums ``logp - old`` over its support, and every token's
-    log-ratio is that mean (``sg[l] + logp - sg[logp]``: derivative 1, so the formulas hold); the
-    main pass then does not load ``old``."""
+    log-ratio is that mean (``sg[l] + logp - sg[logp]``: derivative 1, so the formulas hold),
+    stored at ``seq_ptr[row]``; the main pass then does not load ``old``."""
     offs = tl.arange(0, BLOCK_T)
     # Row bases in 64 bits: a tensor of 2**31 elements or more (65536 rows of 32768 tokens) has
     # row offsets past int32; offsets within a row stay 32-bit vectors.
@@ -143,6 +143,7 @@ def _token_row(
             lr_row += tl.where(mk != 0, lp - old, 0.0)
             n_row += tl.where(mk != 0, 1.0, 0.0)
         seq_lr = tl.sum(lr_row, axis=0) / tl.maximum(tl.sum(n_row, axis=0), 1.0)
+        tl.store(seq_ptr + r64, seq_lr)
     if LOSS_TYPE == 0:
         wscale = norm / tl.maximum(msum, 1.0)
     elif LOSS_TYPE == 2:
@@ -227,7 +228,7 @@ def _store_partials(partial_ptr, pid, loss_acc, msum, kl_acc, clip_acc, ratio_ac
 
 @triton.jit
 def _policy_loss_fwd_kernel(
-    logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr, partial_ptr,
+    logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr, partial_ptr, seq_ptr,
     s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_a, s_at,
     S, T, rows_per_prog, eps_low, eps_high, beta, dual_c, norm,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
@@ -253,7 +254,7 @@ def _policy_loss_fwd_kernel(
         else:
             a = tl.load(adv_ptr + row * s_a).to(tl.float32)
         loss, kl, clip, ratio, lratio, dual, high, r_m = _token_row(
-            a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr,
+            a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr, seq_ptr,
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_a, s_at,
             T, eps_low, eps_high, beta, dual_c, norm, loss, kl, clip, ratio, lratio, dual, high,
             HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL, DUAL_CLIP, TOKEN_ADV,
@@ -351,8 +352,9 @@ def _policy_loss_fwd(
     advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
     loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
     dual_clip: float | None = None, seq_ratio: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward launch: ``stats [N_STATS]`` float32 and the gradient (``[S, T]``, or empty)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward launch: ``stats [N_STATS]`` float32, GSPO's per-row log-ratios (``[S]`` float32
+    with ``seq_ratio``, else empty) and the gradient (``[S, T]``, or empty)."""
     S, T = logp.shape
     max_len = None if max_completion_length <= 0 else max_completion_length
     args, grad = token_args(logp, old_logp, ref_logp, mask, need_grad)
@@ -365,9 +367,10 @@ def _policy_loss_fwd(
     block_t, warps = token_block(T, logp.element_size())
     dual_c, has_dual = dual_clip_args(dual_clip)
     token_adv = advantages.dim() == 2
+    seq = sequence_buffer(S, seq_ratio, logp.device)
     if launch:
         _policy_loss_fwd_kernel[(P,)](
-            *args[:5], advantages, partials, *args[5:], advantages.stride(0),
+            *args[:5], advantages, partials, seq, *args[5:], advantages.stride(0),
             advantages.stride(1) if token_adv else 0,
             S, T, rows_per_prog, eps_low, eps_high, beta, dual_c,
             row_norm(S, T, loss_type, max_len),
@@ -376,7 +379,13 @@ def _policy_loss_fwd(
             NP=N_PARTIALS, RATIO_KL=ratio_kl, DUAL_CLIP=has_dual, TOKEN_ADV=token_adv,
             SEQ_RATIO=seq_ratio and old_logp is not None, num_warps=warps,
         )
-    return finalize(partials, loss_type), grad
+    return finalize(partials, loss_type), seq, grad
+
+
+def sequence_buffer(S: int, seq_ratio: bool, device: torch.device) -> torch.Tensor:
+    """GSPO's per-row log-ratios, written by the kernel (zeros: a row without old_logp, or a
+    launch without tokens, leaves 0); empty for per-token ratios."""
+    return torch.zeros(S if seq_ratio else 0, dtype=torch.float32, device=device)
 
 
 @torch.library.custom_op("iama_triton::policy_loss", mutates_args=())
@@ -385,7 +394,7 @@ def _policy_loss_op(
     advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
     loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
     dual_clip: float | None = None, seq_ratio: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with launch_device(logp.device):
         return _policy_loss_fwd(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high,
                                 beta, loss_type, max_completion_length, need_grad, ratio_kl,
@@ -397,6 +406,7 @@ def _(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_
       max_completion_length, need_grad, ratio_kl=False, dual_clip=None, seq_ratio=False):
     shape = tuple(logp.shape) if need_grad else (0, 0)
     return (logp.new_empty(N_STATS, dtype=torch.float32),
+            logp.new_empty(logp.shape[0] if seq_ratio else 0, dtype=torch.float32),
             logp.new_empty(shape, dtype=grad_dtype(logp)))
 
 
@@ -407,7 +417,7 @@ def backward_logp(grad: torch.Tensor, stats: torch.Tensor, grad_stats: torch.Ten
 
 
 def _setup_context(ctx, inputs, output):
-    stats, grad = output
+    stats, _, grad = output
     # Only the loss carries a gradient: without this, autograd would allocate and fill a zero
     # [S, T] gradient for the `grad` output on every backward (a full extra write of it).
     ctx.set_materialize_grads(False)
@@ -416,7 +426,7 @@ def _setup_context(ctx, inputs, output):
     ctx.n_inputs = len(inputs)
 
 
-def _backward(ctx, grad_stats, grad_grad):
+def _backward(ctx, grad_stats, grad_seq, grad_grad):
     grad, stats = ctx.saved_tensors
     d_logp = None if grad_stats is None else backward_logp(grad, stats, grad_stats, ctx.logp_dtype)
     return (d_logp,) + (None,) * (ctx.n_inputs - 1)
@@ -445,11 +455,11 @@ def policy_loss_triton(
     ratio_level: str = "token",
 ) -> PolicyLossOutput:
     """Triton :func:`iama_kernels.policy_loss`; arguments already validated. float32 outputs."""
-    stats, _ = _policy_loss_op(
+    stats, seq, _ = _policy_loss_op(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
         0 if max_completion_length is None else int(max_completion_length), needs_grad(logp),
         kl_weight == "ratio", dual_clip, ratio_level == "sequence",
     )
     metrics = stats.detach()
     return PolicyLossOutput(stats[0], metrics[1], metrics[2], metrics[3], metrics[5], metrics[6],
-                            metrics[7])
+                            metrics[7], seq.detach() if ratio_level == "sequence" else None)
