@@ -32,9 +32,11 @@ class PolicyLossOutput(NamedTuple):
         loss: scalar, differentiable with respect to ``logp``.
         kl: scalar, mask-weighted mean over tokens of the k3 estimate (0 without ``ref_logp``).
         clip_fraction: scalar, mask-weighted fraction of tokens whose clipped term is active.
-        ratio_mean: scalar, mask-weighted mean of ``exp(logp - old_logp)``.
-        log_ratio_mean: scalar, mask-weighted mean of ``logp - old_logp`` (minus verl's
-            ``ppo_kl``; 0 without ``old_logp``).
+        ratio_mean: scalar, mask-weighted mean of each token's ratio, ``exp(logp - old_logp)``
+            (with ``ratio_level="sequence"`` its row's ``exp(l_i)``).
+        log_ratio_mean: scalar, mask-weighted mean of each token's log-ratio, ``logp - old_logp``
+            (with ``ratio_level="sequence"`` its row's ``l_i``; minus verl's ``ppo_kl``; 0
+            without ``old_logp``).
         dual_clip_fraction: scalar, mask-weighted fraction of tokens with ``A < 0`` and
             ``ratio > dual_clip`` (verl's ``pg_clipfrac_lower``; 0 without ``dual_clip``).
         clip_high_fraction: scalar, the part of ``clip_fraction`` clipped above (``A > 0`` and

@@ -411,6 +411,7 @@ class LoopPolicyLoss(NamedTuple):
     log_ratio_mean: torch.Tensor  # []
     dual_clip_fraction: torch.Tensor  # []
     clip_high_fraction: torch.Tensor  # []
+    sequence_log_ratio: torch.Tensor | None  # [S] with ratio_level="sequence", else None
 
 
 def policy_loss_by_loops(
@@ -452,11 +453,13 @@ def policy_loss_by_loops(
     loss_terms, kl_terms, clip_terms, ratio_terms = [], [], [], []
     lratio_terms, dual_terms, high_terms = [], [], []
     grad = [[0.0] * T for _ in range(S)]
+    row_log_ratios = []
     for s in range(S):
         row_total = math.fsum(msk[s])
         support = [t for t in range(T) if msk[s][t] != 0]
         row_log_ratio = (math.fsum(lp[s][t] - old[s][t] for t in support) / len(support)
                          if support else 0.0)
+        row_log_ratios.append(row_log_ratio)
         for t in range(T):
             w = msk[s][t]
             if w == 0:
@@ -506,4 +509,5 @@ def policy_loss_by_loops(
         t64(math.fsum(lratio_terms) / tokens),
         t64(math.fsum(dual_terms) / tokens),
         t64(math.fsum(high_terms) / tokens),
+        t64(row_log_ratios) if ratio_level == "sequence" else None,
     )

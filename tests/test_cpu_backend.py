@@ -472,9 +472,15 @@ def test_policy_loss_sequence_ratio_matches_reference(cpu_ext, loss_type, dtype,
 
 
 def test_policy_loss_sequence_ratio_mixed_dtypes(cpu_ext):
-    """bfloat16 logp with float32 old: the loss pass reads logp converted to old's dtype."""
+    """bfloat16 logp with float32 old (the loss pass reads logp converted to old's dtype),
+    float16, strided rows, and no old_logp (every ratio 1, every l_i 0)."""
     logp, old, ref, adv, mask = _token_inputs(6, 40, torch.float32)
-    for lp, o in ((logp.bfloat16(), old), (logp, old.double()), (logp.t().contiguous().t(), old)):
+    no_old, _ = _loss_and_grad("cpu", logp, None, ref, adv, mask, beta=0.02, ratio_level="sequence")
+    token, _ = _loss_and_grad("cpu", logp, None, ref, adv, mask, beta=0.02)
+    assert all(torch.equal(a, b) for a, b in zip(no_old[:-1], token[:-1], strict=True))
+    assert torch.equal(no_old.sequence_log_ratio, torch.zeros(6))
+    for lp, o in ((logp.bfloat16(), old), (logp.half(), old.half()), (logp, old.double()),
+                  (logp.t().contiguous().t(), old)):
         out, grad = _loss_and_grad("cpu", lp, o, ref, adv, mask, beta=0.02, ratio_level="sequence")
         ref_out, ref_grad = _loss_and_grad("reference", lp, o, ref, adv, mask, beta=0.02,
                                            ratio_level="sequence")

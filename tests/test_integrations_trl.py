@@ -290,7 +290,6 @@ def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
 
     for overrides, message in [
         ({"loss_type": "cispo"}, "loss_type='cispo'"),
-
         ({"delta": 1.2}, "delta=1.2 (covered when delta > 1 + epsilon_high = 1.2)"),
         ({"top_entropy_quantile": 0.5}, "top_entropy_quantile=0.5"),
         ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold=0.5"),
@@ -300,6 +299,11 @@ def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="loss_impl must be None or a str"):
         make(loss_impl=1)
     assert make(loss_impl=None, loss_type="cispo").loss_impl is None  # TRL's loss: anything goes
+    # Sequence ratios with per-token advantages: TRL couples every token of a row to the row's
+    # advantages through its ratio; refused at the loss, before the model runs.
+    gspo = make(importance_sampling_level="sequence")
+    with pytest.raises(ValueError, match=r"one advantage per completion, got advantages of shape \(2, 3\)"):
+        gspo._compute_loss(gspo.model, {"advantages": torch.zeros(2, 3)})
     # TRL's sequence weight on the KL term (beta > 0: TRL builds the reference model from a path)
     model_dir = tmp_path / "tiny"
     model.save_pretrained(model_dir)

@@ -395,6 +395,23 @@ def test_policy_loss_sequence_ratio(lane: Lane, loss_type: str, dtype: torch.dty
     assert float(oracle.clip_fraction) > 0.02 and not torch.equal(out.ratio_mean, token.ratio_mean)
 
 
+def test_policy_loss_sequence_ratio_without_old(lane: Lane) -> None:
+    """ratio_level="sequence" without old_logp: every ratio 1 (SEQ_RATIO is not compiled in) and
+    every l_i 0, as at the token level; and through the fused kernel."""
+    S = 6 if lane.device.type == "cpu" else 300
+    logp, _, ref, mask = _token_inputs(lane, S, torch.float32, seed=91)
+    adv = torch.randn(S, generator=torch.Generator().manual_seed(7)).to(lane.device)
+    kw = {"beta": 0.05, "loss_type": "grpo"}
+    seq = policy_loss(logp, None, ref, adv, mask, impl="triton", ratio_level="sequence", **kw)
+    tok = policy_loss(logp, None, ref, adv, mask, impl="triton", **kw)
+    assert all(torch.equal(a, b) for a, b in zip(seq[:-1], tok[:-1], strict=True))
+    assert torch.equal(seq.sequence_log_ratio, torch.zeros(S, device=lane.device))
+    rewards = random_rewards(S // 2, 2, generator=torch.Generator().manual_seed(8)).to(lane.device)
+    fused = nonlinear_grpo_loss(logp, None, ref, mask, rewards, BestOfN(2), impl="triton",
+                                ratio_level="sequence", **kw)
+    assert torch.equal(fused.sequence_log_ratio, torch.zeros(S, device=lane.device))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_row_extents_on_aligned_rows(lane: Lane, dtype: torch.dtype) -> None:
     """Rows of a multiple of 16 tokens (on a GPU: the specialisation with 16-byte loads bounded by
@@ -773,6 +790,8 @@ def test_custom_ops_pass_opcheck(lane: Lane) -> None:
                                             False, None, True))
     torch.library.opcheck(_nonlinear_grpo_op, (logp, old, ref, mask, rewards, lam, [2], [1.0], "plugin",
                                                1e-4, 1, 0.2, 0.2, 0.1, "token", 0, True))
+    torch.library.opcheck(_nonlinear_grpo_op, (logp, old, ref, mask, rewards, lam, [2], [1.0], "plugin",
+                                               1e-4, 1, 0.2, 0.2, 0.1, "grpo", 0, True, False, None, True))
     torch.library.opcheck(_group_advantages_op, (rewards, None, lam, [-1], [0.5], "plugin", 1e-4, 1, False))
 
 

@@ -77,10 +77,14 @@ inline Terms16 token_terms16(const float* logp, const float* old, const float* r
   const __mmask16 keep = _mm_test_epi8_mask(mb, mb);
   const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb));
   const __m512 lp = _mm512_maskz_loadu_ps(keep, logp + t);
-  // The log-ratio logp - old, plus lr0 for GSPO's sequence ratio (kSeq: old is logp itself and lr0
-  // the row's mean), zeroed where the mask is 0.
-  __m512 d_old = _mm512_maskz_sub_ps(keep, lp, _mm512_maskz_loadu_ps(keep, old + t));
-  if constexpr (kSeq) d_old = _mm512_maskz_add_ps(keep, d_old, lr0);
+  // The log-ratio logp - old, or for GSPO's sequence ratio (kSeq) the row's mean lr0 (`old` is
+  // then logp itself, so logp - old is 0: not loaded), zeroed where the mask is 0.
+  __m512 d_old;
+  if constexpr (kSeq) {
+    d_old = _mm512_maskz_mov_ps(keep, lr0);
+  } else {
+    d_old = _mm512_maskz_sub_ps(keep, lp, _mm512_maskz_loadu_ps(keep, old + t));
+  }
   const __m512 d = _mm512_maskz_sub_ps(keep, _mm512_maskz_loadu_ps(keep, ref + t), lp);
   const __m512 ratio = exp16(d_old);
   // max(lo, ratio) then min(hi, .): a NaN ratio stays NaN, as in token_terms.
@@ -166,7 +170,7 @@ inline RowSums row_f32_byte(const float* logp, const float* old, const float* re
 
 // policy_loss_row for float32 logp/old/ref and a byte mask; `dual`: the caller's decision that
 // the dual clip can act in this row (A < 0 and a finite c); `seq`: GSPO's sequence ratio, lr0 as in
-// policy_loss_row (compiled in only for such rows: the add cost the per-token rows 3%).
+// policy_loss_row (compiled in only for such rows: adding it to every row cost the per-token rows 3%).
 inline RowSums policy_loss_row_f32_byte(const float* logp, const float* old, const float* ref, const uint8_t* mask,
                                         int64_t T, float A, float w_scale, float lo, float hi, float beta, float dual_c,
                                         bool dual, bool seq, float lr0, float* grad) {

@@ -71,7 +71,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
             It covers TRL's ``loss_type`` ``"grpo"``, ``"bnpo"``, ``"dr_grpo"`` and ``"dapo"``
             with token-level ratios (advantages ``[S]`` or per token ``[S, T]``) and with GSPO's
             sequence-level ones (``importance_sampling_level="sequence"``, the kernel's
-            ``ratio_level="sequence"``), and TRL's two-sided clip ``delta`` when
+            ``ratio_level="sequence"``, with advantages ``[S]``: per-token ones there are a
+            ``ValueError`` at the loss), and TRL's two-sided clip ``delta`` when
             ``delta > 1 + epsilon_high`` (it is then the kernel's ``dual_clip``); a setting it
             does not cover (a smaller ``delta``, entropy masks or bonus, the off-policy mask,
             vLLM importance-sampling correction, and at the sequence level a KL term with
@@ -203,6 +204,12 @@ class IAMAGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         if self.loss_impl is None:
             return super()._compute_loss(model, inputs)
+        if self.importance_sampling_level == "sequence" and inputs["advantages"].dim() != 1:
+            # TRL then differentiates each sequence's ratio through every token against the
+            # whole row of advantages; the kernel's GSPO-token ratio gives each token its own term.
+            raise ValueError("IAMAGRPOTrainer: loss_impl with importance_sampling_level='sequence' "
+                             "takes one advantage per completion, got advantages of shape "
+                             f"{tuple(inputs['advantages'].shape)}; use loss_impl=None for TRL's loss")
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
@@ -244,9 +251,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         # Means over every process, as TRL reports them; one reduction for all. The clip metrics
-        # are token-weighted, except for sequence ratios with one advantage per sequence, which
-        # TRL averages over sequences.
-        if self.importance_sampling_level == "sequence" and advantages.dim() == 1:
+        # are token-weighted, except for sequence ratios, which TRL averages over sequences.
+        if self.importance_sampling_level == "sequence":
             low_sum, high_sum, clip_count = self._sequence_clip_counts(out.sequence_log_ratio, advantages)
         else:
             high_sum = out.clip_high_fraction * tokens

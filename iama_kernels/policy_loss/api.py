@@ -146,10 +146,13 @@ def policy_loss(
             in ``logp_t`` is ``s_i``, so clipping, the dual clip, the KL weight and the gradient
             below hold with ``rho = s_i``. With one advantage per row and a mask uniform over
             each row (0/1 masks, every ``loss_type``), this loss and gradient are exactly those of
-            GSPO's sequence-level objective (TRL's ``importance_sampling_level="sequence"``);
-            with per-token advantages it is verl's ``"gspo"`` loss. The metrics stay
-            mask-weighted means over tokens (``log_ratio_mean`` is then the token mean of
-            ``logp - old_logp`` for a 0/1 mask).
+            GSPO's sequence-level objective (TRL's ``importance_sampling_level="sequence"``,
+            except with ``kl_weight="ratio"``, whose KL weight TRL differentiates through the
+            whole sequence); with per-token advantages it is verl's ``"gspo"`` loss. The row
+            needs its mean first: a pre-pass over its logp, old_logp and mask. The metrics stay
+            mask-weighted means over tokens (``ratio_mean`` of ``s_i``; ``log_ratio_mean`` is
+            then the token mean of ``logp - old_logp`` for a 0/1 mask) and
+            ``sequence_log_ratio`` returns the ``l_i``.
         impl: ``"auto"`` or an explicit backend name.
 
     Returns:
