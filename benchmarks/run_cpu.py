@@ -156,22 +156,18 @@ def bench(timing: dict) -> tuple[list[Measurement], list[str]]:
         row.extra["fraction_of_copy_bandwidth"] = row.gbps / dram.gbps
         row.extra["fraction_of_same_size_copy_bandwidth"] = row.gbps / same_size.gbps
         rows.append(row)
-    # The same with the int64 mask TRL and verl hand over (read as is, 8 B per token).
-    x = t["logp"].clone().requires_grad_(True)
-    long_mask = t["mask"].long()
-    row = measure("policy_loss fwd+bwd", "cpu, int64 mask", shape,
-                  _loss_step(policy_loss, x, t["old"], t["ref"], adv, long_mask, beta=0.04, impl="cpu"),
-                  bytes_moved=nbytes + 7 * S * T, **timing)
-    row.extra["fraction_of_copy_bandwidth"] = row.gbps / dram.gbps
-    rows.append(row)
-    # GSPO's sequence ratio: each row's mean log-ratio first (the row stays in cache), then the loss.
-    x = t["logp"].clone().requires_grad_(True)
-    row = measure("policy_loss fwd+bwd", "cpu, sequence ratio", shape,
-                  _loss_step(policy_loss, x, t["old"], t["ref"], adv, t["mask"], beta=0.04,
-                             ratio_level="sequence", impl="cpu"),
-                  bytes_moved=nbytes, **timing)
-    row.extra["fraction_of_copy_bandwidth"] = row.gbps / dram.gbps
-    rows.append(row)
+    # Variants of the C++ op: the int64 mask TRL and verl hand over (read as is, 8 B per token),
+    # and GSPO's sequence ratio (each row's mean log-ratio first, the row then in cache).
+    for label, mask, moved, options in (("cpu, int64 mask", t["mask"].long(), nbytes + 7 * S * T, {}),
+                                        ("cpu, sequence ratio", t["mask"], nbytes,
+                                         {"ratio_level": "sequence"})):
+        x = t["logp"].clone().requires_grad_(True)
+        row = measure("policy_loss fwd+bwd", label, shape,
+                      _loss_step(policy_loss, x, t["old"], t["ref"], adv, mask, beta=0.04, impl="cpu",
+                                 **options),
+                      bytes_moved=moved, **timing)
+        row.extra["fraction_of_copy_bandwidth"] = row.gbps / dram.gbps
+        rows.append(row)
     x = t["logp"].clone()
     rows.append(measure("policy_loss fwd (op only)", "cpu", shape,
                         lambda: ops.policy_loss_fwd(x, t["old"], t["ref"], adv, t["mask"], 0.2, 0.2, 0.04,

@@ -392,7 +392,7 @@ def targets(rows: list[Measurement]) -> list[str]:
             xe, xc = r.extra.get("x_eager"), r.extra.get("x_compiled")
             out.append(f"fused fwd+bwd {r.shape}: {xe or 0:.1f}x eager (target >= 5), "
                        + (f"{xc:.2f}x compiled (target >= 1.5)" if xc else "compiled not measured"))
-        if r.benchmark in ("ppo policy_loss fwd+bwd", "gspo policy_loss fwd+bwd") and r.impl == "triton":
+        if r.benchmark.endswith(" policy_loss fwd+bwd") and r.impl == "triton":  # ppo, gspo
             out.append(f"{r.benchmark.split()[0]} fwd+bwd {r.shape}: "
                        f"{r.extra.get('x_eager', 0):.1f}x eager, "
                        f"{100 * r.extra.get('frac_copy_bw', 0):.0f}% of copy bandwidth")

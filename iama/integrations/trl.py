@@ -34,7 +34,7 @@ import torch
 from trl import GRPOTrainer
 
 from iama_kernels import Objective, policy_loss
-from iama_kernels._checks import ESTIMATORS, check_choice
+from iama_kernels._checks import ESTIMATORS, RATIO_LEVELS, check_choice
 from iama_kernels.advantages.reference import batch_values
 
 from .flat import criterion_columns, flat_group_advantages
@@ -132,7 +132,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
         refused = []
         if self.loss_type not in _LOSS_TYPES:
             refused.append(f"loss_type={self.loss_type!r} (supported: {sorted(_LOSS_TYPES)})")
-        if self.importance_sampling_level not in ("token", "sequence"):
+        if self.importance_sampling_level not in RATIO_LEVELS:  # TRL's names are the kernel's
             refused.append(f"importance_sampling_level={self.importance_sampling_level!r}")
         elif (self.importance_sampling_level == "sequence" and self.beta != 0.0
               and args.use_bias_correction_kl):

@@ -45,12 +45,11 @@ from typing import Any
 import torch
 
 from iama_kernels import policy_loss
-from iama_kernels._checks import check_choice
+from iama_kernels._checks import RATIO_LEVELS, check_choice
 from iama_kernels._dispatch import IMPLS
 
 POLICY_LOSS_NAME = "iama"
 GSPO_POLICY_LOSS_NAME = "iama_gspo"
-RATIO_LEVELS = ("token", "sequence")
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm",
                   "seq-mean-token-mean")
 

@@ -223,8 +223,8 @@ def nonlinear_grpo_loss_triton(
                                                  0, False)
         adv = scale_advantages(shaped, "batch", eps, None)
         stats, seq, _ = _policy_loss_op(logp, old_logp, ref_logp, adv.reshape(-1), mask, eps_low,
-                                   eps_high, beta, loss_type, max_len, need, ratio_kl, dual_clip,
-                                   seq_ratio)
+                                        eps_high, beta, loss_type, max_len, need, ratio_kl, dual_clip,
+                                        seq_ratio)
     else:
         stats, adv, values, seq, _ = _nonlinear_grpo_op(
             logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps,
