@@ -14,7 +14,9 @@ Measures, with every torch thread of this machine:
    op's own size, 17.8 MB (the same working-set class as the op's data, which stays largely in
    the last-level cache between repetitions: the roofline that the op could reach at best).
    Also the C++ op with the int64 mask TRL and verl use (read as is: 8 B per token, 25.2 MB),
-   and with GSPO's sequence ratio (``ratio_level="sequence"``: the same bytes, a pre-pass per row).
+   with GSPO's sequence ratio (``ratio_level="sequence"``: the same bytes, a pre-pass per row),
+   and with CISPO's and SAPO's surrogates (``surrogate="cispo"``/``"sapo"``: the same bytes, the
+   templated row rather than the hand-vectorised one of the clipped surrogate).
 3. ``nonlinear_grpo_loss`` forward + backward at the same token count (B = 32, G = 16, T = 2048):
    the one-pass op vs ``group_advantages`` + ``policy_loss`` run separately (timed in alternation,
    call by call) vs the reference.
@@ -157,10 +159,13 @@ def bench(timing: dict) -> tuple[list[Measurement], list[str]]:
         row.extra["fraction_of_same_size_copy_bandwidth"] = row.gbps / same_size.gbps
         rows.append(row)
     # Variants of the C++ op: the int64 mask TRL and verl hand over (read as is, 8 B per token),
-    # and GSPO's sequence ratio (each row's mean log-ratio first, the row then in cache).
+    # GSPO's sequence ratio (each row's mean log-ratio first, the row then in cache), and the CISPO
+    # and SAPO surrogates.
     for label, mask, moved, options in (("cpu, int64 mask", t["mask"].long(), nbytes + 7 * S * T, {}),
                                         ("cpu, sequence ratio", t["mask"], nbytes,
-                                         {"ratio_level": "sequence"})):
+                                         {"ratio_level": "sequence"}),
+                                        ("cpu, cispo", t["mask"], nbytes, {"surrogate": "cispo"}),
+                                        ("cpu, sapo", t["mask"], nbytes, {"surrogate": "sapo"})):
         x = t["logp"].clone().requires_grad_(True)
         row = measure("policy_loss fwd+bwd", label, shape,
                       _loss_step(policy_loss, x, t["old"], t["ref"], adv, mask, beta=0.04, impl="cpu",

@@ -51,7 +51,9 @@ def _trainer(loss_type: str, beta: float, corrected: bool, level: str, out_dir: 
                             save_strategy="no", disable_tqdm=True, per_device_train_batch_size=4,
                             num_generations=4, loss_type=loss_type, beta=beta,
                             use_bias_correction_kl=corrected, importance_sampling_level=level,
-                            max_completion_length=8)
+                            max_completion_length=8,
+                            # CISPO's epsilon_high is the weight's bound itself (ScaleRL's 5.0)
+                            **({"epsilon_high": 5.0} if loss_type == "cispo" else {}))
     def zero(completions: list, **kwargs: Any) -> list[float]:
         return [0.0] * len(completions)
 
@@ -103,7 +105,8 @@ def _loss_call(trainer: Any, impl: str | None, inputs: dict[str, Any], logp: tor
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="64x1024,256x2048,512x4096", help="comma-separated SxT")
-    parser.add_argument("--configs", default="grpo:0,dapo:0.04,dapo:0.04:corrected,grpo:0:sequence",
+    parser.add_argument("--configs",
+                        default="grpo:0,dapo:0.04,dapo:0.04:corrected,grpo:0:sequence,cispo:0,sapo:0",
                         help="comma-separated loss_type:beta[:corrected][:sequence] (corrected: TRL's "
                              "default use_bias_correction_kl, the ratio-weighted KL; sequence: GSPO's "
                              "importance_sampling_level='sequence')")

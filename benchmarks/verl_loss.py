@@ -1,9 +1,10 @@
 """verl's PPO policy losses against iama's on the fused kernel: ``"vanilla"`` against ``"iama"``,
-``"gspo"`` against ``"iama_gspo"``.
+``"gspo"`` against ``"iama_gspo"``, ``"cispo"`` and ``"sapo"`` against ``"iama_cispo"`` and
+``"iama_sapo"``.
 
 Both rows call the registered functions of verl 0.9.1's policy-loss registry the way verl's actor
 loss calls them (keyword arguments, an actor config with ``clip_ratio_high=0.28`` and the default
-dual clip ``clip_ratio_c=3``, which ``"gspo"`` does not use), on the same float32 micro-batch:
+dual clip ``clip_ratio_c=3``, which only ``"vanilla"`` uses), on the same float32 micro-batch:
 log-probs, old log-probs, per-response advantages broadcast over a bool response mask. A call is
 the loss, its three metrics (verl reads each with ``.item()``) and the backward into the
 log-probs. The rows take
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="64x1024,256x2048,512x4096", help="comma-separated SxT")
     parser.add_argument("--modes", default="token-mean,seq-mean-token-mean", help="verl loss_agg_modes")
-    parser.add_argument("--losses", default="vanilla,gspo", help="verl policy losses (vanilla, gspo)")
+    parser.add_argument("--losses", default="vanilla,gspo,cispo,sapo", help="verl policy losses")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--no-write", action="store_true")
@@ -85,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")
         from verl.trainer.ppo import core_algos
 
-        from iama.integrations.verl_loss import VerlPolicyLoss
+        from iama.integrations.verl_loss import VERL_LOSSES, VerlPolicyLoss
 
-        ours = {"vanilla": VerlPolicyLoss(), "gspo": VerlPolicyLoss(ratio_level="sequence")}
+        ours = {name: VerlPolicyLoss(ratio_level=level, surrogate=surrogate)
+                for name, (level, surrogate) in VERL_LOSSES.items()}
         for loss in args.losses.split(","):
             if loss not in ours:
                 parser.error(f"--losses: {loss!r} is not one of {sorted(ours)}")

@@ -57,19 +57,20 @@ struct PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction>
                                const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages,
                                const at::Tensor& mask, double eps_low, double eps_high, double beta,
                                c10::string_view loss_type, std::optional<int64_t> max_completion_length,
-                               bool ratio_kl, std::optional<double> dual_clip, bool seq_ratio) {
+                               bool ratio_kl, std::optional<double> dual_clip, bool seq_ratio,
+                               c10::string_view surrogate, double tau_pos, double tau_neg) {
     static const auto op = typed_op<decltype(policy_loss_fwd)>("iama::policy_loss_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, kl, clip, ratio, lratio, dual, high, seq, grad] = op.call(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl,
-        dual_clip, seq_ratio);
+        dual_clip, seq_ratio, surrogate, tau_pos, tau_neg);
     ctx->save_for_backward({grad.detach()});
     ctx->set_materialize_grads(false);  // else autograd fills a zero [S, T] for the grad output
     ctx->mark_non_differentiable({kl, clip, ratio, lratio, dual, high, seq, grad});
     return {loss, kl, clip, ratio, lratio, dual, high, seq, grad};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(13);
+    variable_list out(16);
     out[0] = scaled(ctx, grads[0]);
     return out;
   }
@@ -82,19 +83,21 @@ struct NonlinearGRPOFunction : public torch::autograd::Function<NonlinearGRPOFun
                                at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator,
                                c10::string_view scale, double eps, double eps_low, double eps_high, double beta,
                                c10::string_view loss_type, std::optional<int64_t> max_completion_length,
-                               bool ratio_kl, std::optional<double> dual_clip, bool seq_ratio) {
+                               bool ratio_kl, std::optional<double> dual_clip, bool seq_ratio,
+                               c10::string_view surrogate, double tau_pos, double tau_neg) {
     static const auto op = typed_op<decltype(nonlinear_grpo_fwd)>("iama::nonlinear_grpo_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, adv, kl, clip, ratio, values, lratio, dual, high, seq, grad] =
         op.call(logp, old_logp, ref_logp, mask, rewards, criterion_weights, kinds, ns, taus, estimator, scale, eps,
-                eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl, dual_clip, seq_ratio);
+                eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl, dual_clip, seq_ratio,
+                surrogate, tau_pos, tau_neg);
     ctx->save_for_backward({grad.detach()});
     ctx->set_materialize_grads(false);  // else autograd fills a zero [S, T] for the grad output
     ctx->mark_non_differentiable({adv, kl, clip, ratio, values, lratio, dual, high, seq, grad});
     return {loss, adv, kl, clip, ratio, values, lratio, dual, high, seq, grad};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(20);
+    variable_list out(23);
     out[0] = scaled(ctx, grads[0]);
     return out;
   }
@@ -106,10 +109,10 @@ policy_loss_autograd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
     c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
-    std::optional<double> dual_clip, bool seq_ratio) {
+    std::optional<double> dual_clip, bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg) {
   const variable_list o =
       PolicyLossFunction::apply(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
-                                max_completion_length, ratio_kl, dual_clip, seq_ratio);
+                                max_completion_length, ratio_kl, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8]};
 }
 
@@ -121,11 +124,11 @@ nonlinear_grpo_autograd(
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,
     double eps_low, double eps_high, double beta, c10::string_view loss_type,
     std::optional<int64_t> max_completion_length, bool ratio_kl, std::optional<double> dual_clip,
-    bool seq_ratio) {
+    bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg) {
   const variable_list o =
       NonlinearGRPOFunction::apply(logp, old_logp, ref_logp, mask, rewards, criterion_weights, kinds, ns, taus,
                                    estimator, scale, eps, eps_low, eps_high, beta, loss_type, max_completion_length,
-                                   ratio_kl, dual_clip, seq_ratio);
+                                   ratio_kl, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10]};
 }
 

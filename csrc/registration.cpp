@@ -21,14 +21,16 @@ TORCH_LIBRARY(iama, m) {
   m.def(
       "policy_loss_fwd(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask,"
       " float eps_low, float eps_high, float beta, str loss_type, int? max_completion_length,"
-      " bool ratio_kl=False, float? dual_clip=None, bool seq_ratio=False) -> (Tensor loss, Tensor kl,"
+      " bool ratio_kl=False, float? dual_clip=None, bool seq_ratio=False, str surrogate=\"clip\","
+      " float tau_pos=1.0, float tau_neg=1.05) -> (Tensor loss, Tensor kl,"
       " Tensor clip_fraction, Tensor ratio_mean, Tensor log_ratio_mean, Tensor dual_clip_fraction,"
       " Tensor clip_high_fraction, Tensor sequence_log_ratio, Tensor grad)");
   m.def(
       "nonlinear_grpo_fwd(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor mask, Tensor rewards,"
       " Tensor criterion_weights, int[] kinds, int[] ns, float[] taus, str estimator, str scale, float eps,"
       " float eps_low, float eps_high, float beta, str loss_type, int? max_completion_length,"
-      " bool ratio_kl=False, float? dual_clip=None, bool seq_ratio=False) -> (Tensor loss, Tensor advantages,"
+      " bool ratio_kl=False, float? dual_clip=None, bool seq_ratio=False, str surrogate=\"clip\","
+      " float tau_pos=1.0, float tau_neg=1.05) -> (Tensor loss, Tensor advantages,"
       " Tensor kl, Tensor clip_fraction, Tensor ratio_mean, Tensor values, Tensor log_ratio_mean,"
       " Tensor dual_clip_fraction, Tensor clip_high_fraction, Tensor sequence_log_ratio, Tensor grad)");
 }

@@ -102,6 +102,12 @@ def _cases(x: dict[str, Any]) -> dict[str, tuple[Callable[..., Any], tuple, dict
         "policy_loss gspo": (  # GSPO's sequence ratio
             policy_loss, (x["logp"], x["old"], x["ref"], x["advantages"], x["mask"]),
             dict(loss_kw, ratio_level="sequence"), True),
+        "policy_loss cispo": (  # CISPO's clipped importance weight, TRL's bound [0, 5]
+            policy_loss, (x["logp"], x["old"], x["ref"], x["advantages"], x["mask"]),
+            dict(loss_kw, eps_low=1.0, eps_high=4.0, surrogate="cispo"), True),
+        "policy_loss sapo": (  # SAPO's soft gate
+            policy_loss, (x["logp"], x["old"], x["ref"], x["advantages"], x["mask"]),
+            dict(loss_kw, surrogate="sapo"), True),
         "nonlinear_grpo_loss": (nonlinear_grpo_loss, (x["logp"], x["old"], x["ref"], x["mask"], x["rewards"],
                                                       _OBJECTIVE), dict(loss_kw, estimator="unbiased"), True),
     }

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from iama_kernels import group_values, nonlinear_grpo_loss
-from iama_kernels._checks import ESTIMATORS, LOSS_TYPES, RATIO_LEVELS, SCALES, check_group_sizes
+from iama_kernels._checks import ESTIMATORS, LOSS_TYPES, RATIO_LEVELS, SCALES, SURROGATES, check_group_sizes
 from iama_kernels.objectives import Criterion, Objective, Transform, as_objective
 
 from .rollout import Generator, HFGenerator, RewardFn, Rollout, score, sequence_logprobs
@@ -68,6 +68,8 @@ class TrainerConfig:
         loss_type, estimator, scale, eps: passed to :func:`iama_kernels.nonlinear_grpo_loss`.
         ratio_level: ``"token"`` (PPO's per-token ratios) or ``"sequence"`` (GSPO's ratio per
             completion, the exp of its mean log-ratio); matters from the second inner epoch on.
+        surrogate, tau_pos, tau_neg: the policy term (``"clip"``, ``"cispo"``, ``"sapo"``) and
+            SAPO's temperatures, as in :func:`iama_kernels.policy_loss`.
         gradient_accumulation_steps: each step's groups are split into this many micro-batches
             (whole groups) whose gradients are accumulated into one optimizer update.
         max_grad_norm: gradient clipping (``None`` for none).
@@ -104,6 +106,9 @@ class TrainerConfig:
     beta_max: float = 10.0
     loss_type: str = "grpo"
     ratio_level: str = "token"
+    surrogate: str = "clip"
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
     estimator: str = "plugin"
     scale: str = "group"
     eps: float = 1e-4
@@ -142,10 +147,15 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"TrainerConfig.top_p must be in (0, 1], got {self.top_p}")
-        if self.eps_low >= 1:
-            raise ValueError(f"TrainerConfig.eps_low must be < 1, got {self.eps_low}")
+        if self.eps_low > 1:
+            raise ValueError(f"TrainerConfig.eps_low must be <= 1, got {self.eps_low}")
+        for name in ("tau_pos", "tau_neg"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"TrainerConfig.{name} must be a finite float > 0, got {v!r}")
         for name, choices in (("loss_type", LOSS_TYPES), ("estimator", ESTIMATORS), ("scale", SCALES),
-                              ("optimizer", _OPTIMIZERS), ("ratio_level", RATIO_LEVELS)):
+                              ("optimizer", _OPTIMIZERS), ("ratio_level", RATIO_LEVELS),
+                              ("surrogate", SURROGATES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainerConfig.{name} must be one of {choices}, "
                                  f"got {getattr(self, name)!r}")
@@ -403,6 +413,7 @@ class NonLinearGRPOTrainer:
                         eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=self.beta,
                         loss_type=cfg.loss_type, criterion_weights=lam,
                         max_completion_length=cfg.max_new_tokens, ratio_level=cfg.ratio_level,
+                        surrogate=cfg.surrogate, tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg,
                         impl=cfg.impl,
                     )
                     tokens = float(sub.completion_mask.sum())

@@ -36,6 +36,8 @@ SCALES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "token", "dr_grpo")
 KL_WEIGHTS = ("none", "ratio")  # policy_loss: plain k3, or k3 weighted by the ratio (TRL bias correction)
 RATIO_LEVELS = ("token", "sequence")  # policy_loss: per-token ratios, or GSPO's one per sequence
+# policy_loss: PPO's clipped ratio, CISPO's clipped importance weight (MiniMax-M1), SAPO's soft gate
+SURROGATES = ("clip", "cispo", "sapo")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -49,6 +51,21 @@ def check_dual_clip(dual_clip: object) -> float | None:
     if not math.isfinite(c) or c <= 1:
         raise ValueError(f"dual_clip must be a finite float > 1 or None, got {dual_clip}")
     return c
+
+
+def check_surrogate(surrogate: object, tau_pos: object, tau_neg: object,
+                    dual_clip: float | None) -> tuple[float, float]:
+    """``surrogate`` of the policy losses and SAPO's temperatures; returns them as floats.
+
+    The temperatures are checked whatever the surrogate (a bad one is an error even where unused);
+    the dual clip is the clipped surrogate's alone."""
+    check_choice("surrogate", surrogate, SURROGATES)
+    tau_pos = check_positive_float("tau_pos", tau_pos)
+    tau_neg = check_positive_float("tau_neg", tau_neg)
+    if dual_clip is not None and surrogate != "clip":
+        raise ValueError(f"dual_clip applies to surrogate='clip' only, got surrogate={surrogate!r} "
+                         f"with dual_clip={dual_clip}")
+    return tau_pos, tau_neg
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> None:

@@ -52,7 +52,7 @@ def _token_outputs_fake(logp: torch.Tensor, seq_ratio: bool) -> tuple[torch.Tens
 @torch.library.register_fake("iama::policy_loss_fwd")
 def _policy_loss_fwd_fake(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,  # type: ignore[no-untyped-def]
                           loss_type, max_completion_length, ratio_kl=False, dual_clip=None,
-                          seq_ratio=False):
+                          seq_ratio=False, surrogate="clip", tau_pos=1.0, tau_neg=1.05):
     torch._check(logp.dim() == 2, lambda: "logp must have shape [S, T]")
     return _token_outputs_fake(logp, seq_ratio)
 
@@ -60,7 +60,8 @@ def _policy_loss_fwd_fake(logp, old_logp, ref_logp, advantages, mask, eps_low, e
 @torch.library.register_fake("iama::nonlinear_grpo_fwd")
 def _nonlinear_grpo_fwd_fake(logp, old_logp, ref_logp, mask, rewards, criterion_weights, kinds, ns,  # type: ignore[no-untyped-def]
                              taus, estimator, scale, eps, eps_low, eps_high, beta, loss_type,
-                             max_completion_length, ratio_kl=False, dual_clip=None, seq_ratio=False):
+                             max_completion_length, ratio_kl=False, dual_clip=None, seq_ratio=False,
+                             surrogate="clip", tau_pos=1.0, tau_neg=1.05):
     torch._check(rewards.dim() == 3, lambda: "rewards must have shape [B, G, m]")
     B, G, m = rewards.shape
     rdtype = _compute_dtype(rewards.dtype)

@@ -429,6 +429,9 @@ def policy_loss_by_loops(
     kl_weight: str = "none",
     dual_clip: float | None = None,
     ratio_level: str = "token",
+    surrogate: str = "clip",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
 ) -> LoopPolicyLoss:
     """SPEC section 5 token by token in plain Python float64 loops: loss, gradient and metrics.
 
@@ -441,6 +444,10 @@ def policy_loss_by_loops(
     surrogate gradient (dual-clip PPO, verl's ``clip_ratio_c``). ``ratio_level="sequence"``: every
     token of a row has GSPO's ratio ``exp`` of the row's mean ``logp - old`` over its tokens with a
     non-zero mask, and ``d rho / d logp_t = rho`` (GSPO-token's ``sg[s] pi_t / sg[pi_t]``).
+    ``surrogate="cispo"``: the term ``c A logp`` with ``c = clip(rho)`` held constant (gradient
+    ``c A``), clipped when ``rho`` is outside the range; ``"sapo"``: ``(4 / tau) sigma(tau (rho -
+    1)) A`` with ``tau = tau_pos`` for ``A > 0`` else ``tau_neg`` (gradient ``4 sigma (1 - sigma)
+    rho A``), never clipped.
     """
     lp = logp.detach().double().tolist()
     old = lp if old_logp is None else old_logp.detach().double().tolist()
@@ -475,11 +482,24 @@ def policy_loss_by_loops(
             A = adv[s][t] if isinstance(adv[s], list) else adv[s]
             log_rho = row_log_ratio if ratio_level == "sequence" else lp[s][t] - old[s][t]
             rho = math.exp(log_rho)
-            clipped = (rho < 1 - eps_low and A < 0) or (rho > 1 + eps_high and A > 0)
-            surr = min(rho * A, min(max(rho, 1 - eps_low), 1 + eps_high) * A)
-            dual = dual_clip is not None and A < 0 and rho > dual_clip
-            if dual:
-                surr = dual_clip * A
+            weight = min(max(rho, 1 - eps_low), 1 + eps_high)
+            high = rho > 1 + eps_high and A > 0
+            dual = False
+            if surrogate == "cispo":
+                clipped = rho < 1 - eps_low or rho > 1 + eps_high
+                surr, d_surr = weight * A * lp[s][t], weight * A
+            elif surrogate == "sapo":
+                clipped = high = False
+                tau = tau_pos if A > 0 else tau_neg
+                sig = 1 / (1 + math.exp(-tau * (rho - 1)))
+                surr, d_surr = 4 / tau * sig * A, 4 * sig * (1 - sig) * rho * A
+            else:
+                clipped = (rho < 1 - eps_low and A < 0) or high
+                surr = min(rho * A, weight * A)
+                dual = dual_clip is not None and A < 0 and rho > dual_clip
+                if dual:
+                    surr = dual_clip * A
+                d_surr = 0.0 if clipped or dual else rho * A
             kl, dkl = 0.0, 0.0
             if ref is not None:
                 d = ref[s][t] - lp[s][t]
@@ -488,13 +508,13 @@ def policy_loss_by_loops(
                 if kl_weight == "ratio":
                     kl, dkl = rho * kl, -rho * d
             loss_terms.append(agg * (beta * kl - surr))
-            grad[s][t] = agg * (-(0.0 if clipped or dual else rho * A) + beta * dkl)
+            grad[s][t] = agg * (-d_surr + beta * dkl)
             kl_terms.append(w * kl)
             clip_terms.append(w * float(clipped))
             ratio_terms.append(w * rho)
             lratio_terms.append(w * log_rho)
             dual_terms.append(w * float(dual))
-            high_terms.append(w * float(rho > 1 + eps_high and A > 0))
+            high_terms.append(w * float(high))
     tokens = max(1.0, total)
 
     def t64(v: object) -> torch.Tensor:

@@ -145,7 +145,7 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("beta without ref", _pl(ref_logp=None, beta=0.1), ValueError, "ref_logp"),
     ("beta negative", _pl(beta=-0.1), ValueError, "beta"),
     ("beta nan", _pl(beta=float("nan")), ValueError, "beta"),
-    ("eps_low >= 1", _pl(eps_low=1.0), ValueError, "eps_low"),
+    ("eps_low > 1", _pl(eps_low=1.5), ValueError, "eps_low"),
     ("eps_high negative", _pl(eps_high=-0.2), ValueError, "eps_high"),
     ("eps_low string", _pl(eps_low="0.2"), TypeError, "eps_low"),
     ("max_completion_length", _pl(loss_type="dr_grpo", max_completion_length=0), ValueError,

@@ -98,15 +98,16 @@ def test_group_advantages_compiles(impl):
     _assert_same(torch.compile(fn, fullgraph=True)(rewards, valid), fn(rewards, valid))
 
 
-@pytest.mark.parametrize(("kl_weight", "ratio_level"), [("none", "token"), ("ratio", "token"),
-                                                       ("none", "sequence")])
-def test_policy_loss_compiles_and_backpropagates(impl, kl_weight, ratio_level):
+@pytest.mark.parametrize(("kl_weight", "ratio_level", "surrogate"),
+                         [("none", "token", "clip"), ("ratio", "token", "clip"), ("none", "sequence", "clip"),
+                          ("ratio", "token", "cispo"), ("none", "sequence", "sapo")])
+def test_policy_loss_compiles_and_backpropagates(impl, kl_weight, ratio_level, surrogate):
     logp, old, ref, mask = _token_inputs(6, 33)
     adv = torch.randn(6)
 
     def fn(lp: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = policy_loss(lp, old, ref, adv, mask, beta=0.04, kl_weight=kl_weight, ratio_level=ratio_level,
-                          impl=impl)
+                          surrogate=surrogate, tau_neg=1.4, impl=impl)
         return tuple(t for t in out if t is not None)  # sequence_log_ratio: None for token ratios
 
     results = []

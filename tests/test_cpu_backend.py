@@ -471,6 +471,51 @@ def test_policy_loss_sequence_ratio_matches_reference(cpu_ext, loss_type, dtype,
         assert not torch.equal(grad, token_grad)
 
 
+@pytest.mark.parametrize("surrogate", ["cispo", "sapo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["bool", "int64", "float"])
+def test_policy_loss_surrogates_match_reference(cpu_ext, surrogate, dtype, mask_kind):
+    """CISPO and SAPO (the templated row's kSurr builds; the AVX-512 row is the clipped
+    surrogate's alone) with row and per-token advantages, both ratio levels and the ratio KL."""
+    S, T = 9, 131
+    logp, old, ref, adv, mask = _token_inputs(S, T, dtype, mask_kind=mask_kind)
+    shift = torch.linspace(-0.5, 0.5, S, dtype=torch.float64).unsqueeze(1)  # ratios off the range
+    logp = (logp.double() + shift).to(dtype)
+    adv[::2] = -adv[::2].abs()
+    noise = torch.randn(S, T, generator=torch.Generator().manual_seed(6))
+    token_adv = torch.where(mask != 0, noise, torch.nan)
+    for loss_type, a, r, kl_weight, level in (("grpo", adv, None, "none", "token"),
+                                              ("token", adv, ref, "ratio", "sequence"),
+                                              ("dr_grpo", token_adv, ref, "none", "token"),
+                                              ("grpo", token_adv, ref, "ratio", "sequence")):
+        kw = dict(eps_low=0.2, eps_high=0.28, beta=0.0 if r is None else 0.05, loss_type=loss_type,
+                  kl_weight=kl_weight, ratio_level=level, surrogate=surrogate, tau_pos=1.2, tau_neg=0.8)
+        out, grad = _loss_and_grad("cpu", logp, old, r, a, mask, **kw)
+        _, ref_grad = _loss_and_grad("reference", logp, old, r, a, mask, **kw)
+        r64 = None if r is None else r.double()
+        oracle, grad64 = _loss_and_grad("reference", logp.double(), old.double(), r64, a.double(), mask, **kw)
+        if surrogate == "cispo":
+            assert float(oracle.clip_fraction) > 0.05 and float(oracle.clip_high_fraction) > 0.01
+        _check_all(out, oracle, _rel(dtype))
+        assert_matches_reference(grad, grad64, ref_grad, factor=2.0, rel=_rel(dtype), name="grad")
+        assert torch.isfinite(grad).all()
+        _, clip_grad = _loss_and_grad("cpu", logp, old, r, a, mask, **dict(kw, surrogate="clip"))
+        assert not torch.equal(grad, clip_grad)
+
+
+def test_policy_loss_surrogate_errors_from_the_op(cpu_ext):
+    """The op checks its own options (a caller of torch.ops.iama skips the Python checks)."""
+    logp, old, ref, adv, mask = _token_inputs(3, 8, torch.float32)
+    op = torch.ops.iama.policy_loss_fwd
+    base = (logp, old, ref, adv, mask, 0.2, 0.2, 0.0, "grpo", None, False)
+    with pytest.raises(ValueError, match="surrogate must be 'clip', 'cispo' or 'sapo', got 'ppo'"):
+        op(*base, None, False, "ppo")
+    with pytest.raises(ValueError, match="tau_pos and tau_neg must be finite and > 0"):
+        op(*base, None, False, "sapo", 0.0, 1.0)
+    with pytest.raises(ValueError, match="dual_clip applies to surrogate='clip' only"):
+        op(*base, 2.0, False, "cispo")
+
+
 def test_policy_loss_sequence_ratio_mixed_dtypes(cpu_ext):
     """bfloat16 logp with float32 old (the loss pass reads logp converted to old's dtype),
     float16, strided rows, and no old_logp (every ratio 1, every l_i 0)."""
@@ -638,6 +683,16 @@ def test_nonlinear_grpo_loss_matches_reference(cpu_ext, name, dtype):
     sep = policy_loss(logp, old, ref, adv.reshape(-1), mask, beta=0.04, loss_type="token", impl="cpu",
                       ratio_level="sequence")
     assert torch.equal(seq.loss, sep.loss) and not torch.equal(seq.loss, out.loss.detach())
+    # CISPO and SAPO through the one-pass op
+    for surrogate in ("cispo", "sapo"):
+        sk = dict(kw, surrogate=surrogate, tau_neg=1.3)
+        alt = nonlinear_grpo_loss(logp, old, ref, mask, rewards, objective, impl="cpu", **sk)
+        alt64 = nonlinear_grpo_loss(logp.double(), old.double(), ref.double(), mask, rewards.double(),
+                                    objective, impl="reference", **sk)
+        _check_all(alt, alt64, rel)
+        sep = policy_loss(logp, old, ref, adv.reshape(-1), mask, beta=0.04, loss_type="token", impl="cpu",
+                          surrogate=surrogate, tau_neg=1.3)
+        assert torch.equal(alt.loss, sep.loss) and not torch.equal(alt.loss, out.loss.detach())
 
 
 # ------------------------------------------------------------------------------------------
@@ -671,10 +726,14 @@ def _op_samples() -> list[tuple[str, tuple]]:
         ("policy_loss_fwd", (logp, old, None, adv, mask, 0.2, 0.28, 0.0, "grpo", None, False, 2.0, True)),
         ("nonlinear_grpo_fwd", (logp, old, ref, mask, r, lam, *codes, "plugin", "group", 1e-4, 0.2, 0.2, 0.04,
                                 "grpo", None, False, None, True)),
+        ("policy_loss_fwd", (logp, old, ref, adv, mask, 1.0, 4.0, 0.04, "token", None, True, None, False,
+                             "cispo")),
+        ("nonlinear_grpo_fwd", (logp, old, ref, mask, r, lam, *codes, "plugin", "group", 1e-4, 0.2, 0.2, 0.04,
+                                "grpo", None, False, None, True, "sapo", 1.0, 1.5)),
     ]
 
 
-@pytest.mark.parametrize("index", range(10))
+@pytest.mark.parametrize("index", range(12))
 def test_opcheck(cpu_ext, index):
     name, args = _op_samples()[index]
     torch.library.opcheck(getattr(torch.ops.iama, name).default, args)

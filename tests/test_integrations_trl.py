@@ -160,6 +160,15 @@ def test_a_trl_that_skips_the_reward_hook_is_an_error(tmp_path: Path,
 
 
 CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+SEQUENCE_CLIP_METRICS = ("clip_ratio/low_min", "clip_ratio/high_max")  # logged at the sequence level
+LOSS_METRICS = ("kl", "entropy", *CLIP_METRICS, *SEQUENCE_CLIP_METRICS, "cispo_clip_ratio")
+
+
+def _expected_metrics(loss_type: str, beta: float, level: str) -> set[str]:
+    """The metrics TRL logs for a loss type (and iama with it)."""
+    clip = {"cispo": {"cispo_clip_ratio"}, "sapo": set()}.get(
+        loss_type, {*CLIP_METRICS, *(SEQUENCE_CLIP_METRICS if level == "sequence" else ())})
+    return {"entropy", *clip, *(("kl",) if beta else ())}
 
 
 class _BothLosses(IAMAGRPOTrainer):
@@ -175,9 +184,10 @@ class _BothLosses(IAMAGRPOTrainer):
             inputs = dict(inputs, advantages=inputs["advantages"][:, None] * factor)
         params = [p for p in model.parameters() if p.requires_grad]
         metrics = self._metrics["train"]
+        before = {k: len(metrics[k]) for k in LOSS_METRICS}
         ours = super()._compute_loss(model, inputs)
         ours_grad = torch.autograd.grad(ours, params, retain_graph=True)
-        ours_metrics = {k: metrics[k][-1] for k in ("kl", "entropy", *CLIP_METRICS) if k in metrics}
+        ours_metrics = {k: metrics[k][-1] for k in LOSS_METRICS if len(metrics[k]) > before[k]}
         impl, self.loss_impl = self.loss_impl, None
         try:
             theirs = super()._compute_loss(model, inputs)
@@ -208,7 +218,7 @@ class _BothLosses(IAMAGRPOTrainer):
 @pytest.mark.parametrize("impl", ["reference", "auto"])
 def test_iama_loss_equals_trl_loss(tmp_path: Path, loss_type: str, beta: float, accumulation: int,
                                    steps_per_generation: int, corrected: bool, delta: float | None,
-                                   impl: str, level: str = "token") -> None:
+                                   impl: str, level: str = "token", **extra: Any) -> None:
     """Loss, gradient and metrics of loss_impl against TRL's own, over two optimizer steps of
     ``accumulation`` micro-batches each. Every generation is used for ``num_iterations``
     micro-batches spanning both steps, so the second step's ratio is not 1. TRL's normalisers
@@ -226,7 +236,7 @@ def test_iama_loss_equals_trl_loss(tmp_path: Path, loss_type: str, beta: float, 
                      per_device_train_batch_size=len(PROMPTS) * GROUP // accumulation,
                      gradient_accumulation_steps=accumulation,
                      steps_per_generation=steps_per_generation,
-                     num_iterations=2 * accumulation // steps_per_generation)
+                     num_iterations=2 * accumulation // steps_per_generation, **extra)
     trainer = _BothLosses(
         model=str(model_dir), reward_funcs=[short, long], args=config,
         train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
@@ -243,11 +253,13 @@ def test_iama_loss_equals_trl_loss(tmp_path: Path, loss_type: str, beta: float, 
         assert g_theirs.abs().max() > 0
         torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-5 * g_theirs.abs().max().item())
         m_ours, m_theirs = record["metrics"]
-        assert set(m_ours) == ({"kl", "entropy", *CLIP_METRICS} if beta else {"entropy", *CLIP_METRICS})
+        assert set(m_ours) == _expected_metrics(loss_type, beta, level)
         assert m_ours == pytest.approx(m_theirs, rel=1e-5, abs=1e-7)
     # The second step's ratio moved off 1: the clip and the KL terms were exercised.
     m_last = records[-1]["metrics"][1]
-    assert m_last["clip_ratio/region_mean"] > 0
+    clipped = {"cispo": "cispo_clip_ratio", "sapo": None}.get(loss_type, "clip_ratio/region_mean")
+    if clipped is not None:
+        assert m_last[clipped] > 0
     if beta:
         assert m_last["kl"] > 0
 
@@ -277,6 +289,30 @@ def test_iama_loss_equals_trl_loss_at_the_sequence_level(tmp_path: Path, loss_ty
                                    delta, impl, level="sequence")
 
 
+@pytest.mark.parametrize(("loss_type", "beta", "corrected", "level", "extra"), [
+    # CISPO: TRL bounds the weight by epsilon_high itself (low, to see it clip); delta is ignored
+    ("cispo", 0.0, False, "token", {"epsilon_high": 1.02, "delta": 1.1}),
+    ("cispo", 0.1, True, "token", {"epsilon_high": 1.02}),
+    ("cispo", 0.1, False, "sequence", {"epsilon_high": 1.02}),
+    ("sapo", 0.0, False, "token", {}),
+    ("sapo", 0.1, True, "token", {"sapo_temperature_pos": 2.0, "sapo_temperature_neg": 0.5}),
+    ("sapo", 0.1, False, "sequence", {}),
+    ("luspo", 0.0, False, "sequence", {"epsilon": 0.4}),  # wider: a micro-batch not wholly clipped
+    ("luspo", 0.1, True, "token", {"delta": 1.25}),
+])
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_iama_loss_equals_trl_cispo_sapo_and_luspo(tmp_path: Path, loss_type: str, beta: float,
+                                                   corrected: bool, level: str, extra: dict,
+                                                   impl: str) -> None:
+    """TRL's CISPO (the kernel's surrogate="cispo", range [0, epsilon_high]), SAPO (its soft gate,
+    TRL's temperatures) and LUSPO (the clipped surrogate summed over each sequence), against TRL's
+    own loss, gradient and metrics."""
+    extra = dict(extra)
+    delta = extra.pop("delta", None)
+    test_iama_loss_equals_trl_loss(tmp_path, loss_type, beta, 2, 2, corrected, delta, impl, level=level,
+                                   **extra)
+
+
 def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer, seed=0, max_positions=64)
@@ -289,7 +325,8 @@ def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
                                processing_class=tokenizer, objective=objective, loss_impl=loss_impl)
 
     for overrides, message in [
-        ({"loss_type": "cispo"}, "loss_type='cispo'"),
+        ({"loss_type": "vespo"}, "loss_type='vespo'"),
+        ({"loss_type": "cispo"}, "loss_type='cispo' with epsilon_high=0.2 < 1"),
         ({"delta": 1.2}, "delta=1.2 (covered when delta > 1 + epsilon_high = 1.2)"),
         ({"top_entropy_quantile": 0.5}, "top_entropy_quantile=0.5"),
         ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold=0.5"),
@@ -298,7 +335,8 @@ def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
             make(**overrides)
     with pytest.raises(TypeError, match="loss_impl must be None or a str"):
         make(loss_impl=1)
-    assert make(loss_impl=None, loss_type="cispo").loss_impl is None  # TRL's loss: anything goes
+    assert make(loss_impl=None, loss_type="vespo").loss_impl is None  # TRL's loss: anything goes
+    assert make(loss_type="cispo", epsilon_high=5.0, delta=1.1).loss_impl == "auto"  # delta: not CISPO's
     # Sequence ratios with per-token advantages: TRL couples every token of a row to the row's
     # advantages through its ratio; refused at the loss, before the model runs.
     gspo = make(importance_sampling_level="sequence")
@@ -383,7 +421,7 @@ def test_the_loss_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     spec = importlib.util.spec_from_file_location("trl_loss", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(["--shapes", "6x5", "--configs", "grpo:0:sequence,dapo:0.1:corrected", "--rounds", "2",
-                        "--no-write"]) == 0
+    assert module.main(["--shapes", "6x5", "--configs", "grpo:0:sequence,dapo:0.1:corrected,cispo:0,sapo:0.1",
+                        "--rounds", "2", "--no-write"]) == 0
     out = capsys.readouterr().out
-    assert out.count("iama loss_impl=auto") == 4  # two progress lines and two table rows
+    assert out.count("iama loss_impl=auto") == 8  # four progress lines and four table rows

@@ -105,6 +105,39 @@ def test_equals_verl_gspo(verl_algos, mode: str, info: dict, with_weights: bool,
     assert float((grad32.double() - grad).abs().max()) <= 64 * eps * float(grad.abs().max())
 
 
+@pytest.mark.parametrize("surrogate", ["cispo", "sapo"])
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("info", [{}, GLOBAL_INFO], ids=["local", "global"])
+@pytest.mark.parametrize("with_weights", [False, True], ids=["plain", "rollout-is"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["outcome", "gae"])
+def test_equals_verl_cispo_and_sapo(verl_algos, surrogate: str, mode: str, info: dict, with_weights: bool,
+                                    per_token: bool) -> None:
+    """surrogate="cispo"/"sapo" against verl's own "cispo" and "sapo" in float64 (SAPO with
+    temperatures off verl's defaults; verl aggregates it seq-mean-token-mean whatever the mode):
+    loss and gradient to rounding, metrics in the unweighted case; and the CPU kernel in float32."""
+    logp, old, adv, mask, weights = _batch(per_token=per_token)
+    config = _actor_config(tau_pos=1.5, tau_neg=0.7)
+    config.global_batch_info.update(info)
+    w = weights if with_weights else None
+    verl_fn = getattr(verl_algos, f"compute_policy_loss_{surrogate}")
+    want_loss, want_grad, want_metrics = _run(verl_fn, old, logp, adv, mask, mode, config, w)
+    ours = VerlPolicyLoss(impl="reference", surrogate=surrogate)
+    loss, grad, metrics = _run(ours, old, logp, adv, mask, mode, config, w)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-13, atol=1e-15)
+    assert set(metrics) == set(want_metrics) and metrics["actor/pg_clipfrac_lower"] == 0.0
+    if surrogate == "cispo":
+        assert want_metrics["actor/pg_clipfrac"] > 0.05
+    if not with_weights:
+        for key, value in want_metrics.items():
+            assert metrics[key] == pytest.approx(value, rel=1e-7, abs=1e-12), key
+    loss32, grad32, _ = _run(VerlPolicyLoss(impl="cpu", surrogate=surrogate), old.float(), logp.float(),
+                             adv.float(), mask.long(), mode, config, None if w is None else w.float())
+    eps = torch.finfo(torch.float32).eps
+    assert abs(float(loss32) - float(loss)) <= 64 * eps * max(abs(float(loss)), 1.0)
+    assert float((grad32.double() - grad).abs().max()) <= 64 * eps * float(grad.abs().max())
+
+
 TENSOR_INFO = {"dp_size": 2, "batch_num_tokens": torch.tensor(700), "global_batch_size": torch.tensor(40)}
 
 
@@ -191,6 +224,12 @@ def test_import_verl_registers_the_policy_loss(verl_algos) -> None:
     assert gspo == VerlPolicyLoss("auto", "sequence") and gspo != fn
     with pytest.raises(ValueError, match="ratio_level must be one of"):
         VerlPolicyLoss(ratio_level="seq")
+    for name, surrogate in (("iama_cispo", "cispo"), ("iama_sapo", "sapo")):
+        assert verl_algos.get_policy_loss_fn(name) == VerlPolicyLoss("auto", "token", surrogate)
+    with pytest.raises(ValueError, match="surrogate must be one of"):
+        VerlPolicyLoss(surrogate="ppo")
+    with pytest.raises(ValueError, match="verl's 'sapo' loss has token-level ratios"):
+        VerlPolicyLoss(ratio_level="sequence", surrogate="sapo")
 
 
 def test_called_through_the_registry_as_verl_calls_it(verl_algos) -> None:
@@ -222,8 +261,9 @@ def test_the_loss_benchmark_runs(verl_algos, capsys) -> None:
     spec = importlib.util.spec_from_file_location("verl_loss_bench", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(["--shapes", "5x9,3x16", "--modes", "token-mean", "--rounds", "3", "--no-write"]) == 0
+    assert module.main(["--shapes", "5x9,3x16", "--modes", "token-mean", "--rounds", "3", "--no-write",
+                        "--losses", "vanilla,gspo,cispo,sapo"]) == 0
     table = capsys.readouterr().out.split("x base")[-1]
-    for loss in ("vanilla", "gspo"):  # a verl row and an iama row per shape
+    for loss in ("vanilla", "gspo", "cispo", "sapo"):  # a verl row and an iama row per shape
         rows = [line.split() for line in table.splitlines() if line.startswith(f"verl {loss} loss")]
         assert sorted(row[4] for row in rows) == ["iama", "iama", "verl", "verl"], rows

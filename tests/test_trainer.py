@@ -118,6 +118,10 @@ def test_construction_errors(tmp_path):
         TrainerConfig(loss_type="sum")
     with pytest.raises(ValueError, match="ratio_level"):
         TrainerConfig(ratio_level="sentence")
+    with pytest.raises(ValueError, match="surrogate must be one of"):
+        TrainerConfig(surrogate="ppo")
+    with pytest.raises(ValueError, match="tau_neg must be a finite float > 0"):
+        TrainerConfig(tau_neg=0.0)
 
 
 def test_reward_error_names_criterion_and_prompt(tmp_path):
@@ -160,6 +164,22 @@ def test_sequence_ratio_changes_the_second_inner_epoch(tmp_path):
         updates[level] = torch.cat([(v - before[k]).flatten() for k, v in params(trainer.model).items()])
     assert float(updates["token"].abs().max()) > 1e-3
     assert not torch.allclose(updates["sequence"], updates["token"], rtol=1e-3, atol=1e-6)
+
+
+def test_surrogate_reaches_the_loss(tmp_path):
+    """CISPO and SAPO change the second inner epoch's update (the first has ratio 1, where every
+    surrogate's gradient is PPO's); SAPO's temperature acts."""
+    updates = {}
+    for name, extra in (("clip", {}), ("cispo", {"surrogate": "cispo"}), ("sapo", {"surrogate": "sapo"}),
+                        ("sapo-hot", {"surrogate": "sapo", "tau_pos": 4.0, "tau_neg": 4.0})):
+        trainer = make(tmp_path / name, optimizer="sgd", learning_rate=1.0, max_grad_norm=None,
+                       prompts_per_step=4, inner_epochs=2, eps_low=0.01, eps_high=0.01, **extra)
+        before = params(trainer.model)
+        trainer.train(1)
+        updates[name] = torch.cat([(v - before[k]).flatten() for k, v in params(trainer.model).items()])
+    assert float(updates["clip"].abs().max()) > 1e-3
+    for a, b in (("cispo", "clip"), ("sapo", "clip"), ("sapo-hot", "sapo"), ("cispo", "sapo")):
+        assert not torch.allclose(updates[a], updates[b], rtol=1e-3, atol=1e-6), (a, b)
 
 
 def test_adaptive_beta_follows_the_controller(tmp_path):

@@ -368,6 +368,22 @@ def test_policy_loss_token_advantages(lane: Lane, loss_type: str, dtype: torch.d
                                    f"token adv {loss_type} {dtype} {kl_weight}")
 
 
+def _shifted_inputs(lane: Lane, dtype: torch.dtype, advantages: str, seed: int, adv_seed: int):
+    """Token inputs whose rows are shifted so that their mean log-ratios fall on both sides of the
+    clip range, with row advantages of both signs (every other one negative) or per-token ones."""
+    S = 6 if lane.device.type == "cpu" else 300
+    logp, old, ref, mask = _token_inputs(lane, S, dtype, seed=seed)
+    g = torch.Generator().manual_seed(adv_seed)
+    shift = torch.linspace(-0.5, 0.5, S).unsqueeze(1).to(lane.device)
+    logp = (logp.double() + shift.double()).to(dtype)
+    if advantages == "token":
+        adv = torch.randn(S, lane.tokens, generator=g)
+    else:
+        adv = torch.randn(S, generator=g)
+        adv[::2] = -adv[::2].abs()
+    return logp, old, ref, mask, adv.to(lane.device)
+
+
 @pytest.mark.parametrize(("advantages", "kl_weight", "dual_clip"),
                          [("row", "none", None), ("row", "ratio", 1.2), ("token", "none", None)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -376,23 +392,36 @@ def test_policy_loss_sequence_ratio(lane: Lane, loss_type: str, dtype: torch.dty
                                     kl_weight: str, dual_clip: float | None) -> None:
     """ratio_level="sequence" (GSPO; SEQ_RATIO): the row's mean log-ratio from a second pre-pass
     (holes, NaN padding, an empty and a short row), then the row streamed without old_logp."""
-    S = 6 if lane.device.type == "cpu" else 300
-    logp, old, ref, mask = _token_inputs(lane, S, dtype, seed=90)
-    g = torch.Generator().manual_seed(6)
-    shift = torch.linspace(-0.5, 0.5, S).unsqueeze(1).to(lane.device)  # rows on both sides of the clip
-    logp = (logp.double() + shift.double()).to(dtype)
-    if advantages == "token":
-        adv = torch.randn(S, lane.tokens, generator=g).to(lane.device)
-    else:
-        adv = torch.randn(S, generator=g)
-        adv[::2] = -adv[::2].abs()
-        adv = adv.to(lane.device)
+    logp, old, ref, mask, adv = _shifted_inputs(lane, dtype, advantages, seed=90, adv_seed=6)
     kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.05, "loss_type": loss_type, "kl_weight": kl_weight,
           "dual_clip": dual_clip, "ratio_level": "sequence"}
     out, oracle, _ = _triton_loss_against_reference(logp, old, ref, adv, mask, kw,
                                                     f"sequence {loss_type} {dtype} {advantages}")
     token = policy_loss(logp, old, ref, adv, mask, impl="triton", **dict(kw, ratio_level="token"))
     assert float(oracle.clip_fraction) > 0.02 and not torch.equal(out.ratio_mean, token.ratio_mean)
+
+
+@pytest.mark.parametrize(("surrogate", "advantages", "ratio_level", "kl_weight"),
+                         [("cispo", "row", "token", "none"), ("cispo", "token", "sequence", "ratio"),
+                          ("sapo", "row", "sequence", "none"), ("sapo", "token", "token", "ratio")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_policy_loss_surrogates(lane: Lane, dtype: torch.dtype, surrogate: str, advantages: str,
+                                ratio_level: str, kl_weight: str) -> None:
+    """SURROGATE=1 (CISPO) and 2 (SAPO) against the reference: holes, NaN padding, an empty row,
+    ratios off the clip range, advantages of both signs (and zero) or per token."""
+    logp, old, ref, mask, adv = _shifted_inputs(lane, dtype, advantages, seed=95, adv_seed=8)
+    if advantages == "row":
+        adv[1] = 0.0
+    kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.05, "loss_type": "grpo", "kl_weight": kl_weight,
+          "ratio_level": ratio_level, "surrogate": surrogate, "tau_pos": 1.2, "tau_neg": 0.8}
+    out, oracle, _ = _triton_loss_against_reference(logp, old, ref, adv, mask, kw,
+                                                    f"{surrogate} {dtype} {advantages} {ratio_level}")
+    if surrogate == "cispo":
+        assert float(oracle.clip_fraction) > 0.02 and float(oracle.clip_high_fraction) > 0.0
+    else:
+        assert float(out.clip_fraction) == 0.0 and float(out.clip_high_fraction) == 0.0
+    clip = policy_loss(logp, old, ref, adv, mask, impl="triton", **dict(kw, surrogate="clip"))
+    assert not torch.equal(out.loss, clip.loss)
 
 
 def test_policy_loss_sequence_ratio_without_old(lane: Lane) -> None:
@@ -555,14 +584,18 @@ FUSED_TOKEN_OPTIONS = {  # objective, seed, options; and the metric that must sh
     "dual-clip": ("wsum", 13, {"beta": 0.05, "loss_type": "token", "dual_clip": 1.2}, "dual_clip_fraction"),
     "sequence-ratio": ("wsum", 14, {"beta": 0.05, "loss_type": "grpo", "ratio_level": "sequence"},
                        "clip_fraction"),
+    "cispo": ("wsum", 15, {"beta": 0.05, "loss_type": "token", "surrogate": "cispo", "eps_low": 1.0,
+                           "eps_high": 0.1}, "clip_high_fraction"),
+    "sapo": ("smoothmin", 16, {"beta": 0.05, "loss_type": "grpo", "surrogate": "sapo", "tau_neg": 1.5},
+             None),
 }
 
 
 @pytest.mark.parametrize("scale", ["group", "batch"])  # batch: the launch that runs the token kernel
 @pytest.mark.parametrize("option", list(FUSED_TOKEN_OPTIONS))
 def test_nonlinear_grpo_token_options(lane: Lane, scale: str, option: str) -> None:
-    """kl_weight="ratio", dual_clip and ratio_level="sequence" in the fused kernel (and in the
-    batch-scale path) against the reference."""
+    """kl_weight="ratio", dual_clip, ratio_level="sequence" and the CISPO and SAPO surrogates in
+    the fused kernel (and in the batch-scale path) against the reference."""
     objective, seed, options, acting = FUSED_TOKEN_OPTIONS[option]
     obj = OBJECTIVES[objective]
     G = 8
@@ -792,6 +825,11 @@ def test_custom_ops_pass_opcheck(lane: Lane) -> None:
                                                1e-4, 1, 0.2, 0.2, 0.1, "token", 0, True))
     torch.library.opcheck(_nonlinear_grpo_op, (logp, old, ref, mask, rewards, lam, [2], [1.0], "plugin",
                                                1e-4, 1, 0.2, 0.2, 0.1, "grpo", 0, True, False, None, True))
+    torch.library.opcheck(_policy_loss_op, (logp, old, ref, adv, mask, 1.0, 4.0, 0.1, "token", 0, True,
+                                            True, None, False, "cispo"))
+    torch.library.opcheck(_nonlinear_grpo_op, (logp, old, ref, mask, rewards, lam, [2], [1.0], "plugin",
+                                               1e-4, 1, 0.2, 0.2, 0.1, "grpo", 0, True, False, None, True,
+                                               "sapo", 1.0, 1.5))
     torch.library.opcheck(_group_advantages_op, (rewards, None, lam, [-1], [0.5], "plugin", 1e-4, 1, False))
 
 
@@ -835,7 +873,7 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "gpu_bench.csv").exists() and (tmp_path / "gpu_bench.jsonl").exists()
     assert "fused" in proc.stdout
     checks = [line for line in proc.stdout.splitlines() if line.startswith("check N=")]
-    assert len(checks) == 10 and all(line.endswith("(ok)") for line in checks), checks
+    assert len(checks) == 14 and all(line.endswith("(ok)") for line in checks), checks
 
 
 def test_kernels_compile_for_sm90() -> None:

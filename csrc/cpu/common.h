@@ -36,6 +36,14 @@ inline int parse_loss_type(c10::string_view s) {
   return -1;
 }
 
+inline int parse_surrogate(c10::string_view s) {
+  if (s == "clip") return kSurrClip;
+  if (s == "cispo") return kSurrCispo;
+  if (s == "sapo") return kSurrSapo;
+  TORCH_CHECK_VALUE(false, "surrogate must be 'clip', 'cispo' or 'sapo', got '", std::string(s), "'");
+  return -1;
+}
+
 inline std::vector<CriterionSpec> parse_specs(at::IntArrayRef kinds, at::IntArrayRef ns, at::ArrayRef<double> taus,
                                               int64_t m) {
   TORCH_CHECK_VALUE(static_cast<int64_t>(kinds.size()) == m && static_cast<int64_t>(ns.size()) == m &&

@@ -32,7 +32,7 @@ policy_loss_fwd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
     c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
-    std::optional<double> dual_clip, bool seq_ratio) {
+    std::optional<double> dual_clip, bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg) {
   check_cpu(logp, "logp");
   check_floating(logp, "logp");
   TORCH_CHECK_VALUE(logp.dim() == 2, "logp must have shape [S, T], got ", logp.sizes());
@@ -54,13 +54,18 @@ policy_loss_fwd(
   TORCH_CHECK_VALUE(mask.sizes() == logp.sizes(), "mask must have the shape of logp ", logp.sizes(), ", got ",
                     mask.sizes());
   TORCH_CHECK_TYPE(!mask.is_complex(), "mask must be bool, integer or floating, got ", mask.scalar_type());
-  TORCH_CHECK_VALUE(eps_low >= 0 && eps_low < 1, "eps_low must be in [0, 1), got ", eps_low);
+  TORCH_CHECK_VALUE(eps_low >= 0 && eps_low <= 1, "eps_low must be in [0, 1], got ", eps_low);
   TORCH_CHECK_VALUE(eps_high >= 0 && std::isfinite(eps_high), "eps_high must be finite and >= 0, got ", eps_high);
   TORCH_CHECK_VALUE(beta >= 0 && std::isfinite(beta), "beta must be finite and >= 0, got ", beta);
   TORCH_CHECK_VALUE(!dual_clip.has_value() || (*dual_clip > 1 && std::isfinite(*dual_clip)),
                     "dual_clip must be a finite float > 1 or None, got ", dual_clip.value_or(0.0));
   TORCH_CHECK_VALUE(beta == 0 || ref_logp.has_value(), "ref_logp is required when beta > 0 (got beta=", beta, ")");
   const int kind = parse_loss_type(loss_type);
+  const int surr = parse_surrogate(surrogate);
+  TORCH_CHECK_VALUE(tau_pos > 0 && std::isfinite(tau_pos) && tau_neg > 0 && std::isfinite(tau_neg),
+                    "tau_pos and tau_neg must be finite and > 0, got ", tau_pos, " and ", tau_neg);
+  TORCH_CHECK_VALUE(!dual_clip.has_value() || surr == kSurrClip, "dual_clip applies to surrogate='clip' only, got '",
+                    std::string(surrogate), "'");
   TORCH_CHECK_VALUE(!max_completion_length.has_value() || *max_completion_length >= 1,
                     "max_completion_length must be a positive int, got ", max_completion_length.value_or(0));
 
@@ -123,6 +128,9 @@ policy_loss_fwd(
   p.eps_high = eps_high;
   p.beta = beta;
   if (dual_clip.has_value()) p.dual_clip = *dual_clip;
+  p.surrogate = surr;
+  p.tau_pos = tau_pos;
+  p.tau_neg = tau_neg;
   if (seq_old.defined()) {
     p.seq_old = seq_old.const_data_ptr();
     p.s_seq_old = seq_old.stride(0);

@@ -35,6 +35,8 @@ struct TokenProblem {
   double uniform_scale = 0.0;                            // w_scale for "token" and "dr_grpo"
   double eps_low = 0.2, eps_high = 0.2, beta = 0.0;
   double dual_clip = std::numeric_limits<double>::infinity();  // c of the dual clip; +inf: off
+  int surrogate = 0;                                     // iama::SurrogateKind
+  double tau_pos = 1.0, tau_neg = 1.05;                  // SAPO's temperatures
   // GSPO's sequence ratio: each row's log-ratio is its mean over the row's support, computed from
   // logp and old first; the loss pass then reads seq_old (logp itself, in old's dtype) as `old`
   // and adds that mean to every token's (zero) log-ratio. Null: per-token ratios.

@@ -28,6 +28,8 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
   const acc_t beta = static_cast<acc_t>(p.beta);
   const acc_t dual_c = static_cast<acc_t>(p.dual_clip);
   const bool has_dual = std::isfinite(p.dual_clip);  // +inf: the dual clip is off
+  const acc_t tau_pos = static_cast<acc_t>(p.tau_pos);
+  const acc_t tau_neg = static_cast<acc_t>(p.tau_neg);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.T));
   at::parallel_for(0, p.S, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -56,7 +58,7 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       // A build with a hand-vectorised row for the most common case (float32, bool mask, plain
       // k3, row advantages) uses it; the other cases take the templated row.
       if constexpr (std::is_same_v<lp_t, float> && std::is_same_v<aux_t, float> && std::is_same_v<mask_t, uint8_t>) {
-        if (!p.ratio_kl && !token_adv) {
+        if (!p.ratio_kl && !token_adv && p.surrogate == kSurrClip) {
           sums = policy_loss_row_f32_byte(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
                                           beta, dual_c, dual, p.seq_old != nullptr, lr0, grad_row);
           done = true;
@@ -65,20 +67,34 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
 #endif
       if (!done) {
         const acc_t ws = static_cast<acc_t>(w_scale);
-        // The run-time flags as template arguments (each a bool_constant): see policy_loss_row.
-        auto row = [&](auto ratio_kl, auto per_token, auto with_dual) {
-          return policy_loss_row<lp_t, aux_t, mask_t, acc_t, ratio_kl(), per_token(), with_dual()>(
-              lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row, a_row, lr0);
+        // The run-time flags as template arguments (each a bool_constant or integral_constant):
+        // see policy_loss_row.
+        using Clip = std::integral_constant<int, kSurrClip>;
+        auto row = [&](auto ratio_kl, auto per_token, auto with_dual, auto surr) {
+          return policy_loss_row<lp_t, aux_t, mask_t, acc_t, ratio_kl(), per_token(), with_dual(), surr()>(
+              lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row, a_row, lr0, tau_pos, tau_neg);
         };
         auto with_dual = [&](auto ratio_kl, auto per_token) {
           if constexpr (per_token()) {  // one build: the dual clip is tested token by token
-            return row(ratio_kl, per_token, std::true_type{});
+            return row(ratio_kl, per_token, std::true_type{}, Clip{});
           } else {
-            return dual ? row(ratio_kl, per_token, std::true_type{}) : row(ratio_kl, per_token, std::false_type{});
+            return dual ? row(ratio_kl, per_token, std::true_type{}, Clip{})
+                        : row(ratio_kl, per_token, std::false_type{}, Clip{});
+          }
+        };
+        // CISPO and SAPO have no dual clip (the glue refuses one).
+        auto with_surrogate = [&](auto ratio_kl, auto per_token) {
+          switch (p.surrogate) {
+            case kSurrCispo:
+              return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrCispo>{});
+            case kSurrSapo:
+              return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrSapo>{});
+            default:
+              return with_dual(ratio_kl, per_token);
           }
         };
         auto with_adv = [&](auto ratio_kl) {
-          return token_adv ? with_dual(ratio_kl, std::true_type{}) : with_dual(ratio_kl, std::false_type{});
+          return token_adv ? with_surrogate(ratio_kl, std::true_type{}) : with_surrogate(ratio_kl, std::false_type{});
         };
         sums = p.ratio_kl ? with_adv(std::true_type{}) : with_adv(std::false_type{});
       }
@@ -113,7 +129,8 @@ void dispatch_mask(const TokenProblem& p, std::vector<double>& rows) {
 }
 
 // logp dtype x (old/ref in logp's dtype or in float32) x mask kind (x plain or ratio KL x row
-// advantages with or without the dual clip, or per-token advantages): 18 token kernels, 108 row
+// advantages with or without the dual clip, or per-token advantages, for the clipped surrogate,
+// and row or per-token advantages for each of CISPO and SAPO): 18 token kernels, 252 row
 // instantiations.
 inline void dispatch_token_pass(const TokenProblem& p, std::vector<double>& rows) {
   switch (p.logp_dtype) {

@@ -39,11 +39,15 @@ from iama_kernels.advantages.reference import batch_values
 
 from .flat import criterion_columns, flat_group_advantages
 
-# TRL's loss type -> (iama loss_type, normaliser): "accumulation" divides by the gradient
-# accumulation steps (TRL's grpo, bnpo, dr_grpo); "items" rescales the token mean to TRL's DAPO
-# normaliser (the generation batch's token count over one accumulation window).
-_LOSS_TYPES = {"grpo": ("grpo", "accumulation"), "bnpo": ("token", "accumulation"),
-               "dr_grpo": ("dr_grpo", "accumulation"), "dapo": ("token", "items")}
+# TRL's loss type -> (iama loss_type, normaliser, surrogate): "accumulation" divides by the
+# gradient accumulation steps (TRL's grpo, bnpo, dr_grpo, sapo, luspo); "items" rescales the token
+# mean to TRL's DAPO normaliser (the generation batch's token count over one accumulation window;
+# dapo, cispo). LUSPO's sum over each sequence's tokens, mean over sequences, is dr_grpo with
+# max_completion_length=1.
+_LOSS_TYPES = {"grpo": ("grpo", "accumulation", "clip"), "bnpo": ("token", "accumulation", "clip"),
+               "dr_grpo": ("dr_grpo", "accumulation", "clip"), "dapo": ("token", "items", "clip"),
+               "luspo": ("luspo", "accumulation", "clip"), "cispo": ("token", "items", "cispo"),
+               "sapo": ("grpo", "accumulation", "sapo")}
 # Extra model inputs of TRL's log-prob function (vision-language models), passed on when present.
 _MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
                  "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
@@ -68,9 +72,13 @@ class IAMAGRPOTrainer(GRPOTrainer):
             :func:`iama_kernels.policy_loss` (``"auto"``, ``"cpu"``, ``"triton"``,
             ``"reference"``) computes the same clipped-ratio + k3 KL loss and its gradient with
             iama's kernels, one pass over the tokens instead of TRL's chain of elementwise ops.
-            It covers TRL's ``loss_type`` ``"grpo"``, ``"bnpo"``, ``"dr_grpo"`` and ``"dapo"``
-            with token-level ratios (advantages ``[S]`` or per token ``[S, T]``) and with GSPO's
-            sequence-level ones (``importance_sampling_level="sequence"``, the kernel's
+            It covers TRL's ``loss_type`` ``"grpo"``, ``"bnpo"``, ``"dr_grpo"``, ``"dapo"`` and
+            ``"luspo"`` (the clipped surrogate), ``"cispo"`` (the kernel's ``surrogate="cispo"``
+            with TRL's bound ``epsilon_high`` on the importance weight, so it needs
+            ``epsilon_high >= 1``, e.g. ScaleRL's 5.0) and ``"sapo"`` (``surrogate="sapo"``
+            with ``sapo_temperature_pos``/``_neg``), with token-level ratios (advantages
+            ``[S]`` or per token ``[S, T]``) and with GSPO's sequence-level ones
+            (``importance_sampling_level="sequence"``, the kernel's
             ``ratio_level="sequence"``, with advantages ``[S]``: per-token ones there are a
             ``ValueError`` at the loss), and TRL's two-sided clip ``delta`` when
             ``delta > 1 + epsilon_high`` (it is then the kernel's ``dual_clip``); a setting it
@@ -80,9 +88,11 @@ class IAMAGRPOTrainer(GRPOTrainer):
             token of the sequence) is a ``ValueError`` when the trainer is built. With
             ``use_bias_correction_kl`` (TRL's default) and ``beta > 0`` the KL term is TRL's
             ratio-weighted ``rho * k3``, the kernel's ``kl_weight="ratio"``. It logs TRL's
-            ``kl``, ``entropy`` and ``clip_ratio/{low,high,region}_mean`` (at the sequence level,
-            as TRL, means over sequences, from the kernel's ``sequence_log_ratio``), not the
-            per-sequence ``clip_ratio/low_min`` and ``high_max``.
+            ``kl``, ``entropy`` and ``clip_ratio/{low,high,region}_mean`` (``cispo_clip_ratio``
+            for CISPO, no clip metric for SAPO, as TRL; at the sequence level, as TRL, means
+            over sequences, from the kernel's ``sequence_log_ratio``), and at the sequence
+            level TRL's per-sequence ``clip_ratio/low_min`` and ``high_max``; with token-level
+            ratios those two need per-sequence clip counts, which the kernel does not return.
 
     Logged next to TRL's metrics: ``iama/lambda/<criterion>`` (the weight ``dg/dR`` of each
     criterion) and ``iama/value/<criterion>`` (the batch's estimate of the criterion's value
@@ -132,6 +142,11 @@ class IAMAGRPOTrainer(GRPOTrainer):
         refused = []
         if self.loss_type not in _LOSS_TYPES:
             refused.append(f"loss_type={self.loss_type!r} (supported: {sorted(_LOSS_TYPES)})")
+        elif self.loss_type == "cispo" and self.epsilon_high < 1:
+            # TRL's CISPO clamps the importance weight at epsilon_high itself (ScaleRL's eps_max);
+            # the kernel's bound is 1 + eps_high with eps_high >= 0.
+            refused.append(f"loss_type='cispo' with epsilon_high={self.epsilon_high} < 1 (TRL "
+                           "clamps every importance weight at epsilon_high; ScaleRL uses 5.0)")
         if self.importance_sampling_level not in RATIO_LEVELS:  # TRL's names are the kernel's
             refused.append(f"importance_sampling_level={self.importance_sampling_level!r}")
         elif (self.importance_sampling_level == "sequence" and self.beta != 0.0
@@ -140,7 +155,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
             # the sequence, which the kernel's per-token KL weight does not have.
             refused.append("importance_sampling_level='sequence' with use_bias_correction_kl=True and "
                            f"beta={self.beta} (set use_bias_correction_kl=False)")
-        if args.delta is not None and not args.delta > 1 + self.epsilon_high:
+        if (args.delta is not None and _LOSS_TYPES.get(self.loss_type, ("", "", "clip"))[2] == "clip"
+                and not args.delta > 1 + self.epsilon_high):
             # Above 1 + epsilon_high TRL's two-sided clip is the dual clip (A < 0, ratio > delta:
             # the constant delta A); at or below it, it would also cut positive advantages'
             # ratios (and TRL's clip metrics, taken after it, would change).
@@ -219,11 +235,14 @@ class IAMAGRPOTrainer(GRPOTrainer):
             compute_aux_loss=self.aux_loss_enabled,
             **{key: inputs.get(key) for key in _MODEL_INPUTS},
         )
-        kind, normaliser = _LOSS_TYPES[self.loss_type]
+        kind, normaliser, surrogate = _LOSS_TYPES[self.loss_type]
         advantages = inputs["advantages"]  # [S], or [S, T] per token (policy_loss takes both)
         old = inputs.get("old_per_token_logps")
         ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
         max_length = self.max_completion_length if kind == "dr_grpo" else None
+        if kind == "luspo":  # the sum over each sequence's tokens, mean over sequences
+            kind, max_length = "dr_grpo", 1
+        eps_low, eps_high = self._kernel_clip_range(surrogate)
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         tokens = mask.sum().to(torch.float64 if logps.dtype == torch.float64 else torch.float32)
@@ -240,43 +259,72 @@ class IAMAGRPOTrainer(GRPOTrainer):
         # TRL's use_bias_correction_kl is the kernel's ratio-weighted KL (rho * k3).
         out = policy_loss(
             logps, old, ref, advantages * scale, mask,
-            eps_low=self.epsilon_low, eps_high=self.epsilon_high,
+            eps_low=eps_low, eps_high=eps_high,
             beta=0.0 if ref is None else self.beta * float(scale), loss_type=kind,
             max_completion_length=max_length,
             kl_weight="ratio" if ref is not None and self.args.use_bias_correction_kl else "none",
-            dual_clip=self.args.delta, ratio_level=self.importance_sampling_level, impl=self.loss_impl,
+            # TRL applies delta in the clipped surrogate's branch alone
+            dual_clip=self.args.delta if surrogate == "clip" else None,
+            ratio_level=self.importance_sampling_level, surrogate=surrogate,
+            tau_pos=self.args.sapo_temperature_pos, tau_neg=self.args.sapo_temperature_neg,
+            impl=self.loss_impl,
         )
         loss = out.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        # Means over every process, as TRL reports them; one reduction for all. The clip metrics
-        # are token-weighted, except for sequence ratios, which TRL averages over sequences.
-        if self.importance_sampling_level == "sequence":
-            low_sum, high_sum, clip_count = self._sequence_clip_counts(out.sequence_log_ratio, advantages)
+        self._log_loss_metrics(mode, out, advantages, mask, entropies, tokens, surrogate, eps_low, eps_high)
+        return loss
+
+    def _kernel_clip_range(self, surrogate: str) -> tuple[float, float]:
+        """The kernel's ``(eps_low, eps_high)``: TRL's, except for CISPO, whose weight TRL clamps
+        at ``epsilon_high`` from above only (range ``[0, epsilon_high]``)."""
+        if surrogate == "cispo":
+            return 1.0, self.epsilon_high - 1.0
+        return self.epsilon_low, self.epsilon_high
+
+    def _log_loss_metrics(self, mode: str, out: Any, advantages: torch.Tensor, mask: torch.Tensor,
+                          entropies: torch.Tensor, tokens: torch.Tensor, surrogate: str,
+                          eps_low: float, eps_high: float) -> None:
+        """TRL's loss metrics: means over every process, as TRL reports them, in one reduction.
+        The clip metrics are token-weighted, except for sequence ratios, which TRL averages over
+        sequences (and whose per-sequence extremes it logs too)."""
+        sequence = self.importance_sampling_level == "sequence"
+        if sequence:
+            low, high = self._sequence_clips(out.sequence_log_ratio, advantages, eps_low, eps_high)
+            low_sum, high_sum, clip_count = low.sum(), high.sum(), advantages.shape[0]
         else:
             high_sum = out.clip_high_fraction * tokens
             low_sum, clip_count = out.clip_fraction * tokens - high_sum, tokens
+            if surrogate == "cispo":  # the weight's lower bound is 0: no token is clipped below
+                low_sum = torch.zeros_like(high_sum)
         weighted = torch.stack([out.kl * tokens, low_sum.to(tokens.dtype), high_sum.to(tokens.dtype),
                                 (entropies.detach() * mask).sum().to(tokens.dtype), tokens,
                                 torch.as_tensor(clip_count, dtype=tokens.dtype, device=tokens.device)])
         kl_sum, low_sum, high_sum, entropy_sum, count, clip_count = self.accelerator.reduce(
             weighted, reduction="sum").tolist()
         count, clip_count = max(count, 1.0), max(clip_count, 1.0)
+        metrics = self._metrics[mode]
         if self.beta != 0.0:
-            self._metrics[mode]["kl"].append(kl_sum / count)
-        self._metrics[mode]["entropy"].append(entropy_sum / count)
-        self._metrics[mode]["clip_ratio/low_mean"].append(low_sum / clip_count)
-        self._metrics[mode]["clip_ratio/high_mean"].append(high_sum / clip_count)
-        self._metrics[mode]["clip_ratio/region_mean"].append((low_sum + high_sum) / clip_count)
-        return loss
+            metrics["kl"].append(kl_sum / count)
+        metrics["entropy"].append(entropy_sum / count)
+        if surrogate == "cispo":
+            metrics["cispo_clip_ratio"].append(high_sum / clip_count)
+        elif surrogate == "clip":
+            metrics["clip_ratio/low_mean"].append(low_sum / clip_count)
+            metrics["clip_ratio/high_mean"].append(high_sum / clip_count)
+            metrics["clip_ratio/region_mean"].append((low_sum + high_sum) / clip_count)
+            if sequence:  # each sequence's clipped share is 0 or 1: its extremes over the batch
+                metrics["clip_ratio/low_min"].append(
+                    self.accelerator.gather(low.to(tokens.dtype)).min().item())
+                metrics["clip_ratio/high_max"].append(
+                    self.accelerator.gather(high.to(tokens.dtype)).max().item())
 
-    def _sequence_clip_counts(self, log_ratio: torch.Tensor,
-                              advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Sequences clipped below and above, and the number of sequences, as TRL counts them for
+    @staticmethod
+    def _sequence_clips(log_ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float,
+                        eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[S]`` bool: the sequences clipped below and above, as TRL counts them for
         sequence-level ratios, from the kernel's ``[S]`` log sequence ratios (TRL's masked mean of
         ``logp - old``, which is the kernel's mean over the support for a 0/1 mask)."""
         ratio = torch.exp(log_ratio)
-        low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).sum()
-        high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).sum()
-        return low, high, advantages.shape[0]
+        return (ratio < 1 - eps_low) & (advantages < 0), (ratio > 1 + eps_high) & (advantages > 0)

@@ -1,4 +1,5 @@
-"""verl's PPO actor loss on the fused kernel: the ``"iama"`` and ``"iama_gspo"`` policy losses.
+"""verl's PPO actor loss on the fused kernel: the ``"iama"``, ``"iama_gspo"``, ``"iama_cispo"`` and
+``"iama_sapo"`` policy losses.
 
 verl computes the actor's clipped-ratio loss through a registered *policy loss*
 (``actor_rollout_ref.actor.policy_loss.loss_mode``, ``"vanilla"`` by default). This module gives
@@ -22,7 +23,14 @@ the sequence log-ratio at 10 (the kernel does not), and with ``rollout_is_weight
 log-ratio is taken over the tokens whose weight is not 0 (verl's: over the response mask; the
 same for positive weights).
 
-What differs from ``"vanilla"``:
+``"iama_cispo"`` and ``"iama_sapo"`` are verl's ``"cispo"`` (the importance weight clipped to
+``[1 - clip_ratio_low, 1 + clip_ratio_high]`` and detached, times ``A log_prob``; every
+``loss_agg_mode``) and ``"sapo"`` (the soft gate with the actor config's ``tau_pos`` and
+``tau_neg``; like verl, always aggregated ``"seq-mean-token-mean"``, whatever ``loss_agg_mode``
+says) on the kernel's ``surrogate="cispo"`` and ``"sapo"``, token-level ratios, no dual clip.
+Their ``actor/pg_clipfrac_lower`` is 0, as verl's, and SAPO's ``actor/pg_clipfrac`` too.
+
+What differs from ``"vanilla"`` (and from verl's other losses alike):
 
 * verl clamps ``log_prob - old_log_prob`` to ``[-20, 20]`` before ``exp``; the kernel does not.
   The loss and its gradient differ only on tokens whose ratio is below ``e**-20`` (by at most
@@ -45,11 +53,16 @@ from typing import Any
 import torch
 
 from iama_kernels import policy_loss
-from iama_kernels._checks import RATIO_LEVELS, check_choice
+from iama_kernels._checks import RATIO_LEVELS, SURROGATES, check_choice
 from iama_kernels._dispatch import IMPLS
 
 POLICY_LOSS_NAME = "iama"
 GSPO_POLICY_LOSS_NAME = "iama_gspo"
+CISPO_POLICY_LOSS_NAME = "iama_cispo"
+SAPO_POLICY_LOSS_NAME = "iama_sapo"
+# verl's loss: (ratio_level, surrogate) of the kernel
+VERL_LOSSES = {"vanilla": ("token", "clip"), "gspo": ("sequence", "clip"), "cispo": ("token", "cispo"),
+               "sapo": ("token", "sapo")}
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm",
                   "seq-mean-token-mean")
 
@@ -95,31 +108,41 @@ def _count(value: Any, fallback: torch.Tensor, name: str, dp_size: float) -> tor
 
 class VerlPolicyLoss:
     """A verl policy loss: ``(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
-    config, rollout_is_weights) -> (loss, metrics)``, verl's ``"vanilla"`` (or ``"gspo"``) on the
-    fused kernel.
+    config, rollout_is_weights) -> (loss, metrics)``, verl's ``"vanilla"`` (or ``"gspo"``,
+    ``"cispo"``, ``"sapo"``) on the fused kernel.
 
     Args:
         impl: backend of :func:`iama_kernels.policy_loss` (``"auto"``: Triton on CUDA, the C++
             extension on CPU).
         ratio_level: ``"token"`` (verl's ``"vanilla"``) or ``"sequence"`` (verl's ``"gspo"``:
             GSPO-token's sequence ratio, no dual clip).
+        surrogate: ``"clip"`` (verl's ``"vanilla"``/``"gspo"``), ``"cispo"`` or ``"sapo"``
+            (verl's losses of those names; token-level ratios only, as verl's).
     """
 
-    def __init__(self, impl: str = "auto", ratio_level: str = "token") -> None:
+    def __init__(self, impl: str = "auto", ratio_level: str = "token", surrogate: str = "clip") -> None:
         check_choice("impl", impl, IMPLS)
         check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+        check_choice("surrogate", surrogate, SURROGATES)
+        if surrogate != "clip" and ratio_level != "token":
+            raise ValueError(f"verl's {surrogate!r} loss has token-level ratios, got "
+                             f"ratio_level={ratio_level!r}")
         self.impl = impl
         self.ratio_level = ratio_level
+        self.surrogate = surrogate
+
+    def _key(self) -> tuple[str, str, str]:
+        return self.impl, self.ratio_level, self.surrogate
 
     def __repr__(self) -> str:
-        return f"VerlPolicyLoss(impl={self.impl!r}, ratio_level={self.ratio_level!r})"
+        return (f"VerlPolicyLoss(impl={self.impl!r}, ratio_level={self.ratio_level!r}, "
+                f"surrogate={self.surrogate!r})")
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, VerlPolicyLoss) and other.impl == self.impl
-                and other.ratio_level == self.ratio_level)
+        return isinstance(other, VerlPolicyLoss) and other._key() == self._key()
 
     def __hash__(self) -> int:
-        return hash((self.impl, self.ratio_level))
+        return hash(self._key())
 
     def __call__(
         self,
@@ -139,15 +162,20 @@ class VerlPolicyLoss:
             advantages: ``[bs, T]`` token-level advantages (read only under the mask).
             response_mask: ``[bs, T]`` bool (or 0/1) mask of the response tokens.
             loss_agg_mode: one of :data:`LOSS_AGG_MODES`, as verl's ``agg_loss``.
-            config: verl's actor config: ``clip_ratio(_low/_high)``, ``clip_ratio_c`` and the
+            config: verl's actor config: ``clip_ratio(_low/_high)``, ``clip_ratio_c``, SAPO's
+                ``tau_pos``/``tau_neg`` and the
                 ``global_batch_info`` (``dp_size``, ``batch_num_tokens``, ``global_batch_size``,
                 ``loss_scale_factor``) that verl fills in before each call.
             rollout_is_weights: ``[bs, T]`` importance weights of rollout correction, or None.
         """
         check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
         eps_low, eps_high, dual_clip = _clip_range(config)
-        if self.ratio_level == "sequence":
-            dual_clip = None  # verl's "gspo" has no dual clip
+        if self.ratio_level == "sequence" or self.surrogate != "clip":
+            dual_clip = None  # verl's "gspo", "cispo" and "sapo" have no dual clip
+        if self.surrogate == "sapo":
+            loss_agg_mode = "seq-mean-token-mean"  # verl's "sapo" aggregates so, whatever it is given
+        tau_pos = float(_option(config, "tau_pos", 1.0))
+        tau_neg = float(_option(config, "tau_neg", 1.05))
         for name, t in (("old_log_prob", old_log_prob), ("log_prob", log_prob),
                         ("advantages", advantages), ("response_mask", response_mask)):
             if not isinstance(t, torch.Tensor):
@@ -198,7 +226,7 @@ class VerlPolicyLoss:
         out = policy_loss(log_prob, old_log_prob.detach(), None, advantages.detach(), mask,
                           eps_low=eps_low, eps_high=eps_high, beta=0.0, loss_type=loss_type,
                           max_completion_length=length, dual_clip=dual_clip, ratio_level=self.ratio_level,
-                          impl=self.impl)
+                          surrogate=self.surrogate, tau_pos=tau_pos, tau_neg=tau_neg, impl=self.impl)
         clipfrac, log_ratio, lower = torch.stack(
             [out.clip_fraction, out.log_ratio_mean, out.dual_clip_fraction]).tolist()
         metrics = {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": -log_ratio,
@@ -209,12 +237,13 @@ class VerlPolicyLoss:
 
 
 def register_policy_loss(name: str = POLICY_LOSS_NAME, impl: str = "auto",
-                         ratio_level: str = "token") -> VerlPolicyLoss:
+                         ratio_level: str = "token", surrogate: str = "clip") -> VerlPolicyLoss:
     """Register :class:`VerlPolicyLoss` in verl's policy-loss registry under ``name``.
 
-    ``import verl`` runs ``register_policy_loss()`` and
-    ``register_policy_loss("iama_gspo", ratio_level="sequence")`` through the plugin; select one
-    with ``actor_rollout_ref.actor.policy_loss.loss_mode=iama`` (or ``iama_gspo``). Registering a
+    ``import verl`` runs ``register_policy_loss()``,
+    ``register_policy_loss("iama_gspo", ratio_level="sequence")`` and the same for
+    ``"iama_cispo"`` and ``"iama_sapo"`` (``surrogate=``) through the plugin; select one with
+    ``actor_rollout_ref.actor.policy_loss.loss_mode=iama`` (or ``iama_gspo``, ...). Registering a
     name again with the same options is a no-op; with others, or over one of verl's own losses,
     a ``ValueError``.
     """
@@ -222,7 +251,7 @@ def register_policy_loss(name: str = POLICY_LOSS_NAME, impl: str = "auto",
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
-    fn = VerlPolicyLoss(impl, ratio_level)
+    fn = VerlPolicyLoss(impl, ratio_level, surrogate)
     known = core_algos.POLICY_LOSS_REGISTRY.get(name)
     if known is not None:
         if known != fn:

@@ -8,7 +8,7 @@ import torch
 
 from .. import _cpu_backend as _cb
 from .. import _triton_backend as _tb
-from .._checks import KL_WEIGHTS, RATIO_LEVELS, check_choice, check_dual_clip
+from .._checks import KL_WEIGHTS, RATIO_LEVELS, check_choice, check_dual_clip, check_surrogate
 from .._dispatch import Backend, Call, choose, reference_check
 from .._types import NonlinearGRPOOutput
 from ..advantages.api import prepare_group_inputs
@@ -43,6 +43,9 @@ def nonlinear_grpo_loss(
     kl_weight: str = "none",
     dual_clip: float | None = None,
     ratio_level: str = "token",
+    surrogate: str = "clip",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
     impl: str = "auto",
 ) -> NonlinearGRPOOutput:
     """The one-pass non-linear GRPO op: group rewards to advantages, then the token loss.
@@ -56,7 +59,7 @@ def nonlinear_grpo_loss(
         rewards: ``[B, G]`` or ``[B, G, m]`` floating rewards, finite.
         objective, estimator, scale, eps, criterion_weights: as in :func:`group_advantages`.
         eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight, dual_clip,
-        ratio_level: as in :func:`policy_loss`.
+        ratio_level, surrogate, tau_pos, tau_neg: as in :func:`policy_loss`.
         impl: ``"auto"`` or an explicit backend name.
 
     Returns:
@@ -71,6 +74,7 @@ def nonlinear_grpo_loss(
     check_choice("kl_weight", kl_weight, KL_WEIGHTS)
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     dual_clip = check_dual_clip(dual_clip)
+    tau_pos, tau_neg = check_surrogate(surrogate, tau_pos, tau_neg, dual_clip)
     rewards, objective, criterion_weights, _, eps = prepare_group_inputs(
         rewards, objective, estimator, scale, eps, criterion_weights, None
     )
@@ -87,4 +91,4 @@ def nonlinear_grpo_loss(
     backend = choose("nonlinear_grpo_loss", impl, _NONLINEAR_GRPO_BACKENDS, call)
     return backend.run(logp, old_logp, ref_logp, mask, rewards, objective, estimator, scale, eps,
                        eps_low, eps_high, beta, loss_type, criterion_weights, max_completion_length,
-                       kl_weight, dual_clip, ratio_level)
+                       kl_weight, dual_clip, ratio_level, surrogate, tau_pos, tau_neg)

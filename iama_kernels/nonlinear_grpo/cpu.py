@@ -35,6 +35,9 @@ def nonlinear_grpo_loss_cpu(
     kl_weight: str = "none",
     dual_clip: float | None = None,
     ratio_level: str = "token",
+    surrogate: str = "clip",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
 ) -> NonlinearGRPOOutput:
     """Rewards ``[B, G, m]`` and ``[B * G, T]`` token inputs -> :class:`NonlinearGRPOOutput`."""
     kinds, ns, taus = objective_codes(objective)
@@ -43,7 +46,7 @@ def nonlinear_grpo_loss_cpu(
         torch.ops.iama.nonlinear_grpo_fwd(
             logp, old_logp, ref_logp, mask, rewards, lam, kinds, ns, taus, estimator, scale, eps,
             eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight == "ratio", dual_clip,
-            ratio_level == "sequence",
+            ratio_level == "sequence", surrogate, tau_pos, tau_neg,
         )
     )
     return NonlinearGRPOOutput(loss, advantages.detach(), kl.detach(), clip_fraction.detach(),

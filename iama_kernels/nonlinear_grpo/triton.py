@@ -41,6 +41,7 @@ from ..policy_loss.triton import (
     LOSS_TYPE_CODES,
     N_PARTIALS,
     N_STATS,
+    SURROGATE_CODES,
     _policy_loss_op,
     _store_partials,
     _token_row,
@@ -63,11 +64,11 @@ def _nonlinear_grpo_fwd_kernel(
     table_ptr, crit_ptr, lam_ptr, adv_ptr, values_ptr, G, eps,
     logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, partial_ptr, seq_ptr,
     s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
-    T, rows_per_prog, eps_low, eps_high, beta, dual_c, norm,
+    T, rows_per_prog, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg, norm,
     BG: tl.constexpr, M: tl.constexpr, SCALE: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr, RATIO_KL: tl.constexpr = False,
-    DUAL_CLIP: tl.constexpr = False, SEQ_RATIO: tl.constexpr = False,
+    DUAL_CLIP: tl.constexpr = False, SEQ_RATIO: tl.constexpr = False, SURROGATE: tl.constexpr = 0,
 ):
     b = tl.program_id(0)
     split = tl.program_id(1)
@@ -94,9 +95,9 @@ def _nonlinear_grpo_fwd_kernel(
         loss, kl, clip, ratio, lratio, dual, high, r_m = _token_row(
             a, b * G + j, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr, seq_ptr,
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, 0, 0,
-            T, eps_low, eps_high, beta, dual_c, norm, loss, kl, clip, ratio, lratio, dual, high,
-            HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL, DUAL_CLIP, False,
-            SEQ_RATIO,
+            T, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg, norm, loss, kl, clip, ratio,
+            lratio, dual, high, HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL,
+            DUAL_CLIP, False, SEQ_RATIO, SURROGATE,
         )
         msum += r_m
     _store_partials(partial_ptr, b * tl.num_programs(1) + split, loss, msum, kl, clip, ratio,
@@ -116,6 +117,7 @@ def _nonlinear_grpo_fwd(
     taus: list[float], estimator: str, eps: float, scale_code: int, eps_low: float,
     eps_high: float, beta: float, loss_type: str, max_completion_length: int, need_grad: bool,
     ratio_kl: bool = False, dual_clip: float | None = None, seq_ratio: bool = False,
+    surrogate: str = "clip", tau_pos: float = 1.0, tau_neg: float = 1.05,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One launch (plus the partials reduction). Returns float32 ``stats [N_STATS]``,
     ``advantages [B, G]``, ``values [B, m]``, GSPO's per-row log-ratios (``[S]`` with
@@ -137,12 +139,14 @@ def _nonlinear_grpo_fwd(
     _nonlinear_grpo_fwd_kernel[(B, splits)](
         rewards, *rewards.stride(), tables, crit, lam, adv, values, G, eps,
         *args[:5], partials, seq, *args[5:],
-        T, rpp, eps_low, eps_high, beta, dual_c, row_norm(S, T, loss_type, max_len),
+        T, rpp, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg,
+        row_norm(S, T, loss_type, max_len),
         BG=tables.shape[-1], M=m, SCALE=scale_code,
         HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
         LOSS_TYPE=LOSS_TYPE_CODES[loss_type], WRITE_GRAD=need_grad, BLOCK_T=block_t,
         NP=N_PARTIALS, RATIO_KL=ratio_kl, DUAL_CLIP=has_dual,
-        SEQ_RATIO=seq_ratio and old_logp is not None, num_warps=max(warps, group_warps(G)),
+        SEQ_RATIO=seq_ratio and old_logp is not None, SURROGATE=SURROGATE_CODES[surrogate],
+        num_warps=max(warps, group_warps(G)),
     )
     return finalize(partials, loss_type), adv, values, seq, grad
 
@@ -154,18 +158,19 @@ def _nonlinear_grpo_op(
     taus: list[float], estimator: str, eps: float, scale_code: int, eps_low: float,
     eps_high: float, beta: float, loss_type: str, max_completion_length: int, need_grad: bool,
     ratio_kl: bool = False, dual_clip: float | None = None, seq_ratio: bool = False,
+    surrogate: str = "clip", tau_pos: float = 1.0, tau_neg: float = 1.05,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with launch_device(logp.device):
         return _nonlinear_grpo_fwd(logp, old_logp, ref_logp, mask, rewards, lam, codes, taus,
                                    estimator, eps, scale_code, eps_low, eps_high, beta, loss_type,
                                    max_completion_length, need_grad, ratio_kl, dual_clip,
-                                   seq_ratio)
+                                   seq_ratio, surrogate, tau_pos, tau_neg)
 
 
 @_nonlinear_grpo_op.register_fake
 def _(logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps, scale_code,
       eps_low, eps_high, beta, loss_type, max_completion_length, need_grad, ratio_kl=False,
-      dual_clip=None, seq_ratio=False):
+      dual_clip=None, seq_ratio=False, surrogate="clip", tau_pos=1.0, tau_neg=1.05):
     B, G, m = rewards.shape
     f32 = torch.float32
     shape = tuple(logp.shape) if need_grad else (0, 0)
@@ -210,6 +215,9 @@ def nonlinear_grpo_loss_triton(
     kl_weight: str = "none",
     dual_clip: float | None = None,
     ratio_level: str = "token",
+    surrogate: str = "clip",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
 ) -> NonlinearGRPOOutput:
     """Triton :func:`iama_kernels.nonlinear_grpo_loss`; rewards ``[B, G, m]``, validated."""
     ratio_kl = kl_weight == "ratio"
@@ -224,12 +232,13 @@ def nonlinear_grpo_loss_triton(
         adv = scale_advantages(shaped, "batch", eps, None)
         stats, seq, _ = _policy_loss_op(logp, old_logp, ref_logp, adv.reshape(-1), mask, eps_low,
                                         eps_high, beta, loss_type, max_len, need, ratio_kl, dual_clip,
-                                        seq_ratio)
+                                        seq_ratio, surrogate, tau_pos, tau_neg)
     else:
         stats, adv, values, seq, _ = _nonlinear_grpo_op(
             logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps,
             SCALE_CODES[scale],
             eps_low, eps_high, beta, loss_type, max_len, need, ratio_kl, dual_clip, seq_ratio,
+            surrogate, tau_pos, tau_neg,
         )
     metrics = stats.detach()
     return NonlinearGRPOOutput(stats[0], adv.detach(), metrics[1], metrics[2], metrics[3],

@@ -16,6 +16,7 @@ from .._checks import (
     check_dual_clip,
     check_float,
     check_positive_float,
+    check_surrogate,
     check_tensor,
     data_checks_enabled,
 )
@@ -64,8 +65,8 @@ def check_token_inputs(
     if mask.device != logp.device:
         raise ValueError(f"mask is on {mask.device} but logp is on {logp.device}")
     eps_low = check_positive_float("eps_low", eps_low, allow_zero=True)
-    if eps_low >= 1:
-        raise ValueError(f"eps_low must be in [0, 1), got {eps_low}")
+    if eps_low > 1:
+        raise ValueError(f"eps_low must be in [0, 1], got {eps_low}")
     eps_high = check_positive_float("eps_high", eps_high, allow_zero=True)
     beta = check_positive_float("beta", beta, allow_zero=True)
     if beta > 0 and ref_logp is None:
@@ -105,13 +106,17 @@ def policy_loss(
     kl_weight: str = "none",
     dual_clip: float | None = None,
     ratio_level: str = "token",
+    surrogate: str = "clip",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
     impl: str = "auto",
 ) -> PolicyLossOutput:
     """Clipped-ratio surrogate plus k3 KL penalty: one mirror-descent step as a GRPO loss.
 
     Per token: ``rho = exp(logp - old_logp)``,
     ``loss_t = -(min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) - beta * kl_t)`` with
-    ``kl_t = exp(ref - logp) - (ref - logp) - 1``.
+    ``kl_t = exp(ref - logp) - (ref - logp) - 1`` (``surrogate`` swaps the first term for
+    CISPO's or SAPO's).
 
     Args:
         logp: ``[S, T]`` log-probs of the sampled tokens under the policy being trained
@@ -125,7 +130,8 @@ def policy_loss(
             ``ValueError``: per-token ones are looked for when the loss comes out non-finite.
         mask: ``[S, T]`` bool, integer or floating token weights (1 = completion token). Tokens
             with weight 0 are ignored entirely: their log-probs may be anything, even NaN.
-        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``.
+        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` (``eps_low = 1``: no
+            lower bound).
         beta: KL coefficient ``>= 0``.
         loss_type: ``"grpo"`` (mean over each sequence's tokens, then over sequences; a row with
             an empty mask contributes 0 and still counts as a sequence), ``"token"`` (sum over
@@ -153,6 +159,25 @@ def policy_loss(
             mask-weighted means over tokens (``ratio_mean`` of ``s_i``; ``log_ratio_mean`` is
             then the token mean of ``logp - old_logp`` for a 0/1 mask) and
             ``sequence_log_ratio`` returns the ``l_i``.
+        surrogate: the policy term of the token loss, each with its own gradient:
+
+            * ``"clip"`` (default): PPO's ``min(rho A, clip(rho) A)`` above, gradient ``rho A``
+              where the unclipped term is active, else 0.
+            * ``"cispo"`` (MiniMax-M1's CISPO; TRL's and verl's ``"cispo"``): ``sg[clip(rho)] A
+              logp``, a REINFORCE term whose importance weight is clipped and detached, so every
+              token keeps a gradient ``clip(rho) A``. ``clip_fraction`` counts the tokens whose
+              weight was clipped (``rho`` outside the range, whatever ``A``),
+              ``clip_high_fraction`` those above it with ``A > 0``. TRL's ``epsilon_high`` is
+              the absolute bound ``eps_max``: ``eps_low=1, eps_high=eps_max - 1``.
+            * ``"sapo"`` (SAPO, Gao et al., 2025; TRL's and verl's ``"sapo"``): the soft gate
+              ``(4 / tau) sigmoid(tau (rho - 1)) A`` with ``tau = tau_pos`` where ``A > 0``,
+              else ``tau_neg``: gradient ``4 s (1 - s) rho A`` (``s`` the sigmoid), equal to
+              ``rho A`` on-policy and fading smoothly off it; no clip range, so the clip
+              metrics are 0.
+
+            ``dual_clip`` is the clipped surrogate's alone (a ``ValueError`` with the others).
+        tau_pos, tau_neg: SAPO's temperatures (``> 0``; defaults TRL's and verl's), ignored by
+            the other surrogates.
         impl: ``"auto"`` or an explicit backend name.
 
     Returns:
@@ -163,7 +188,8 @@ def policy_loss(
         ``ratio_level="sequence"`` (``None`` otherwise).
         ``d loss / d logp_t = w_t (-(rho A if the unclipped term is active and the dual clip
         is not else 0) + beta (1 - exp(ref - logp)))`` (``beta rho (logp - ref)`` in place of
-        the last term with ``kl_weight="ratio"``).
+        the last term with ``kl_weight="ratio"``; the surrogate's own gradient, see
+        ``surrogate``, for the others).
     """
     eps_low, eps_high, beta = check_token_inputs(
         logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_type, max_completion_length
@@ -171,6 +197,7 @@ def policy_loss(
     check_choice("kl_weight", kl_weight, KL_WEIGHTS)
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     dual_clip = check_dual_clip(dual_clip)
+    tau_pos, tau_neg = check_surrogate(surrogate, tau_pos, tau_neg, dual_clip)
     advantages = check_float("advantages", advantages)
     per_token = advantages.dim() == 2
     if tuple(advantages.shape) not in ((logp.shape[0],), tuple(logp.shape)):
@@ -187,7 +214,8 @@ def policy_loss(
                                       advantages if per_token else None)})
     backend = choose("policy_loss", impl, _POLICY_LOSS_BACKENDS, call)
     out = backend.run(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,
-                      loss_type, max_completion_length, kl_weight, dual_clip, ratio_level)
+                      loss_type, max_completion_length, kl_weight, dual_clip, ratio_level,
+                      surrogate, tau_pos, tau_neg)
     if per_token and data_checks_enabled():
         _check_token_advantages(out.loss, advantages, mask)
     return out

@@ -45,6 +45,37 @@ def sequence_log_ratio(log_ratio: torch.Tensor, keep: torch.Tensor) -> torch.Ten
     return total / keep.sum(-1, keepdim=True).clamp(min=1).to(log_ratio.dtype)
 
 
+def token_surrogate(
+    ratio: torch.Tensor, A: torch.Tensor, lp: torch.Tensor, eps_low: float, eps_high: float,
+    dual_clip: float | None, surrogate: str, tau_pos: float, tau_neg: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token: the surrogate (its gradient through ``ratio`` and ``lp`` by autograd), and the
+    clipped, clipped-above and dual-clipped flags of the metrics.
+
+    clip: ``min(rho A, clip(rho) A)`` with the clipped branch detached, clipped where that branch
+    is strictly the one taken (and, with ``dual_clip``, ``c A`` where ``A < 0``, ``rho > c``).
+    cispo: ``sg[clip(rho)] A logp``, gradient ``clip(rho) A``; clipped where the weight was.
+    sapo: ``(4 / tau) sigmoid(tau (rho - 1)) A``, ``tau = tau_pos`` where ``A > 0`` else
+    ``tau_neg``, gradient ``4 s (1 - s) rho A``; never clipped."""
+    lo, hi = 1 - eps_low, 1 + eps_high
+    clipped = ratio.clamp(lo, hi)
+    dual = torch.zeros(torch.broadcast_shapes(ratio.shape, A.shape), dtype=torch.bool,
+                       device=ratio.device)
+    if surrogate == "cispo":
+        flag = (ratio < lo) | (ratio > hi)
+        return clipped.detach() * A * lp, flag, (ratio > hi) & (A > 0), dual
+    if surrogate == "sapo":
+        pos = torch.tensor(tau_pos, dtype=ratio.dtype, device=ratio.device)
+        tau = torch.where(A > 0, pos, torch.tensor(tau_neg, dtype=ratio.dtype, device=ratio.device))
+        return torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * A, dual, dual, dual
+    unclipped_active = ratio * A <= clipped * A
+    surr = torch.where(unclipped_active, ratio * A, (clipped * A).detach())
+    if dual_clip is not None:  # dual-clip PPO: for A < 0 the surrogate is at least c A, a constant
+        dual = (A < 0) & (ratio > dual_clip)
+        surr = torch.where(dual, (dual_clip * A).detach(), surr)
+    return surr, ~unclipped_active, ~unclipped_active & (A > 0), dual
+
+
 def policy_loss_ref(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -59,6 +90,9 @@ def policy_loss_ref(
     kl_weight: str = "none",
     dual_clip: float | None = None,
     ratio_level: str = "token",
+    surrogate: str = "clip",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
 ) -> PolicyLossOutput:
     """Reference :func:`iama_kernels.policy_loss`; arguments already validated."""
     dtype = compute_dtype(logp.dtype)
@@ -77,14 +111,8 @@ def policy_loss_ref(
         seq = sequence_log_ratio(log_ratio.detach(), keep)
         log_ratio = torch.where(keep, seq + (lp - lp.detach()), zero)
     ratio = torch.exp(log_ratio)
-    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
-    unclipped_active = ratio * A <= clipped * A
-    surrogate = torch.where(unclipped_active, ratio * A, (clipped * A).detach())
-    if dual_clip is None:
-        dual = torch.zeros_like(unclipped_active)
-    else:  # dual-clip PPO: for A < 0 the surrogate is at least c A, a constant
-        dual = (A < 0) & (ratio > dual_clip)
-        surrogate = torch.where(dual, (dual_clip * A).detach(), surrogate)
+    surrogate_t, clip_flag, high_flag, dual = token_surrogate(
+        ratio, A, lp, eps_low, eps_high, dual_clip, surrogate, tau_pos, tau_neg)
     if ref_logp is None:
         kl = torch.zeros_like(lp)
     else:
@@ -92,7 +120,7 @@ def policy_loss_ref(
         kl = torch.exp(d) - d - 1
         if kl_weight == "ratio":  # rho * k3 with rho not detached: gradient beta rho (logp - ref)
             kl = ratio * kl
-    per_token = beta * kl - surrogate
+    per_token = beta * kl - surrogate_t
 
     w = token_weights(mask, loss_type, max_completion_length, dtype)
     loss = torch.where(keep, per_token * w, zero).sum()
@@ -101,11 +129,11 @@ def policy_loss_ref(
     tokens = m.sum().clamp(min=1)
     with torch.no_grad():
         kl_mean = (kl.detach() * m).sum() / tokens
-        clip_fraction = ((~unclipped_active).to(dtype) * m).sum() / tokens
+        clip_fraction = (clip_flag.to(dtype) * m).sum() / tokens
         ratio_mean = (ratio * m).sum() / tokens
         log_ratio_mean = (log_ratio.detach() * m).sum() / tokens
         dual_fraction = (dual.to(dtype) * m).sum() / tokens
-        high_fraction = ((~unclipped_active & (A > 0)).to(dtype) * m).sum() / tokens
+        high_fraction = (high_flag.to(dtype) * m).sum() / tokens
     return PolicyLossOutput(loss, kl_mean.detach(), clip_fraction, ratio_mean.detach(),
                             log_ratio_mean.detach(), dual_fraction, high_fraction,
                             None if seq is None else seq.squeeze(-1).detach())

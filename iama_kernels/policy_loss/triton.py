@@ -44,6 +44,7 @@ from .._device import launch_device
 from .._types import PolicyLossOutput
 
 LOSS_TYPE_CODES = {"grpo": 0, "token": 1, "dr_grpo": 2}
+SURROGATE_CODES = {"clip": 0, "cispo": 1, "sapo": 2}
 N_PARTIALS = 8  # loss, mask total, kl, clipped, ratio, log-ratio, dual-clipped, clipped-above sums
 N_STATS = 8  # loss, kl, clip_fraction, ratio_mean, post_scale, log_ratio_mean, dual_clip_fraction,
 # clip_high_fraction
@@ -86,10 +87,11 @@ def _sum_and_max(a_sum, a_max, b_sum, b_max):
 def _token_row(
     a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr, seq_ptr,
     s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_ar, s_at,
-    T, eps_low, eps_high, beta, dual_c, norm, loss_acc, kl_acc, clip_acc, ratio_acc,
+    T, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg, norm, loss_acc, kl_acc, clip_acc, ratio_acc,
     lratio_acc, dual_acc, high_acc, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, RATIO_KL: tl.constexpr,
     DUAL_CLIP: tl.constexpr, TOKEN_ADV: tl.constexpr, SEQ_RATIO: tl.constexpr,
+    SURROGATE: tl.constexpr = 0,
 ):
     """Stream one row with advantage ``a`` into the program's per-lane ``[BLOCK_T]`` sums of the
     weighted loss, kl, clipped, ratio, log-ratio, dual-clipped and clipped-above terms; returns
@@ -107,7 +109,10 @@ def _token_row(
     mask is 0), not the row's ``a``. ``SEQ_RATIO`` (with ``HAS_OLD``): GSPO's sequence ratio, a
     second pre-pass over the row's extent sums ``logp - old`` over its support, and every token's
     log-ratio is that mean (``sg[l] + logp - sg[logp]``: derivative 1, so the formulas hold),
-    stored at ``seq_ptr[row]``; the main pass then does not load ``old``."""
+    stored at ``seq_ptr[row]``; the main pass then does not load ``old``. ``SURROGATE``: 0 PPO's
+    clipped ratio, 1 CISPO (``sg[clip(ratio)] a logp``), 2 SAPO (the soft gate with temperatures
+    ``tau_pos``/``tau_neg``); see ``csrc/include/iama/loss.h`` for the formulas, which these
+    follow."""
     offs = tl.arange(0, BLOCK_T)
     # Row bases in 64 bits: a tensor of 2**31 elements or more (65536 rows of 32768 tokens) has
     # row offsets past int32; offsets within a row stay 32-bit vectors.
@@ -177,17 +182,35 @@ def _token_row(
         clipped = tl.minimum(tl.maximum(ratio, lo), hi)
         ra = ratio * a_t
         ca = clipped * a_t
-        active = ra <= ca  # the unclipped term is the one min() takes (ties included)
-        surr = tl.where(active, ra, ca)
-        if DUAL_CLIP:
-            # a < 0 is ra < 0 wherever ratio > c > 0 (a tensor test: the interpreter cannot and
-            # a scalar bool into a block).
-            dual = (ratio > dual_c) & (ra < 0.0)
-            surr = tl.where(dual, dual_c * a_t, surr)
-            g = -tl.where(active & (~dual), ra, 0.0)
-            dual_acc += tl.where(keep & dual, m, 0.0)
+        if SURROGATE == 1:  # CISPO: the clipped weight, detached, times a logp
+            surr = ca * lp
+            g = -ca
+            clip_acc += tl.where(keep & ((ratio < lo) | (ratio > hi)), m, 0.0)
+            # a > 0 is ca > 0 (clipped > 0 wherever ratio > hi >= 0; a tensor test, see below)
+            high_acc += tl.where(keep & (ratio > hi) & (ca > 0.0), m, 0.0)
+        elif SURROGATE == 2:  # SAPO: the soft gate (4 / tau) sigmoid(tau (ratio - 1)) a
+            # The sign of a as a tensor (the interpreter cannot and a scalar bool into a block;
+            # ra > 0 would miss an underflowed ratio).
+            pos = (a_t + tl.zeros([BLOCK_T], dtype=tl.float32)) > 0.0
+            tau = tl.where(pos, tau_pos, tau_neg)
+            e = tl.exp(-tau * (ratio - 1.0))
+            s = 1.0 / (1.0 + e)
+            surr = (4.0 / tau) * s * a_t
+            g = -(4.0 * (e * s * s)) * ra  # 1 - s = e s: no cancellation as s -> 1
         else:
-            g = -tl.where(active, ra, 0.0)
+            active = ra <= ca  # the unclipped term is the one min() takes (ties included)
+            surr = tl.where(active, ra, ca)
+            if DUAL_CLIP:
+                # a < 0 is ra < 0 wherever ratio > c > 0 (a tensor test: the interpreter cannot
+                # and a scalar bool into a block).
+                dual = (ratio > dual_c) & (ra < 0.0)
+                surr = tl.where(dual, dual_c * a_t, surr)
+                g = -tl.where(active & (~dual), ra, 0.0)
+                dual_acc += tl.where(keep & dual, m, 0.0)
+            else:
+                g = -tl.where(active, ra, 0.0)
+            clip_acc += tl.where(keep & (~active), m, 0.0)
+            high_acc += tl.where(keep & (~active) & (ra > 0.0), m, 0.0)  # A > 0 where clipped
         if HAS_REF:
             ref = tl.load(ref_row + t * s_rt, mask=live, other=0.0).to(tl.float32)
             d = ref - lp
@@ -204,8 +227,6 @@ def _token_row(
             per = -surr
         w = m * wscale
         loss_acc += tl.where(keep, w * per, 0.0)
-        clip_acc += tl.where(keep & (~active), m, 0.0)
-        high_acc += tl.where(keep & (~active) & (ra > 0.0), m, 0.0)  # A > 0 where clipped
         ratio_acc += tl.where(keep, m * ratio, 0.0)
         if WRITE_GRAD:
             tl.store(grad_row + t * s_gt, tl.where(keep, w * g, 0.0), mask=t < T)
@@ -230,10 +251,11 @@ def _store_partials(partial_ptr, pid, loss_acc, msum, kl_acc, clip_acc, ratio_ac
 def _policy_loss_fwd_kernel(
     logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr, partial_ptr, seq_ptr,
     s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_a, s_at,
-    S, T, rows_per_prog, eps_low, eps_high, beta, dual_c, norm,
+    S, T, rows_per_prog, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg, norm,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr, RATIO_KL: tl.constexpr = False,
     DUAL_CLIP: tl.constexpr = False, TOKEN_ADV: tl.constexpr = False, SEQ_RATIO: tl.constexpr = False,
+    SURROGATE: tl.constexpr = 0,
 ):
     """Program ``pid`` streams rows ``[pid * rows_per_prog, ...)`` and writes its partials
     (advantages: one per row, or with ``TOKEN_ADV`` one per token)."""
@@ -256,9 +278,9 @@ def _policy_loss_fwd_kernel(
         loss, kl, clip, ratio, lratio, dual, high, r_m = _token_row(
             a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr, seq_ptr,
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_a, s_at,
-            T, eps_low, eps_high, beta, dual_c, norm, loss, kl, clip, ratio, lratio, dual, high,
-            HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL, DUAL_CLIP, TOKEN_ADV,
-            SEQ_RATIO,
+            T, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg, norm, loss, kl, clip, ratio,
+            lratio, dual, high, HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL,
+            DUAL_CLIP, TOKEN_ADV, SEQ_RATIO, SURROGATE,
         )
         msum += r_m
     _store_partials(partial_ptr, pid, loss, msum, kl, clip, ratio, lratio, dual, high, NP)
@@ -351,7 +373,8 @@ def _policy_loss_fwd(
     logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
     advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
     loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
-    dual_clip: float | None = None, seq_ratio: bool = False,
+    dual_clip: float | None = None, seq_ratio: bool = False, surrogate: str = "clip",
+    tau_pos: float = 1.0, tau_neg: float = 1.05,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward launch: ``stats [N_STATS]`` float32, GSPO's per-row log-ratios (``[S]`` float32
     with ``seq_ratio``, else empty) and the gradient (``[S, T]``, or empty)."""
@@ -372,12 +395,13 @@ def _policy_loss_fwd(
         _policy_loss_fwd_kernel[(P,)](
             *args[:5], advantages, partials, seq, *args[5:], advantages.stride(0),
             advantages.stride(1) if token_adv else 0,
-            S, T, rows_per_prog, eps_low, eps_high, beta, dual_c,
+            S, T, rows_per_prog, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg,
             row_norm(S, T, loss_type, max_len),
             HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
             LOSS_TYPE=LOSS_TYPE_CODES[loss_type], WRITE_GRAD=need_grad, BLOCK_T=block_t,
             NP=N_PARTIALS, RATIO_KL=ratio_kl, DUAL_CLIP=has_dual, TOKEN_ADV=token_adv,
-            SEQ_RATIO=seq_ratio and old_logp is not None, num_warps=warps,
+            SEQ_RATIO=seq_ratio and old_logp is not None,
+            SURROGATE=SURROGATE_CODES[surrogate], num_warps=warps,
         )
     return finalize(partials, loss_type), seq, grad
 
@@ -393,17 +417,19 @@ def _policy_loss_op(
     logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
     advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
     loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
-    dual_clip: float | None = None, seq_ratio: bool = False,
+    dual_clip: float | None = None, seq_ratio: bool = False, surrogate: str = "clip",
+    tau_pos: float = 1.0, tau_neg: float = 1.05,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with launch_device(logp.device):
         return _policy_loss_fwd(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high,
                                 beta, loss_type, max_completion_length, need_grad, ratio_kl,
-                                dual_clip, seq_ratio)
+                                dual_clip, seq_ratio, surrogate, tau_pos, tau_neg)
 
 
 @_policy_loss_op.register_fake
 def _(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
-      max_completion_length, need_grad, ratio_kl=False, dual_clip=None, seq_ratio=False):
+      max_completion_length, need_grad, ratio_kl=False, dual_clip=None, seq_ratio=False,
+      surrogate="clip", tau_pos=1.0, tau_neg=1.05):
     shape = tuple(logp.shape) if need_grad else (0, 0)
     return (logp.new_empty(N_STATS, dtype=torch.float32),
             logp.new_empty(logp.shape[0] if seq_ratio else 0, dtype=torch.float32),
@@ -453,12 +479,15 @@ def policy_loss_triton(
     kl_weight: str = "none",
     dual_clip: float | None = None,
     ratio_level: str = "token",
+    surrogate: str = "clip",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
 ) -> PolicyLossOutput:
     """Triton :func:`iama_kernels.policy_loss`; arguments already validated. float32 outputs."""
     stats, seq, _ = _policy_loss_op(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
         0 if max_completion_length is None else int(max_completion_length), needs_grad(logp),
-        kl_weight == "ratio", dual_clip, ratio_level == "sequence",
+        kl_weight == "ratio", dual_clip, ratio_level == "sequence", surrogate, tau_pos, tau_neg,
     )
     metrics = stats.detach()
     return PolicyLossOutput(stats[0], metrics[1], metrics[2], metrics[3], metrics[5], metrics[6],

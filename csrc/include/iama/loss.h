@@ -9,6 +9,12 @@
 //   grad  = w (-(ratio A if active and not dual else 0) + beta (1 - exp(ref - logp)))  (d loss / d logp)
 // With ratio_kl (TRL's bias-corrected KL) the KL term is ratio * kl, ratio not detached: its
 // derivative is ratio * kl + ratio * (1 - exp(ref - logp)) = ratio * (logp - ref).
+// Two other surrogates replace `surr` and its gradient (the KL term and the weights stay):
+//   CISPO  surr = sg[clip(ratio)] A logp, grad -w clip(ratio) A; clipped: ratio outside the range
+//          (whatever A), clipped above: ratio > 1 + eps_high with A > 0; no dual clip.
+//   SAPO   surr = (4 / tau) s A with s = sigmoid(tau (ratio - 1)), tau = tau_pos if A > 0 else
+//          tau_neg; grad -w 4 s (1 - s) ratio A, where 1 - s = e s with e = exp(-tau (ratio - 1))
+//          (no cancellation as s -> 1); never clipped.
 // The log-ratio is (logp - old) + lr0. Per-token ratios have lr0 = 0; GSPO's sequence ratio
 // passes old = logp (so logp - old is exactly 0) and lr0 = the row's mean log-ratio: the token's
 // log-ratio is then sg[lr0] + logp - sg[logp], whose derivative in logp is 1 as for a token ratio,
@@ -26,18 +32,19 @@ struct TokenTerms {
   acc_t grad;   // d loss / d logp
   acc_t loss;   // the token's share of the loss
   acc_t kl;     // m * kl
-  acc_t clip;   // m if the clipped term is strictly active, else 0
+  acc_t clip;   // m if the clipped term is strictly active (CISPO: the weight is clipped), else 0
   acc_t ratio;  // m * ratio
   acc_t lratio; // m * (logp - old)
   acc_t dual;   // m if the dual clip is active, else 0
-  acc_t high;   // m if the clipped term is strictly active with A > 0 (ratio > 1 + eps_high)
+  acc_t high;   // m if clipped with A > 0 (ratio > 1 + eps_high)
 };
 
 template <typename acc_t>
 IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t ref, acc_t A, acc_t w_scale,
                                              acc_t lo, acc_t hi, acc_t beta, acc_t dual_c,
                                              bool ratio_kl = false, bool use_dual = true,
-                                             acc_t lr0 = acc_t(0)) {
+                                             acc_t lr0 = acc_t(0), int surr = kSurrClip,
+                                             acc_t tau_pos = acc_t(1), acc_t tau_neg = acc_t(1)) {
   const bool keep = m != acc_t(0);
   // old enters only through the log-ratio, which is selected as a whole (one select, as for lp).
   lp = keep ? lp : acc_t(0);
@@ -46,10 +53,32 @@ IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t
   const acc_t ratio = exp_acc(lr);
   const acc_t clipped = ratio < lo ? lo : (ratio > hi ? hi : ratio);
   const acc_t unclipped_term = ratio * A;
-  const acc_t clipped_term = clipped * A;
-  const bool active = unclipped_term <= clipped_term;
-  const bool dual = use_dual && A < acc_t(0) && ratio > dual_c;
-  const acc_t surrogate = dual ? dual_c * A : (active ? unclipped_term : clipped_term);
+  acc_t surrogate, d_surr;  // the policy term and its derivative in logp
+  bool clip_flag, high_flag, dual = false;
+  if (surr == kSurrCispo) {
+    surrogate = clipped * A * lp;
+    d_surr = clipped * A;
+    clip_flag = clipped != ratio;  // outside [lo, hi] (verl's test; two compares or'ed kept GCC
+                                   // from vectorising the token loop: 7x slower)
+    high_flag = ratio > hi && A > acc_t(0);
+  } else if (surr == kSurrSapo) {
+    const bool pos = A > acc_t(0);
+    const acc_t tau = pos ? tau_pos : tau_neg;
+    const acc_t four_over_tau = pos ? acc_t(4) / tau_pos : acc_t(4) / tau_neg;  // loop-invariant
+    const acc_t e = exp_acc(-tau * (ratio - acc_t(1)));
+    const acc_t s = acc_t(1) / (acc_t(1) + e);
+    surrogate = four_over_tau * s * A;
+    d_surr = acc_t(4) * (e * s * s) * unclipped_term;
+    clip_flag = high_flag = false;
+  } else {
+    const acc_t clipped_term = clipped * A;
+    const bool active = unclipped_term <= clipped_term;
+    dual = use_dual && A < acc_t(0) && ratio > dual_c;
+    surrogate = dual ? dual_c * A : (active ? unclipped_term : clipped_term);
+    d_surr = active && !dual ? unclipped_term : acc_t(0);
+    clip_flag = !active;
+    high_flag = !active && A > acc_t(0);
+  }
   const acc_t d = ref - lp;
   const acc_t ed = exp_acc(d);
   const acc_t k3 = k3_from_exp(d, ed);
@@ -58,13 +87,13 @@ IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t
   const acc_t w = m * w_scale;
   TokenTerms<acc_t> t;
   t.loss = keep ? (beta * kl - surrogate) * w : acc_t(0);
-  t.grad = keep ? w * (beta * dkl - (active && !dual ? unclipped_term : acc_t(0))) : acc_t(0);
+  t.grad = keep ? w * (beta * dkl - d_surr) : acc_t(0);
   t.kl = kl * m;
-  t.clip = active ? acc_t(0) : m;
+  t.clip = clip_flag ? m : acc_t(0);
   t.ratio = ratio * m;
   t.lratio = lr * m;
   t.dual = dual ? m : acc_t(0);
-  t.high = !active && A > acc_t(0) ? m : acc_t(0);
+  t.high = high_flag ? m : acc_t(0);
   return t;
 }
 
@@ -86,13 +115,17 @@ struct RowSums {
 // advantage of token t is A_tok[t] (PPO's per-token advantages, e.g. GAE), not the row's A.
 // kDual = false: the caller knows no token of the row is dual-clipped (a row advantage A >= 0,
 // or no finite c), and the loop leaves the dual clip and its sum out. lr0: added to every token's
-// log-ratio (GSPO's sequence ratio, see token_terms; 0 for per-token ratios).
+// log-ratio (GSPO's sequence ratio, see token_terms; 0 for per-token ratios). kSurr: the
+// surrogate (SurrogateKind; CISPO and SAPO take kDual = false), tau_pos/tau_neg SAPO's.
 template <typename lp_t, typename aux_t, typename mask_t, typename acc_t, bool kRatioKL = false, bool kTokenAdv = false,
-          bool kDual = true>
+          bool kDual = true, int kSurr = kSurrClip>
 IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old, const aux_t* ref,
                                 const mask_t* __restrict__ mask, int64_t T, acc_t A, acc_t w_scale, acc_t lo,
                                 acc_t hi, acc_t beta, acc_t dual_c, lp_t* __restrict__ grad,
-                                const acc_t* __restrict__ A_tok = nullptr, acc_t lr0 = acc_t(0)) {
+                                const acc_t* __restrict__ A_tok = nullptr, acc_t lr0 = acc_t(0),
+                                acc_t tau_pos = acc_t(1), acc_t tau_neg = acc_t(1)) {
+  // The clipped-above weight needs its own sum unless it follows from the clipped one (below).
+  constexpr bool kHighSum = kTokenAdv || kSurr == kSurrCispo;
   constexpr int kTile = 64;
   RowSums sums = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
   acc_t t_loss[kTile], t_kl[kTile], t_clip[kTile], t_ratio[kTile], t_lratio[kTile], t_dual[kTile], t_high[kTile];
@@ -116,7 +149,7 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       if constexpr (kTokenAdv) a = A_tok[t];
       const TokenTerms<acc_t> tt = token_terms<acc_t>(m, static_cast<acc_t>(logp[t]), static_cast<acc_t>(old[t]),
                                                       static_cast<acc_t>(ref[t]), a, w_scale, lo, hi, beta, dual_c,
-                                                      kRatioKL, kDual, lr0);
+                                                      kRatioKL, kDual, lr0, kSurr, tau_pos, tau_neg);
       grad[t] = static_cast<lp_t>(tt.grad);
       t_loss[j] = tt.loss;
       t_kl[j] = tt.kl;
@@ -124,7 +157,7 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       t_ratio[j] = tt.ratio;
       t_lratio[j] = tt.lratio;
       if constexpr (kDual) t_dual[j] = tt.dual;
-      if constexpr (kTokenAdv) t_high[j] = tt.high;
+      if constexpr (kHighSum) t_high[j] = tt.high;
     }
     for (int j = len; j < kTile; ++j) {
       t_loss[j] = acc_t(0);
@@ -133,7 +166,7 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       t_ratio[j] = acc_t(0);
       t_lratio[j] = acc_t(0);
       if constexpr (kDual) t_dual[j] = acc_t(0);
-      if constexpr (kTokenAdv) t_high[j] = acc_t(0);
+      if constexpr (kHighSum) t_high[j] = acc_t(0);
     }
     for (int width = kTile / 2; width >= 8; width /= 2) {
       for (int j = 0; j < width; ++j) {
@@ -143,7 +176,7 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
         t_ratio[j] += t_ratio[j + width];
         t_lratio[j] += t_lratio[j + width];
         if constexpr (kDual) t_dual[j] += t_dual[j + width];
-        if constexpr (kTokenAdv) t_high[j] += t_high[j + width];
+        if constexpr (kHighSum) t_high[j] += t_high[j + width];
       }
     }
     for (int j = 0; j < 8; ++j) {
@@ -153,7 +186,7 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       lane_ratio[j] += static_cast<double>(t_ratio[j]);
       lane_lratio[j] += static_cast<double>(t_lratio[j]);
       if constexpr (kDual) lane_dual[j] += static_cast<double>(t_dual[j]);
-      if constexpr (kTokenAdv) lane_high[j] += static_cast<double>(t_high[j]);
+      if constexpr (kHighSum) lane_high[j] += static_cast<double>(t_high[j]);
     }
   }
   // The 8 lanes, pairwise in a fixed order.
@@ -174,10 +207,13 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
   sums.ratio = lane_ratio[0];
   sums.lratio = lane_lratio[0];
   sums.dual = lane_dual[0];
-  // With one advantage per row, every clipped token of the row is clipped above or every one
-  // below: the clipped-above weight is the clipped weight or 0, and needs no sum of its own.
-  if constexpr (kTokenAdv) {
+  // With one advantage per row, every token the clipped surrogate clips is clipped above or every
+  // one below: the clipped-above weight is the clipped weight or 0, and needs no sum of its own
+  // (SAPO clips nothing).
+  if constexpr (kHighSum) {
     sums.high = lane_high[0];
+  } else if constexpr (kSurr == kSurrSapo) {
+    sums.high = 0.0;
   } else {
     sums.high = A > acc_t(0) ? sums.clip : 0.0;
   }
