@@ -503,6 +503,22 @@ def test_policy_loss_surrogates_match_reference(cpu_ext, surrogate, dtype, mask_
         assert not torch.equal(grad, clip_grad)
 
 
+@pytest.mark.parametrize("surrogate", ["cispo", "sapo"])
+def test_policy_loss_surrogates_mixed_dtypes_and_layouts(cpu_ext, surrogate):
+    """bfloat16 logp with float32 old/ref, float16, float32 logp with float64 old, strided rows,
+    and TRL's CISPO bound (eps_low = 1: no lower bound)."""
+    logp, old, ref, adv, mask = _token_inputs(6, 40, torch.float32)
+    kw = dict(beta=0.02, surrogate=surrogate, eps_low=1.0 if surrogate == "cispo" else 0.2, eps_high=0.1)
+    for lp, o in ((logp.bfloat16(), old), (logp.half(), old.half()), (logp, old.double()),
+                  (logp.t().contiguous().t(), old)):
+        r = ref if o.dtype != torch.float16 else ref.half()
+        out, grad = _loss_and_grad("cpu", lp, o, r, adv, mask, **kw)
+        ref_out, ref_grad = _loss_and_grad("reference", lp, o, r, adv, mask, **kw)
+        _check_all(out, ref_out, 1e-5)
+        assert grad.dtype == lp.dtype
+        assert_matches_reference(grad, ref_grad.double(), rel=1e-5 if lp.dtype == torch.float32 else 1e-2)
+
+
 def test_policy_loss_surrogate_errors_from_the_op(cpu_ext):
     """The op checks its own options (a caller of torch.ops.iama skips the Python checks)."""
     logp, old, ref, adv, mask = _token_inputs(3, 8, torch.float32)

@@ -38,6 +38,7 @@ PER_PROCESS = 6  # 12 completions in all: the second group has 2 rows in each pr
 WORLD = 2
 BEST_OF = Objective([Criterion("short", BestOfN(2)), Criterion("long", BestOfN(3))],
                     SmoothMin([0.5, 0.5], 0.5))
+SEQUENCE_EXTREMES = ("clip_ratio/low_min", "clip_ratio/high_max")  # TRL's, at the sequence level
 
 
 def _spy(base: type) -> type:
@@ -47,7 +48,7 @@ def _spy(base: type) -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.seen: dict[str, list] = {"advantages": [], "completions": [], "rewards": [],
-                                          "lambda": [], "loss": [], "scored": []}
+                                          "lambda": [], "loss": [], "scored": [], "extremes": []}
 
         def _generate_and_score_completions(self, inputs: list) -> dict:
             # The process's rows in the gathered batch's order (TRL shuffles them afterwards).
@@ -70,12 +71,15 @@ def _spy(base: type) -> type:
             self.seen["completions"].append(inputs["completion_ids"].clone())
             loss = super()._compute_loss(model, inputs)
             if getattr(self, "loss_impl", None) is not None:  # TRL's loss on the same inputs
+                metrics = self._metrics["train"]
+                ours = {k: metrics[k][-1] for k in SEQUENCE_EXTREMES if metrics[k]}
                 impl, self.loss_impl = self.loss_impl, None
                 try:
                     theirs = super()._compute_loss(model, inputs)
                 finally:
                     self.loss_impl = impl
                 self.seen["loss"].append((loss.detach().clone(), theirs.detach().clone()))
+                self.seen["extremes"].append((ours, {k: metrics[k][-1] for k in ours}))
             return loss
 
     return Spy
@@ -112,6 +116,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "best_of": _run(IAMAGRPOTrainer, model_dir, out / "best_of",
                             {"loss_type": "dapo", "beta": 0.1},  # TRL's default bias-corrected KL
                             objective=BEST_OF, loss_impl="auto"),
+            # GSPO: the per-sequence clip extremes are gathered over the processes
+            "gspo": _run(IAMAGRPOTrainer, model_dir, out / "gspo",
+                         {"importance_sampling_level": "sequence", "max_steps": 2, "num_iterations": 2,
+                          "learning_rate": 5e-2},
+                         objective=BEST_OF, loss_impl="auto"),
         }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -165,6 +174,16 @@ def test_the_slices_put_together_are_the_whole_batch_advantages(ranks) -> None:
         torch.testing.assert_close(run["advantages"][0].sort().values, run["scored"][0].sort().values,
                                    rtol=0, atol=0)
     torch.testing.assert_close(local, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_impl_gives_trls_gspo_loss_and_extremes_in_each_process(ranks) -> None:
+    for rank in ranks:
+        run = rank["gspo"]
+        assert len(run["loss"]) == 2
+        for ours, theirs in run["loss"]:
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+        for ours, theirs in run["extremes"]:
+            assert set(ours) == set(SEQUENCE_EXTREMES) and ours == theirs
 
 
 def test_loss_impl_gives_trls_dapo_loss_in_each_process(ranks) -> None:
