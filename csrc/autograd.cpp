@@ -58,19 +58,19 @@ struct PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction>
                                const at::Tensor& mask, double eps_low, double eps_high, double beta,
                                c10::string_view loss_type, std::optional<int64_t> max_completion_length,
                                bool ratio_kl, std::optional<double> dual_clip, bool seq_ratio,
-                               c10::string_view surrogate, double tau_pos, double tau_neg) {
+                               c10::string_view surrogate, double tau_pos, double tau_neg, bool row_stats) {
     static const auto op = typed_op<decltype(policy_loss_fwd)>("iama::policy_loss_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, kl, clip, ratio, lratio, dual, high, seq, grad] = op.call(
+    auto [loss, kl, clip, ratio, lratio, dual, high, seq, row_clip, grad] = op.call(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl,
-        dual_clip, seq_ratio, surrogate, tau_pos, tau_neg);
+        dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, row_stats);
     ctx->save_for_backward({grad.detach()});
     ctx->set_materialize_grads(false);  // else autograd fills a zero [S, T] for the grad output
-    ctx->mark_non_differentiable({kl, clip, ratio, lratio, dual, high, seq, grad});
-    return {loss, kl, clip, ratio, lratio, dual, high, seq, grad};
+    ctx->mark_non_differentiable({kl, clip, ratio, lratio, dual, high, seq, row_clip, grad});
+    return {loss, kl, clip, ratio, lratio, dual, high, seq, row_clip, grad};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(16);
+    variable_list out(17);
     out[0] = scaled(ctx, grads[0]);
     return out;
   }
@@ -104,16 +104,18 @@ struct NonlinearGRPOFunction : public torch::autograd::Function<NonlinearGRPOFun
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor>
+           at::Tensor, at::Tensor>
 policy_loss_autograd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
     c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
-    std::optional<double> dual_clip, bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg) {
+    std::optional<double> dual_clip, bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg,
+    bool row_stats) {
   const variable_list o =
       PolicyLossFunction::apply(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
-                                max_completion_length, ratio_kl, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg);
-  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8]};
+                                max_completion_length, ratio_kl, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg,
+                                row_stats);
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,

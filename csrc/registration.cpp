@@ -4,7 +4,8 @@
 // autograd formulas of the two loss ops):
 //   group_stats         per-criterion centred first variations and group values
 //   group_advantages    first variations, lambda-combination of the criteria, centring and scale
-//   policy_loss_fwd     loss, metrics (and GSPO's per-row log-ratios) and the per-token gradient
+//   policy_loss_fwd     loss, metrics (and GSPO's per-row log-ratios, per-row clip weights) and the
+//                       per-token gradient
 //   nonlinear_grpo_fwd  the one-pass op: rewards and log-probs to loss, metrics and gradient
 #include <torch/library.h>
 
@@ -22,9 +23,9 @@ TORCH_LIBRARY(iama, m) {
       "policy_loss_fwd(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask,"
       " float eps_low, float eps_high, float beta, str loss_type, int? max_completion_length,"
       " bool ratio_kl=False, float? dual_clip=None, bool seq_ratio=False, str surrogate=\"clip\","
-      " float tau_pos=1.0, float tau_neg=1.05) -> (Tensor loss, Tensor kl,"
+      " float tau_pos=1.0, float tau_neg=1.05, bool row_stats=False) -> (Tensor loss, Tensor kl,"
       " Tensor clip_fraction, Tensor ratio_mean, Tensor log_ratio_mean, Tensor dual_clip_fraction,"
-      " Tensor clip_high_fraction, Tensor sequence_log_ratio, Tensor grad)");
+      " Tensor clip_high_fraction, Tensor sequence_log_ratio, Tensor row_clip_weights, Tensor grad)");
   m.def(
       "nonlinear_grpo_fwd(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor mask, Tensor rewards,"
       " Tensor criterion_weights, int[] kinds, int[] ns, float[] taus, str estimator, str scale, float eps,"

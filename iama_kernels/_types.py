@@ -31,7 +31,8 @@ class PolicyLossOutput(NamedTuple):
     Attributes:
         loss: scalar, differentiable with respect to ``logp``.
         kl: scalar, mask-weighted mean over tokens of the k3 estimate (0 without ``ref_logp``).
-        clip_fraction: scalar, mask-weighted fraction of tokens whose clipped term is active.
+        clip_fraction: scalar, mask-weighted fraction of tokens whose clipped term is active
+            (``surrogate="cispo"``: whose importance weight is clipped; ``"sapo"``: 0).
         ratio_mean: scalar, mask-weighted mean of each token's ratio, ``exp(logp - old_logp)``
             (with ``ratio_level="sequence"`` its row's ``exp(l_i)``).
         log_ratio_mean: scalar, mask-weighted mean of each token's log-ratio, ``logp - old_logp``
@@ -40,11 +41,16 @@ class PolicyLossOutput(NamedTuple):
         dual_clip_fraction: scalar, mask-weighted fraction of tokens with ``A < 0`` and
             ``ratio > dual_clip`` (verl's ``pg_clipfrac_lower``; 0 without ``dual_clip``).
         clip_high_fraction: scalar, the part of ``clip_fraction`` clipped above (``A > 0`` and
-            ``ratio > 1 + eps_high``; TRL's ``clip_ratio/high_mean``); the rest is clipped below.
+            ``ratio > 1 + eps_high``; TRL's ``clip_ratio/high_mean``); the rest is clipped below
+            (for the clipped surrogate).
         sequence_log_ratio: ``[S]`` with ``ratio_level="sequence"``: GSPO's log sequence ratio
             of each row, the mean of ``logp - old_logp`` over its tokens with a non-zero mask (0
             for an empty row or without ``old_logp``; ``exp`` of it is the row's ratio), in the
             metrics' dtype; ``None`` with ``ratio_level="token"``.
+        row_clip_weights: ``[S, 3]`` with ``row_stats=True``: per row, its mask total, clipped
+            weight and clipped-above weight (the row sums behind ``clip_fraction`` and
+            ``clip_high_fraction``, e.g. for TRL's per-sequence ``clip_ratio/low_min`` and
+            ``high_max``), in the metrics' dtype; ``None`` otherwise.
     """
 
     loss: torch.Tensor
@@ -55,6 +61,7 @@ class PolicyLossOutput(NamedTuple):
     dual_clip_fraction: torch.Tensor
     clip_high_fraction: torch.Tensor
     sequence_log_ratio: torch.Tensor | None
+    row_clip_weights: torch.Tensor | None = None
 
 
 class NonlinearGRPOOutput(NamedTuple):

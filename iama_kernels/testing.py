@@ -400,6 +400,19 @@ def reference_grad_pair(
 # ---------------------------------------------------------------------------------------------
 
 
+def saturated_sapo_inputs(device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """float32 ``(logp, old_logp, advantages, mask)``, 2 x 8, where SAPO's gate saturates: in row 0
+    log-ratios of 95 (a ratio past float32's range), in row 1 of -5 (with ``tau = 100`` the gate's
+    exp overflows), the other tokens ordinary; both advantage signs. Every backend must give a
+    finite loss and a 0 gradient on the saturated tokens."""
+    logp = -torch.linspace(0.1, 2.0, 16).reshape(2, 8)
+    old = logp - 0.1 * torch.linspace(-1, 1, 16).reshape(2, 8)
+    old[0, :4] = logp[0, :4] - 95.0
+    old[1, :4] = logp[1, :4] + 5.0
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    return (logp.to(device), old.to(device), torch.tensor([0.7, -0.4], device=device), mask.to(device))
+
+
 class LoopPolicyLoss(NamedTuple):
     """Result of :func:`policy_loss_by_loops` (float64 CPU tensors)."""
 
@@ -412,6 +425,7 @@ class LoopPolicyLoss(NamedTuple):
     dual_clip_fraction: torch.Tensor  # []
     clip_high_fraction: torch.Tensor  # []
     sequence_log_ratio: torch.Tensor | None  # [S] with ratio_level="sequence", else None
+    row_clip_weights: torch.Tensor  # [S, 3] each row's mask total, clipped and clipped-above weights
 
 
 def policy_loss_by_loops(
@@ -461,12 +475,15 @@ def policy_loss_by_loops(
     lratio_terms, dual_terms, high_terms = [], [], []
     grad = [[0.0] * T for _ in range(S)]
     row_log_ratios = []
+    row_clips = []
     for s in range(S):
         row_total = math.fsum(msk[s])
         support = [t for t in range(T) if msk[s][t] != 0]
         row_log_ratio = (math.fsum(lp[s][t] - old[s][t] for t in support) / len(support)
                          if support else 0.0)
         row_log_ratios.append(row_log_ratio)
+        row_clip, row_high = [], []
+        row_clips.append((row_total, row_clip, row_high))
         for t in range(T):
             w = msk[s][t]
             if w == 0:
@@ -511,6 +528,8 @@ def policy_loss_by_loops(
             grad[s][t] = agg * (-d_surr + beta * dkl)
             kl_terms.append(w * kl)
             clip_terms.append(w * float(clipped))
+            row_clip.append(w * float(clipped))
+            row_high.append(w * float(high))
             ratio_terms.append(w * rho)
             lratio_terms.append(w * log_rho)
             dual_terms.append(w * float(dual))
@@ -530,4 +549,5 @@ def policy_loss_by_loops(
         t64(math.fsum(dual_terms) / tokens),
         t64(math.fsum(high_terms) / tokens),
         t64(row_log_ratios) if ratio_level == "sequence" else None,
+        t64([[total_s, math.fsum(c), math.fsum(h)] for total_s, c, h in row_clips]).reshape(S, 3),
     )

@@ -41,6 +41,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {
     **{name: "*fp32" for name in ("rewards_ptr", "table_ptr", "crit_ptr", "lam_ptr", "adv_ptr",
                                   "shaped_ptr", "values_ptr", "old_ptr", "ref_ptr", "partial_ptr", "seq_ptr",
+                                  "rows_ptr",
                                   "out_ptr")},
     "logp_ptr": "*bf16", "grad_ptr": "*bf16", "valid_ptr": "*u8", "mask_ptr": "*u8",
     **{name: "fp32" for name in ("eps", "eps_low", "eps_high", "beta", "norm", "tau_pos",
@@ -136,6 +137,8 @@ def main() -> None:
     compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, DUAL_CLIP=True), max(4, group_warps(16)))
     compile_kernel(_policy_loss_fwd_kernel, dict(dual_clip, TOKEN_ADV=True, SEQ_RATIO=True), 8)  # verl's gspo
     compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, SEQ_RATIO=True), max(4, group_warps(16)))
+    # TRL's per-sequence clip extremes
+    compile_kernel(_policy_loss_fwd_kernel, dict(dual_clip, TOKEN_ADV=True, ROW_STATS=True), 8)
     for code in (1, 2):  # CISPO and SAPO, with per-token advantages and in the fused kernel
         compile_kernel(_policy_loss_fwd_kernel, dict(ratio_kl, TOKEN_ADV=True, SURROGATE=code), 8)
         compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, SURROGATE=code),

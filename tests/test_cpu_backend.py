@@ -45,6 +45,7 @@ from iama_kernels.testing import (
     policy_loss_by_loops,
     random_rewards,
     reference_pair,
+    saturated_sapo_inputs,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -503,6 +504,27 @@ def test_policy_loss_surrogates_match_reference(cpu_ext, surrogate, dtype, mask_
         assert not torch.equal(grad, clip_grad)
 
 
+@pytest.mark.parametrize("surrogate", ["clip", "cispo", "sapo"])
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_policy_loss_row_stats_match_reference(cpu_ext, surrogate, mask_kind):
+    """row_stats=True: the token pass's own per-row sums (mask total, clipped, clipped above), for
+    the AVX-512 row (float32, bool mask, clip) and the templated ones, row and per-token advantages."""
+    logp, old, ref, adv, mask = _token_inputs(9, 131, torch.float32, mask_kind=mask_kind)
+    logp = logp + torch.linspace(-0.5, 0.5, 9).unsqueeze(1)
+    token_adv = torch.randn(9, 131, generator=torch.Generator().manual_seed(3))
+    for a in (adv, token_adv):
+        kw = dict(beta=0.05, surrogate=surrogate, row_stats=True)
+        out, grad = _loss_and_grad("cpu", logp, old, ref, a, mask, **kw)
+        want, _ = _loss_and_grad("reference", logp.double(), old.double(), ref.double(), a.double(), mask,
+                                 **kw)
+        assert out.row_clip_weights.dtype == torch.float32 and out.row_clip_weights.shape == (9, 3)
+        torch.testing.assert_close(out.row_clip_weights.double(), want.row_clip_weights, rtol=1e-6, atol=1e-6)
+        if surrogate != "sapo":
+            assert float(want.row_clip_weights[:, 1].sum()) > 1
+        plain, plain_grad = _loss_and_grad("cpu", logp, old, ref, a, mask, **dict(kw, row_stats=False))
+        assert plain.row_clip_weights is None and torch.equal(plain_grad, grad)
+
+
 @pytest.mark.parametrize("surrogate", ["cispo", "sapo"])
 def test_policy_loss_surrogates_mixed_dtypes_and_layouts(cpu_ext, surrogate):
     """bfloat16 logp with float32 old/ref, float16, float32 logp with float64 old, strided rows,
@@ -517,6 +539,18 @@ def test_policy_loss_surrogates_mixed_dtypes_and_layouts(cpu_ext, surrogate):
         _check_all(out, ref_out, 1e-5)
         assert grad.dtype == lp.dtype
         assert_matches_reference(grad, ref_grad.double(), rel=1e-5 if lp.dtype == torch.float32 else 1e-2)
+
+
+def test_policy_loss_sapo_saturated_gate(cpu_ext):
+    """The saturated gate's derivative is 0 (not 0 * inf), as the reference's."""
+    logp, old, adv, mask = saturated_sapo_inputs()
+    for tau in (1.0, 100.0):
+        kw = dict(surrogate="sapo", tau_pos=tau, tau_neg=tau)
+        out, grad = _loss_and_grad("cpu", logp, old, None, adv, mask, **kw)
+        want, want_grad = _loss_and_grad("reference", logp, old, None, adv, mask, **kw)
+        assert torch.isfinite(out.loss) and torch.isfinite(grad).all() and grad[0, :4].eq(0).all()
+        torch.testing.assert_close(out.loss, want.loss, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_policy_loss_surrogate_errors_from_the_op(cpu_ext):
@@ -538,7 +572,7 @@ def test_policy_loss_sequence_ratio_mixed_dtypes(cpu_ext):
     logp, old, ref, adv, mask = _token_inputs(6, 40, torch.float32)
     no_old, _ = _loss_and_grad("cpu", logp, None, ref, adv, mask, beta=0.02, ratio_level="sequence")
     token, _ = _loss_and_grad("cpu", logp, None, ref, adv, mask, beta=0.02)
-    assert all(torch.equal(a, b) for a, b in zip(no_old[:-1], token[:-1], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(no_old[:7], token[:7], strict=True))
     assert torch.equal(no_old.sequence_log_ratio, torch.zeros(6))
     for lp, o in ((logp.bfloat16(), old), (logp.half(), old.half()), (logp, old.double()),
                   (logp.t().contiguous().t(), old)):
@@ -746,10 +780,12 @@ def _op_samples() -> list[tuple[str, tuple]]:
                              "cispo")),
         ("nonlinear_grpo_fwd", (logp, old, ref, mask, r, lam, *codes, "plugin", "group", 1e-4, 0.2, 0.2, 0.04,
                                 "grpo", None, False, None, True, "sapo", 1.0, 1.5)),
+        ("policy_loss_fwd", (logp, old, ref, adv, mask, 0.2, 0.2, 0.04, "grpo", None, False, 2.0, False,
+                             "clip", 1.0, 1.05, True)),
     ]
 
 
-@pytest.mark.parametrize("index", range(12))
+@pytest.mark.parametrize("index", range(13))
 def test_opcheck(cpu_ext, index):
     name, args = _op_samples()[index]
     torch.library.opcheck(getattr(torch.ops.iama, name).default, args)

@@ -160,14 +160,14 @@ def test_a_trl_that_skips_the_reward_hook_is_an_error(tmp_path: Path,
 
 
 CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
-SEQUENCE_CLIP_METRICS = ("clip_ratio/low_min", "clip_ratio/high_max")  # logged at the sequence level
+SEQUENCE_CLIP_METRICS = ("clip_ratio/low_min", "clip_ratio/high_max")  # extremes over sequences
 LOSS_METRICS = ("kl", "entropy", *CLIP_METRICS, *SEQUENCE_CLIP_METRICS, "cispo_clip_ratio")
 
 
-def _expected_metrics(loss_type: str, beta: float, level: str) -> set[str]:
+def _expected_metrics(loss_type: str, beta: float) -> set[str]:
     """The metrics TRL logs for a loss type (and iama with it)."""
     clip = {"cispo": {"cispo_clip_ratio"}, "sapo": set()}.get(
-        loss_type, {*CLIP_METRICS, *(SEQUENCE_CLIP_METRICS if level == "sequence" else ())})
+        loss_type, {*CLIP_METRICS, *SEQUENCE_CLIP_METRICS})
     return {"entropy", *clip, *(("kl",) if beta else ())}
 
 
@@ -189,16 +189,18 @@ class _BothLosses(IAMAGRPOTrainer):
         ours_grad = torch.autograd.grad(ours, params, retain_graph=True)
         ours_metrics = {k: metrics[k][-1] for k in LOSS_METRICS if len(metrics[k]) > before[k]}
         impl, self.loss_impl = self.loss_impl, None
+        before = {k: len(metrics[k]) for k in LOSS_METRICS}
         try:
             theirs = super()._compute_loss(model, inputs)
         finally:
             self.loss_impl = impl
+        theirs_metrics = {k: metrics[k][-1] for k in LOSS_METRICS if len(metrics[k]) > before[k]}
         theirs_grad = torch.autograd.grad(theirs, params)
         self.records.append({
             "loss": (ours.detach(), theirs.detach()),
             "grad": (torch.cat([g.flatten() for g in ours_grad]),
                      torch.cat([g.flatten() for g in theirs_grad])),
-            "metrics": (ours_metrics, {k: metrics[k][-1] for k in ours_metrics}),
+            "metrics": (ours_metrics, theirs_metrics),  # what each call logged
             "old": inputs.get("old_per_token_logps") is not None,
             "padded": bool((inputs["completion_mask"] == 0).any()),
         })
@@ -253,7 +255,7 @@ def test_iama_loss_equals_trl_loss(tmp_path: Path, loss_type: str, beta: float, 
         assert g_theirs.abs().max() > 0
         torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-5 * g_theirs.abs().max().item())
         m_ours, m_theirs = record["metrics"]
-        assert set(m_ours) == _expected_metrics(loss_type, beta, level)
+        assert set(m_ours) == set(m_theirs) == _expected_metrics(loss_type, beta)
         assert m_ours == pytest.approx(m_theirs, rel=1e-5, abs=1e-7)
     # The second step's ratio moved off 1: the clip and the KL terms were exercised.
     m_last = records[-1]["metrics"][1]

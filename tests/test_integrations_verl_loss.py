@@ -138,6 +138,27 @@ def test_equals_verl_cispo_and_sapo(verl_algos, surrogate: str, mode: str, info:
     assert float((grad32.double() - grad).abs().max()) <= 64 * eps * float(grad.abs().max())
 
 
+@pytest.mark.parametrize("surrogate", ["cispo", "sapo"])
+def test_cispo_and_sapo_take_what_verl_takes(verl_algos, surrogate: str) -> None:
+    """clip_ratio_low > 1 (no lower bound on CISPO's weight) and a clip_ratio_c that only verl's
+    "vanilla" would refuse; and SAPO's saturated gate (a log-ratio past float32's exp range, a
+    large temperature) has a finite gradient, as verl's clamped one."""
+    logp, old, adv, mask, _ = _batch(seed=3)
+    config = _actor_config(clip_ratio_low=10.0, clip_ratio_high=4.0, tau_neg=100.0, clip_ratio_c=1.0)
+    logp, old = logp.float(), old.float()
+    old[2, :3] = logp[2, :3] - 95.0  # ratio e**95: inf in float32
+    old[3, :3] = logp[3, :3] + 5.0  # ratio e**-5 with tau 100: the gate's exp overflows
+    want_loss, want_grad, _ = _run(getattr(verl_algos, f"compute_policy_loss_{surrogate}"), old, logp,
+                                   adv.float(), mask, "token-mean", config, None)
+    for impl in ("reference", "cpu"):
+        loss, grad, _ = _run(VerlPolicyLoss(impl=impl, surrogate=surrogate), old, logp, adv.float(), mask,
+                             "token-mean", config, None)
+        assert torch.isfinite(grad).all() and torch.isfinite(loss)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7)
+        if surrogate == "cispo":  # SAPO's loss value sees the unclamped ratio (documented)
+            torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+
+
 TENSOR_INFO = {"dp_size": 2, "batch_num_tokens": torch.tensor(700), "global_batch_size": torch.tensor(40)}
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from iama_kernels import BestOfN, nonlinear_grpo_loss, policy_loss
-from iama_kernels.testing import policy_loss_by_loops, random_rewards
+from iama_kernels.testing import policy_loss_by_loops, random_rewards, saturated_sapo_inputs
 
 LOSS_TYPES = ("grpo", "token", "dr_grpo")
 FIELDS = ("loss", "kl", "clip_fraction", "ratio_mean", "log_ratio_mean", "dual_clip_fraction",
@@ -157,6 +157,21 @@ def test_sapo_temperatures_act_by_the_sign_of_the_advantage() -> None:
     assert torch.equal(clip.loss, _run(inp)[0].loss)
 
 
+def test_sapo_saturated_gate_has_a_zero_gradient() -> None:
+    """Where SAPO's gate saturates (an infinite ratio, or tau (rho - 1) past the exp range) its
+    derivative is 0; autograd's s (1 - s) rho would be 0 * inf = NaN there."""
+    logp, old, adv, mask = saturated_sapo_inputs()
+    for tau in (1.0, 100.0):
+        x = logp.clone().requires_grad_(True)
+        out = policy_loss(x, old, None, adv, mask, surrogate="sapo", tau_pos=tau, tau_neg=tau,
+                          impl="reference")
+        (grad,) = torch.autograd.grad(out.loss, x)
+        assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+        assert grad[0, :4].eq(0).all() and grad[0, 4:].ne(0).all()
+        if tau == 100.0:
+            assert grad[1, :4].eq(0).all()
+
+
 @pytest.mark.parametrize("surrogate", ["cispo", "sapo"])
 def test_masked_values_are_never_read(surrogate: str) -> None:
     inp = _inputs(seed=60)
@@ -186,6 +201,36 @@ def test_nonlinear_grpo_loss_passes_the_surrogate(surrogate: str) -> None:
                        inp["mask"], impl="reference", beta=0.05)
     assert torch.equal(fused.loss, sep.loss) and not torch.equal(fused.loss, clip.loss)
     assert torch.equal(fused.clip_fraction, sep.clip_fraction)
+
+
+@pytest.mark.parametrize("surrogate", ["clip", "cispo", "sapo"])
+@pytest.mark.parametrize("advantages", ["row", "token"])
+def test_row_stats_are_the_rows_behind_the_fractions(surrogate: str, advantages: str) -> None:
+    """row_stats=True: each row's mask total, clipped and clipped-above weights, as the loops count
+    them; they sum to the fractions; off, None and nothing else changes."""
+    inp = _inputs(seed=90)
+    if advantages == "token":
+        inp["advantages"] = torch.randn(inp["logp"].shape, generator=torch.Generator().manual_seed(5),
+                                        dtype=torch.float64)
+    inp["mask"] = inp["mask"] * torch.rand(inp["mask"].shape, generator=torch.Generator().manual_seed(6),
+                                           dtype=torch.float64).add(0.5)  # weights
+    kw = {"beta": 0.05, "surrogate": surrogate, "dual_clip": 1.5 if surrogate == "clip" else None}
+    out, grad = _run(inp, row_stats=True, **kw)
+    want = policy_loss_by_loops(inp["logp"], inp["old_logp"], inp["ref_logp"], inp["advantages"],
+                                inp["mask"], **kw)
+    torch.testing.assert_close(out.row_clip_weights, want.row_clip_weights, rtol=1e-13, atol=1e-15)
+    rows = out.row_clip_weights
+    assert rows.shape == (10, 3) and rows[1].eq(0).all()  # the empty row
+    total = rows.sum(0)
+    torch.testing.assert_close(total[1] / total[0], out.clip_fraction, rtol=1e-13, atol=0)
+    torch.testing.assert_close(total[2] / total[0], out.clip_high_fraction, rtol=1e-13, atol=0)
+    if surrogate != "sapo":
+        assert rows[:, 1].gt(0).sum() >= 2
+    plain, plain_grad = _run(inp, **kw)
+    assert plain.row_clip_weights is None and torch.equal(plain_grad, grad)
+    assert all(torch.equal(a, b) for a, b in zip(plain[:7], out[:7], strict=True))
+    with pytest.raises(TypeError, match="row_stats must be a bool, got int"):
+        _run(inp, row_stats=1)
 
 
 @pytest.mark.parametrize(("kw", "error", "match"), [

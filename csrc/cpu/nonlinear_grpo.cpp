@@ -28,9 +28,9 @@ nonlinear_grpo_fwd(
     adv = a;
     values = v;
   }
-  auto [loss, kl, clip, ratio, lratio, dual, high, seq, grad] =
+  auto [loss, kl, clip, ratio, lratio, dual, high, seq, row_clip, grad] =
       policy_loss_fwd(logp, old_logp, ref_logp, adv.reshape({-1}), mask, eps_low, eps_high, beta, loss_type,
-                      max_completion_length, ratio_kl, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg);
+                      max_completion_length, ratio_kl, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, false);
   return {loss, adv, kl, clip, ratio, values, lratio, dual, high, seq, grad};
 }
 

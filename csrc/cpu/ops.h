@@ -21,17 +21,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_advantages(
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps);
 
 // -> (loss, kl, clip_fraction, ratio_mean, log_ratio_mean, dual_clip_fraction, clip_high_fraction)
-// scalars in the compute dtype, sequence_log_ratio ([S] with seq_ratio, else [0]) and grad [S, T]
+// scalars in the compute dtype, sequence_log_ratio ([S] with seq_ratio, else [0]),
+// row_clip_weights ([S, 3] with row_stats, else [0, 3]: each row's mask total, clipped weight and
+// clipped-above weight) and grad [S, T]
 // (logp's dtype). dual_clip: c > 1 of dual-clip PPO, or none. seq_ratio: GSPO's ratio, one per
 // sequence (the exp of its mean log-ratio, which sequence_log_ratio holds). surrogate: "clip",
 // "cispo" or "sapo" (csrc/include/iama/loss.h), tau_pos/tau_neg SAPO's temperatures.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor>
+           at::Tensor, at::Tensor>
 policy_loss_fwd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
     c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
-    std::optional<double> dual_clip, bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg);
+    std::optional<double> dual_clip, bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg,
+    bool row_stats);
 
 // -> (loss, advantages [B, G], kl, clip_fraction, ratio_mean, values [B, m], log_ratio_mean,
 //     dual_clip_fraction, clip_high_fraction, sequence_log_ratio, grad [B * G, T]).

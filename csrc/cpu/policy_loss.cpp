@@ -27,12 +27,13 @@ at::Tensor rows_contiguous(const at::Tensor& t) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor>
+           at::Tensor, at::Tensor>
 policy_loss_fwd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
     c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
-    std::optional<double> dual_clip, bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg) {
+    std::optional<double> dual_clip, bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg,
+    bool row_stats) {
   check_cpu(logp, "logp");
   check_floating(logp, "logp");
   TORCH_CHECK_VALUE(logp.dim() == 2, "logp must have shape [S, T], got ", logp.sizes());
@@ -163,10 +164,21 @@ policy_loss_fwd(
     double* dst = seq_log_ratio.mutable_data_ptr<double>();
     for (int64_t r = 0; r < S; ++r) dst[r] = rows[r * kRowFields + 8];
   }
+  // Per row: mask total, clipped weight, clipped-above weight (the row sums of the metrics).
+  at::Tensor row_clip = at::zeros({row_stats ? S : 0, 3}, opts.dtype(at::kDouble));
+  if (row_stats) {
+    double* dst = row_clip.mutable_data_ptr<double>();
+    for (int64_t r = 0; r < S; ++r) {
+      const double* src = rows.data() + r * kRowFields;
+      dst[3 * r] = src[4];
+      dst[3 * r + 1] = src[2];
+      dst[3 * r + 2] = src[7];
+    }
+  }
   return {at::scalar_tensor(sums[0], opts), at::scalar_tensor(sums[1] / tokens, opts),
           at::scalar_tensor(sums[2] / tokens, opts), at::scalar_tensor(sums[3] / tokens, opts),
           at::scalar_tensor(sums[5] / tokens, opts), at::scalar_tensor(sums[6] / tokens, opts),
-          at::scalar_tensor(sums[7] / tokens, opts), seq_log_ratio.to(ct), grad};
+          at::scalar_tensor(sums[7] / tokens, opts), seq_log_ratio.to(ct), row_clip.to(ct), grad};
 }
 
 }  // namespace iama::cpu

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from trl import GRPOTrainer
+from trl.trainer.utils import nanmax, nanmin
 
 from iama_kernels import Objective, policy_loss
 from iama_kernels._checks import ESTIMATORS, RATIO_LEVELS, check_choice
@@ -90,9 +91,9 @@ class IAMAGRPOTrainer(GRPOTrainer):
             ratio-weighted ``rho * k3``, the kernel's ``kl_weight="ratio"``. It logs TRL's
             ``kl``, ``entropy`` and ``clip_ratio/{low,high,region}_mean`` (``cispo_clip_ratio``
             for CISPO, no clip metric for SAPO, as TRL; at the sequence level, as TRL, means
-            over sequences, from the kernel's ``sequence_log_ratio``), and at the sequence
-            level TRL's per-sequence ``clip_ratio/low_min`` and ``high_max``; with token-level
-            ratios those two need per-sequence clip counts, which the kernel does not return.
+            over sequences, from the kernel's ``sequence_log_ratio``) and TRL's per-sequence
+            extremes ``clip_ratio/low_min`` and ``high_max`` (with token-level ratios from the
+            kernel's ``row_clip_weights``, ``row_stats=True``).
 
     Logged next to TRL's metrics: ``iama/lambda/<criterion>`` (the weight ``dg/dR`` of each
     criterion) and ``iama/value/<criterion>`` (the batch's estimate of the criterion's value
@@ -267,6 +268,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
             dual_clip=self.args.delta if surrogate == "clip" else None,
             ratio_level=self.importance_sampling_level, surrogate=surrogate,
             tau_pos=self.args.sapo_temperature_pos, tau_neg=self.args.sapo_temperature_neg,
+            # the per-sequence clip extremes TRL logs for its clipped losses, at the token level
+            row_stats=surrogate == "clip" and self.importance_sampling_level == "token",
             impl=self.loss_impl,
         )
         loss = out.loss
@@ -288,7 +291,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
                           eps_low: float, eps_high: float) -> None:
         """TRL's loss metrics: means over every process, as TRL reports them, in one reduction.
         The clip metrics are token-weighted, except for sequence ratios, which TRL averages over
-        sequences (and whose per-sequence extremes it logs too)."""
+        sequences; the extremes over sequences of each one's clipped shares are gathered."""
         sequence = self.importance_sampling_level == "sequence"
         if sequence:
             low, high = self._sequence_clips(out.sequence_log_ratio, advantages, eps_low, eps_high)
@@ -314,11 +317,16 @@ class IAMAGRPOTrainer(GRPOTrainer):
             metrics["clip_ratio/low_mean"].append(low_sum / clip_count)
             metrics["clip_ratio/high_mean"].append(high_sum / clip_count)
             metrics["clip_ratio/region_mean"].append((low_sum + high_sum) / clip_count)
-            if sequence:  # each sequence's clipped share is 0 or 1: its extremes over the batch
-                metrics["clip_ratio/low_min"].append(
-                    self.accelerator.gather(low.to(tokens.dtype)).min().item())
-                metrics["clip_ratio/high_max"].append(
-                    self.accelerator.gather(high.to(tokens.dtype)).max().item())
+            if sequence:  # each sequence's clipped share is 0 or 1
+                low_share, high_share = low.to(tokens.dtype), high.to(tokens.dtype)
+            else:  # each sequence's clipped shares of its tokens; NaN for an empty one, as TRL
+                rows = out.row_clip_weights
+                total = rows[:, 0]
+                high_share = rows[:, 2] / total
+                low_share = (rows[:, 1] - rows[:, 2]) / total
+            # TRL's extremes over the gathered sequences, skipping NaN
+            metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(low_share)).item())
+            metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high_share)).item())
 
     @staticmethod
     def _sequence_clips(log_ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float,

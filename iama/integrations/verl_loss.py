@@ -28,13 +28,17 @@ same for positive weights).
 ``loss_agg_mode``) and ``"sapo"`` (the soft gate with the actor config's ``tau_pos`` and
 ``tau_neg``; like verl, always aggregated ``"seq-mean-token-mean"``, whatever ``loss_agg_mode``
 says) on the kernel's ``surrogate="cispo"`` and ``"sapo"``, token-level ratios, no dual clip.
-Their ``actor/pg_clipfrac_lower`` is 0, as verl's, and SAPO's ``actor/pg_clipfrac`` too.
+Their ``actor/pg_clipfrac_lower`` is 0, as verl's, and SAPO's ``actor/pg_clipfrac`` too. A
+``clip_ratio_low`` above 1 (MiniMax-M1's way of dropping CISPO's lower bound) is taken as 1: the
+bound ``1 - clip_ratio_low`` is then below every ratio either way. Neither reads ``clip_ratio_c``.
 
 What differs from ``"vanilla"`` (and from verl's other losses alike):
 
 * verl clamps ``log_prob - old_log_prob`` to ``[-20, 20]`` before ``exp``; the kernel does not.
-  The loss and its gradient differ only on tokens whose ratio is below ``e**-20`` (by at most
-  ``e**-20 |A|`` each); above ``e**20`` both clips make the token's loss a constant anyway.
+  For the clipped surrogate the loss and its gradient differ only on tokens whose ratio is below
+  ``e**-20`` (by at most ``e**-20 |A|`` each); above ``e**20`` both clips make the token's loss
+  a constant anyway. CISPO's and SAPO's weights and gates saturate there too (their gradients are
+  those of the clamped ratio to rounding), but their loss values see the unclamped ratio.
   ``actor/ppo_kl`` is then the mean of the unclamped log-ratios.
 * With ``rollout_is_weights`` the metrics are means weighted by each token's weight in the loss
   (the importance weight, divided by the response's length for ``seq-mean-token-mean``); verl's
@@ -75,13 +79,16 @@ def _option(config: Any, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def _clip_range(config: Any) -> tuple[float, float, float]:
-    """``(eps_low, eps_high, c)`` from ``clip_ratio``, ``clip_ratio_low/high``, ``clip_ratio_c``."""
+def _clip_range(config: Any, surrogate: str = "clip") -> tuple[float, float, float | None]:
+    """``(eps_low, eps_high, c)`` from ``clip_ratio``, ``clip_ratio_low/high``, ``clip_ratio_c``
+    (``c`` None for CISPO and SAPO, which have no dual clip; their ``eps_low`` at most 1)."""
     if config is None:
         raise ValueError("config (verl's actor config, with clip_ratio and clip_ratio_c) is required")
     clip_ratio = _option(config, "clip_ratio", 0.2)
     low = float(_option(config, "clip_ratio_low", clip_ratio))
     high = float(_option(config, "clip_ratio_high", clip_ratio))
+    if surrogate != "clip":
+        return min(low, 1.0), high, None  # (SAPO reads neither bound)
     c = float(_option(config, "clip_ratio_c", 3.0))
     if not c > 1.0:
         raise ValueError(f"clip_ratio_c (the dual clip) must be > 1, got {c}")
@@ -169,9 +176,9 @@ class VerlPolicyLoss:
             rollout_is_weights: ``[bs, T]`` importance weights of rollout correction, or None.
         """
         check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
-        eps_low, eps_high, dual_clip = _clip_range(config)
-        if self.ratio_level == "sequence" or self.surrogate != "clip":
-            dual_clip = None  # verl's "gspo", "cispo" and "sapo" have no dual clip
+        eps_low, eps_high, dual_clip = _clip_range(config, self.surrogate)
+        if self.ratio_level == "sequence":
+            dual_clip = None  # verl's "gspo" has no dual clip (nor "cispo" and "sapo")
         if self.surrogate == "sapo":
             loss_agg_mode = "seq-mean-token-mean"  # verl's "sapo" aggregates so, whatever it is given
         tau_pos = float(_option(config, "tau_pos", 1.0))

@@ -230,9 +230,9 @@ def nonlinear_grpo_loss_triton(
         _, shaped, values = _group_advantages_op(rewards, None, lam, codes, taus, estimator, eps,
                                                  0, False)
         adv = scale_advantages(shaped, "batch", eps, None)
-        stats, seq, _ = _policy_loss_op(logp, old_logp, ref_logp, adv.reshape(-1), mask, eps_low,
-                                        eps_high, beta, loss_type, max_len, need, ratio_kl, dual_clip,
-                                        seq_ratio, surrogate, tau_pos, tau_neg)
+        stats, seq, _, _ = _policy_loss_op(logp, old_logp, ref_logp, adv.reshape(-1), mask, eps_low,
+                                           eps_high, beta, loss_type, max_len, need, ratio_kl,
+                                           dual_clip, seq_ratio, surrogate, tau_pos, tau_neg)
     else:
         stats, adv, values, seq, _ = _nonlinear_grpo_op(
             logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps,

@@ -109,6 +109,7 @@ def policy_loss(
     surrogate: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    row_stats: bool = False,
     impl: str = "auto",
 ) -> PolicyLossOutput:
     """Clipped-ratio surrogate plus k3 KL penalty: one mirror-descent step as a GRPO loss.
@@ -178,14 +179,19 @@ def policy_loss(
             ``dual_clip`` is the clipped surrogate's alone (a ``ValueError`` with the others).
         tau_pos, tau_neg: SAPO's temperatures (``> 0``; defaults TRL's and verl's), ignored by
             the other surrogates.
+        row_stats: also return ``row_clip_weights``, ``[S, 3]``: each row's mask total, clipped
+            weight and clipped-above weight (the per-row sums of ``clip_fraction`` and
+            ``clip_high_fraction``; TRL's per-sequence clip metrics come from them). Off, no
+            per-row result is written.
         impl: ``"auto"`` or an explicit backend name.
 
     Returns:
         :class:`~iama_kernels.PolicyLossOutput` of scalars (float64 for float64 ``logp``, else
         float32): ``loss`` and the detached metrics ``kl``, ``clip_fraction``, ``ratio_mean``,
         ``log_ratio_mean``, ``dual_clip_fraction``, ``clip_high_fraction`` (mask-weighted means
-        over tokens), and ``sequence_log_ratio``: ``[S]`` each row's ``l_i`` with
-        ``ratio_level="sequence"`` (``None`` otherwise).
+        over tokens), ``sequence_log_ratio``: ``[S]`` each row's ``l_i`` with
+        ``ratio_level="sequence"`` (``None`` otherwise), and ``row_clip_weights`` (``None``
+        unless ``row_stats``).
         ``d loss / d logp_t = w_t (-(rho A if the unclipped term is active and the dual clip
         is not else 0) + beta (1 - exp(ref - logp)))`` (``beta rho (logp - ref)`` in place of
         the last term with ``kl_weight="ratio"``; the surrogate's own gradient, see
@@ -198,6 +204,8 @@ def policy_loss(
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     dual_clip = check_dual_clip(dual_clip)
     tau_pos, tau_neg = check_surrogate(surrogate, tau_pos, tau_neg, dual_clip)
+    if not isinstance(row_stats, bool):
+        raise TypeError(f"row_stats must be a bool, got {type(row_stats).__name__}")
     advantages = check_float("advantages", advantages)
     per_token = advantages.dim() == 2
     if tuple(advantages.shape) not in ((logp.shape[0],), tuple(logp.shape)):
@@ -215,7 +223,7 @@ def policy_loss(
     backend = choose("policy_loss", impl, _POLICY_LOSS_BACKENDS, call)
     out = backend.run(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,
                       loss_type, max_completion_length, kl_weight, dual_clip, ratio_level,
-                      surrogate, tau_pos, tau_neg)
+                      surrogate, tau_pos, tau_neg, row_stats)
     if per_token and data_checks_enabled():
         _check_token_advantages(out.loss, advantages, mask)
     return out

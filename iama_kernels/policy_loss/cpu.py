@@ -29,11 +29,13 @@ def policy_loss_cpu(
     surrogate: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    row_stats: bool = False,
 ) -> PolicyLossOutput:
     """``[S, T]`` log-probs, ``[S]`` advantages, ``[S, T]`` mask -> :class:`PolicyLossOutput`."""
     outputs = torch.ops.iama.policy_loss_fwd(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length,
-        kl_weight == "ratio", dual_clip, ratio_level == "sequence", surrogate, tau_pos, tau_neg,
+        kl_weight == "ratio", dual_clip, ratio_level == "sequence", surrogate, tau_pos, tau_neg, row_stats,
     )
     seq = outputs[7].detach() if ratio_level == "sequence" else None
-    return PolicyLossOutput(outputs[0], *(t.detach() for t in outputs[1:7]), seq)
+    rows = outputs[8].detach() if row_stats else None
+    return PolicyLossOutput(outputs[0], *(t.detach() for t in outputs[1:7]), seq, rows)

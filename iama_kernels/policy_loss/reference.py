@@ -56,7 +56,7 @@ def token_surrogate(
     is strictly the one taken (and, with ``dual_clip``, ``c A`` where ``A < 0``, ``rho > c``).
     cispo: ``sg[clip(rho)] A logp``, gradient ``clip(rho) A``; clipped where the weight was.
     sapo: ``(4 / tau) sigmoid(tau (rho - 1)) A``, ``tau = tau_pos`` where ``A > 0`` else
-    ``tau_neg``, gradient ``4 s (1 - s) rho A``; never clipped."""
+    ``tau_neg``, gradient ``4 s (1 - s) rho A`` (0 where the gate has saturated); never clipped."""
     lo, hi = 1 - eps_low, 1 + eps_high
     clipped = ratio.clamp(lo, hi)
     dual = torch.zeros(torch.broadcast_shapes(ratio.shape, A.shape), dtype=torch.bool,
@@ -67,7 +67,16 @@ def token_surrogate(
     if surrogate == "sapo":
         pos = torch.tensor(tau_pos, dtype=ratio.dtype, device=ratio.device)
         tau = torch.where(A > 0, pos, torch.tensor(tau_neg, dtype=ratio.dtype, device=ratio.device))
-        return torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * A, dual, dual, dual
+        rho = ratio.detach()
+        x = tau * (rho - 1)
+        s = torch.sigmoid(x)
+        # The gradient 4 s (1 - s) rho A (d rho / d logp = rho at either ratio level), put in by
+        # hand: autograd's s (1 - s) * rho is 0 * inf = NaN where the gate has saturated (the
+        # ratio infinite, or tau (rho - 1) past the exp range); the derivative is 0 there.
+        e = torch.exp(-x)
+        live = (e > 0) & torch.isfinite(e)
+        slope = torch.where(live, 4 * e * s * s * rho * A, rho.new_zeros(()))
+        return (4 / tau) * s * A + slope * (lp - lp.detach()), dual, dual, dual
     unclipped_active = ratio * A <= clipped * A
     surr = torch.where(unclipped_active, ratio * A, (clipped * A).detach())
     if dual_clip is not None:  # dual-clip PPO: for A < 0 the surrogate is at least c A, a constant
@@ -93,6 +102,7 @@ def policy_loss_ref(
     surrogate: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    row_stats: bool = False,
 ) -> PolicyLossOutput:
     """Reference :func:`iama_kernels.policy_loss`; arguments already validated."""
     dtype = compute_dtype(logp.dtype)
@@ -134,6 +144,10 @@ def policy_loss_ref(
         log_ratio_mean = (log_ratio.detach() * m).sum() / tokens
         dual_fraction = (dual.to(dtype) * m).sum() / tokens
         high_fraction = (high_flag.to(dtype) * m).sum() / tokens
+        rows = None
+        if row_stats:  # per row: mask total, clipped weight, clipped-above weight
+            rows = torch.stack([m.sum(-1), (clip_flag.to(dtype) * m).sum(-1),
+                                (high_flag.to(dtype) * m).sum(-1)], -1)
     return PolicyLossOutput(loss, kl_mean.detach(), clip_fraction, ratio_mean.detach(),
                             log_ratio_mean.detach(), dual_fraction, high_fraction,
-                            None if seq is None else seq.squeeze(-1).detach())
+                            None if seq is None else seq.squeeze(-1).detach(), rows)

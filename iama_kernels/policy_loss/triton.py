@@ -91,7 +91,7 @@ def _token_row(
     lratio_acc, dual_acc, high_acc, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, RATIO_KL: tl.constexpr,
     DUAL_CLIP: tl.constexpr, TOKEN_ADV: tl.constexpr, SEQ_RATIO: tl.constexpr,
-    SURROGATE: tl.constexpr = 0,
+    SURROGATE: tl.constexpr = 0, rows_ptr=None, ROW_STATS: tl.constexpr = False,
 ):
     """Stream one row with advantage ``a`` into the program's per-lane ``[BLOCK_T]`` sums of the
     weighted loss, kl, clipped, ratio, log-ratio, dual-clipped and clipped-above terms; returns
@@ -112,7 +112,8 @@ def _token_row(
     stored at ``seq_ptr[row]``; the main pass then does not load ``old``. ``SURROGATE``: 0 PPO's
     clipped ratio, 1 CISPO (``sg[clip(ratio)] a logp``), 2 SAPO (the soft gate with temperatures
     ``tau_pos``/``tau_neg``); see ``csrc/include/iama/loss.h`` for the formulas, which these
-    follow."""
+    follow. ``ROW_STATS``: the row's mask total, clipped and clipped-above weights go to
+    ``rows_ptr[3 row + 0..2]``."""
     offs = tl.arange(0, BLOCK_T)
     # Row bases in 64 bits: a tensor of 2**31 elements or more (65536 rows of 32768 tokens) has
     # row offsets past int32; offsets within a row stay 32-bit vectors.
@@ -157,6 +158,9 @@ def _token_row(
         wscale = 1.0
     lo = 1.0 - eps_low
     hi = 1.0 + eps_high
+    if ROW_STATS:
+        row_clip = tl.zeros([BLOCK_T], dtype=tl.float32)
+        row_high = tl.zeros([BLOCK_T], dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + offs
         inb = t < T
@@ -185,9 +189,9 @@ def _token_row(
         if SURROGATE == 1:  # CISPO: the clipped weight, detached, times a logp
             surr = ca * lp
             g = -ca
-            clip_acc += tl.where(keep & ((ratio < lo) | (ratio > hi)), m, 0.0)
+            clip_w = tl.where(keep & ((ratio < lo) | (ratio > hi)), m, 0.0)
             # a > 0 is ca > 0 (clipped > 0 wherever ratio > hi >= 0; a tensor test, see below)
-            high_acc += tl.where(keep & (ratio > hi) & (ca > 0.0), m, 0.0)
+            high_w = tl.where(keep & (ratio > hi) & (ca > 0.0), m, 0.0)
         elif SURROGATE == 2:  # SAPO: the soft gate (4 / tau) sigmoid(tau (ratio - 1)) a
             # The sign of a as a tensor (the interpreter cannot and a scalar bool into a block;
             # ra > 0 would miss an underflowed ratio).
@@ -196,7 +200,12 @@ def _token_row(
             e = tl.exp(-tau * (ratio - 1.0))
             s = 1.0 / (1.0 + e)
             surr = (4.0 / tau) * s * a_t
-            g = -(4.0 * (e * s * s)) * ra  # 1 - s = e s: no cancellation as s -> 1
+            # 1 - s = e s: no cancellation as s -> 1; 0 where the gate has saturated (e = 0 or
+            # inf, where the product would be 0 * inf = NaN).
+            live = (e > 0.0) & (e <= 3.4028234663852886e38)
+            g = -tl.where(live, (4.0 * (e * s * s)) * ra, 0.0)
+            clip_w = tl.zeros([BLOCK_T], dtype=tl.float32)  # SAPO clips nothing
+            high_w = clip_w
         else:
             active = ra <= ca  # the unclipped term is the one min() takes (ties included)
             surr = tl.where(active, ra, ca)
@@ -209,8 +218,13 @@ def _token_row(
                 dual_acc += tl.where(keep & dual, m, 0.0)
             else:
                 g = -tl.where(active, ra, 0.0)
-            clip_acc += tl.where(keep & (~active), m, 0.0)
-            high_acc += tl.where(keep & (~active) & (ra > 0.0), m, 0.0)  # A > 0 where clipped
+            clip_w = tl.where(keep & (~active), m, 0.0)
+            high_w = tl.where(keep & (~active) & (ra > 0.0), m, 0.0)  # A > 0 where clipped
+        clip_acc += clip_w
+        high_acc += high_w
+        if ROW_STATS:
+            row_clip += clip_w
+            row_high += high_w
         if HAS_REF:
             ref = tl.load(ref_row + t * s_rt, mask=live, other=0.0).to(tl.float32)
             d = ref - lp
@@ -230,6 +244,10 @@ def _token_row(
         ratio_acc += tl.where(keep, m * ratio, 0.0)
         if WRITE_GRAD:
             tl.store(grad_row + t * s_gt, tl.where(keep, w * g, 0.0), mask=t < T)
+    if ROW_STATS:  # two more block reductions per row, only when asked for
+        tl.store(rows_ptr + r64 * 3, msum)
+        tl.store(rows_ptr + r64 * 3 + 1, tl.sum(row_clip, axis=0))
+        tl.store(rows_ptr + r64 * 3 + 2, tl.sum(row_high, axis=0))
     return loss_acc, kl_acc, clip_acc, ratio_acc, lratio_acc, dual_acc, high_acc, msum
 
 
@@ -255,7 +273,7 @@ def _policy_loss_fwd_kernel(
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr, RATIO_KL: tl.constexpr = False,
     DUAL_CLIP: tl.constexpr = False, TOKEN_ADV: tl.constexpr = False, SEQ_RATIO: tl.constexpr = False,
-    SURROGATE: tl.constexpr = 0,
+    SURROGATE: tl.constexpr = 0, rows_ptr=None, ROW_STATS: tl.constexpr = False,
 ):
     """Program ``pid`` streams rows ``[pid * rows_per_prog, ...)`` and writes its partials
     (advantages: one per row, or with ``TOKEN_ADV`` one per token)."""
@@ -280,7 +298,7 @@ def _policy_loss_fwd_kernel(
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_a, s_at,
             T, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg, norm, loss, kl, clip, ratio,
             lratio, dual, high, HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL,
-            DUAL_CLIP, TOKEN_ADV, SEQ_RATIO, SURROGATE,
+            DUAL_CLIP, TOKEN_ADV, SEQ_RATIO, SURROGATE, rows_ptr, ROW_STATS,
         )
         msum += r_m
     _store_partials(partial_ptr, pid, loss, msum, kl, clip, ratio, lratio, dual, high, NP)
@@ -374,10 +392,11 @@ def _policy_loss_fwd(
     advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
     loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
     dual_clip: float | None = None, seq_ratio: bool = False, surrogate: str = "clip",
-    tau_pos: float = 1.0, tau_neg: float = 1.05,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    tau_pos: float = 1.0, tau_neg: float = 1.05, row_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward launch: ``stats [N_STATS]`` float32, GSPO's per-row log-ratios (``[S]`` float32
-    with ``seq_ratio``, else empty) and the gradient (``[S, T]``, or empty)."""
+    with ``seq_ratio``, else empty), the per-row clip weights (``[S, 3]`` float32 with
+    ``row_stats``, else ``[0, 3]``) and the gradient (``[S, T]``, or empty)."""
     S, T = logp.shape
     max_len = None if max_completion_length <= 0 else max_completion_length
     args, grad = token_args(logp, old_logp, ref_logp, mask, need_grad)
@@ -391,6 +410,8 @@ def _policy_loss_fwd(
     dual_c, has_dual = dual_clip_args(dual_clip)
     token_adv = advantages.dim() == 2
     seq = sequence_buffer(S, seq_ratio, logp.device)
+    # Written row by row by the kernel (zeros: rows of an empty launch stay 0).
+    rows = torch.zeros(S if row_stats else 0, 3, dtype=torch.float32, device=logp.device)
     if launch:
         _policy_loss_fwd_kernel[(P,)](
             *args[:5], advantages, partials, seq, *args[5:], advantages.stride(0),
@@ -401,9 +422,10 @@ def _policy_loss_fwd(
             LOSS_TYPE=LOSS_TYPE_CODES[loss_type], WRITE_GRAD=need_grad, BLOCK_T=block_t,
             NP=N_PARTIALS, RATIO_KL=ratio_kl, DUAL_CLIP=has_dual, TOKEN_ADV=token_adv,
             SEQ_RATIO=seq_ratio and old_logp is not None,
-            SURROGATE=SURROGATE_CODES[surrogate], num_warps=warps,
+            SURROGATE=SURROGATE_CODES[surrogate], rows_ptr=rows if row_stats else None,
+            ROW_STATS=row_stats, num_warps=warps,
         )
-    return finalize(partials, loss_type), seq, grad
+    return finalize(partials, loss_type), seq, rows, grad
 
 
 def sequence_buffer(S: int, seq_ratio: bool, device: torch.device) -> torch.Tensor:
@@ -418,21 +440,22 @@ def _policy_loss_op(
     advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
     loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
     dual_clip: float | None = None, seq_ratio: bool = False, surrogate: str = "clip",
-    tau_pos: float = 1.0, tau_neg: float = 1.05,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    tau_pos: float = 1.0, tau_neg: float = 1.05, row_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with launch_device(logp.device):
         return _policy_loss_fwd(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high,
                                 beta, loss_type, max_completion_length, need_grad, ratio_kl,
-                                dual_clip, seq_ratio, surrogate, tau_pos, tau_neg)
+                                dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, row_stats)
 
 
 @_policy_loss_op.register_fake
 def _(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
       max_completion_length, need_grad, ratio_kl=False, dual_clip=None, seq_ratio=False,
-      surrogate="clip", tau_pos=1.0, tau_neg=1.05):
+      surrogate="clip", tau_pos=1.0, tau_neg=1.05, row_stats=False):
     shape = tuple(logp.shape) if need_grad else (0, 0)
     return (logp.new_empty(N_STATS, dtype=torch.float32),
             logp.new_empty(logp.shape[0] if seq_ratio else 0, dtype=torch.float32),
+            logp.new_empty((logp.shape[0] if row_stats else 0, 3), dtype=torch.float32),
             logp.new_empty(shape, dtype=grad_dtype(logp)))
 
 
@@ -443,7 +466,7 @@ def backward_logp(grad: torch.Tensor, stats: torch.Tensor, grad_stats: torch.Ten
 
 
 def _setup_context(ctx, inputs, output):
-    stats, _, grad = output
+    stats, _, _, grad = output
     # Only the loss carries a gradient: without this, autograd would allocate and fill a zero
     # [S, T] gradient for the `grad` output on every backward (a full extra write of it).
     ctx.set_materialize_grads(False)
@@ -452,7 +475,7 @@ def _setup_context(ctx, inputs, output):
     ctx.n_inputs = len(inputs)
 
 
-def _backward(ctx, grad_stats, grad_seq, grad_grad):
+def _backward(ctx, grad_stats, grad_seq, grad_rows, grad_grad):
     grad, stats = ctx.saved_tensors
     d_logp = None if grad_stats is None else backward_logp(grad, stats, grad_stats, ctx.logp_dtype)
     return (d_logp,) + (None,) * (ctx.n_inputs - 1)
@@ -482,13 +505,16 @@ def policy_loss_triton(
     surrogate: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    row_stats: bool = False,
 ) -> PolicyLossOutput:
     """Triton :func:`iama_kernels.policy_loss`; arguments already validated. float32 outputs."""
-    stats, seq, _ = _policy_loss_op(
+    stats, seq, rows, _ = _policy_loss_op(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
         0 if max_completion_length is None else int(max_completion_length), needs_grad(logp),
         kl_weight == "ratio", dual_clip, ratio_level == "sequence", surrogate, tau_pos, tau_neg,
+        row_stats,
     )
     metrics = stats.detach()
     return PolicyLossOutput(stats[0], metrics[1], metrics[2], metrics[3], metrics[5], metrics[6],
-                            metrics[7], seq.detach() if ratio_level == "sequence" else None)
+                            metrics[7], seq.detach() if ratio_level == "sequence" else None,
+                            rows.detach() if row_stats else None)

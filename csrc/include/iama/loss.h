@@ -14,7 +14,8 @@
 //          (whatever A), clipped above: ratio > 1 + eps_high with A > 0; no dual clip.
 //   SAPO   surr = (4 / tau) s A with s = sigmoid(tau (ratio - 1)), tau = tau_pos if A > 0 else
 //          tau_neg; grad -w 4 s (1 - s) ratio A, where 1 - s = e s with e = exp(-tau (ratio - 1))
-//          (no cancellation as s -> 1); never clipped.
+//          (no cancellation as s -> 1), and 0 where the gate has saturated (e = 0 or inf, where
+//          the product would be 0 * inf); never clipped.
 // The log-ratio is (logp - old) + lr0. Per-token ratios have lr0 = 0; GSPO's sequence ratio
 // passes old = logp (so logp - old is exactly 0) and lr0 = the row's mean log-ratio: the token's
 // log-ratio is then sg[lr0] + logp - sg[logp], whose derivative in logp is 1 as for a token ratio,
@@ -68,7 +69,11 @@ IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t
     const acc_t e = exp_acc(-tau * (ratio - acc_t(1)));
     const acc_t s = acc_t(1) / (acc_t(1) + e);
     surrogate = four_over_tau * s * A;
-    d_surr = acc_t(4) * (e * s * s) * unclipped_term;
+    // e = 0 (the gate saturated at 1: the ratio far above 1, or infinite) or e = inf (saturated at
+    // 0): the derivative is 0, which the product below would make 0 * inf = NaN. (e * 0 == 0
+    // tests that e is finite.)
+    const bool live = e > acc_t(0) && e * acc_t(0) == acc_t(0);
+    d_surr = live ? acc_t(4) * (e * s * s) * unclipped_term : acc_t(0);
     clip_flag = high_flag = false;
   } else {
     const acc_t clipped_term = clipped * A;
