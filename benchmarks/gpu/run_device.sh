@@ -13,8 +13,8 @@ export OUT
 mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
 PY="${PYTHON:-python3}"
-# 210 + 270 s: the whole script ends inside a 540 s device call, leaving room for one rerun.
-TEST_TIMEOUT="${TEST_TIMEOUT:-210}"
+# 240 + 270 s: the whole script ends inside a 540 s device call.
+TEST_TIMEOUT="${TEST_TIMEOUT:-240}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-270}"
 
 (nvidia-smi; "$PY" -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)") \

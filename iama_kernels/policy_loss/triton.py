@@ -197,13 +197,15 @@ def _token_row(
             # ra > 0 would miss an underflowed ratio).
             pos = (a_t + tl.zeros([BLOCK_T], dtype=tl.float32)) > 0.0
             tau = tl.where(pos, tau_pos, tau_neg)
-            e = tl.exp(-tau * (ratio - 1.0))
+            # e capped at the largest float and the ratio too (NaN passes through): where the gate
+            # has saturated the product below is then 0 (s * s underflows, or e is 0), not
+            # 0 * inf = NaN. (A select on the product instead split a load into scalar ones.)
+            big = 3.4028234663852886e38
+            e = tl.minimum(tl.exp(-tau * (ratio - 1.0)), big, propagate_nan=tl.PropagateNan.ALL)
             s = 1.0 / (1.0 + e)
             surr = (4.0 / tau) * s * a_t
-            # 1 - s = e s: no cancellation as s -> 1; 0 where the gate has saturated (e = 0 or
-            # inf, where the product would be 0 * inf = NaN).
-            live = (e > 0.0) & (e <= 3.4028234663852886e38)
-            g = -tl.where(live, (4.0 * (e * s * s)) * ra, 0.0)
+            rho = tl.minimum(ratio, big, propagate_nan=tl.PropagateNan.ALL)
+            g = -(4.0 * (e * s * s)) * (rho * a_t)  # 1 - s = e s: no cancellation as s -> 1
             clip_w = tl.zeros([BLOCK_T], dtype=tl.float32)  # SAPO clips nothing
             high_w = clip_w
         else:
