@@ -1,5 +1,5 @@
-"""verl's PPO actor loss on the fused kernel: the ``"iama"``, ``"iama_gspo"``, ``"iama_cispo"`` and
-``"iama_sapo"`` policy losses.
+"""verl's PPO actor loss on the fused kernel: the ``"iama"``, ``"iama_gspo"``, ``"iama_cispo"``,
+``"iama_sapo"`` and ``"iama_gpg"`` policy losses.
 
 verl computes the actor's clipped-ratio loss through a registered *policy loss*
 (``actor_rollout_ref.actor.policy_loss.loss_mode``, ``"vanilla"`` by default). This module gives
@@ -31,6 +31,10 @@ says) on the kernel's ``surrogate="cispo"`` and ``"sapo"``, token-level ratios, 
 Their ``actor/pg_clipfrac_lower`` is 0, as verl's, and SAPO's ``actor/pg_clipfrac`` too. A
 ``clip_ratio_low`` above 1 (MiniMax-M1's way of dropping CISPO's lower bound) is taken as 1: the
 bound ``1 - clip_ratio_low`` is then below every ratio either way. Neither reads ``clip_ratio_c``.
+
+``"iama_gpg"`` is verl's ``"gpg"`` (GPG's plain policy gradient ``-A log_prob``, no ratio, every
+``loss_agg_mode``, no metrics): the kernel's CISPO term without ``old_log_prob``, whose weight
+is then exactly 1.
 
 What differs from ``"vanilla"`` (and from verl's other losses alike):
 
@@ -64,9 +68,11 @@ POLICY_LOSS_NAME = "iama"
 GSPO_POLICY_LOSS_NAME = "iama_gspo"
 CISPO_POLICY_LOSS_NAME = "iama_cispo"
 SAPO_POLICY_LOSS_NAME = "iama_sapo"
-# verl's loss: (ratio_level, surrogate) of the kernel
+GPG_POLICY_LOSS_NAME = "iama_gpg"
+# verl's loss: (ratio_level, surrogate) of VerlPolicyLoss
 VERL_LOSSES = {"vanilla": ("token", "clip"), "gspo": ("sequence", "clip"), "cispo": ("token", "cispo"),
-               "sapo": ("token", "sapo")}
+               "sapo": ("token", "sapo"), "gpg": ("token", "gpg")}
+VERL_SURROGATES = (*SURROGATES, "gpg")  # gpg: the kernel's "cispo" without old_log_prob
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm",
                   "seq-mean-token-mean")
 
@@ -87,6 +93,8 @@ def _clip_range(config: Any, surrogate: str = "clip") -> tuple[float, float, flo
     clip_ratio = _option(config, "clip_ratio", 0.2)
     low = float(_option(config, "clip_ratio_low", clip_ratio))
     high = float(_option(config, "clip_ratio_high", clip_ratio))
+    if surrogate == "gpg":  # no ratio: the range [1, 1] holds the weight at exactly 1
+        return 0.0, 0.0, None
     if surrogate != "clip":
         return min(low, 1.0), high, None  # (SAPO reads neither bound)
     c = float(_option(config, "clip_ratio_c", 3.0))
@@ -123,14 +131,14 @@ class VerlPolicyLoss:
             extension on CPU).
         ratio_level: ``"token"`` (verl's ``"vanilla"``) or ``"sequence"`` (verl's ``"gspo"``:
             GSPO-token's sequence ratio, no dual clip).
-        surrogate: ``"clip"`` (verl's ``"vanilla"``/``"gspo"``), ``"cispo"`` or ``"sapo"``
-            (verl's losses of those names; token-level ratios only, as verl's).
+        surrogate: ``"clip"`` (verl's ``"vanilla"``/``"gspo"``), ``"cispo"``, ``"sapo"`` or
+            ``"gpg"`` (verl's losses of those names; token-level ratios only, as verl's).
     """
 
     def __init__(self, impl: str = "auto", ratio_level: str = "token", surrogate: str = "clip") -> None:
         check_choice("impl", impl, IMPLS)
         check_choice("ratio_level", ratio_level, RATIO_LEVELS)
-        check_choice("surrogate", surrogate, SURROGATES)
+        check_choice("surrogate", surrogate, VERL_SURROGATES)
         if surrogate != "clip" and ratio_level != "token":
             raise ValueError(f"verl's {surrogate!r} loss has token-level ratios, got "
                              f"ratio_level={ratio_level!r}")
@@ -230,14 +238,18 @@ class VerlPolicyLoss:
                                  f"{tuple(rollout_is_weights.shape)}")
             mask = rollout_is_weights.detach() * mask
         scale = scale * dp_size
-        out = policy_loss(log_prob, old_log_prob.detach(), None, advantages.detach(), mask,
+        gpg = self.surrogate == "gpg"
+        out = policy_loss(log_prob, None if gpg else old_log_prob.detach(), None, advantages.detach(), mask,
                           eps_low=eps_low, eps_high=eps_high, beta=0.0, loss_type=loss_type,
                           max_completion_length=length, dual_clip=dual_clip, ratio_level=self.ratio_level,
-                          surrogate=self.surrogate, tau_pos=tau_pos, tau_neg=tau_neg, impl=self.impl)
-        clipfrac, log_ratio, lower = torch.stack(
-            [out.clip_fraction, out.log_ratio_mean, out.dual_clip_fraction]).tolist()
-        metrics = {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": -log_ratio,
-                   "actor/pg_clipfrac_lower": lower}
+                          surrogate="cispo" if gpg else self.surrogate, tau_pos=tau_pos, tau_neg=tau_neg,
+                          impl=self.impl)
+        metrics: dict[str, float] = {}
+        if not gpg:  # verl's "gpg" returns no metrics (and so reads nothing back from the device)
+            clipfrac, log_ratio, lower = torch.stack(
+                [out.clip_fraction, out.log_ratio_mean, out.dual_clip_fraction]).tolist()
+            metrics = {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": -log_ratio,
+                       "actor/pg_clipfrac_lower": lower}
         if isinstance(scale, torch.Tensor):
             return out.loss * scale.to(out.loss.dtype), metrics
         return (out.loss if scale == 1.0 else out.loss * scale), metrics
@@ -249,7 +261,8 @@ def register_policy_loss(name: str = POLICY_LOSS_NAME, impl: str = "auto",
 
     ``import verl`` runs ``register_policy_loss()``,
     ``register_policy_loss("iama_gspo", ratio_level="sequence")`` and the same for
-    ``"iama_cispo"`` and ``"iama_sapo"`` (``surrogate=``) through the plugin; select one with
+    ``"iama_cispo"``, ``"iama_sapo"`` and ``"iama_gpg"`` (``surrogate=``) through the plugin;
+    select one with
     ``actor_rollout_ref.actor.policy_loss.loss_mode=iama`` (or ``iama_gspo``, ...). Registering a
     name again with the same options is a no-op; with others, or over one of verl's own losses,
     a ``ValueError``.
