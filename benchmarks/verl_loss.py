@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         from iama.integrations.verl_loss import VERL_LOSSES, VerlPolicyLoss
 
         ours = {name: VerlPolicyLoss(ratio_level=level, surrogate=surrogate)
-                for name, (level, surrogate) in VERL_LOSSES.items()}
+                for name, (_, level, surrogate) in VERL_LOSSES.items()}
         for loss in args.losses.split(","):
             if loss not in ours:
                 parser.error(f"--losses: {loss!r} is not one of {sorted(ours)}")

@@ -299,8 +299,6 @@ class IAMAGRPOTrainer(GRPOTrainer):
         else:
             high_sum = out.clip_high_fraction * tokens
             low_sum, clip_count = out.clip_fraction * tokens - high_sum, tokens
-            if surrogate == "cispo":  # the weight's lower bound is 0: no token is clipped below
-                low_sum = torch.zeros_like(high_sum)
         weighted = torch.stack([out.kl * tokens, low_sum.to(tokens.dtype), high_sum.to(tokens.dtype),
                                 (entropies.detach() * mask).sum().to(tokens.dtype), tokens,
                                 torch.as_tensor(clip_count, dtype=tokens.dtype, device=tokens.device)])
@@ -324,9 +322,10 @@ class IAMAGRPOTrainer(GRPOTrainer):
                 total = rows[:, 0]
                 high_share = rows[:, 2] / total
                 low_share = (rows[:, 1] - rows[:, 2]) / total
-            # TRL's extremes over the gathered sequences, skipping NaN
-            metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(low_share)).item())
-            metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high_share)).item())
+            # TRL's extremes over the sequences of every process (one gather for both), skipping NaN
+            shares = self.accelerator.gather(torch.stack([low_share, high_share], dim=-1))
+            metrics["clip_ratio/low_min"].append(nanmin(shares[:, 0]).item())
+            metrics["clip_ratio/high_max"].append(nanmax(shares[:, 1]).item())
 
     @staticmethod
     def _sequence_clips(log_ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float,

@@ -65,13 +65,10 @@ from iama_kernels._checks import RATIO_LEVELS, SURROGATES, check_choice
 from iama_kernels._dispatch import IMPLS
 
 POLICY_LOSS_NAME = "iama"
-GSPO_POLICY_LOSS_NAME = "iama_gspo"
-CISPO_POLICY_LOSS_NAME = "iama_cispo"
-SAPO_POLICY_LOSS_NAME = "iama_sapo"
-GPG_POLICY_LOSS_NAME = "iama_gpg"
-# verl's loss: (ratio_level, surrogate) of VerlPolicyLoss
-VERL_LOSSES = {"vanilla": ("token", "clip"), "gspo": ("sequence", "clip"), "cispo": ("token", "cispo"),
-               "sapo": ("token", "sapo"), "gpg": ("token", "gpg")}
+# verl's loss -> (the name iama's registers, ratio_level, surrogate of VerlPolicyLoss)
+VERL_LOSSES = {"vanilla": (POLICY_LOSS_NAME, "token", "clip"), "gspo": ("iama_gspo", "sequence", "clip"),
+               "cispo": ("iama_cispo", "token", "cispo"), "sapo": ("iama_sapo", "token", "sapo"),
+               "gpg": ("iama_gpg", "token", "gpg")}
 VERL_SURROGATES = (*SURROGATES, "gpg")  # gpg: the kernel's "cispo" without old_log_prob
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm",
                   "seq-mean-token-mean")
@@ -259,10 +256,9 @@ def register_policy_loss(name: str = POLICY_LOSS_NAME, impl: str = "auto",
                          ratio_level: str = "token", surrogate: str = "clip") -> VerlPolicyLoss:
     """Register :class:`VerlPolicyLoss` in verl's policy-loss registry under ``name``.
 
-    ``import verl`` runs ``register_policy_loss()``,
-    ``register_policy_loss("iama_gspo", ratio_level="sequence")`` and the same for
-    ``"iama_cispo"``, ``"iama_sapo"`` and ``"iama_gpg"`` (``surrogate=``) through the plugin;
-    select one with
+    ``import verl`` runs it, through the plugin, for every entry of :data:`VERL_LOSSES`
+    (``"iama"``; ``"iama_gspo"`` with ``ratio_level="sequence"``; ``"iama_cispo"``,
+    ``"iama_sapo"`` and ``"iama_gpg"`` with their ``surrogate=``); select one with
     ``actor_rollout_ref.actor.policy_loss.loss_mode=iama`` (or ``iama_gspo``, ...). Registering a
     name again with the same options is a no-op; with others, or over one of verl's own losses,
     a ``ValueError``.

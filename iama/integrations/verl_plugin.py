@@ -7,17 +7,8 @@ Named in iama's ``verl.plugins`` entry point, and usable as
 """
 
 from iama.integrations.verl import register
-from iama.integrations.verl_loss import (
-    CISPO_POLICY_LOSS_NAME,
-    GPG_POLICY_LOSS_NAME,
-    GSPO_POLICY_LOSS_NAME,
-    SAPO_POLICY_LOSS_NAME,
-    register_policy_loss,
-)
+from iama.integrations.verl_loss import VERL_LOSSES, register_policy_loss
 
 register()
-register_policy_loss()
-register_policy_loss(GSPO_POLICY_LOSS_NAME, ratio_level="sequence")
-register_policy_loss(CISPO_POLICY_LOSS_NAME, surrogate="cispo")
-register_policy_loss(SAPO_POLICY_LOSS_NAME, surrogate="sapo")
-register_policy_loss(GPG_POLICY_LOSS_NAME, surrogate="gpg")
+for name, ratio_level, surrogate in VERL_LOSSES.values():
+    register_policy_loss(name, ratio_level=ratio_level, surrogate=surrogate)
