@@ -476,8 +476,9 @@ def test_policy_loss_sequence_ratio_matches_reference(cpu_ext, loss_type, dtype,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("mask_kind", ["bool", "int64", "float"])
 def test_policy_loss_surrogates_match_reference(cpu_ext, surrogate, dtype, mask_kind):
-    """CISPO and SAPO (the templated row's kSurr builds; the AVX-512 row is the clipped
-    surrogate's alone) with row and per-token advantages, both ratio levels and the ratio KL."""
+    """CISPO and SAPO (float32 with a bool mask and row advantages: the AVX-512 row's kSurr builds
+    where the CPU has AVX-512; the others the templated row's) with row and per-token advantages,
+    both ratio levels and the ratio KL."""
     S, T = 9, 131
     logp, old, ref, adv, mask = _token_inputs(S, T, dtype, mask_kind=mask_kind)
     shift = torch.linspace(-0.5, 0.5, S, dtype=torch.float64).unsqueeze(1)  # ratios off the range
@@ -872,6 +873,12 @@ def test_every_instruction_set_build_agrees(cpu_ext):
             out = torch.ops.iama.policy_loss_fwd(logp.to(dtype), old.to(dtype), ref.to(dtype), adv, mask,
                                                  0.2, 0.2, 0.05, "grpo", None, False, 1.15, True)
             results.append([t.double() for t in out])
+        for surrogate in ("cispo", "sapo"):  # ratios off the clip range; both signs of A
+            for dtype in (torch.float32, torch.float64):
+                out = torch.ops.iama.policy_loss_fwd((logp + 0.3).to(dtype), old.to(dtype), ref.to(dtype),
+                                                     adv, mask, 0.2, 0.28, 0.05, "grpo", None, False, None,
+                                                     False, surrogate, 1.2, 0.8, True)
+                results.append([t.double() for t in out])
         rewards = torch.randn(300, 16, 2, generator=g)
         rewards[::4] = torch.randint(0, 2, rewards[::4].shape, generator=g).float()
         lam = torch.tensor([0.6, 0.4])
@@ -891,13 +898,22 @@ def test_every_instruction_set_build_agrees(cpu_ext):
     dual_oracle = per_isa["generic"][4]
     seq_oracle = per_isa["generic"][6]
     assert float(dual_oracle[5]) > 0.02  # some tokens are dual-clipped
-    for isa, (f32, bf16, f64, f32_dual, f64_dual, f32_seq, f64_seq, *groups) in per_isa.items():
+    surrogate_oracles = per_isa["generic"][8:11:2]  # the float64 CISPO and SAPO results
+    assert float(surrogate_oracles[0][2]) > 0.05  # some CISPO weights are clipped
+    for isa, (f32, bf16, f64, f32_dual, f64_dual, f32_seq, f64_seq, *rest) in per_isa.items():
+        surrogates, groups = rest[:4], rest[4:]
+        pairs = (surrogates[0:2], surrogates[2:4])
+        for (f32_surr, f64_surr), want in zip(pairs, surrogate_oracles, strict=True):
+            for a, b in zip(f32_surr, want, strict=True):
+                assert_matches_reference(a, b, rel=1e-5, name=f"{isa} float32 surrogate")
+            for a, b in zip(f64_surr, want, strict=True):
+                assert_matches_reference(a, b, rel=1e-12, name=f"{isa} float64 surrogate")
         for a, b in zip(f32_seq, seq_oracle, strict=True):
             assert_matches_reference(a, b, rel=1e-5, name=f"{isa} float32 sequence ratio")
         for a, b in zip(f64_seq, seq_oracle, strict=True):
             assert_matches_reference(a, b, rel=1e-12, name=f"{isa} float64 sequence ratio")
         # the group kernels (fixed-size pass, and for AVX-512 the fused G = 16 kernel) round alike
-        for a, b in zip(groups, per_isa["generic"][7:], strict=True):
+        for a, b in zip(groups, per_isa["generic"][11:], strict=True):
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), isa
         for a, b in zip(f32, oracle, strict=True):
             assert_matches_reference(a, b, rel=1e-5, name=f"{isa} float32")

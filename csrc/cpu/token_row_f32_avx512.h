@@ -14,11 +14,14 @@
 //   * the 64-token tile's term vectors stay in registers;
 //   * A is the row's constant, so the dual clip, which only acts where A < 0, is compiled into
 //     the loop only for rows with A < 0 and a finite c (kDual), and the clipped-above weight is
-//     the row's clipped weight or 0 (no sum of its own).
+//     the row's clipped weight or 0 (no sum of its own); SAPO's temperature is the row's too.
+// kSurr: the surrogate (SurrogateKind), with token_terms' formulas for CISPO and SAPO (CISPO keeps
+// a clipped-above sum: its clipped weight counts both sides).
 #pragma once
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -64,15 +67,21 @@ inline __m512 k3_16(__m512 d, __m512 ed) {
 }
 
 struct Terms16 {
-  __m512 loss, kl, clip, ratio, lratio, dual;
+  __m512 loss, kl, clip, ratio, lratio, dual, high;
+};
+
+// The row's constants of token_terms16.
+struct Row16 {
+  __m512 A, w_scale, lo, hi, beta, dual_c, lr0;
+  __m512 tau, four_over_tau;  // SAPO's temperature for the row's sign of A, and 4 / it
 };
 
 // The terms of 16 tokens starting at t; lanes outside `lanes` are not read and give 0. kDual: the
 // row's A is negative and the dual clip c finite (else no token of the row is dual-clipped).
-template <bool kDual, bool kSeq>
+template <bool kDual, bool kSeq, int kSurr>
 inline Terms16 token_terms16(const float* logp, const float* old, const float* ref, const uint8_t* mask, float* grad,
-                             int64_t t, __mmask16 lanes, __m512 A, __m512 w_scale, __m512 lo, __m512 hi,
-                             __m512 beta, __m512 dual_c, __m512 lr0) {
+                             int64_t t, __mmask16 lanes, const Row16& c) {
+  static_assert(!kDual || kSurr == kSurrClip, "the dual clip is the clipped surrogate's alone");
   const __m128i mb = _mm_maskz_loadu_epi8(lanes, mask + t);
   const __mmask16 keep = _mm_test_epi8_mask(mb, mb);
   const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb));
@@ -81,36 +90,59 @@ inline Terms16 token_terms16(const float* logp, const float* old, const float* r
   // then logp itself, so logp - old is 0: not loaded), zeroed where the mask is 0.
   __m512 d_old;
   if constexpr (kSeq) {
-    d_old = _mm512_maskz_mov_ps(keep, lr0);
+    d_old = _mm512_maskz_mov_ps(keep, c.lr0);
   } else {
     d_old = _mm512_maskz_sub_ps(keep, lp, _mm512_maskz_loadu_ps(keep, old + t));
   }
   const __m512 d = _mm512_maskz_sub_ps(keep, _mm512_maskz_loadu_ps(keep, ref + t), lp);
   const __m512 ratio = exp16(d_old);
   // max(lo, ratio) then min(hi, .): a NaN ratio stays NaN, as in token_terms.
-  const __m512 clipped = _mm512_min_ps(hi, _mm512_max_ps(lo, ratio));
-  const __m512 unclipped_term = _mm512_mul_ps(ratio, A);
-  const __m512 clipped_term = _mm512_mul_ps(clipped, A);
-  const __mmask16 active = _mm512_cmp_ps_mask(unclipped_term, clipped_term, _CMP_LE_OQ);
-  // ratio > c (ordered: a NaN ratio is not dual-clipped, as in token_terms).
-  const __mmask16 dual = kDual ? _mm512_cmp_ps_mask(ratio, dual_c, _CMP_GT_OQ) : static_cast<__mmask16>(0);
+  const __m512 clipped = _mm512_min_ps(c.hi, _mm512_max_ps(c.lo, ratio));
+  const __m512 unclipped_term = _mm512_mul_ps(ratio, c.A);
+  // The policy term, its derivative in logp, and the clipped / clipped-above / dual flags.
+  __m512 surrogate, d_surr;
+  __mmask16 clip_flag = 0, high_flag = 0, dual = 0;
+  if constexpr (kSurr == kSurrCispo) {
+    surrogate = _mm512_mul_ps(_mm512_mul_ps(clipped, c.A), lp);
+    d_surr = _mm512_mul_ps(clipped, c.A);
+    clip_flag = _mm512_cmp_ps_mask(clipped, ratio, _CMP_NEQ_UQ);  // `!=`: true for a NaN ratio
+    high_flag = _mm512_cmp_ps_mask(ratio, c.hi, _CMP_GT_OQ);      // A > 0 is the row's: applied once
+  } else if constexpr (kSurr == kSurrSapo) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 e = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), c.tau), _mm512_sub_ps(ratio, one)));
+    const __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, e));
+    surrogate = _mm512_mul_ps(_mm512_mul_ps(c.four_over_tau, s), c.A);
+    // The saturated gate (e = 0 or inf, where the product is 0 * inf) has derivative 0: live
+    // where 0 < e < inf, ordered compares, so a NaN e is not live either (as in token_terms).
+    const __mmask16 live = _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_GT_OQ) &
+                           _mm512_cmp_ps_mask(e, _mm512_set1_ps(INFINITY), _CMP_LT_OQ);
+    d_surr = _mm512_maskz_mul_ps(live,
+                                 _mm512_mul_ps(_mm512_set1_ps(4.0f), _mm512_mul_ps(_mm512_mul_ps(e, s), s)),
+                                 unclipped_term);
+  } else {
+    const __m512 clipped_term = _mm512_mul_ps(clipped, c.A);
+    const __mmask16 active = _mm512_cmp_ps_mask(unclipped_term, clipped_term, _CMP_LE_OQ);
+    // ratio > c (ordered: a NaN ratio is not dual-clipped, as in token_terms).
+    if constexpr (kDual) dual = _mm512_cmp_ps_mask(ratio, c.dual_c, _CMP_GT_OQ);
+    surrogate = _mm512_mask_blend_ps(active, clipped_term, unclipped_term);
+    if constexpr (kDual) surrogate = _mm512_mask_blend_ps(dual, surrogate, _mm512_mul_ps(c.dual_c, c.A));
+    d_surr = _mm512_maskz_mov_ps(active & static_cast<__mmask16>(~dual), unclipped_term);
+    clip_flag = static_cast<__mmask16>(~active);
+  }
   const __m512 ed = exp16(d);
   const __m512 kl = k3_16(d, ed);
-  const __m512 w = _mm512_mul_ps(m, w_scale);
+  const __m512 w = _mm512_mul_ps(m, c.w_scale);
   Terms16 s;
-  __m512 chosen = _mm512_mask_blend_ps(active, clipped_term, unclipped_term);
-  if constexpr (kDual) chosen = _mm512_mask_blend_ps(dual, chosen, _mm512_mul_ps(dual_c, A));
-  s.loss = _mm512_maskz_mul_ps(keep, _mm512_fmsub_ps(beta, kl, chosen), w);
-  const __mmask16 unclipped_grad = active & static_cast<__mmask16>(~dual);
-  const __m512 g = _mm512_maskz_mul_ps(keep, w,
-                                       _mm512_fmsub_ps(beta, _mm512_sub_ps(_mm512_set1_ps(1.0f), ed),
-                                                       _mm512_maskz_mov_ps(unclipped_grad, unclipped_term)));
+  s.loss = _mm512_maskz_mul_ps(keep, _mm512_fmsub_ps(c.beta, kl, surrogate), w);
+  const __m512 g =
+      _mm512_maskz_mul_ps(keep, w, _mm512_fmsub_ps(c.beta, _mm512_sub_ps(_mm512_set1_ps(1.0f), ed), d_surr));
   _mm512_mask_storeu_ps(grad + t, lanes, g);
   s.kl = _mm512_mul_ps(kl, m);
-  s.clip = _mm512_maskz_mov_ps(static_cast<__mmask16>(~active), m);
+  s.clip = _mm512_maskz_mov_ps(clip_flag, m);
   s.ratio = _mm512_mul_ps(ratio, m);
   s.lratio = _mm512_mul_ps(d_old, m);
   s.dual = kDual ? _mm512_maskz_mov_ps(dual, m) : _mm512_setzero_ps();
+  s.high = kSurr == kSurrCispo ? _mm512_maskz_mov_ps(high_flag, m) : _mm512_setzero_ps();
   return s;
 }
 
@@ -131,15 +163,20 @@ inline double lanes_sum(__m512d v) {
   return lane[0];
 }
 
-template <bool kDual, bool kSeq>
+template <bool kDual, bool kSeq, int kSurr>
 inline RowSums row_f32_byte(const float* logp, const float* old, const float* ref, const uint8_t* mask, int64_t T,
                             float A_, float w_scale_, float lo_, float hi_, float beta_, float dual_c_, float lr0_,
-                            float* grad) {
-  const __m512 A = _mm512_set1_ps(A_), w_scale = _mm512_set1_ps(w_scale_), lo = _mm512_set1_ps(lo_),
-               hi = _mm512_set1_ps(hi_), beta = _mm512_set1_ps(beta_), dual_c = _mm512_set1_ps(dual_c_),
-               lr0 = _mm512_set1_ps(lr0_);
+                            float tau_pos_, float tau_neg_, float* grad) {
+  const bool pos = A_ > 0.0f;
+  const float tau_ = pos ? tau_pos_ : tau_neg_;
+  const float four_over_tau_ = pos ? 4.0f / tau_pos_ : 4.0f / tau_neg_;  // as token_terms rounds it
+  const Row16 c{_mm512_set1_ps(A_),   _mm512_set1_ps(w_scale_), _mm512_set1_ps(lo_),
+                _mm512_set1_ps(hi_),  _mm512_set1_ps(beta_),    _mm512_set1_ps(dual_c_),
+                _mm512_set1_ps(lr0_), _mm512_set1_ps(tau_),     _mm512_set1_ps(four_over_tau_)};
+  constexpr bool kHighSum = kSurr == kSurrCispo;
   __m512d acc_loss = _mm512_setzero_pd(), acc_kl = _mm512_setzero_pd(), acc_clip = _mm512_setzero_pd(),
-          acc_ratio = _mm512_setzero_pd(), acc_lratio = _mm512_setzero_pd(), acc_dual = _mm512_setzero_pd();
+          acc_ratio = _mm512_setzero_pd(), acc_lratio = _mm512_setzero_pd(), acc_dual = _mm512_setzero_pd(),
+          acc_high = _mm512_setzero_pd();
   auto lanes_from = [T](int64_t t) -> __mmask16 {
     const int64_t left = T - t;
     if (left >= 16) return static_cast<__mmask16>(0xFFFF);
@@ -154,32 +191,50 @@ inline RowSums row_f32_byte(const float* logp, const float* old, const float* re
     for (int q = 0; q < 4; ++q) {
       const int64_t t = t0 + 16 * q;
       const __mmask16 lanes = full ? static_cast<__mmask16>(0xFFFF) : lanes_from(t);
-      v[q] = token_terms16<kDual, kSeq>(logp, old, ref, mask, grad, t, lanes, A, w_scale, lo, hi, beta, dual_c, lr0);
+      v[q] = token_terms16<kDual, kSeq, kSurr>(logp, old, ref, mask, grad, t, lanes, c);
     }
     acc_loss = _mm512_add_pd(acc_loss, tile_sum(v[0].loss, v[1].loss, v[2].loss, v[3].loss));
     acc_kl = _mm512_add_pd(acc_kl, tile_sum(v[0].kl, v[1].kl, v[2].kl, v[3].kl));
-    acc_clip = _mm512_add_pd(acc_clip, tile_sum(v[0].clip, v[1].clip, v[2].clip, v[3].clip));
+    if constexpr (kSurr != kSurrSapo) {
+      acc_clip = _mm512_add_pd(acc_clip, tile_sum(v[0].clip, v[1].clip, v[2].clip, v[3].clip));
+    }
     acc_ratio = _mm512_add_pd(acc_ratio, tile_sum(v[0].ratio, v[1].ratio, v[2].ratio, v[3].ratio));
     acc_lratio = _mm512_add_pd(acc_lratio, tile_sum(v[0].lratio, v[1].lratio, v[2].lratio, v[3].lratio));
     if constexpr (kDual) acc_dual = _mm512_add_pd(acc_dual, tile_sum(v[0].dual, v[1].dual, v[2].dual, v[3].dual));
+    if constexpr (kHighSum) acc_high = _mm512_add_pd(acc_high, tile_sum(v[0].high, v[1].high, v[2].high, v[3].high));
   }
   const double clip = lanes_sum(acc_clip);
+  // The clipped-above weight: CISPO's own sum, the clipped surrogate's clipped weight (one
+  // advantage per row: every clipped token is clipped on the same side), for A > 0 only.
+  const double high = pos ? (kHighSum ? lanes_sum(acc_high) : clip) : 0.0;
   return RowSums{lanes_sum(acc_loss),   lanes_sum(acc_kl),   clip, lanes_sum(acc_ratio),
-                 lanes_sum(acc_lratio), lanes_sum(acc_dual), A_ > 0.0f ? clip : 0.0};
+                 lanes_sum(acc_lratio), lanes_sum(acc_dual), high};
 }
 
 // policy_loss_row for float32 logp/old/ref and a byte mask; `dual`: the caller's decision that
-// the dual clip can act in this row (A < 0 and a finite c); `seq`: GSPO's sequence ratio, lr0 as in
-// policy_loss_row (compiled in only for such rows: adding it to every row cost the per-token rows 3%).
+// the dual clip can act in this row (A < 0 and a finite c; the clipped surrogate only); `seq`:
+// GSPO's sequence ratio, lr0 as in policy_loss_row (compiled in only for such rows: adding it to
+// every row cost the per-token rows 3%); `surr`: the surrogate (SurrogateKind).
 inline RowSums policy_loss_row_f32_byte(const float* logp, const float* old, const float* ref, const uint8_t* mask,
                                         int64_t T, float A, float w_scale, float lo, float hi, float beta, float dual_c,
-                                        bool dual, bool seq, float lr0, float* grad) {
-  auto row = [&](auto with_dual, auto with_seq) {
-    return row_f32_byte<with_dual(), with_seq()>(logp, old, ref, mask, T, A, w_scale, lo, hi, beta, dual_c, lr0,
-                                                   grad);
+                                        bool dual, bool seq, float lr0, int surr, float tau_pos, float tau_neg,
+                                        float* grad) {
+  auto row = [&](auto with_dual, auto with_seq, auto kind) {
+    return row_f32_byte<with_dual(), with_seq(), kind()>(logp, old, ref, mask, T, A, w_scale, lo, hi, beta, dual_c,
+                                                         lr0, tau_pos, tau_neg, grad);
   };
-  if (seq) return dual ? row(std::true_type{}, std::true_type{}) : row(std::false_type{}, std::true_type{});
-  return dual ? row(std::true_type{}, std::false_type{}) : row(std::false_type{}, std::false_type{});
+  auto with_surr = [&](auto with_seq) {
+    switch (surr) {
+      case kSurrCispo:
+        return row(std::false_type{}, with_seq, std::integral_constant<int, kSurrCispo>{});
+      case kSurrSapo:
+        return row(std::false_type{}, with_seq, std::integral_constant<int, kSurrSapo>{});
+      default:
+        using Clip = std::integral_constant<int, kSurrClip>;
+        return dual ? row(std::true_type{}, with_seq, Clip{}) : row(std::false_type{}, with_seq, Clip{});
+    }
+  };
+  return seq ? with_surr(std::true_type{}) : with_surr(std::false_type{});
 }
 
 }  // namespace IAMA_ISA_NAMESPACE
