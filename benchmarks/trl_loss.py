@@ -63,8 +63,8 @@ def _trainer(loss_type: str, beta: float, corrected: bool, level: str, out_dir: 
                            loss_impl="auto")
 
 
-def _micro_batch(S: int, T: int, beta: float,
-                 seed: int = 0) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+def _micro_batch(S: int, T: int, beta: float, seed: int = 0,
+                 old_noise: float = 0.2) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     logp = -torch.rand(S, T, generator=g) * 3
     lengths = torch.randint(T // 4, T + 1, (S,), generator=g)
@@ -73,7 +73,7 @@ def _micro_batch(S: int, T: int, beta: float,
         "prompt_ids": torch.ones(S, 4, dtype=torch.long), "prompt_mask": torch.ones(S, 4, dtype=torch.long),
         "completion_ids": torch.ones(S, T, dtype=torch.long), "completion_mask": mask,
         "advantages": torch.randn(S, generator=g),
-        "old_per_token_logps": logp + 0.2 * torch.randn(S, T, generator=g),
+        "old_per_token_logps": logp + old_noise * torch.randn(S, T, generator=g),
         "num_items_in_batch": mask.sum(),
     }
     if beta:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="64x1024,256x2048,512x4096", help="comma-separated SxT")
     parser.add_argument("--configs",
-                        default="grpo:0,dapo:0.04,dapo:0.04:corrected,grpo:0:sequence,cispo:0,sapo:0",
+                        default="grpo:0,dapo:0.04,dapo:0.04:corrected,grpo:0:sequence,cispo:0,sapo:0,vespo:0",
                         help="comma-separated loss_type:beta[:corrected][:sequence] (corrected: TRL's "
                              "default use_bias_correction_kl, the ratio-weighted KL; sequence: GSPO's "
                              "importance_sampling_level='sequence')")
@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             trainer.model.train()
             for shape in args.shapes.split(","):
                 S, T = (int(x) for x in shape.split("x"))
-                inputs, logp, entropies = _micro_batch(S, T, beta)
+                # VESPO weighs a sequence by the sum of its log-ratios: noise of 0.5 / sqrt(T) per
+                # token keeps the sums about +-0.5, where the weights are neither 0 nor flat
+                noise = 0.5 / T ** 0.5 if loss_type == "vespo" else 0.2
+                inputs, logp, entropies = _micro_batch(S, T, beta, old_noise=noise)
                 calls = {"TRL loss": _loss_call(trainer, None, inputs, logp, entropies),
                          "iama loss_impl=auto": _loss_call(trainer, "auto", inputs, logp, entropies)}
                 grads = {name: call().clone() for name, call in calls.items()}

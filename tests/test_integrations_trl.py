@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -161,12 +162,13 @@ def test_a_trl_that_skips_the_reward_hook_is_an_error(tmp_path: Path,
 
 CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 SEQUENCE_CLIP_METRICS = ("clip_ratio/low_min", "clip_ratio/high_max")  # extremes over sequences
-LOSS_METRICS = ("kl", "entropy", *CLIP_METRICS, *SEQUENCE_CLIP_METRICS, "cispo_clip_ratio")
+LOSS_METRICS = ("kl", "entropy", *CLIP_METRICS, *SEQUENCE_CLIP_METRICS, "cispo_clip_ratio",
+                "vespo/phi_seq_mean")
 
 
 def _expected_metrics(loss_type: str, beta: float) -> set[str]:
     """The metrics TRL logs for a loss type (and iama with it)."""
-    clip = {"cispo": {"cispo_clip_ratio"}, "sapo": set()}.get(
+    clip = {"cispo": {"cispo_clip_ratio"}, "sapo": set(), "vespo": {"vespo/phi_seq_mean"}}.get(
         loss_type, {*CLIP_METRICS, *SEQUENCE_CLIP_METRICS})
     return {"entropy", *clip, *(("kl",) if beta else ())}
 
@@ -259,20 +261,26 @@ def test_iama_loss_equals_trl_loss(tmp_path: Path, loss_type: str, beta: float, 
         assert m_ours == pytest.approx(m_theirs, rel=1e-5, abs=1e-7)
     # The second step's ratio moved off 1: the clip and the KL terms were exercised.
     m_last = records[-1]["metrics"][1]
-    clipped = {"cispo": "cispo_clip_ratio", "sapo": None}.get(loss_type, "clip_ratio/region_mean")
+    no_clip = {"cispo": "cispo_clip_ratio", "sapo": None, "vespo": None}
+    clipped = no_clip.get(loss_type, "clip_ratio/region_mean")
     if clipped is not None:
         assert m_last[clipped] > 0
+    if loss_type == "vespo":  # the sequences' weights moved off phi(1) = 1
+        assert abs(m_last["vespo/phi_seq_mean"] - 1) > 1e-3
     if beta:
         assert m_last["kl"] > 0
 
 
+@pytest.mark.parametrize(("loss_type", "delta"), [("dapo", 1.25), ("vespo", None)])
 @pytest.mark.parametrize("impl", ["reference", "auto"])
-def test_iama_loss_equals_trl_loss_on_token_advantages(tmp_path: Path, impl: str) -> None:
+def test_iama_loss_equals_trl_loss_on_token_advantages(tmp_path: Path, loss_type: str, delta: float | None,
+                                                       impl: str) -> None:
     """Per-token advantages [S, T] (a subclass's, e.g. for tool turns): TRL broadcasts only a 1-D
-    one, so both losses read the same per-token values."""
+    one, so both losses read the same per-token values (VESPO's weight then has each token's
+    advantage sign, and its metric is a mean over tokens)."""
     _BothLosses.token_advantages = True
     try:
-        test_iama_loss_equals_trl_loss(tmp_path, "dapo", 0.1, 2, 2, True, 1.25, impl)
+        test_iama_loss_equals_trl_loss(tmp_path, loss_type, 0.1, 2, 2, True, delta, impl)
     finally:
         _BothLosses.token_advantages = False
 
@@ -301,18 +309,54 @@ def test_iama_loss_equals_trl_loss_at_the_sequence_level(tmp_path: Path, loss_ty
     ("sapo", 0.1, False, "sequence", {}),
     ("luspo", 0.0, False, "sequence", {"epsilon": 0.4}),  # wider: a micro-batch not wholly clipped
     ("luspo", 0.1, True, "token", {"delta": 1.25}),
+    # VESPO: TRL's gamma weight of each sequence's ratio, defaults and others (k_neg < 0 keeps a
+    # weight that grows as the ratio falls)
+    ("vespo", 0.0, False, "token", {}),
+    ("vespo", 0.1, True, "token", {"vespo_k_pos": 1.5, "vespo_lambda_pos": 0.5, "vespo_k_neg": -1.0}),
+    ("vespo", 0.1, False, "sequence", {"vespo_lambda_neg": 1e-6}),
 ])
 @pytest.mark.parametrize("impl", ["reference", "auto"])
-def test_iama_loss_equals_trl_cispo_sapo_and_luspo(tmp_path: Path, loss_type: str, beta: float,
-                                                   corrected: bool, level: str, extra: dict,
-                                                   impl: str) -> None:
+def test_iama_loss_equals_trl_cispo_sapo_luspo_and_vespo(tmp_path: Path, loss_type: str, beta: float,
+                                                         corrected: bool, level: str, extra: dict,
+                                                         impl: str) -> None:
     """TRL's CISPO (the kernel's surrogate="cispo", range [0, epsilon_high]), SAPO (its soft gate,
-    TRL's temperatures) and LUSPO (the clipped surrogate summed over each sequence), against TRL's
-    own loss, gradient and metrics."""
+    TRL's temperatures), LUSPO (the clipped surrogate summed over each sequence) and VESPO (the
+    sequence's gamma weight on a REINFORCE term), against TRL's own loss, gradient and metrics."""
     extra = dict(extra)
     delta = extra.pop("delta", None)
     test_iama_loss_equals_trl_loss(tmp_path, loss_type, beta, 2, 2, corrected, delta, impl, level=level,
                                    **extra)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_vespo_weights_equal_trls(per_token: bool) -> None:
+    """VESPO's gamma weights against TRL's get_gamma_weights, where its clamps act: token
+    log-ratios past +-20, sums past log(1e-8) and 20, both advantage signs, NaN padding under the
+    mask (not read), and a k and lambda that make some weights non-finite (0)."""
+    g = torch.Generator().manual_seed(0)
+    S, T = 12, 9
+    logps = -torch.rand(S, T, generator=g)
+    old = logps + torch.randn(S, T, generator=g) * torch.linspace(0.01, 8.0, S)[:, None]
+    old[0, :3] = logps[0, :3] + 30.0  # token log-ratios clamped at -20, the sum at log(1e-8)
+    old[1, :3] = logps[1, :3] - 30.0  # ... at +20, the sum at 20
+    mask = torch.rand(S, T, generator=g) < 0.8
+    mask[:, 0] = True
+    advantages = torch.randn((S, T) if per_token else (S,), generator=g)
+    advantages[0] = -advantages[0].abs()  # with k_neg = -6: phi(1e-8) = exp(110) overflows, so 0
+    padded_logps = torch.where(mask, logps, torch.nan)
+    for k_pos, lambda_pos, k_neg, lambda_neg in ((2.0, 3.0, 3.0, 2.0), (1.5, 0.5, -6.0, -1.0)):
+        trainer = SimpleNamespace(args=SimpleNamespace(vespo_k_pos=k_pos, vespo_lambda_pos=lambda_pos,
+                                                       vespo_k_neg=k_neg, vespo_lambda_neg=lambda_neg))
+        ours = IAMAGRPOTrainer._vespo_weights(trainer, padded_logps, old, advantages, mask)
+        theirs = trl.GRPOTrainer.get_gamma_weights(
+            advantages[:, None] if not per_token else advantages, logps - old, mask.float(), None,
+            k_pos=k_pos, lambda_pos=lambda_pos, k_neg=k_neg, lambda_neg=lambda_neg)
+        theirs = theirs if per_token else theirs[:, 0]
+        assert ours.shape == advantages.shape and theirs.abs().max() > 0
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-30)
+    assert (ours == 0).any() and (ours > 0).any()
+    none = IAMAGRPOTrainer._vespo_weights(trainer, logps, None, advantages, mask)
+    assert torch.equal(none, torch.ones_like(advantages))  # no old log-probs: every ratio is 1
 
 
 def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
@@ -327,7 +371,6 @@ def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
                                processing_class=tokenizer, objective=objective, loss_impl=loss_impl)
 
     for overrides, message in [
-        ({"loss_type": "vespo"}, "loss_type='vespo'"),
         ({"loss_type": "cispo"}, "loss_type='cispo' with epsilon_high=0.2 < 1"),
         ({"delta": 1.2}, "delta=1.2 (covered when delta > 1 + epsilon_high = 1.2)"),
         ({"top_entropy_quantile": 0.5}, "top_entropy_quantile=0.5"),
@@ -337,7 +380,11 @@ def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
             make(**overrides)
     with pytest.raises(TypeError, match="loss_impl must be None or a str"):
         make(loss_impl=1)
-    assert make(loss_impl=None, loss_type="vespo").loss_impl is None  # TRL's loss: anything goes
+    assert make(loss_impl=None, top_entropy_quantile=0.5).loss_impl is None  # TRL's loss: anything goes
+    later = make()  # a loss type of a later TRL
+    later.loss_type = "new_loss"
+    with pytest.raises(ValueError, match=re.escape("loss_type='new_loss' (supported: ['bnpo', 'cispo'")):
+        later._check_loss_settings()
     assert make(loss_type="cispo", epsilon_high=5.0, delta=1.1).loss_impl == "auto"  # delta: not CISPO's
     # Sequence ratios with per-token advantages: TRL couples every token of a row to the row's
     # advantages through its ratio; refused at the loss, before the model runs.
@@ -423,7 +470,7 @@ def test_the_loss_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     spec = importlib.util.spec_from_file_location("trl_loss", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(["--shapes", "6x5", "--configs", "grpo:0:sequence,dapo:0.1:corrected,cispo:0,sapo:0.1",
-                        "--rounds", "2", "--no-write"]) == 0
+    configs = "grpo:0:sequence,dapo:0.1:corrected,cispo:0,sapo:0.1,vespo:0.1:corrected"
+    assert module.main(["--shapes", "6x5", "--configs", configs, "--rounds", "2", "--no-write"]) == 0
     out = capsys.readouterr().out
-    assert out.count("iama loss_impl=auto") == 8  # four progress lines and four table rows
+    assert out.count("iama loss_impl=auto") == 10  # five progress lines and five table rows

@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -43,12 +44,16 @@ from .flat import criterion_columns, flat_group_advantages
 # TRL's loss type -> (iama loss_type, normaliser, surrogate): "accumulation" divides by the
 # gradient accumulation steps (TRL's grpo, bnpo, dr_grpo, sapo, luspo); "items" rescales the token
 # mean to TRL's DAPO normaliser (the generation batch's token count over one accumulation window;
-# dapo, cispo). LUSPO's sum over each sequence's tokens, mean over sequences, is dr_grpo with
-# max_completion_length=1.
+# dapo, cispo, vespo). LUSPO's sum over each sequence's tokens, mean over sequences, is dr_grpo
+# with max_completion_length=1. "vespo" is not a kernel surrogate: VESPO's weight is a row's
+# constant, folded into the advantages (see IAMAGRPOTrainer._vespo_weights).
 _LOSS_TYPES = {"grpo": ("grpo", "accumulation", "clip"), "bnpo": ("token", "accumulation", "clip"),
                "dr_grpo": ("dr_grpo", "accumulation", "clip"), "dapo": ("token", "items", "clip"),
                "luspo": ("luspo", "accumulation", "clip"), "cispo": ("token", "items", "cispo"),
-               "sapo": ("grpo", "accumulation", "sapo")}
+               "sapo": ("grpo", "accumulation", "sapo"), "vespo": ("token", "items", "vespo")}
+# VESPO's bounds on the log sequence weight, TRL's: log(1e-8) below, 20 above (and each token's
+# log-ratio at +-20 before the sum).
+_VESPO_LOG_W_MIN, _VESPO_LOG_W_MAX = math.log(1e-8), 20.0
 # Extra model inputs of TRL's log-prob function (vision-language models), passed on when present.
 _MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
                  "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
@@ -76,8 +81,12 @@ class IAMAGRPOTrainer(GRPOTrainer):
             It covers TRL's ``loss_type`` ``"grpo"``, ``"bnpo"``, ``"dr_grpo"``, ``"dapo"`` and
             ``"luspo"`` (the clipped surrogate), ``"cispo"`` (the kernel's ``surrogate="cispo"``
             with TRL's bound ``epsilon_high`` on the importance weight, so it needs
-            ``epsilon_high >= 1``, e.g. ScaleRL's 5.0) and ``"sapo"`` (``surrogate="sapo"``
-            with ``sapo_temperature_pos``/``_neg``), with token-level ratios (advantages
+            ``epsilon_high >= 1``, e.g. ScaleRL's 5.0), ``"sapo"`` (``surrogate="sapo"``
+            with ``sapo_temperature_pos``/``_neg``) and ``"vespo"`` (VESPO's detached gamma
+            weight ``phi(w)`` of each sequence's ratio ``w``, with TRL's ``vespo_k_*`` and
+            ``vespo_lambda_*``, times ``A logp``: the weight is folded into the advantages and
+            the kernel runs the REINFORCE term, CISPO's with its clip range shut to ``{1}``,
+            so that its KL term still sees each token's ratio), with token-level ratios (advantages
             ``[S]`` or per token ``[S, T]``) and with GSPO's sequence-level ones
             (``importance_sampling_level="sequence"``, the kernel's
             ``ratio_level="sequence"``, with advantages ``[S]``: per-token ones there are a
@@ -90,7 +99,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
             ``use_bias_correction_kl`` (TRL's default) and ``beta > 0`` the KL term is TRL's
             ratio-weighted ``rho * k3``, the kernel's ``kl_weight="ratio"``. It logs TRL's
             ``kl``, ``entropy`` and ``clip_ratio/{low,high,region}_mean`` (``cispo_clip_ratio``
-            for CISPO, no clip metric for SAPO, as TRL; at the sequence level, as TRL, means
+            for CISPO, no clip metric for SAPO, ``vespo/phi_seq_mean`` for VESPO, as TRL; at
+            the sequence level, as TRL, means
             over sequences, from the kernel's ``sequence_log_ratio``) and TRL's per-sequence
             extremes ``clip_ratio/low_min`` and ``high_max`` (with token-level ratios from the
             kernel's ``row_clip_weights``, ``row_stats=True``).
@@ -221,7 +231,10 @@ class IAMAGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         if self.loss_impl is None:
             return super()._compute_loss(model, inputs)
-        if self.importance_sampling_level == "sequence" and inputs["advantages"].dim() != 1:
+        kind, normaliser, surrogate = _LOSS_TYPES[self.loss_type]
+        # VESPO's surrogate sees no ratio level (its weight comes from the token log-ratios' sum)
+        if (self.importance_sampling_level == "sequence" and surrogate != "vespo"
+                and inputs["advantages"].dim() != 1):
             # TRL then differentiates each sequence's ratio through every token against the
             # whole row of advantages; the kernel's GSPO-token ratio gives each token its own term.
             raise ValueError("IAMAGRPOTrainer: loss_impl with importance_sampling_level='sequence' "
@@ -236,7 +249,6 @@ class IAMAGRPOTrainer(GRPOTrainer):
             compute_aux_loss=self.aux_loss_enabled,
             **{key: inputs.get(key) for key in _MODEL_INPUTS},
         )
-        kind, normaliser, surrogate = _LOSS_TYPES[self.loss_type]
         advantages = inputs["advantages"]  # [S], or [S, T] per token (policy_loss takes both)
         old = inputs.get("old_per_token_logps")
         ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
@@ -244,6 +256,15 @@ class IAMAGRPOTrainer(GRPOTrainer):
         if kind == "luspo":  # the sum over each sequence's tokens, mean over sequences
             kind, max_length = "dr_grpo", 1
         eps_low, eps_high = self._kernel_clip_range(surrogate)
+        level, kernel_surrogate, weighted_advantages = self.importance_sampling_level, surrogate, advantages
+        phi = None
+        if surrogate == "vespo":
+            # TRL's VESPO: -phi A logp, phi detached. phi multiplies the advantages, and the
+            # kernel's CISPO term with its clip range [1, 1] is sg[1] A logp; its ratio is then
+            # read only by the KL weight (use_bias_correction_kl), which TRL takes per token.
+            phi = self._vespo_weights(logps, old, advantages, mask)
+            weighted_advantages = advantages * phi
+            level, kernel_surrogate = "token", "cispo"
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         tokens = mask.sum().to(torch.float64 if logps.dtype == torch.float64 else torch.float32)
@@ -259,14 +280,14 @@ class IAMAGRPOTrainer(GRPOTrainer):
         # out scaled and its backward hands back the saved gradient with no pass to rescale it.
         # TRL's use_bias_correction_kl is the kernel's ratio-weighted KL (rho * k3).
         out = policy_loss(
-            logps, old, ref, advantages * scale, mask,
+            logps, old, ref, weighted_advantages * scale, mask,
             eps_low=eps_low, eps_high=eps_high,
             beta=0.0 if ref is None else self.beta * float(scale), loss_type=kind,
             max_completion_length=max_length,
             kl_weight="ratio" if ref is not None and self.args.use_bias_correction_kl else "none",
             # TRL applies delta in the clipped surrogate's branch alone
             dual_clip=self.args.delta if surrogate == "clip" else None,
-            ratio_level=self.importance_sampling_level, surrogate=surrogate,
+            ratio_level=level, surrogate=kernel_surrogate,
             tau_pos=self.args.sapo_temperature_pos, tau_neg=self.args.sapo_temperature_neg,
             # the per-sequence clip extremes TRL logs for its clipped losses, at the token level
             row_stats=surrogate == "clip" and self.importance_sampling_level == "token",
@@ -276,34 +297,75 @@ class IAMAGRPOTrainer(GRPOTrainer):
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._log_loss_metrics(mode, out, advantages, mask, entropies, tokens, surrogate, eps_low, eps_high)
+        self._log_loss_metrics(mode, out, advantages, mask, entropies, tokens, surrogate, eps_low, eps_high,
+                               phi)
         return loss
 
     def _kernel_clip_range(self, surrogate: str) -> tuple[float, float]:
         """The kernel's ``(eps_low, eps_high)``: TRL's, except for CISPO, whose weight TRL clamps
-        at ``epsilon_high`` from above only (range ``[0, epsilon_high]``)."""
+        at ``epsilon_high`` from above only (range ``[0, epsilon_high]``), and VESPO, whose
+        kernel term has the weight 1 (range ``[1, 1]``)."""
         if surrogate == "cispo":
             return 1.0, self.epsilon_high - 1.0
+        if surrogate == "vespo":
+            return 0.0, 0.0
         return self.epsilon_low, self.epsilon_high
+
+    @torch.no_grad()
+    def _vespo_weights(self, logps: torch.Tensor, old: torch.Tensor | None, advantages: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+        """VESPO's gamma weight (TRL's ``vespo`` loss), of the shape of ``advantages``.
+
+        ``phi(w) = exp(lambda + k log w - lambda w)``, ``phi(1) = 1``, with ``log w`` the sum of
+        a sequence's token log-ratios (each clamped to +-20; the sum to ``[log 1e-8, 20]``) and
+        ``(k, lambda)`` TRL's ``vespo_k_pos``/``vespo_lambda_pos`` where ``A >= 0``, else the
+        ``_neg`` ones (``lambda >= 1e-4``); a non-finite weight is 0. Computed in float32
+        (float64 for float64 log-probs); masked tokens are not read.
+        """
+        dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
+        if old is None:  # every ratio is 1: phi(1) = 1
+            return torch.ones(advantages.shape, dtype=dtype, device=advantages.device)
+        # In place (masked_fill_, not torch.where: no second [S, T] tensor); the masked tokens
+        # become 0 whatever they held, so NaN padding is not read.
+        log_ratio = (logps.detach().to(dtype) - old.to(dtype)).clamp_(-20.0, 20.0)
+        log_w = log_ratio.masked_fill_(mask == 0, 0.0).sum(-1).clamp_(_VESPO_LOG_W_MIN, _VESPO_LOG_W_MAX)
+        if advantages.dim() == 2:
+            log_w = log_w[:, None]
+        args = self.args
+        nonneg = advantages >= 0
+        k = torch.where(nonneg, args.vespo_k_pos, args.vespo_k_neg).to(dtype)
+        lam = torch.where(nonneg, args.vespo_lambda_pos, args.vespo_lambda_neg).to(dtype).clamp_(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return phi.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
     def _log_loss_metrics(self, mode: str, out: Any, advantages: torch.Tensor, mask: torch.Tensor,
                           entropies: torch.Tensor, tokens: torch.Tensor, surrogate: str,
-                          eps_low: float, eps_high: float) -> None:
+                          eps_low: float, eps_high: float, phi: torch.Tensor | None = None) -> None:
         """TRL's loss metrics: means over every process, as TRL reports them, in one reduction.
         The clip metrics are token-weighted, except for sequence ratios, which TRL averages over
-        sequences; the extremes over sequences of each one's clipped shares are gathered."""
-        sequence = self.importance_sampling_level == "sequence"
-        if sequence:
+        sequences; the extremes over sequences of each one's clipped shares are gathered.
+        VESPO's ``phi`` is averaged over sequences (``[S]``) or tokens (``[S, T]``), as TRL."""
+        sequence = self.importance_sampling_level == "sequence" and surrogate != "vespo"
+        zero = tokens.new_zeros(())
+        low_sum = high_sum = phi_sum = phi_count = zero
+        clip_count: Any = tokens
+        if surrogate == "vespo":  # VESPO clips nothing; its metric is phi's mean
+            if phi.dim() == 1:  # one weight per sequence: TRL's mean over sequences
+                phi_sum, phi_count = phi.sum(), zero + phi.shape[0]
+            else:
+                phi_sum, phi_count = (phi * mask).sum(), tokens
+        elif sequence:
             low, high = self._sequence_clips(out.sequence_log_ratio, advantages, eps_low, eps_high)
             low_sum, high_sum, clip_count = low.sum(), high.sum(), advantages.shape[0]
         else:
             high_sum = out.clip_high_fraction * tokens
-            low_sum, clip_count = out.clip_fraction * tokens - high_sum, tokens
+            low_sum = out.clip_fraction * tokens - high_sum
         weighted = torch.stack([out.kl * tokens, low_sum.to(tokens.dtype), high_sum.to(tokens.dtype),
                                 (entropies.detach() * mask).sum().to(tokens.dtype), tokens,
-                                torch.as_tensor(clip_count, dtype=tokens.dtype, device=tokens.device)])
-        kl_sum, low_sum, high_sum, entropy_sum, count, clip_count = self.accelerator.reduce(
-            weighted, reduction="sum").tolist()
+                                torch.as_tensor(clip_count, dtype=tokens.dtype, device=tokens.device),
+                                phi_sum.to(tokens.dtype), phi_count.to(tokens.dtype)])
+        reduced = self.accelerator.reduce(weighted, reduction="sum").tolist()
+        kl_sum, low_sum, high_sum, entropy_sum, count, clip_count, phi_sum, phi_count = reduced
         count, clip_count = max(count, 1.0), max(clip_count, 1.0)
         metrics = self._metrics[mode]
         if self.beta != 0.0:
@@ -311,6 +373,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
         metrics["entropy"].append(entropy_sum / count)
         if surrogate == "cispo":
             metrics["cispo_clip_ratio"].append(high_sum / clip_count)
+        elif surrogate == "vespo":
+            metrics["vespo/phi_seq_mean"].append(phi_sum / max(phi_count, 1.0))
         elif surrogate == "clip":
             metrics["clip_ratio/low_mean"].append(low_sum / clip_count)
             metrics["clip_ratio/high_mean"].append(high_sum / clip_count)
