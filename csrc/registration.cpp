@@ -7,6 +7,7 @@
 //   policy_loss_fwd     loss, metrics (and GSPO's per-row log-ratios, per-row clip weights) and the
 //                       per-token gradient
 //   nonlinear_grpo_fwd  the one-pass op: rewards and log-probs to loss, metrics and gradient
+//   sequence_log_ratio  each row's (clamped) log-ratio sum and support
 #include <torch/library.h>
 
 #include "cpu/ops.h"
@@ -34,6 +35,9 @@ TORCH_LIBRARY(iama, m) {
       " float tau_pos=1.0, float tau_neg=1.05) -> (Tensor loss, Tensor advantages,"
       " Tensor kl, Tensor clip_fraction, Tensor ratio_mean, Tensor values, Tensor log_ratio_mean,"
       " Tensor dual_clip_fraction, Tensor clip_high_fraction, Tensor sequence_log_ratio, Tensor grad)");
+  m.def(
+      "sequence_log_ratio(Tensor logp, Tensor old_logp, Tensor mask, float? clamp_low, float? clamp_high)"
+      " -> (Tensor sums, Tensor support)");
 }
 
 TORCH_LIBRARY_IMPL(iama, CPU, m) {
@@ -41,4 +45,5 @@ TORCH_LIBRARY_IMPL(iama, CPU, m) {
   m.impl("group_advantages", &iama::cpu::group_advantages);
   m.impl("policy_loss_fwd", &iama::cpu::policy_loss_fwd);
   m.impl("nonlinear_grpo_fwd", &iama::cpu::nonlinear_grpo_fwd);
+  m.impl("sequence_log_ratio", &iama::cpu::sequence_log_ratio);
 }

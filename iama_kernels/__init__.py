@@ -2,7 +2,8 @@
 
 Public functions (each takes ``impl="auto" | "reference" | "cpu" | "cuda" | "triton"``):
 :func:`first_variation`, :func:`group_values`, :func:`group_advantages`, :func:`policy_loss`,
-:func:`nonlinear_grpo_loss`. The objective vocabulary lives in :mod:`iama_kernels.objectives`.
+:func:`nonlinear_grpo_loss`, :func:`sequence_log_ratio`. The objective vocabulary lives in
+:mod:`iama_kernels.objectives`.
 """
 
 from ._checks import set_data_checks
@@ -20,6 +21,7 @@ from .objectives import (
     WeightedSum,
 )
 from .policy_loss.api import policy_loss
+from .policy_loss.sequence_log_ratio import sequence_log_ratio
 
 __all__ = [
     "AdvantageOutput",
@@ -38,6 +40,7 @@ __all__ = [
     "group_values",
     "nonlinear_grpo_loss",
     "policy_loss",
+    "sequence_log_ratio",
     "set_data_checks",
 ]
 __version__ = "0.1.0"

@@ -70,3 +70,10 @@ def _nonlinear_grpo_fwd_fake(logp, old_logp, ref_logp, mask, rewards, criterion_
     loss, kl, clip, ratio, lratio, dual, high, seq, grad = _token_outputs_fake(logp, seq_ratio)
     return (loss, rewards.new_empty((B, G), dtype=rdtype), kl, clip, ratio,
             rewards.new_empty((B, m), dtype=rdtype), lratio, dual, high, seq, grad)
+
+
+@torch.library.register_fake("iama::sequence_log_ratio")
+def _sequence_log_ratio_fake(logp, old_logp, mask, clamp_low, clamp_high):  # type: ignore[no-untyped-def]
+    torch._check(logp.dim() == 2, lambda: "logp must have shape [S, T]")
+    S = logp.shape[0]
+    return logp.new_empty((S,), dtype=torch.float64), logp.new_empty((S,), dtype=torch.float64)

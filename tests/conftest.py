@@ -31,6 +31,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="session")
+def cpu_ext() -> None:
+    """Builds (or reuses) the C++ extension; skips with the reason when it cannot be built."""
+    from iama_kernels import _extension
+
+    try:
+        _extension.load()
+    except _extension.ExtensionUnavailable as error:
+        pytest.skip(f"C++ CPU extension unavailable: {error}")
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     random.seed(0)

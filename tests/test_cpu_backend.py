@@ -52,17 +52,6 @@ REPO = Path(__file__).resolve().parent.parent
 REL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-@pytest.fixture(scope="session")
-def cpu_ext() -> None:
-    """Builds (or reuses) the C++ extension; skips with the reason when it cannot be built."""
-    from iama_kernels import _extension
-
-    try:
-        _extension.load()
-    except _extension.ExtensionUnavailable as error:
-        pytest.skip(f"C++ CPU extension unavailable: {error}")
-
-
 def _rel(dtype: torch.dtype) -> float:
     return REL[torch.float64 if dtype == torch.float64 else torch.float32]
 

@@ -328,8 +328,9 @@ def test_iama_loss_equals_trl_cispo_sapo_luspo_and_vespo(tmp_path: Path, loss_ty
                                    **extra)
 
 
+@pytest.mark.parametrize("impl", ["reference", "auto"])
 @pytest.mark.parametrize("per_token", [False, True])
-def test_vespo_weights_equal_trls(per_token: bool) -> None:
+def test_vespo_weights_equal_trls(per_token: bool, impl: str) -> None:
     """VESPO's gamma weights against TRL's get_gamma_weights, where its clamps act: token
     log-ratios past +-20, sums past log(1e-8) and 20, both advantage signs, NaN padding under the
     mask (not read), and a k and lambda that make some weights non-finite (0)."""
@@ -346,14 +347,17 @@ def test_vespo_weights_equal_trls(per_token: bool) -> None:
     padded_logps = torch.where(mask, logps, torch.nan)
     for k_pos, lambda_pos, k_neg, lambda_neg in ((2.0, 3.0, 3.0, 2.0), (1.5, 0.5, -6.0, -1.0)):
         trainer = SimpleNamespace(args=SimpleNamespace(vespo_k_pos=k_pos, vespo_lambda_pos=lambda_pos,
-                                                       vespo_k_neg=k_neg, vespo_lambda_neg=lambda_neg))
+                                                       vespo_k_neg=k_neg, vespo_lambda_neg=lambda_neg),
+                                  loss_impl=impl)
         ours = IAMAGRPOTrainer._vespo_weights(trainer, padded_logps, old, advantages, mask)
         theirs = trl.GRPOTrainer.get_gamma_weights(
             advantages[:, None] if not per_token else advantages, logps - old, mask.float(), None,
             k_pos=k_pos, lambda_pos=lambda_pos, k_neg=k_neg, lambda_neg=lambda_neg)
         theirs = theirs if per_token else theirs[:, 0]
         assert ours.shape == advantages.shape and theirs.abs().max() > 0
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-30)
+        # phi's relative error is |k - lambda w| times the sum's absolute one (a float32 sum in
+        # TRL, float64 or by tiles in ours): up to ~1e-5 at these ratios
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-30)
     assert (ours == 0).any() and (ours > 0).any()
     none = IAMAGRPOTrainer._vespo_weights(trainer, logps, None, advantages, mask)
     assert torch.equal(none, torch.ones_like(advantages))  # no old log-probs: every ratio is 1

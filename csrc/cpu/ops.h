@@ -48,4 +48,11 @@ nonlinear_grpo_fwd(
     std::optional<int64_t> max_completion_length, bool ratio_kl, std::optional<double> dual_clip,
     bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg);
 
+// logp, old_logp, mask [S, T] -> (sums [S], support [S]) in float64: each row's sum of
+// clamp(logp - old_logp, clamp_low, clamp_high) over its tokens with a non-zero mask, and their
+// count (csrc/cpu/sequence_log_ratio.cpp).
+std::tuple<at::Tensor, at::Tensor> sequence_log_ratio(const at::Tensor& logp, const at::Tensor& old_logp,
+                                                      const at::Tensor& mask, std::optional<double> clamp_low,
+                                                      std::optional<double> clamp_high);
+
 }  // namespace iama::cpu

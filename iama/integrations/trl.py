@@ -35,7 +35,7 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
-from iama_kernels import Objective, policy_loss
+from iama_kernels import Objective, policy_loss, sequence_log_ratio
 from iama_kernels._checks import ESTIMATORS, RATIO_LEVELS, check_choice
 from iama_kernels.advantages.reference import batch_values
 
@@ -325,10 +325,10 @@ class IAMAGRPOTrainer(GRPOTrainer):
         dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
         if old is None:  # every ratio is 1: phi(1) = 1
             return torch.ones(advantages.shape, dtype=dtype, device=advantages.device)
-        # In place (masked_fill_, not torch.where: no second [S, T] tensor); the masked tokens
-        # become 0 whatever they held, so NaN padding is not read.
-        log_ratio = (logps.detach().to(dtype) - old.to(dtype)).clamp_(-20.0, 20.0)
-        log_w = log_ratio.masked_fill_(mask == 0, 0.0).sum(-1).clamp_(_VESPO_LOG_W_MIN, _VESPO_LOG_W_MAX)
+        # One pass over logp, old and mask (the C++ kernel on the CPU); masked tokens are not read.
+        log_w = sequence_log_ratio(logps, old, mask, reduce="sum", clamp=(-20.0, 20.0),
+                                   impl="reference" if self.loss_impl == "reference" else "auto")
+        log_w = log_w.to(dtype).clamp_(_VESPO_LOG_W_MIN, _VESPO_LOG_W_MAX)
         if advantages.dim() == 2:
             log_w = log_w[:, None]
         args = self.args
