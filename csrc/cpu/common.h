@@ -72,6 +72,13 @@ inline void check_floating(const at::Tensor& t, const char* name) {
                    " must be float16, bfloat16, float32 or float64, got ", dt);
 }
 
+// A [S, T] view whose rows are contiguous (the row stride may be anything): read in place;
+// other layouts are copied once.
+inline at::Tensor rows_contiguous(const at::Tensor& t) {
+  if (t.size(1) <= 1 || t.stride(1) == 1) return t;
+  return t.contiguous();
+}
+
 // float64 stays float64; every other floating dtype computes in float32.
 inline at::ScalarType compute_dtype(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
 

@@ -16,15 +16,6 @@
 #include "token_pass.h"
 
 namespace iama::cpu {
-namespace {
-
-// A [S, T] view whose rows are contiguous (the row stride may be anything): read in place.
-at::Tensor rows_contiguous(const at::Tensor& t) {
-  if (t.size(1) <= 1 || t.stride(1) == 1) return t;
-  return t.contiguous();
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor, at::Tensor>

@@ -94,11 +94,6 @@ void dispatch_mask(const at::Tensor& lp, const at::Tensor& old, const at::Tensor
   }
 }
 
-at::Tensor rows_contiguous(const at::Tensor& t) {
-  if (t.size(1) <= 1 || t.stride(1) == 1) return t;
-  return t.contiguous();
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> sequence_log_ratio(const at::Tensor& logp, const at::Tensor& old_logp,
