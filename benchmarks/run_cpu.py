@@ -15,8 +15,9 @@ Measures, with every torch thread of this machine:
    the last-level cache between repetitions: the roofline that the op could reach at best).
    Also the C++ op with the int64 mask TRL and verl use (read as is: 8 B per token, 25.2 MB),
    with GSPO's sequence ratio (``ratio_level="sequence"``: the same bytes, a pre-pass per row),
-   and with CISPO's and SAPO's surrogates (``surrogate="cispo"``/``"sapo"``: the same bytes, the
-   templated row rather than the hand-vectorised one of the clipped surrogate).
+   and with CISPO's, SAPO's and VESPO's surrogates (``surrogate="cispo"``/``"sapo"``/
+   ``"vespo"``: the same bytes; CISPO and SAPO on the hand-vectorised row where the CPU has
+   AVX-512, VESPO on the templated row after its pre-pass over each row's logp and old).
 3. ``nonlinear_grpo_loss`` forward + backward at the same token count (B = 32, G = 16, T = 2048):
    the one-pass op vs ``group_advantages`` + ``policy_loss`` run separately (timed in alternation,
    call by call) vs the reference.
@@ -159,13 +160,14 @@ def bench(timing: dict) -> tuple[list[Measurement], list[str]]:
         row.extra["fraction_of_same_size_copy_bandwidth"] = row.gbps / same_size.gbps
         rows.append(row)
     # Variants of the C++ op: the int64 mask TRL and verl hand over (read as is, 8 B per token),
-    # GSPO's sequence ratio (each row's mean log-ratio first, the row then in cache), and the CISPO
-    # and SAPO surrogates.
+    # GSPO's sequence ratio (each row's mean log-ratio first, the row then in cache), and the CISPO,
+    # SAPO and VESPO surrogates (VESPO's weight, like GSPO's ratio, from a pre-pass over the row).
     for label, mask, moved, options in (("cpu, int64 mask", t["mask"].long(), nbytes + 7 * S * T, {}),
                                         ("cpu, sequence ratio", t["mask"], nbytes,
                                          {"ratio_level": "sequence"}),
                                         ("cpu, cispo", t["mask"], nbytes, {"surrogate": "cispo"}),
-                                        ("cpu, sapo", t["mask"], nbytes, {"surrogate": "sapo"})):
+                                        ("cpu, sapo", t["mask"], nbytes, {"surrogate": "sapo"}),
+                                        ("cpu, vespo", t["mask"], nbytes, {"surrogate": "vespo"})):
         x = t["logp"].clone().requires_grad_(True)
         row = measure("policy_loss fwd+bwd", label, shape,
                       _loss_step(policy_loss, x, t["old"], t["ref"], adv, mask, beta=0.04, impl="cpu",

@@ -58,19 +58,22 @@ struct PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction>
                                const at::Tensor& mask, double eps_low, double eps_high, double beta,
                                c10::string_view loss_type, std::optional<int64_t> max_completion_length,
                                bool ratio_kl, std::optional<double> dual_clip, bool seq_ratio,
-                               c10::string_view surrogate, double tau_pos, double tau_neg, bool row_stats) {
+                               c10::string_view surrogate, double tau_pos, double tau_neg, bool row_stats,
+                               double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg,
+                               double vespo_lambda_neg) {
     static const auto op = typed_op<decltype(policy_loss_fwd)>("iama::policy_loss_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, kl, clip, ratio, lratio, dual, high, seq, row_clip, grad] = op.call(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl,
-        dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, row_stats);
+        dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, row_stats, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+        vespo_lambda_neg);
     ctx->save_for_backward({grad.detach()});
     ctx->set_materialize_grads(false);  // else autograd fills a zero [S, T] for the grad output
     ctx->mark_non_differentiable({kl, clip, ratio, lratio, dual, high, seq, row_clip, grad});
     return {loss, kl, clip, ratio, lratio, dual, high, seq, row_clip, grad};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(17);
+    variable_list out(21);
     out[0] = scaled(ctx, grads[0]);
     return out;
   }
@@ -110,11 +113,11 @@ policy_loss_autograd(
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
     c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
     std::optional<double> dual_clip, bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg,
-    bool row_stats) {
+    bool row_stats, double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg) {
   const variable_list o =
       PolicyLossFunction::apply(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
                                 max_completion_length, ratio_kl, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg,
-                                row_stats);
+                                row_stats, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9]};
 }
 

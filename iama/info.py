@@ -108,6 +108,9 @@ def _cases(x: dict[str, Any]) -> dict[str, tuple[Callable[..., Any], tuple, dict
         "policy_loss sapo": (  # SAPO's soft gate
             policy_loss, (x["logp"], x["old"], x["ref"], x["advantages"], x["mask"]),
             dict(loss_kw, surrogate="sapo"), True),
+        "policy_loss vespo": (  # VESPO's gamma weight of each sequence's ratio
+            policy_loss, (x["logp"], x["old"], x["ref"], x["advantages"], x["mask"]),
+            dict(loss_kw, surrogate="vespo", loss_type="token"), True),
         "nonlinear_grpo_loss": (nonlinear_grpo_loss, (x["logp"], x["old"], x["ref"], x["mask"], x["rewards"],
                                                       _OBJECTIVE), dict(loss_kw, estimator="unbiased"), True),
     }

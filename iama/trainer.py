@@ -33,7 +33,14 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from iama_kernels import group_values, nonlinear_grpo_loss
-from iama_kernels._checks import ESTIMATORS, LOSS_TYPES, RATIO_LEVELS, SCALES, SURROGATES, check_group_sizes
+from iama_kernels._checks import (
+    ESTIMATORS,
+    FUSED_SURROGATES,
+    LOSS_TYPES,
+    RATIO_LEVELS,
+    SCALES,
+    check_group_sizes,
+)
 from iama_kernels.objectives import Criterion, Objective, Transform, as_objective
 
 from .rollout import Generator, HFGenerator, RewardFn, Rollout, score, sequence_logprobs
@@ -155,7 +162,7 @@ class TrainerConfig:
                 raise ValueError(f"TrainerConfig.{name} must be a finite float > 0, got {v!r}")
         for name, choices in (("loss_type", LOSS_TYPES), ("estimator", ESTIMATORS), ("scale", SCALES),
                               ("optimizer", _OPTIMIZERS), ("ratio_level", RATIO_LEVELS),
-                              ("surrogate", SURROGATES)):
+                              ("surrogate", FUSED_SURROGATES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainerConfig.{name} must be one of {choices}, "
                                  f"got {getattr(self, name)!r}")

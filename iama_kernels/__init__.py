@@ -2,7 +2,8 @@
 
 Public functions (each takes ``impl="auto" | "reference" | "cpu" | "cuda" | "triton"``):
 :func:`first_variation`, :func:`group_values`, :func:`group_advantages`, :func:`policy_loss`,
-:func:`nonlinear_grpo_loss`, :func:`sequence_log_ratio`. The objective vocabulary lives in
+:func:`nonlinear_grpo_loss`, :func:`sequence_log_ratio` (and :func:`vespo_phi`, plain
+PyTorch). The objective vocabulary lives in
 :mod:`iama_kernels.objectives`.
 """
 
@@ -22,6 +23,7 @@ from .objectives import (
 )
 from .policy_loss.api import policy_loss
 from .policy_loss.sequence_log_ratio import sequence_log_ratio
+from .policy_loss.vespo import vespo_phi
 
 __all__ = [
     "AdvantageOutput",
@@ -42,5 +44,6 @@ __all__ = [
     "policy_loss",
     "sequence_log_ratio",
     "set_data_checks",
+    "vespo_phi",
 ]
 __version__ = "0.1.0"

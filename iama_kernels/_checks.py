@@ -36,8 +36,13 @@ SCALES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "token", "dr_grpo")
 KL_WEIGHTS = ("none", "ratio")  # policy_loss: plain k3, or k3 weighted by the ratio (TRL bias correction)
 RATIO_LEVELS = ("token", "sequence")  # policy_loss: per-token ratios, or GSPO's one per sequence
-# policy_loss: PPO's clipped ratio, CISPO's clipped importance weight (MiniMax-M1), SAPO's soft gate
-SURROGATES = ("clip", "cispo", "sapo")
+# policy_loss: PPO's clipped ratio, CISPO's clipped importance weight (MiniMax-M1), SAPO's soft gate,
+# VESPO's gamma weight of the sequence ratio
+SURROGATES = ("clip", "cispo", "sapo", "vespo")
+# nonlinear_grpo_loss's (VESPO's sequence weight is policy_loss's alone)
+FUSED_SURROGATES = ("clip", "cispo", "sapo")
+# VESPO's (k_pos, lambda_pos, k_neg, lambda_neg): TRL's defaults
+VESPO_DEFAULTS = (2.0, 3.0, 3.0, 2.0)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -66,6 +71,24 @@ def check_surrogate(surrogate: object, tau_pos: object, tau_neg: object,
         raise ValueError(f"dual_clip applies to surrogate='clip' only, got surrogate={surrogate!r} "
                          f"with dual_clip={dual_clip}")
     return tau_pos, tau_neg
+
+
+def check_vespo(k_pos: object, lambda_pos: object, k_neg: object, lambda_neg: object,
+                prefix: str = "vespo_") -> tuple[float, float, float, float]:
+    """VESPO's shape ``k`` (finite) and rate ``lambda`` (finite, ``> 0``) for ``A >= 0`` and
+    ``A < 0``; returns ``(k_pos, lambda_pos, k_neg, lambda_neg)`` as floats. Checked whatever the
+    surrogate, as the temperatures are. ``prefix``: of the argument names in the errors."""
+    out = []
+    for name, value, positive in (("k_pos", k_pos, False), ("lambda_pos", lambda_pos, True),
+                                  ("k_neg", k_neg, False), ("lambda_neg", lambda_neg, True)):
+        name = prefix + name
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        v = float(value)
+        if not math.isfinite(v) or (positive and v <= 0):
+            raise ValueError(f"{name} must be a finite float{' > 0' if positive else ''}, got {value}")
+        out.append(v)
+    return out[0], out[1], out[2], out[3]
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> None:

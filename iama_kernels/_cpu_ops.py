@@ -52,9 +52,10 @@ def _token_outputs_fake(logp: torch.Tensor, seq_ratio: bool) -> tuple[torch.Tens
 @torch.library.register_fake("iama::policy_loss_fwd")
 def _policy_loss_fwd_fake(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,  # type: ignore[no-untyped-def]
                           loss_type, max_completion_length, ratio_kl=False, dual_clip=None,
-                          seq_ratio=False, surrogate="clip", tau_pos=1.0, tau_neg=1.05, row_stats=False):
+                          seq_ratio=False, surrogate="clip", tau_pos=1.0, tau_neg=1.05, row_stats=False,
+                          vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
     torch._check(logp.dim() == 2, lambda: "logp must have shape [S, T]")
-    *metrics, grad = _token_outputs_fake(logp, seq_ratio)
+    *metrics, grad = _token_outputs_fake(logp, seq_ratio or surrogate == "vespo")
     row_clip = logp.new_empty((logp.shape[0] if row_stats else 0, 3), dtype=_compute_dtype(logp.dtype))
     return (*metrics, row_clip, grad)
 

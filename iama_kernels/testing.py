@@ -446,6 +446,10 @@ def policy_loss_by_loops(
     surrogate: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
 ) -> LoopPolicyLoss:
     """SPEC section 5 token by token in plain Python float64 loops: loss, gradient and metrics.
 
@@ -461,7 +465,11 @@ def policy_loss_by_loops(
     ``surrogate="cispo"``: the term ``c A logp`` with ``c = clip(rho)`` held constant (gradient
     ``c A``), clipped when ``rho`` is outside the range; ``"sapo"``: ``(4 / tau) sigma(tau (rho -
     1)) A`` with ``tau = tau_pos`` for ``A > 0`` else ``tau_neg`` (gradient ``4 sigma (1 - sigma)
-    rho A``), never clipped.
+    rho A``), never clipped; ``"vespo"``: ``phi A logp`` with ``phi = exp(lambda + k log w -
+    lambda w)`` held constant (gradient ``phi A``; ``(k, lambda)`` the ``_pos`` pair for ``A >= 0``,
+    ``log w`` the row's sum of its token log-ratios, each clamped to +-20, clamped to
+    ``[log 1e-8, 20]``; a non-finite ``phi`` is 0), never clipped; the returned
+    ``sequence_log_ratio`` holds the ``log w``.
     """
     lp = logp.detach().double().tolist()
     old = lp if old_logp is None else old_logp.detach().double().tolist()
@@ -481,6 +489,9 @@ def policy_loss_by_loops(
         support = [t for t in range(T) if msk[s][t] != 0]
         row_log_ratio = (math.fsum(lp[s][t] - old[s][t] for t in support) / len(support)
                          if support else 0.0)
+        if surrogate == "vespo":
+            log_w = math.fsum(min(max(lp[s][t] - old[s][t], -20.0), 20.0) for t in support)
+            row_log_ratio = min(max(log_w, math.log(1e-8)), 20.0)
         row_log_ratios.append(row_log_ratio)
         row_clip, row_high = [], []
         row_clips.append((row_total, row_clip, row_high))
@@ -498,11 +509,20 @@ def policy_loss_by_loops(
                 raise ValueError(f"unknown loss_type {loss_type!r}")
             A = adv[s][t] if isinstance(adv[s], list) else adv[s]
             log_rho = row_log_ratio if ratio_level == "sequence" else lp[s][t] - old[s][t]
+            if surrogate == "vespo":
+                k, lam = ((vespo_k_pos, vespo_lambda_pos) if A >= 0 else (vespo_k_neg, vespo_lambda_neg))
+                try:
+                    phi = math.exp(lam + k * row_log_ratio - lam * math.exp(row_log_ratio))
+                except OverflowError:
+                    phi = 0.0
             rho = math.exp(log_rho)
             weight = min(max(rho, 1 - eps_low), 1 + eps_high)
             high = rho > 1 + eps_high and A > 0
             dual = False
-            if surrogate == "cispo":
+            if surrogate == "vespo":
+                clipped = high = False
+                surr, d_surr = phi * A * lp[s][t], phi * A
+            elif surrogate == "cispo":
                 clipped = rho < 1 - eps_low or rho > 1 + eps_high
                 surr, d_surr = weight * A * lp[s][t], weight * A
             elif surrogate == "sapo":
@@ -548,6 +568,6 @@ def policy_loss_by_loops(
         t64(math.fsum(lratio_terms) / tokens),
         t64(math.fsum(dual_terms) / tokens),
         t64(math.fsum(high_terms) / tokens),
-        t64(row_log_ratios) if ratio_level == "sequence" else None,
+        t64(row_log_ratios) if ratio_level == "sequence" or surrogate == "vespo" else None,
         t64([[total_s, math.fsum(c), math.fsum(h)] for total_s, c, h in row_clips]).reshape(S, 3),
     )

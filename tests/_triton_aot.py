@@ -45,7 +45,7 @@ TYPES = {
                                   "out_ptr")},
     "logp_ptr": "*bf16", "grad_ptr": "*bf16", "valid_ptr": "*u8", "mask_ptr": "*u8",
     **{name: "fp32" for name in ("eps", "eps_low", "eps_high", "beta", "norm", "tau_pos",
-                                                   "tau_neg")},
+                                 "tau_neg", "vk_pos", "vl_pos", "vk_neg", "vl_neg")},
 }
 # What the JIT specialises for contiguous [S, T] tensors with T % 16 == 0.
 UNIT_STRIDES = {name: 1 for name in ("s_lt", "s_ot", "s_rt", "s_mt", "s_gt")}
@@ -143,6 +143,9 @@ def main() -> None:
         compile_kernel(_policy_loss_fwd_kernel, dict(ratio_kl, TOKEN_ADV=True, SURROGATE=code), 8)
         compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, SURROGATE=code),
                        max(4, group_warps(16)))
+    # VESPO (TRL's "vespo": token normaliser, row or per-token advantages, the ratio KL)
+    compile_kernel(_policy_loss_fwd_kernel, dict(ratio_kl, SURROGATE=3), 8)
+    compile_kernel(_policy_loss_fwd_kernel, dict(ratio_kl, TOKEN_ADV=True, SURROGATE=3), 8)
     compile_kernel(_finalize_kernel, {"LOSS_TYPE": 1, "NP": 8, "BLOCK_P": 1024}, 4)
     for BG, M in [(2, 1), (16, 2), (32, 3), (128, 1)]:
         compile_kernel(_nonlinear_grpo_fwd_kernel, {"BG": BG, "M": M, "SCALE": 1, "HAS_OLD": True,
@@ -165,6 +168,10 @@ def main() -> None:
             ptx = compile_kernel(_policy_loss_fwd_kernel, dict(consts, SURROGATE=code), warps, types,
                                  aligned=True)
             check_vector_loads(ptx, 3, f"policy_loss {dtype} {name}")
+        # VESPO: the pre-pass loads logp and old, the loss pass logp, old and ref, all as vectors.
+        ptx = compile_kernel(_policy_loss_fwd_kernel, dict(consts, SURROGATE=3), warps, types,
+                             aligned=True)
+        check_vector_loads(ptx, 5, f"policy_loss {dtype} vespo")
         consts = {"BG": 16, "M": 2, "SCALE": 1, "HAS_OLD": True, "HAS_REF": True, "LOSS_TYPE": 0,
                   "WRITE_GRAD": True, "BLOCK_T": block_t, "NP": 8, "stride_rm": 1, **UNIT_STRIDES}
         ptx = compile_kernel(_nonlinear_grpo_fwd_kernel, consts, max(warps, group_warps(16)), types,

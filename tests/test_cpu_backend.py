@@ -548,7 +548,7 @@ def test_policy_loss_surrogate_errors_from_the_op(cpu_ext):
     logp, old, ref, adv, mask = _token_inputs(3, 8, torch.float32)
     op = torch.ops.iama.policy_loss_fwd
     base = (logp, old, ref, adv, mask, 0.2, 0.2, 0.0, "grpo", None, False)
-    with pytest.raises(ValueError, match="surrogate must be 'clip', 'cispo' or 'sapo', got 'ppo'"):
+    with pytest.raises(ValueError, match="surrogate must be 'clip', 'cispo', 'sapo' or 'vespo', got 'ppo'"):
         op(*base, None, False, "ppo")
     with pytest.raises(ValueError, match="tau_pos and tau_neg must be finite and > 0"):
         op(*base, None, False, "sapo", 0.0, 1.0)
@@ -772,10 +772,12 @@ def _op_samples() -> list[tuple[str, tuple]]:
                                 "grpo", None, False, None, True, "sapo", 1.0, 1.5)),
         ("policy_loss_fwd", (logp, old, ref, adv, mask, 0.2, 0.2, 0.04, "grpo", None, False, 2.0, False,
                              "clip", 1.0, 1.05, True)),
+        ("policy_loss_fwd", (logp, old, ref, adv, mask.long(), 0.0, 0.0, 0.04, "token", None, True, None,
+                             False, "vespo", 1.0, 1.05, False, 1.5, 2.5, 3.0, 1.2)),
     ]
 
 
-@pytest.mark.parametrize("index", range(13))
+@pytest.mark.parametrize("index", range(14))
 def test_opcheck(cpu_ext, index):
     name, args = _op_samples()[index]
     torch.library.opcheck(getattr(torch.ops.iama, name).default, args)

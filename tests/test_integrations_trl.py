@@ -22,7 +22,17 @@ from iama.integrations.flat import flat_group_advantages  # noqa: E402
 from iama.integrations.trl import IAMAGRPOTrainer  # noqa: E402
 from iama.rewards import LengthReward  # noqa: E402
 from iama.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
-from iama_kernels import BestOfN, Criterion, Mean, Min, Objective, SoftBestOfN, WeightedSum  # noqa: E402
+from iama_kernels import (  # noqa: E402
+    BestOfN,
+    Criterion,
+    Mean,
+    Min,
+    Objective,
+    SoftBestOfN,
+    WeightedSum,
+    policy_loss,
+    vespo_phi,
+)
 
 GROUP = 4
 PROMPTS = ["tell a story about the cat", "tell a story about the sun"]
@@ -331,9 +341,11 @@ def test_iama_loss_equals_trl_cispo_sapo_luspo_and_vespo(tmp_path: Path, loss_ty
 @pytest.mark.parametrize("impl", ["reference", "auto"])
 @pytest.mark.parametrize("per_token", [False, True])
 def test_vespo_weights_equal_trls(per_token: bool, impl: str) -> None:
-    """VESPO's gamma weights against TRL's get_gamma_weights, where its clamps act: token
-    log-ratios past +-20, sums past log(1e-8) and 20, both advantage signs, NaN padding under the
-    mask (not read), and a k and lambda that make some weights non-finite (0)."""
+    """The kernel's VESPO weights (read off its gradient, ``-phi A / tokens``, and from its log
+    weights through vespo_phi, as the metric) against TRL's get_gamma_weights, where its clamps
+    act: token log-ratios past +-20, sums past log(1e-8) and 20, both advantage signs, NaN padding
+    under the mask (not read), a k that makes some weights non-finite (0) and a rate below TRL's
+    floor of 1e-4 (clamped to it)."""
     g = torch.Generator().manual_seed(0)
     S, T = 12, 9
     logps = -torch.rand(S, T, generator=g)
@@ -345,22 +357,29 @@ def test_vespo_weights_equal_trls(per_token: bool, impl: str) -> None:
     advantages = torch.randn((S, T) if per_token else (S,), generator=g)
     advantages[0] = -advantages[0].abs()  # with k_neg = -6: phi(1e-8) = exp(110) overflows, so 0
     padded_logps = torch.where(mask, logps, torch.nan)
+    A = advantages if per_token else advantages[:, None]
     for k_pos, lambda_pos, k_neg, lambda_neg in ((2.0, 3.0, 3.0, 2.0), (1.5, 0.5, -6.0, -1.0)):
         trainer = SimpleNamespace(args=SimpleNamespace(vespo_k_pos=k_pos, vespo_lambda_pos=lambda_pos,
-                                                       vespo_k_neg=k_neg, vespo_lambda_neg=lambda_neg),
-                                  loss_impl=impl)
-        ours = IAMAGRPOTrainer._vespo_weights(trainer, padded_logps, old, advantages, mask)
+                                                       vespo_k_neg=k_neg, vespo_lambda_neg=lambda_neg))
+        options = IAMAGRPOTrainer._vespo_options(trainer)
+        x = padded_logps.clone().requires_grad_(True)
+        out = policy_loss(x, old, None, advantages, mask, loss_type="token", surrogate="vespo", impl=impl,
+                          **options)
+        (grad,) = torch.autograd.grad(out.loss, x)
         theirs = trl.GRPOTrainer.get_gamma_weights(
-            advantages[:, None] if not per_token else advantages, logps - old, mask.float(), None,
-            k_pos=k_pos, lambda_pos=lambda_pos, k_neg=k_neg, lambda_neg=lambda_neg)
-        theirs = theirs if per_token else theirs[:, 0]
-        assert ours.shape == advantages.shape and theirs.abs().max() > 0
+            A, logps - old, mask.float(), None,
+            k_pos=k_pos, lambda_pos=lambda_pos, k_neg=k_neg, lambda_neg=lambda_neg).expand(S, T)
+        assert theirs.abs().max() > 0 and (theirs == 0).any()
+        from_grad = -grad * mask.sum() / A.expand(S, T)
         # phi's relative error is |k - lambda w| times the sum's absolute one (a float32 sum in
         # TRL, float64 or by tiles in ours): up to ~1e-5 at these ratios
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-30)
-    assert (ours == 0).any() and (ours > 0).any()
-    none = IAMAGRPOTrainer._vespo_weights(trainer, logps, None, advantages, mask)
-    assert torch.equal(none, torch.ones_like(advantages))  # no old log-probs: every ratio is 1
+        torch.testing.assert_close(from_grad[mask], theirs[mask], rtol=1e-4, atol=1e-30)
+        log_w = out.sequence_log_ratio if not per_token else out.sequence_log_ratio[:, None]
+        metric = vespo_phi(log_w, advantages, **{k.removeprefix("vespo_"): v for k, v in options.items()})
+        metric = metric if per_token else metric[:, None]
+        torch.testing.assert_close(metric.expand(S, T)[mask], theirs[mask], rtol=1e-4, atol=1e-30)
+    none = policy_loss(logps, None, None, advantages, mask, surrogate="vespo", impl=impl)
+    assert none.sequence_log_ratio.eq(0).all()  # no old log-probs: every ratio is 1, phi(1) = 1
 
 
 def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:

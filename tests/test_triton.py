@@ -425,6 +425,38 @@ def test_policy_loss_surrogates(lane: Lane, dtype: torch.dtype, surrogate: str, 
     assert not torch.equal(out.loss, clip.loss)
 
 
+@pytest.mark.parametrize(("advantages", "kl_weight", "has_old"),
+                         [("row", "none", True), ("token", "ratio", True), ("row", "none", False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_policy_loss_vespo(lane: Lane, dtype: torch.dtype, advantages: str, kl_weight: str,
+                           has_old: bool) -> None:
+    """SURROGATE=3 (VESPO) against the reference: the pre-pass's clamped log-ratio sum (holes, NaN
+    padding, an empty and a short row), each row's two gamma weights, advantages of both signs
+    (and zero) or per token; without old_logp every weight is 1."""
+    _, _, _, _, adv = _shifted_inputs(lane, torch.float64, advantages, seed=98, adv_seed=10)
+    logp, old, ref, mask = _token_inputs(lane, adv.shape[0], torch.float64, seed=98)
+    # Token log-ratios small enough that the rows' sums spread over about [-2, 2]
+    scale = 2.0 / lane.tokens ** 0.5
+    old = (logp + (old - logp) * scale + torch.linspace(-1, 1, logp.shape[0], dtype=torch.float64,
+                                                        device=lane.device).unsqueeze(1) / lane.tokens)
+    logp, old, ref = (t.to(dtype) for t in (logp, old, ref))
+    if advantages == "row":
+        adv[1] = 0.0
+    kw = {"beta": 0.05, "loss_type": "token", "kl_weight": kl_weight, "surrogate": "vespo",
+          "vespo_k_pos": 1.5, "vespo_lambda_pos": 2.5, "vespo_k_neg": 3.0, "vespo_lambda_neg": 1.2}
+    out, oracle, _ = _triton_loss_against_reference(logp, old if has_old else None, ref, adv, mask, kw,
+                                                    f"vespo {dtype} {advantages} old={has_old}")
+    assert float(out.clip_fraction) == 0.0 and float(out.clip_high_fraction) == 0.0
+    log_w = oracle.sequence_log_ratio
+    if has_old:
+        assert float(log_w.min()) < -0.3 and float(log_w.max()) > 0.3
+        cispo = policy_loss(logp, old, ref, adv, mask, impl="triton",
+                            **dict(kw, surrogate="cispo", eps_low=0.0, eps_high=0.0))
+        assert not torch.allclose(out.loss, cispo.loss, rtol=1e-3)
+    else:
+        assert log_w.eq(0).all() and out.sequence_log_ratio.eq(0).all()
+
+
 @pytest.mark.parametrize(("surrogate", "advantages"), [("clip", "row"), ("clip", "token"), ("cispo", "row")])
 def test_policy_loss_row_stats(lane: Lane, surrogate: str, advantages: str) -> None:
     """ROW_STATS: each row's mask total, clipped and clipped-above weights (holes, an empty and a
@@ -909,7 +941,7 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "gpu_bench.csv").exists() and (tmp_path / "gpu_bench.jsonl").exists()
     assert "fused" in proc.stdout
     checks = [line for line in proc.stdout.splitlines() if line.startswith("check N=")]
-    assert len(checks) == 14 and all(line.endswith("(ok)") for line in checks), checks
+    assert len(checks) == 16 and all(line.endswith("(ok)") for line in checks), checks
 
 
 def test_kernels_compile_for_sm90() -> None:

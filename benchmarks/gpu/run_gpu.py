@@ -29,7 +29,8 @@ Measures, on the current CUDA device:
    policy loss runs it (per-token advantages, dual clip, no KL), Triton against eager, and
    ``gspo policy_loss fwd+bwd``: the same as verl's ``"iama_gspo"`` runs it (GSPO's sequence
    ratio: a second pre-pass over each row's logp and old, no dual clip), and ``cispo`` and
-   ``sapo policy_loss fwd+bwd`` as ``"iama_cispo"`` and ``"iama_sapo"`` run them;
+   ``sapo policy_loss fwd+bwd`` as ``"iama_cispo"`` and ``"iama_sapo"`` run them, and
+   ``vespo policy_loss fwd+bwd`` (TRL's ``"vespo"``: each row's weight from a pre-pass);
    with GB/s computed from the fewest bytes the op must move (:func:`floor_bytes`: the mask and
    the gradient for every token, logp/old/ref up to each row's last valid token; rewards are
    negligible) and the ratio to the copy bandwidth, to eager and to compiled. The backward of
@@ -299,8 +300,9 @@ def bench_ppo(timer: Timer, device: torch.device, tokens: int, T: int,
     broadcast), the dual clip ``c = 3`` and ``eps_high = 0.28``, no KL term, float32; or as
     ``"iama_gspo"`` runs it (``loss="gspo"``: GSPO's sequence ratio, no dual clip), or
     ``"iama_cispo"`` (``loss="cispo"``: CISPO's clipped weight, token-mean) and ``"iama_sapo"``
-    (``loss="sapo"``: SAPO's soft gate, seq-mean-token-mean). Triton against eager, checked
-    first."""
+    (``loss="sapo"``: SAPO's soft gate, seq-mean-token-mean), or TRL's ``"vespo"``
+    (``loss="vespo"``: each row's gamma weight from a pre-pass over its logp and old, token-mean).
+    Triton against eager, checked first."""
     logp, old, _, mask, _ = token_inputs(tokens, 8, T, device, torch.float32, seed=7)
     g = torch.Generator(device="cpu").manual_seed(8)
     adv = (torch.randn(logp.shape, generator=g).to(device) * mask)
@@ -309,8 +311,8 @@ def bench_ppo(timer: Timer, device: torch.device, tokens: int, T: int,
     kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.0, "loss_type": "token", "dual_clip": 3.0}
     if loss == "gspo":
         kw = dict(kw, dual_clip=None, ratio_level="sequence")
-    elif loss in ("cispo", "sapo"):
-        kw = dict(kw, dual_clip=None, surrogate=loss, loss_type="token" if loss == "cispo" else "grpo")
+    elif loss in ("cispo", "sapo", "vespo"):
+        kw = dict(kw, dual_clip=None, surrogate=loss, loss_type="grpo" if loss == "sapo" else "token")
     leaf = logp.clone().requires_grad_(True)
 
     def fwd_bwd(impl: str) -> Callable[[], None]:
@@ -481,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                              compiled if dtype == torch.float32 and G <= 16 else None)
         save(rows, copy_gbps, out)  # after every case: a run stopped by its timeout keeps its rows
         print(f"[{time.perf_counter() - start:6.1f}s] tokens={tokens} G={G} {dtype} done", flush=True)
-    # verl's PPO loss (per-token advantages, dual clip), GSPO, CISPO and SAPO
-    for loss in ("ppo", "gspo", "cispo", "sapo"):
+    # verl's PPO loss (per-token advantages, dual clip), GSPO, CISPO and SAPO; TRL's VESPO
+    for loss in ("ppo", "gspo", "cispo", "sapo", "vespo"):
         for tokens in token_sizes:
             rows += bench_ppo(timer, device, tokens, T, loss)
             save(rows, copy_gbps, out)

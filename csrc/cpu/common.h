@@ -40,7 +40,8 @@ inline int parse_surrogate(c10::string_view s) {
   if (s == "clip") return kSurrClip;
   if (s == "cispo") return kSurrCispo;
   if (s == "sapo") return kSurrSapo;
-  TORCH_CHECK_VALUE(false, "surrogate must be 'clip', 'cispo' or 'sapo', got '", std::string(s), "'");
+  if (s == "vespo") return kSurrVespo;
+  TORCH_CHECK_VALUE(false, "surrogate must be 'clip', 'cispo', 'sapo' or 'vespo', got '", std::string(s), "'");
   return -1;
 }
 

@@ -26,7 +26,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_advantages(
 // clipped-above weight) and grad [S, T]
 // (logp's dtype). dual_clip: c > 1 of dual-clip PPO, or none. seq_ratio: GSPO's ratio, one per
 // sequence (the exp of its mean log-ratio, which sequence_log_ratio holds). surrogate: "clip",
-// "cispo" or "sapo" (csrc/include/iama/loss.h), tau_pos/tau_neg SAPO's temperatures.
+// "cispo", "sapo" or "vespo" (csrc/include/iama/loss.h), tau_pos/tau_neg SAPO's temperatures, the
+// vespo_* VESPO's shapes and rates (with "vespo", sequence_log_ratio holds each row's log weight).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor, at::Tensor>
 policy_loss_fwd(
@@ -34,7 +35,7 @@ policy_loss_fwd(
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
     c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
     std::optional<double> dual_clip, bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg,
-    bool row_stats);
+    bool row_stats, double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg);
 
 // -> (loss, advantages [B, G], kl, clip_fraction, ratio_mean, values [B, m], log_ratio_mean,
 //     dual_clip_fraction, clip_high_fraction, sequence_log_ratio, grad [B * G, T]).

@@ -24,7 +24,7 @@ policy_loss_fwd(
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
     c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
     std::optional<double> dual_clip, bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg,
-    bool row_stats) {
+    bool row_stats, double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg) {
   check_cpu(logp, "logp");
   check_floating(logp, "logp");
   TORCH_CHECK_VALUE(logp.dim() == 2, "logp must have shape [S, T], got ", logp.sizes());
@@ -58,6 +58,12 @@ policy_loss_fwd(
                     "tau_pos and tau_neg must be finite and > 0, got ", tau_pos, " and ", tau_neg);
   TORCH_CHECK_VALUE(!dual_clip.has_value() || surr == kSurrClip, "dual_clip applies to surrogate='clip' only, got '",
                     std::string(surrogate), "'");
+  TORCH_CHECK_VALUE(std::isfinite(vespo_k_pos) && std::isfinite(vespo_k_neg) && vespo_lambda_pos > 0 &&
+                        std::isfinite(vespo_lambda_pos) && vespo_lambda_neg > 0 && std::isfinite(vespo_lambda_neg),
+                    "vespo_k_pos/_neg must be finite and vespo_lambda_pos/_neg finite and > 0, got ", vespo_k_pos,
+                    ", ", vespo_lambda_pos, ", ", vespo_k_neg, ", ", vespo_lambda_neg);
+  const bool vespo = surr == kSurrVespo;
+  TORCH_CHECK_VALUE(!(vespo && seq_ratio), "surrogate='vespo' takes token-level ratios (seq_ratio=False)");
   TORCH_CHECK_VALUE(!max_completion_length.has_value() || *max_completion_length >= 1,
                     "max_completion_length must be a positive int, got ", max_completion_length.value_or(0));
 
@@ -123,6 +129,10 @@ policy_loss_fwd(
   p.surrogate = surr;
   p.tau_pos = tau_pos;
   p.tau_neg = tau_neg;
+  p.vespo_k_pos = vespo_k_pos;
+  p.vespo_lambda_pos = vespo_lambda_pos;
+  p.vespo_k_neg = vespo_k_neg;
+  p.vespo_lambda_neg = vespo_lambda_neg;
   if (seq_old.defined()) {
     p.seq_old = seq_old.const_data_ptr();
     p.s_seq_old = seq_old.stride(0);
@@ -149,9 +159,10 @@ policy_loss_fwd(
   }
   const double tokens = std::max(1.0, sums[4]);
   const auto opts = logp.options().dtype(ct);
-  // GSPO's per-row mean log-ratios ([S], 0 without old_logp); an empty [0] for per-token ratios.
-  at::Tensor seq_log_ratio = at::zeros({seq_ratio ? S : 0}, opts.dtype(at::kDouble));
-  if (seq_old.defined()) {
+  // GSPO's per-row mean log-ratios ([S], 0 without old_logp), or VESPO's log sequence weights; an
+  // empty [0] for the other per-token ratios.
+  at::Tensor seq_log_ratio = at::zeros({seq_ratio || vespo ? S : 0}, opts.dtype(at::kDouble));
+  if (seq_old.defined() || vespo) {
     double* dst = seq_log_ratio.mutable_data_ptr<double>();
     for (int64_t r = 0; r < S; ++r) dst[r] = rows[r * kRowFields + 8];
   }

@@ -37,6 +37,9 @@ struct TokenProblem {
   double dual_clip = std::numeric_limits<double>::infinity();  // c of the dual clip; +inf: off
   int surrogate = 0;                                     // iama::SurrogateKind
   double tau_pos = 1.0, tau_neg = 1.05;                  // SAPO's temperatures
+  // VESPO's shape and rate for A >= 0 and A < 0 (surrogate kSurrVespo): each row's weight phi is
+  // computed from its log sequence weight (row_vespo_log_weight) before its loss pass.
+  double vespo_k_pos = 2.0, vespo_lambda_pos = 3.0, vespo_k_neg = 3.0, vespo_lambda_neg = 2.0;
   // GSPO's sequence ratio: each row's log-ratio is its mean over the row's support, computed from
   // logp and old first; the loss pass then reads seq_old (logp itself, in old's dtype) as `old`
   // and adds that mean to every token's (zero) log-ratio. Null: per-token ratios.
@@ -46,7 +49,7 @@ struct TokenProblem {
 
 // Per-row results in rows[r * kRowFields + q]: loss, m * kl, clipped weight, m * ratio, mask sum,
 // m * log-ratio, dual-clipped weight, clipped-above weight, and GSPO's mean log-ratio of the row
-// (0 for per-token ratios).
+// (VESPO's log sequence weight; 0 for the other per-token ratios).
 constexpr int kRowFields = 9;
 
 // Runs the pass with the best kernel build for this CPU.

@@ -47,8 +47,24 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       const aux_t* ref_row = static_cast<const aux_t*>(p.ref) + r * p.s_ref;
       lp_t* grad_row = static_cast<lp_t*>(p.grad) + r * p.T;
       const bool token_adv = p.adv_tokens != nullptr;
-      const acc_t A = token_adv ? acc_t(0) : static_cast<acc_t>(p.adv[r]);
+      acc_t A = token_adv ? acc_t(0) : static_cast<acc_t>(p.adv[r]);
       const acc_t* a_row = token_adv ? static_cast<const acc_t*>(p.adv_tokens) + r * p.s_adv : nullptr;
+      // SAPO's temperatures, or VESPO's two weights of this row (see policy_loss_row).
+      acc_t sign_pos = tau_pos, sign_neg = tau_neg;
+      double row_seq = static_cast<double>(lr0);
+      if (p.surrogate == kSurrVespo) {  // the row's weight, a pre-pass over logp, old and mask
+        row_seq = row_vespo_log_weight<lp_t, aux_t, mask_t, acc_t>(lp_row, old_row, mk, p.T);
+        // A weight past the compute dtype's range is 0, as the reference's (and TRL's) exp in
+        // that dtype overflows to inf, which they set to 0.
+        auto in_range = [](double phi) {
+          const acc_t v = static_cast<acc_t>(phi);
+          return v * acc_t(0) == acc_t(0) ? v : acc_t(0);
+        };
+        sign_pos = in_range(vespo_phi(row_seq, p.vespo_k_pos, p.vespo_lambda_pos));
+        sign_neg = in_range(vespo_phi(row_seq, p.vespo_k_neg, p.vespo_lambda_neg));
+        // Row advantages: A * phi, in double, and no per-token select.
+        if (!token_adv) A = static_cast<acc_t>(p.adv[r] * static_cast<double>(p.adv[r] >= 0.0 ? sign_pos : sign_neg));
+      }
       // With one advantage per row the dual clip can act only in a row with A < 0 (and c finite);
       // the per-token rows test it token by token.
       const bool dual = has_dual && A < acc_t(0);
@@ -58,7 +74,7 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       // A build with a hand-vectorised row for the most common case (float32, bool mask, plain
       // k3, row advantages; every surrogate) uses it; the other cases take the templated row.
       if constexpr (std::is_same_v<lp_t, float> && std::is_same_v<aux_t, float> && std::is_same_v<mask_t, uint8_t>) {
-        if (!p.ratio_kl && !token_adv) {
+        if (!p.ratio_kl && !token_adv && p.surrogate != kSurrVespo) {
           sums = policy_loss_row_f32_byte(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
                                           beta, dual_c, dual && p.surrogate == kSurrClip, p.seq_old != nullptr, lr0,
                                           p.surrogate, tau_pos, tau_neg, grad_row);
@@ -73,7 +89,8 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
         using Clip = std::integral_constant<int, kSurrClip>;
         auto row = [&](auto ratio_kl, auto per_token, auto with_dual, auto surr) {
           return policy_loss_row<lp_t, aux_t, mask_t, acc_t, ratio_kl(), per_token(), with_dual(), surr()>(
-              lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row, a_row, lr0, tau_pos, tau_neg);
+              lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row, a_row, lr0, sign_pos,
+              sign_neg);
         };
         auto with_dual = [&](auto ratio_kl, auto per_token) {
           if constexpr (per_token()) {  // one build: the dual clip is tested token by token
@@ -83,13 +100,15 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
                         : row(ratio_kl, per_token, std::false_type{}, Clip{});
           }
         };
-        // CISPO and SAPO have no dual clip (the glue refuses one).
+        // CISPO, SAPO and VESPO have no dual clip (the glue refuses one).
         auto with_surrogate = [&](auto ratio_kl, auto per_token) {
           switch (p.surrogate) {
             case kSurrCispo:
               return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrCispo>{});
             case kSurrSapo:
               return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrSapo>{});
+            case kSurrVespo:
+              return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrVespo>{});
             default:
               return with_dual(ratio_kl, per_token);
           }
@@ -108,7 +127,7 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       out[5] = sums.lratio;
       out[6] = sums.dual;
       out[7] = sums.high;
-      out[8] = static_cast<double>(lr0);
+      out[8] = row_seq;
     }
   });
 }
@@ -131,7 +150,7 @@ void dispatch_mask(const TokenProblem& p, std::vector<double>& rows) {
 
 // logp dtype x (old/ref in logp's dtype or in float32) x mask kind (x plain or ratio KL x row
 // advantages with or without the dual clip, or per-token advantages, for the clipped surrogate,
-// and row or per-token advantages for each of CISPO and SAPO): 18 token kernels, 252 row
+// and row or per-token advantages for each of CISPO, SAPO and VESPO): 18 token kernels, 324 row
 // instantiations.
 inline void dispatch_token_pass(const TokenProblem& p, std::vector<double>& rows) {
   switch (p.logp_dtype) {

@@ -44,6 +44,19 @@ __global__ void loss_kernel(const float* logp, const float* old, const float* re
       1.2f, 0.04f, 3.0f, grad + r * T);
 }
 
+// VESPO's row: the pre-pass's log weight, the row's gamma weights, the per-token-advantage loop.
+__global__ void vespo_kernel(const float* logp, const float* old, const unsigned char* mask, const float* adv_tok,
+                             int S, int T, float* grad, iama::RowSums* sums, double* log_w) {
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= S) return;
+  log_w[r] = iama::row_vespo_log_weight<float, float, unsigned char, float>(logp + r * T, old + r * T, mask + r * T, T);
+  const float phi_pos = static_cast<float>(iama::vespo_phi(log_w[r], 2.0, 3.0));
+  const float phi_neg = static_cast<float>(iama::vespo_phi(log_w[r], 3.0, 2.0));
+  sums[r] = iama::policy_loss_row<float, float, unsigned char, float, false, true, false, iama::kSurrVespo>(
+      logp + r * T, old + r * T, old + r * T, mask + r * T, T, 0.0f, 1.0f, 1.0f, 1.0f, 0.0f, 0.0f, grad + r * T,
+      adv_tok + r * T, 0.0f, phi_pos, phi_neg);
+}
+
 __global__ void loss_kernel_f64(const double* logp, const double* mask, double* out) {
   const iama::TokenTerms<double> t = iama::token_terms<double>(mask[0], logp[0], logp[1], logp[2], 1.0, 1.0, 0.8,
                                                                1.2, 0.1, 3.0);

@@ -28,14 +28,13 @@ Example::
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
-from iama_kernels import Objective, policy_loss, sequence_log_ratio
+from iama_kernels import Objective, policy_loss, vespo_phi
 from iama_kernels._checks import ESTIMATORS, RATIO_LEVELS, check_choice
 from iama_kernels.advantages.reference import batch_values
 
@@ -45,15 +44,14 @@ from .flat import criterion_columns, flat_group_advantages
 # gradient accumulation steps (TRL's grpo, bnpo, dr_grpo, sapo, luspo); "items" rescales the token
 # mean to TRL's DAPO normaliser (the generation batch's token count over one accumulation window;
 # dapo, cispo, vespo). LUSPO's sum over each sequence's tokens, mean over sequences, is dr_grpo
-# with max_completion_length=1. "vespo" is not a kernel surrogate: VESPO's weight is a row's
-# constant, folded into the advantages (see IAMAGRPOTrainer._vespo_weights).
+# with max_completion_length=1. "vespo" is the kernel's surrogate="vespo" (each row's gamma weight
+# from a pre-pass over its tokens, see IAMAGRPOTrainer._vespo_options).
 _LOSS_TYPES = {"grpo": ("grpo", "accumulation", "clip"), "bnpo": ("token", "accumulation", "clip"),
                "dr_grpo": ("dr_grpo", "accumulation", "clip"), "dapo": ("token", "items", "clip"),
                "luspo": ("luspo", "accumulation", "clip"), "cispo": ("token", "items", "cispo"),
                "sapo": ("grpo", "accumulation", "sapo"), "vespo": ("token", "items", "vespo")}
-# VESPO's bounds on the log sequence weight, TRL's: log(1e-8) below, 20 above (and each token's
-# log-ratio at +-20 before the sum).
-_VESPO_LOG_W_MIN, _VESPO_LOG_W_MAX = math.log(1e-8), 20.0
+# TRL clamps VESPO's rates from below at this (the kernel takes rates > 0).
+_VESPO_MIN_LAMBDA = 1e-4
 # Extra model inputs of TRL's log-prob function (vision-language models), passed on when present.
 _MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
                  "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
@@ -84,9 +82,9 @@ class IAMAGRPOTrainer(GRPOTrainer):
             ``epsilon_high >= 1``, e.g. ScaleRL's 5.0), ``"sapo"`` (``surrogate="sapo"``
             with ``sapo_temperature_pos``/``_neg``) and ``"vespo"`` (VESPO's detached gamma
             weight ``phi(w)`` of each sequence's ratio ``w``, with TRL's ``vespo_k_*`` and
-            ``vespo_lambda_*``, times ``A logp``: the weight is folded into the advantages and
-            the kernel runs the REINFORCE term, CISPO's with its clip range shut to ``{1}``,
-            so that its KL term still sees each token's ratio), with token-level ratios (advantages
+            ``vespo_lambda_*``, times ``A logp``: the kernel's ``surrogate="vespo"``, whose
+            pre-pass over each row computes its weight, while its KL term still sees each
+            token's ratio), with token-level ratios (advantages
             ``[S]`` or per token ``[S, T]``) and with GSPO's sequence-level ones
             (``importance_sampling_level="sequence"``, the kernel's
             ``ratio_level="sequence"``, with advantages ``[S]``: per-token ones there are a
@@ -256,15 +254,9 @@ class IAMAGRPOTrainer(GRPOTrainer):
         if kind == "luspo":  # the sum over each sequence's tokens, mean over sequences
             kind, max_length = "dr_grpo", 1
         eps_low, eps_high = self._kernel_clip_range(surrogate)
-        level, kernel_surrogate, weighted_advantages = self.importance_sampling_level, surrogate, advantages
-        phi = None
-        if surrogate == "vespo":
-            # TRL's VESPO: -phi A logp, phi detached. phi multiplies the advantages, and the
-            # kernel's CISPO term with its clip range [1, 1] is sg[1] A logp; its ratio is then
-            # read only by the KL weight (use_bias_correction_kl), which TRL takes per token.
-            phi = self._vespo_weights(logps, old, advantages, mask)
-            weighted_advantages = advantages * phi
-            level, kernel_surrogate = "token", "cispo"
+        # TRL's VESPO: -phi A logp, phi detached, with token-level ratios for the KL weight
+        # (use_bias_correction_kl), whatever importance_sampling_level says.
+        level = "token" if surrogate == "vespo" else self.importance_sampling_level
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         tokens = mask.sum().to(torch.float64 if logps.dtype == torch.float64 else torch.float32)
@@ -280,15 +272,16 @@ class IAMAGRPOTrainer(GRPOTrainer):
         # out scaled and its backward hands back the saved gradient with no pass to rescale it.
         # TRL's use_bias_correction_kl is the kernel's ratio-weighted KL (rho * k3).
         out = policy_loss(
-            logps, old, ref, weighted_advantages * scale, mask,
+            logps, old, ref, advantages * scale, mask,
             eps_low=eps_low, eps_high=eps_high,
             beta=0.0 if ref is None else self.beta * float(scale), loss_type=kind,
             max_completion_length=max_length,
             kl_weight="ratio" if ref is not None and self.args.use_bias_correction_kl else "none",
             # TRL applies delta in the clipped surrogate's branch alone
             dual_clip=self.args.delta if surrogate == "clip" else None,
-            ratio_level=level, surrogate=kernel_surrogate,
+            ratio_level=level, surrogate=surrogate,
             tau_pos=self.args.sapo_temperature_pos, tau_neg=self.args.sapo_temperature_neg,
+            **self._vespo_options(),
             # the per-sequence clip extremes TRL logs for its clipped losses, at the token level
             row_stats=surrogate == "clip" and self.importance_sampling_level == "token",
             impl=self.loss_impl,
@@ -297,8 +290,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._log_loss_metrics(mode, out, advantages, mask, entropies, tokens, surrogate, eps_low, eps_high,
-                               phi)
+        self._log_loss_metrics(mode, out, advantages, mask, entropies, tokens, surrogate, eps_low, eps_high)
         return loss
 
     def _kernel_clip_range(self, surrogate: str) -> tuple[float, float]:
@@ -311,45 +303,31 @@ class IAMAGRPOTrainer(GRPOTrainer):
             return 0.0, 0.0
         return self.epsilon_low, self.epsilon_high
 
-    @torch.no_grad()
-    def _vespo_weights(self, logps: torch.Tensor, old: torch.Tensor | None, advantages: torch.Tensor,
-                       mask: torch.Tensor) -> torch.Tensor:
-        """VESPO's gamma weight (TRL's ``vespo`` loss), of the shape of ``advantages``.
-
-        ``phi(w) = exp(lambda + k log w - lambda w)``, ``phi(1) = 1``, with ``log w`` the sum of
-        a sequence's token log-ratios (each clamped to +-20; the sum to ``[log 1e-8, 20]``) and
-        ``(k, lambda)`` TRL's ``vespo_k_pos``/``vespo_lambda_pos`` where ``A >= 0``, else the
-        ``_neg`` ones (``lambda >= 1e-4``); a non-finite weight is 0. Computed in float32
-        (float64 for float64 log-probs); masked tokens are not read.
-        """
-        dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
-        if old is None:  # every ratio is 1: phi(1) = 1
-            return torch.ones(advantages.shape, dtype=dtype, device=advantages.device)
-        # One pass over logp, old and mask (the C++ kernel on the CPU); masked tokens are not read.
-        log_w = sequence_log_ratio(logps, old, mask, reduce="sum", clamp=(-20.0, 20.0),
-                                   impl="reference" if self.loss_impl == "reference" else "auto")
-        log_w = log_w.to(dtype).clamp_(_VESPO_LOG_W_MIN, _VESPO_LOG_W_MAX)
-        if advantages.dim() == 2:
-            log_w = log_w[:, None]
+    def _vespo_options(self) -> dict[str, float]:
+        """VESPO's ``vespo_k_*``/``vespo_lambda_*`` for the kernel (ignored by the other
+        surrogates), the rates clamped at ``1e-4`` from below as TRL clamps them."""
         args = self.args
-        nonneg = advantages >= 0
-        k = torch.where(nonneg, args.vespo_k_pos, args.vespo_k_neg).to(dtype)
-        lam = torch.where(nonneg, args.vespo_lambda_pos, args.vespo_lambda_neg).to(dtype).clamp_(min=1e-4)
-        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
-        return phi.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        return {"vespo_k_pos": float(args.vespo_k_pos), "vespo_k_neg": float(args.vespo_k_neg),
+                "vespo_lambda_pos": max(float(args.vespo_lambda_pos), _VESPO_MIN_LAMBDA),
+                "vespo_lambda_neg": max(float(args.vespo_lambda_neg), _VESPO_MIN_LAMBDA)}
 
+    @torch.no_grad()
     def _log_loss_metrics(self, mode: str, out: Any, advantages: torch.Tensor, mask: torch.Tensor,
                           entropies: torch.Tensor, tokens: torch.Tensor, surrogate: str,
-                          eps_low: float, eps_high: float, phi: torch.Tensor | None = None) -> None:
+                          eps_low: float, eps_high: float) -> None:
         """TRL's loss metrics: means over every process, as TRL reports them, in one reduction.
         The clip metrics are token-weighted, except for sequence ratios, which TRL averages over
         sequences; the extremes over sequences of each one's clipped shares are gathered.
-        VESPO's ``phi`` is averaged over sequences (``[S]``) or tokens (``[S, T]``), as TRL."""
+        VESPO's ``phi`` (from the kernel's log weights) is averaged over sequences (advantages
+        ``[S]``) or tokens (``[S, T]``), as TRL."""
         sequence = self.importance_sampling_level == "sequence" and surrogate != "vespo"
         zero = tokens.new_zeros(())
         low_sum = high_sum = phi_sum = phi_count = zero
         clip_count: Any = tokens
         if surrogate == "vespo":  # VESPO clips nothing; its metric is phi's mean
+            options = {k.removeprefix("vespo_"): v for k, v in self._vespo_options().items()}
+            log_w = out.sequence_log_ratio.to(tokens.dtype)
+            phi = vespo_phi(log_w if advantages.dim() == 1 else log_w[:, None], advantages, **options)
             if phi.dim() == 1:  # one weight per sequence: TRL's mean over sequences
                 phi_sum, phi_count = phi.sum(), zero + phi.shape[0]
             else:

@@ -59,7 +59,9 @@ def nonlinear_grpo_loss(
         rewards: ``[B, G]`` or ``[B, G, m]`` floating rewards, finite.
         objective, estimator, scale, eps, criterion_weights: as in :func:`group_advantages`.
         eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight, dual_clip,
-        ratio_level, surrogate, tau_pos, tau_neg: as in :func:`policy_loss`.
+        ratio_level, surrogate, tau_pos, tau_neg: as in :func:`policy_loss` (``surrogate``
+            ``"clip"``, ``"cispo"`` or ``"sapo"``; VESPO's weight is :func:`policy_loss`'s, on
+            the advantages of :func:`group_advantages`).
         impl: ``"auto"`` or an explicit backend name.
 
     Returns:
@@ -75,6 +77,9 @@ def nonlinear_grpo_loss(
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     dual_clip = check_dual_clip(dual_clip)
     tau_pos, tau_neg = check_surrogate(surrogate, tau_pos, tau_neg, dual_clip)
+    if surrogate == "vespo":
+        raise ValueError("surrogate='vespo' is policy_loss's (on the advantages of group_advantages); "
+                         "nonlinear_grpo_loss takes 'clip', 'cispo' or 'sapo'")
     rewards, objective, criterion_weights, _, eps = prepare_group_inputs(
         rewards, objective, estimator, scale, eps, criterion_weights, None
     )

@@ -18,6 +18,7 @@ from .._checks import (
     check_positive_float,
     check_surrogate,
     check_tensor,
+    check_vespo,
     data_checks_enabled,
 )
 from .._dispatch import Backend, Call, choose, reference_check
@@ -109,6 +110,10 @@ def policy_loss(
     surrogate: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
     row_stats: bool = False,
     impl: str = "auto",
 ) -> PolicyLossOutput:
@@ -117,7 +122,7 @@ def policy_loss(
     Per token: ``rho = exp(logp - old_logp)``,
     ``loss_t = -(min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) - beta * kl_t)`` with
     ``kl_t = exp(ref - logp) - (ref - logp) - 1`` (``surrogate`` swaps the first term for
-    CISPO's or SAPO's).
+    CISPO's, SAPO's or VESPO's).
 
     Args:
         logp: ``[S, T]`` log-probs of the sampled tokens under the policy being trained
@@ -175,10 +180,25 @@ def policy_loss(
               else ``tau_neg``: gradient ``4 s (1 - s) rho A`` (``s`` the sigmoid), equal to
               ``rho A`` on-policy and fading smoothly off it; no clip range, so the clip
               metrics are 0.
+            * ``"vespo"`` (VESPO; TRL's ``"vespo"``): ``sg[phi_i] A logp``, a REINFORCE term
+              weighted by the gamma weight ``phi_i = exp(lambda + k log w_i - lambda w_i)`` of
+              row ``i``'s sequence ratio ``w_i`` (``phi(1) = 1``; a non-finite weight is 0):
+              ``log w_i`` is the sum of the row's token log-ratios ``logp - old_logp``, each
+              clamped to +-20, over its tokens with a non-zero mask, clamped to
+              ``[log 1e-8, 20]`` (TRL's bounds), and ``(k, lambda)`` are ``(vespo_k_pos,
+              vespo_lambda_pos)`` where the token's advantage is ``>= 0``, else the ``_neg``
+              pair. Gradient ``phi A``; nothing is clipped (the clip metrics are 0); the KL
+              term, its ``kl_weight`` and the metrics see each token's own ratio.
+              ``sequence_log_ratio`` returns the ``log w_i``. A pre-pass over each row's logp,
+              old_logp and mask computes ``w_i``; token-level ratios only (``ratio_level=
+              "sequence"`` is a ``ValueError``: the weight is already one per sequence).
 
             ``dual_clip`` is the clipped surrogate's alone (a ``ValueError`` with the others).
         tau_pos, tau_neg: SAPO's temperatures (``> 0``; defaults TRL's and verl's), ignored by
             the other surrogates.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's shapes ``k``
+            (finite) and rates ``lambda`` (finite, ``> 0``; TRL clamps its own at ``1e-4``) for
+            ``A >= 0`` and ``A < 0`` (defaults TRL's), ignored by the other surrogates.
         row_stats: also return ``row_clip_weights``, ``[S, 3]``: each row's mask total, clipped
             weight and clipped-above weight (the per-row sums of ``clip_fraction`` and
             ``clip_high_fraction``; TRL's per-sequence clip metrics come from them). Off, no
@@ -190,8 +210,8 @@ def policy_loss(
         float32): ``loss`` and the detached metrics ``kl``, ``clip_fraction``, ``ratio_mean``,
         ``log_ratio_mean``, ``dual_clip_fraction``, ``clip_high_fraction`` (mask-weighted means
         over tokens), ``sequence_log_ratio``: ``[S]`` each row's ``l_i`` with
-        ``ratio_level="sequence"`` (``None`` otherwise), and ``row_clip_weights`` (``None``
-        unless ``row_stats``).
+        ``ratio_level="sequence"``, or its ``log w_i`` with ``surrogate="vespo"`` (``None``
+        otherwise), and ``row_clip_weights`` (``None`` unless ``row_stats``).
         ``d loss / d logp_t = w_t (-(rho A if the unclipped term is active and the dual clip
         is not else 0) + beta (1 - exp(ref - logp)))`` (``beta rho (logp - ref)`` in place of
         the last term with ``kl_weight="ratio"``; the surrogate's own gradient, see
@@ -204,6 +224,10 @@ def policy_loss(
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     dual_clip = check_dual_clip(dual_clip)
     tau_pos, tau_neg = check_surrogate(surrogate, tau_pos, tau_neg, dual_clip)
+    vespo = check_vespo(vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+    if surrogate == "vespo" and ratio_level != "token":
+        raise ValueError("surrogate='vespo' takes token-level ratios (its weight is already one per "
+                         f"sequence), got ratio_level={ratio_level!r}")
     if not isinstance(row_stats, bool):
         raise TypeError(f"row_stats must be a bool, got {type(row_stats).__name__}")
     advantages = check_float("advantages", advantages)
@@ -223,7 +247,7 @@ def policy_loss(
     backend = choose("policy_loss", impl, _POLICY_LOSS_BACKENDS, call)
     out = backend.run(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,
                       loss_type, max_completion_length, kl_weight, dual_clip, ratio_level,
-                      surrogate, tau_pos, tau_neg, row_stats)
+                      surrogate, tau_pos, tau_neg, row_stats, vespo)
     if per_token and data_checks_enabled():
         _check_token_advantages(out.loss, advantages, mask)
     return out

@@ -30,12 +30,14 @@ def policy_loss_cpu(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     row_stats: bool = False,
+    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
 ) -> PolicyLossOutput:
     """``[S, T]`` log-probs, ``[S]`` advantages, ``[S, T]`` mask -> :class:`PolicyLossOutput`."""
     outputs = torch.ops.iama.policy_loss_fwd(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length,
         kl_weight == "ratio", dual_clip, ratio_level == "sequence", surrogate, tau_pos, tau_neg, row_stats,
+        *vespo,
     )
-    seq = outputs[7].detach() if ratio_level == "sequence" else None
+    seq = outputs[7].detach() if ratio_level == "sequence" or surrogate == "vespo" else None
     rows = outputs[8].detach() if row_stats else None
     return PolicyLossOutput(outputs[0], *(t.detach() for t in outputs[1:7]), seq, rows)

@@ -6,11 +6,14 @@ where the clipped one is (and where the dual clip holds the surrogate at ``c A``
 ``beta (1 - exp(ref - logp))``. With ``ratio_level="sequence"`` the log-ratio of every token of a
 row is GSPO's ``sg[l_i] + logp_t - sg[logp_t]`` (``l_i`` the row's mean log-ratio), whose value is
 ``l_i`` and whose derivative in ``logp_t`` is 1, so the same closed form holds with
-``rho = exp(l_i)``. Tokens with mask 0 are never read
+``rho = exp(l_i)``. VESPO's weight ``phi`` of each row's ratio is computed first and detached,
+so the gradient of its REINFORCE term is ``phi A``. Tokens with mask 0 are never read
 into the arithmetic (``torch.where``, not a product), so padding may hold inf or NaN.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -45,6 +48,37 @@ def sequence_log_ratio(log_ratio: torch.Tensor, keep: torch.Tensor) -> torch.Ten
     return total / keep.sum(-1, keepdim=True).clamp(min=1).to(log_ratio.dtype)
 
 
+# VESPO's bounds (TRL's): each token's log-ratio at +-20 before the sum, the sum in
+# [log 1e-8, 20].
+VESPO_TOKEN_BOUND = 20.0
+VESPO_LOG_W_MIN, VESPO_LOG_W_MAX = math.log(1e-8), 20.0
+
+
+def vespo_log_weight(log_ratio: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``[S, 1]`` VESPO's log sequence weight: the sum of each row's token log-ratios (each clamped
+    to +-20) over its tokens with a non-zero mask, clamped to ``[log 1e-8, 20]``."""
+    zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
+    bounded = log_ratio.clamp(-VESPO_TOKEN_BOUND, VESPO_TOKEN_BOUND)
+    total = torch.where(keep, bounded, zero).sum(-1, keepdim=True)
+    return total.clamp(VESPO_LOG_W_MIN, VESPO_LOG_W_MAX)
+
+
+def vespo_phi(log_w: torch.Tensor, advantages: torch.Tensor, vespo: tuple[float, float, float, float]
+              ) -> torch.Tensor:
+    """VESPO's gamma weight ``phi(w) = exp(lambda + k log w - lambda w)`` (``phi(1) = 1``), with
+    ``(k, lambda)`` the first pair of ``vespo = (k_pos, lambda_pos, k_neg, lambda_neg)`` where the
+    advantage is ``>= 0``, else the second; a non-finite weight is 0. ``log_w`` broadcasts against
+    ``advantages`` (``[S, 1]`` with ``[S, 1]`` or ``[S, T]``); the result has their broadcast
+    shape and ``log_w``'s dtype."""
+    k_pos, lam_pos, k_neg, lam_neg = (torch.tensor(v, dtype=log_w.dtype, device=log_w.device)
+                                      for v in vespo)  # in log_w's dtype, not float32's
+    nonneg = advantages >= 0
+    k = torch.where(nonneg, k_pos, k_neg)
+    lam = torch.where(nonneg, lam_pos, lam_neg)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def token_surrogate(
     ratio: torch.Tensor, A: torch.Tensor, lp: torch.Tensor, eps_low: float, eps_high: float,
     dual_clip: float | None, surrogate: str, tau_pos: float, tau_neg: float,
@@ -56,7 +90,8 @@ def token_surrogate(
     is strictly the one taken (and, with ``dual_clip``, ``c A`` where ``A < 0``, ``rho > c``).
     cispo: ``sg[clip(rho)] A logp``, gradient ``clip(rho) A``; clipped where the weight was.
     sapo: ``(4 / tau) sigmoid(tau (rho - 1)) A``, ``tau = tau_pos`` where ``A > 0`` else
-    ``tau_neg``, gradient ``4 s (1 - s) rho A`` (0 where the gate has saturated); never clipped."""
+    ``tau_neg``, gradient ``4 s (1 - s) rho A`` (0 where the gate has saturated); never clipped.
+    vespo: ``A logp`` with ``A`` already weighted by the detached ``phi``; never clipped."""
     lo, hi = 1 - eps_low, 1 + eps_high
     clipped = ratio.clamp(lo, hi)
     dual = torch.zeros(torch.broadcast_shapes(ratio.shape, A.shape), dtype=torch.bool,
@@ -64,6 +99,8 @@ def token_surrogate(
     if surrogate == "cispo":
         flag = (ratio < lo) | (ratio > hi)
         return clipped.detach() * A * lp, flag, (ratio > hi) & (A > 0), dual
+    if surrogate == "vespo":
+        return A * lp, dual, dual, dual
     if surrogate == "sapo":
         pos = torch.tensor(tau_pos, dtype=ratio.dtype, device=ratio.device)
         tau = torch.where(A > 0, pos, torch.tensor(tau_neg, dtype=ratio.dtype, device=ratio.device))
@@ -103,6 +140,7 @@ def policy_loss_ref(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     row_stats: bool = False,
+    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
 ) -> PolicyLossOutput:
     """Reference :func:`iama_kernels.policy_loss`; arguments already validated."""
     dtype = compute_dtype(logp.dtype)
@@ -120,6 +158,9 @@ def policy_loss_ref(
     if ratio_level == "sequence":
         seq = sequence_log_ratio(log_ratio.detach(), keep)
         log_ratio = torch.where(keep, seq + (lp - lp.detach()), zero)
+    elif surrogate == "vespo":  # the row's weight, detached, folded into the advantages
+        seq = vespo_log_weight(log_ratio.detach(), keep)
+        A = A * vespo_phi(seq, A, vespo)
     ratio = torch.exp(log_ratio)
     surrogate_t, clip_flag, high_flag, dual = token_surrogate(
         ratio, A, lp, eps_low, eps_high, dual_clip, surrogate, tau_pos, tau_neg)

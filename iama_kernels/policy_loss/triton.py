@@ -44,7 +44,7 @@ from .._device import launch_device
 from .._types import PolicyLossOutput
 
 LOSS_TYPE_CODES = {"grpo": 0, "token": 1, "dr_grpo": 2}
-SURROGATE_CODES = {"clip": 0, "cispo": 1, "sapo": 2}
+SURROGATE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3}
 N_PARTIALS = 8  # loss, mask total, kl, clipped, ratio, log-ratio, dual-clipped, clipped-above sums
 N_STATS = 8  # loss, kl, clip_fraction, ratio_mean, post_scale, log_ratio_mean, dual_clip_fraction,
 # clip_high_fraction
@@ -92,6 +92,7 @@ def _token_row(
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, RATIO_KL: tl.constexpr,
     DUAL_CLIP: tl.constexpr, TOKEN_ADV: tl.constexpr, SEQ_RATIO: tl.constexpr,
     SURROGATE: tl.constexpr = 0, rows_ptr=None, ROW_STATS: tl.constexpr = False,
+    vk_pos=2.0, vl_pos=3.0, vk_neg=3.0, vl_neg=2.0,
 ):
     """Stream one row with advantage ``a`` into the program's per-lane ``[BLOCK_T]`` sums of the
     weighted loss, kl, clipped, ratio, log-ratio, dual-clipped and clipped-above terms; returns
@@ -111,8 +112,11 @@ def _token_row(
     log-ratio is that mean (``sg[l] + logp - sg[logp]``: derivative 1, so the formulas hold),
     stored at ``seq_ptr[row]``; the main pass then does not load ``old``. ``SURROGATE``: 0 PPO's
     clipped ratio, 1 CISPO (``sg[clip(ratio)] a logp``), 2 SAPO (the soft gate with temperatures
-    ``tau_pos``/``tau_neg``); see ``csrc/include/iama/loss.h`` for the formulas, which these
-    follow. ``ROW_STATS``: the row's mask total, clipped and clipped-above weights go to
+    ``tau_pos``/``tau_neg``), 3 VESPO (``sg[phi] a logp``: a pre-pass over the row's extent sums
+    its clamped log-ratios into VESPO's log weight, stored at ``seq_ptr[row]``, whose gamma
+    weights with ``(vk_pos, vl_pos)`` and ``(vk_neg, vl_neg)`` multiply the advantages ``>= 0``
+    and ``< 0``); see ``csrc/include/iama/loss.h`` for the formulas, which these follow.
+    ``ROW_STATS``: the row's mask total, clipped and clipped-above weights go to
     ``rows_ptr[3 row + 0..2]``."""
     offs = tl.arange(0, BLOCK_T)
     # Row bases in 64 bits: a tensor of 2**31 elements or more (65536 rows of 32768 tokens) has
@@ -136,8 +140,12 @@ def _token_row(
         reach = tl.maximum(reach, tl.where(mk != 0, t + 1, 0))
     msum, last = tl.reduce((msum_row, reach), 0, _sum_and_max)
     extent = (last + 15) // 16 * 16
+    # A second pre-pass over the row's extent, for GSPO's mean log-ratio or VESPO's log weight (the
+    # sum of the token log-ratios clamped to +-20, TRL's bounds; 0 without old_logp: every ratio
+    # is 1). Either is stored at seq_ptr[row].
     seq_lr = 0.0
-    if SEQ_RATIO:
+    log_w = 0.0
+    if SEQ_RATIO or (SURROGATE == 3 and HAS_OLD):
         lr_row = tl.zeros([BLOCK_T], dtype=tl.float32)
         n_row = tl.zeros([BLOCK_T], dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
@@ -146,10 +154,27 @@ def _token_row(
             mk = tl.load(mask_row + t * s_mt, mask=live, other=0)
             lp = tl.load(logp_row + t * s_lt, mask=live, other=0.0).to(tl.float32)
             old = tl.load(old_row + t * s_ot, mask=live, other=0.0).to(tl.float32)
-            lr_row += tl.where(mk != 0, lp - old, 0.0)
-            n_row += tl.where(mk != 0, 1.0, 0.0)
-        seq_lr = tl.sum(lr_row, axis=0) / tl.maximum(tl.sum(n_row, axis=0), 1.0)
-        tl.store(seq_ptr + r64, seq_lr)
+            d = lp - old
+            if SURROGATE == 3:
+                d = tl.minimum(tl.maximum(d, -20.0), 20.0)
+            lr_row += tl.where(mk != 0, d, 0.0)
+            if SEQ_RATIO:
+                n_row += tl.where(mk != 0, 1.0, 0.0)
+        if SEQ_RATIO:
+            seq_lr = tl.sum(lr_row, axis=0) / tl.maximum(tl.sum(n_row, axis=0), 1.0)
+            tl.store(seq_ptr + r64, seq_lr)
+        else:
+            log_w = tl.minimum(tl.maximum(tl.sum(lr_row, axis=0), -18.420680743952367), 20.0)
+    phi_pos = 1.0
+    phi_neg = 1.0
+    if SURROGATE == 3:  # VESPO: the row's two gamma weights, one per sign of the advantage
+        tl.store(seq_ptr + r64, log_w)
+        w_seq = tl.exp(log_w)
+        phi_pos = tl.exp(vl_pos + vk_pos * log_w - vl_pos * w_seq)
+        phi_neg = tl.exp(vl_neg + vk_neg * log_w - vl_neg * w_seq)
+        # a non-finite weight is 0 (TRL's nan_to_num); phi * 0 == 0 tests that it is finite
+        phi_pos = tl.where(phi_pos * 0.0 == 0.0, phi_pos, 0.0)
+        phi_neg = tl.where(phi_neg * 0.0 == 0.0, phi_neg, 0.0)
     if LOSS_TYPE == 0:
         wscale = norm / tl.maximum(msum, 1.0)
     elif LOSS_TYPE == 2:
@@ -186,7 +211,14 @@ def _token_row(
         clipped = tl.minimum(tl.maximum(ratio, lo), hi)
         ra = ratio * a_t
         ca = clipped * a_t
-        if SURROGATE == 1:  # CISPO: the clipped weight, detached, times a logp
+        if SURROGATE == 3:  # VESPO: the row's weight by the advantage's sign, times a logp
+            nonneg = (a_t + tl.zeros([BLOCK_T], dtype=tl.float32)) >= 0.0  # a tensor test
+            a_w = a_t * tl.where(nonneg, phi_pos, phi_neg)
+            surr = a_w * lp
+            g = -a_w
+            clip_w = tl.zeros([BLOCK_T], dtype=tl.float32)  # VESPO clips nothing
+            high_w = clip_w
+        elif SURROGATE == 1:  # CISPO: the clipped weight, detached, times a logp
             surr = ca * lp
             g = -ca
             clip_w = tl.where(keep & ((ratio < lo) | (ratio > hi)), m, 0.0)
@@ -272,6 +304,7 @@ def _policy_loss_fwd_kernel(
     logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr, partial_ptr, seq_ptr,
     s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_a, s_at,
     S, T, rows_per_prog, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg, norm,
+    vk_pos, vl_pos, vk_neg, vl_neg,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr, RATIO_KL: tl.constexpr = False,
     DUAL_CLIP: tl.constexpr = False, TOKEN_ADV: tl.constexpr = False, SEQ_RATIO: tl.constexpr = False,
@@ -301,6 +334,7 @@ def _policy_loss_fwd_kernel(
             T, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg, norm, loss, kl, clip, ratio,
             lratio, dual, high, HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL,
             DUAL_CLIP, TOKEN_ADV, SEQ_RATIO, SURROGATE, rows_ptr, ROW_STATS,
+            vk_pos, vl_pos, vk_neg, vl_neg,
         )
         msum += r_m
     _store_partials(partial_ptr, pid, loss, msum, kl, clip, ratio, lratio, dual, high, NP)
@@ -395,10 +429,12 @@ def _policy_loss_fwd(
     loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
     dual_clip: float | None = None, seq_ratio: bool = False, surrogate: str = "clip",
     tau_pos: float = 1.0, tau_neg: float = 1.05, row_stats: bool = False,
+    vespo: tuple[float, ...] = (2.0, 3.0, 3.0, 2.0),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward launch: ``stats [N_STATS]`` float32, GSPO's per-row log-ratios (``[S]`` float32
-    with ``seq_ratio``, else empty), the per-row clip weights (``[S, 3]`` float32 with
-    ``row_stats``, else ``[0, 3]``) and the gradient (``[S, T]``, or empty)."""
+    with ``seq_ratio``; VESPO's log weights with ``surrogate="vespo"``; else empty), the per-row
+    clip weights (``[S, 3]`` float32 with ``row_stats``, else ``[0, 3]``) and the gradient
+    (``[S, T]``, or empty)."""
     S, T = logp.shape
     max_len = None if max_completion_length <= 0 else max_completion_length
     args, grad = token_args(logp, old_logp, ref_logp, mask, need_grad)
@@ -411,7 +447,7 @@ def _policy_loss_fwd(
     block_t, warps = token_block(T, logp.element_size())
     dual_c, has_dual = dual_clip_args(dual_clip)
     token_adv = advantages.dim() == 2
-    seq = sequence_buffer(S, seq_ratio, logp.device)
+    seq = sequence_buffer(S, seq_ratio or surrogate == "vespo", logp.device)
     # Written row by row by the kernel (zeros: rows of an empty launch stay 0).
     rows = torch.zeros(S if row_stats else 0, 3, dtype=torch.float32, device=logp.device)
     if launch:
@@ -419,7 +455,7 @@ def _policy_loss_fwd(
             *args[:5], advantages, partials, seq, *args[5:], advantages.stride(0),
             advantages.stride(1) if token_adv else 0,
             S, T, rows_per_prog, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg,
-            row_norm(S, T, loss_type, max_len),
+            row_norm(S, T, loss_type, max_len), *vespo,
             HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
             LOSS_TYPE=LOSS_TYPE_CODES[loss_type], WRITE_GRAD=need_grad, BLOCK_T=block_t,
             NP=N_PARTIALS, RATIO_KL=ratio_kl, DUAL_CLIP=has_dual, TOKEN_ADV=token_adv,
@@ -431,8 +467,8 @@ def _policy_loss_fwd(
 
 
 def sequence_buffer(S: int, seq_ratio: bool, device: torch.device) -> torch.Tensor:
-    """GSPO's per-row log-ratios, written by the kernel (zeros: a row without old_logp, or a
-    launch without tokens, leaves 0); empty for per-token ratios."""
+    """GSPO's per-row log-ratios (or VESPO's log weights), written by the kernel (zeros: a row
+    without old_logp, or a launch without tokens, leaves 0); empty when neither is asked for."""
     return torch.zeros(S if seq_ratio else 0, dtype=torch.float32, device=device)
 
 
@@ -443,20 +479,25 @@ def _policy_loss_op(
     loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
     dual_clip: float | None = None, seq_ratio: bool = False, surrogate: str = "clip",
     tau_pos: float = 1.0, tau_neg: float = 1.05, row_stats: bool = False,
+    vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with launch_device(logp.device):
         return _policy_loss_fwd(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high,
                                 beta, loss_type, max_completion_length, need_grad, ratio_kl,
-                                dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, row_stats)
+                                dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, row_stats,
+                                (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg))
 
 
 @_policy_loss_op.register_fake
 def _(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
       max_completion_length, need_grad, ratio_kl=False, dual_clip=None, seq_ratio=False,
-      surrogate="clip", tau_pos=1.0, tau_neg=1.05, row_stats=False):
+      surrogate="clip", tau_pos=1.0, tau_neg=1.05, row_stats=False, vespo_k_pos=2.0,
+      vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
     shape = tuple(logp.shape) if need_grad else (0, 0)
+    per_row = seq_ratio or surrogate == "vespo"
     return (logp.new_empty(N_STATS, dtype=torch.float32),
-            logp.new_empty(logp.shape[0] if seq_ratio else 0, dtype=torch.float32),
+            logp.new_empty(logp.shape[0] if per_row else 0, dtype=torch.float32),
             logp.new_empty((logp.shape[0] if row_stats else 0, 3), dtype=torch.float32),
             logp.new_empty(shape, dtype=grad_dtype(logp)))
 
@@ -508,15 +549,17 @@ def policy_loss_triton(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     row_stats: bool = False,
+    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
 ) -> PolicyLossOutput:
     """Triton :func:`iama_kernels.policy_loss`; arguments already validated. float32 outputs."""
     stats, seq, rows, _ = _policy_loss_op(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
         0 if max_completion_length is None else int(max_completion_length), needs_grad(logp),
         kl_weight == "ratio", dual_clip, ratio_level == "sequence", surrogate, tau_pos, tau_neg,
-        row_stats,
+        row_stats, *vespo,
     )
     metrics = stats.detach()
+    per_row = ratio_level == "sequence" or surrogate == "vespo"
     return PolicyLossOutput(stats[0], metrics[1], metrics[2], metrics[3], metrics[5], metrics[6],
-                            metrics[7], seq.detach() if ratio_level == "sequence" else None,
+                            metrics[7], seq.detach() if per_row else None,
                             rows.detach() if row_stats else None)

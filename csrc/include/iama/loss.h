@@ -16,6 +16,9 @@
 //          tau_neg; grad -w 4 s (1 - s) ratio A, where 1 - s = e s with e = exp(-tau (ratio - 1))
 //          (no cancellation as s -> 1), and 0 where the gate has saturated (e = 0 or inf, where
 //          the product would be 0 * inf); never clipped.
+//   VESPO  surr = A logp, grad -w A, where the caller has already multiplied A by the row's
+//          detached gamma weight phi (vespo_phi below; per-token advantages: policy_loss_row
+//          picks phi_pos or phi_neg by the token's sign); never clipped.
 // The log-ratio is (logp - old) + lr0. Per-token ratios have lr0 = 0; GSPO's sequence ratio
 // passes old = logp (so logp - old is exactly 0) and lr0 = the row's mean log-ratio: the token's
 // log-ratio is then sg[lr0] + logp - sg[logp], whose derivative in logp is 1 as for a token ratio,
@@ -56,7 +59,11 @@ IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t
   const acc_t unclipped_term = ratio * A;
   acc_t surrogate, d_surr;  // the policy term and its derivative in logp
   bool clip_flag, high_flag, dual = false;
-  if (surr == kSurrCispo) {
+  if (surr == kSurrVespo) {
+    surrogate = A * lp;
+    d_surr = A;
+    clip_flag = high_flag = false;
+  } else if (surr == kSurrCispo) {
     surrogate = clipped * A * lp;
     d_surr = clipped * A;
     clip_flag = clipped != ratio;  // outside [lo, hi] (verl's test; two compares or'ed kept GCC
@@ -121,7 +128,9 @@ struct RowSums {
 // kDual = false: the caller knows no token of the row is dual-clipped (a row advantage A >= 0,
 // or no finite c), and the loop leaves the dual clip and its sum out. lr0: added to every token's
 // log-ratio (GSPO's sequence ratio, see token_terms; 0 for per-token ratios). kSurr: the
-// surrogate (SurrogateKind; CISPO and SAPO take kDual = false), tau_pos/tau_neg SAPO's.
+// surrogate (SurrogateKind; CISPO, SAPO and VESPO take kDual = false), tau_pos/tau_neg SAPO's
+// temperatures, or VESPO's weights phi_pos/phi_neg of the row (for A >= 0 and A < 0; with row
+// advantages the caller passes A * phi as A instead, and these are unused).
 template <typename lp_t, typename aux_t, typename mask_t, typename acc_t, bool kRatioKL = false, bool kTokenAdv = false,
           bool kDual = true, int kSurr = kSurrClip>
 IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old, const aux_t* ref,
@@ -152,6 +161,7 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       // vectorising the loop: 10x slower.)
       acc_t a = A;
       if constexpr (kTokenAdv) a = A_tok[t];
+      if constexpr (kTokenAdv && kSurr == kSurrVespo) a *= a >= acc_t(0) ? tau_pos : tau_neg;
       const TokenTerms<acc_t> tt = token_terms<acc_t>(m, static_cast<acc_t>(logp[t]), static_cast<acc_t>(old[t]),
                                                       static_cast<acc_t>(ref[t]), a, w_scale, lo, hi, beta, dual_c,
                                                       kRatioKL, kDual, lr0, kSurr, tau_pos, tau_neg);
@@ -214,10 +224,10 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
   sums.dual = lane_dual[0];
   // With one advantage per row, every token the clipped surrogate clips is clipped above or every
   // one below: the clipped-above weight is the clipped weight or 0, and needs no sum of its own
-  // (SAPO clips nothing).
+  // (SAPO and VESPO clip nothing).
   if constexpr (kHighSum) {
     sums.high = lane_high[0];
-  } else if constexpr (kSurr == kSurrSapo) {
+  } else if constexpr (kSurr == kSurrSapo || kSurr == kSurrVespo) {
     sums.high = 0.0;
   } else {
     sums.high = A > acc_t(0) ? sums.clip : 0.0;
@@ -255,6 +265,41 @@ IAMA_HD inline double row_mean_log_ratio(const lp_t* __restrict__ logp, const au
   int64_t count = 0;
   for (int64_t t = 0; t < T; ++t) count += mask[t] != mask_t(0) ? 1 : 0;
   return count > 0 ? total / static_cast<double>(count) : 0.0;
+}
+
+// VESPO's log sequence weight of one row (TRL's bounds): the sum of clamp(logp - old, -20, 20)
+// over the tokens with a non-zero mask, clamped to [log 1e-8, 20]. Tiled as row_mean_log_ratio
+// (the mask selects each difference: NaN padding cannot leak).
+template <typename lp_t, typename aux_t, typename mask_t, typename acc_t>
+IAMA_HD inline double row_vespo_log_weight(const lp_t* __restrict__ logp, const aux_t* __restrict__ old,
+                                           const mask_t* __restrict__ mask, int64_t T) {
+  constexpr int kTile = 64;
+  constexpr acc_t kBound = acc_t(20);
+  auto term = [&](int64_t t) {
+    acc_t diff = static_cast<acc_t>(logp[t]) - static_cast<acc_t>(old[t]);
+    diff = diff < -kBound ? -kBound : (diff > kBound ? kBound : diff);
+    return mask[t] != mask_t(0) ? diff : acc_t(0);
+  };
+  double total = 0.0;
+  int64_t t0 = 0;
+  for (; t0 + kTile <= T; t0 += kTile) {
+    acc_t d[kTile];
+    for (int j = 0; j < kTile; ++j) d[j] = term(t0 + j);
+    for (int width = kTile / 2; width >= 1; width /= 2) {
+      for (int j = 0; j < width; ++j) d[j] += d[j + width];
+    }
+    total += static_cast<double>(d[0]);
+  }
+  for (int64_t t = t0; t < T; ++t) total += static_cast<double>(term(t));
+  constexpr double kLogWMin = -18.420680743952367;  // log(1e-8)
+  return total < kLogWMin ? kLogWMin : (total > 20.0 ? 20.0 : total);
+}
+
+// VESPO's gamma weight of a sequence with log weight log_w: exp(lambda + k log_w - lambda w),
+// 1 at w = 1; 0 where it is not finite (TRL's nan_to_num). In double: a per-row scalar.
+IAMA_HD inline double vespo_phi(double log_w, double k, double lambda) {
+  const double phi = ::exp(lambda + k * log_w - lambda * ::exp(log_w));
+  return phi == phi && phi * 0.0 == 0.0 ? phi : 0.0;
 }
 
 // Sum of a row's mask weights (the grpo normaliser and the metrics' token count), in double.
