@@ -864,11 +864,13 @@ def test_every_instruction_set_build_agrees(cpu_ext):
             out = torch.ops.iama.policy_loss_fwd(logp.to(dtype), old.to(dtype), ref.to(dtype), adv, mask,
                                                  0.2, 0.2, 0.05, "grpo", None, False, 1.15, True)
             results.append([t.double() for t in out])
-        for surrogate in ("cispo", "sapo"):  # ratios off the clip range; both signs of A
+        for surrogate in ("cispo", "sapo", "vespo"):  # ratios off the clip range; both signs of A
+            # VESPO: token log-ratios whose row sums stay about +-0.2, where the weights vary
+            lp, o = (logp + 0.3, old) if surrogate != "vespo" else (logp, logp + 0.05 * (old - logp))
             for dtype in (torch.float32, torch.float64):
-                out = torch.ops.iama.policy_loss_fwd((logp + 0.3).to(dtype), old.to(dtype), ref.to(dtype),
+                out = torch.ops.iama.policy_loss_fwd(lp.to(dtype), o.to(dtype), ref.to(dtype),
                                                      adv, mask, 0.2, 0.28, 0.05, "grpo", None, False, None,
-                                                     False, surrogate, 1.2, 0.8, True)
+                                                     False, surrogate, 1.2, 0.8, True, 1.5, 2.5, 3.0, 1.2)
                 results.append([t.double() for t in out])
         rewards = torch.randn(300, 16, 2, generator=g)
         rewards[::4] = torch.randint(0, 2, rewards[::4].shape, generator=g).float()
@@ -889,11 +891,13 @@ def test_every_instruction_set_build_agrees(cpu_ext):
     dual_oracle = per_isa["generic"][4]
     seq_oracle = per_isa["generic"][6]
     assert float(dual_oracle[5]) > 0.02  # some tokens are dual-clipped
-    surrogate_oracles = per_isa["generic"][8:11:2]  # the float64 CISPO and SAPO results
+    surrogate_oracles = per_isa["generic"][8:13:2]  # the float64 CISPO, SAPO and VESPO results
     assert float(surrogate_oracles[0][2]) > 0.05  # some CISPO weights are clipped
+    log_w = surrogate_oracles[2][7]  # VESPO's: weights on both sides of 1
+    assert float(log_w.min()) < -0.05 and float(log_w.max()) > 0.05
     for isa, (f32, bf16, f64, f32_dual, f64_dual, f32_seq, f64_seq, *rest) in per_isa.items():
-        surrogates, groups = rest[:4], rest[4:]
-        pairs = (surrogates[0:2], surrogates[2:4])
+        surrogates, groups = rest[:6], rest[6:]
+        pairs = (surrogates[0:2], surrogates[2:4], surrogates[4:6])
         for (f32_surr, f64_surr), want in zip(pairs, surrogate_oracles, strict=True):
             for a, b in zip(f32_surr, want, strict=True):
                 assert_matches_reference(a, b, rel=1e-5, name=f"{isa} float32 surrogate")
@@ -904,7 +908,7 @@ def test_every_instruction_set_build_agrees(cpu_ext):
         for a, b in zip(f64_seq, seq_oracle, strict=True):
             assert_matches_reference(a, b, rel=1e-12, name=f"{isa} float64 sequence ratio")
         # the group kernels (fixed-size pass, and for AVX-512 the fused G = 16 kernel) round alike
-        for a, b in zip(groups, per_isa["generic"][11:], strict=True):
+        for a, b in zip(groups, per_isa["generic"][13:], strict=True):
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), isa
         for a, b in zip(f32, oracle, strict=True):
             assert_matches_reference(a, b, rel=1e-5, name=f"{isa} float32")

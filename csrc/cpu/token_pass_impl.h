@@ -74,7 +74,7 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       // A build with a hand-vectorised row for the most common case (float32, bool mask, plain
       // k3, row advantages; every surrogate) uses it; the other cases take the templated row.
       if constexpr (std::is_same_v<lp_t, float> && std::is_same_v<aux_t, float> && std::is_same_v<mask_t, uint8_t>) {
-        if (!p.ratio_kl && !token_adv && p.surrogate != kSurrVespo) {
+        if (!p.ratio_kl && !token_adv) {
           sums = policy_loss_row_f32_byte(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
                                           beta, dual_c, dual && p.surrogate == kSurrClip, p.seq_old != nullptr, lr0,
                                           p.surrogate, tau_pos, tau_neg, grad_row);

@@ -15,8 +15,8 @@
 //   * A is the row's constant, so the dual clip, which only acts where A < 0, is compiled into
 //     the loop only for rows with A < 0 and a finite c (kDual), and the clipped-above weight is
 //     the row's clipped weight or 0 (no sum of its own); SAPO's temperature is the row's too.
-// kSurr: the surrogate (SurrogateKind), with token_terms' formulas for CISPO and SAPO (CISPO keeps
-// a clipped-above sum: its clipped weight counts both sides).
+// kSurr: the surrogate (SurrogateKind), with token_terms' formulas for CISPO, SAPO and VESPO (CISPO
+// keeps a clipped-above sum: its clipped weight counts both sides; VESPO's A is the row's A * phi).
 #pragma once
 
 #include <immintrin.h>
@@ -102,7 +102,10 @@ inline Terms16 token_terms16(const float* logp, const float* old, const float* r
   // The policy term, its derivative in logp, and the clipped / clipped-above / dual flags.
   __m512 surrogate, d_surr;
   __mmask16 clip_flag = 0, high_flag = 0, dual = 0;
-  if constexpr (kSurr == kSurrCispo) {
+  if constexpr (kSurr == kSurrVespo) {  // REINFORCE on A * phi: nothing clipped
+    surrogate = _mm512_mul_ps(c.A, lp);
+    d_surr = c.A;
+  } else if constexpr (kSurr == kSurrCispo) {
     surrogate = _mm512_mul_ps(_mm512_mul_ps(clipped, c.A), lp);
     d_surr = _mm512_mul_ps(clipped, c.A);
     clip_flag = _mm512_cmp_ps_mask(clipped, ratio, _CMP_NEQ_UQ);  // `!=`: true for a NaN ratio
@@ -195,7 +198,7 @@ inline RowSums row_f32_byte(const float* logp, const float* old, const float* re
     }
     acc_loss = _mm512_add_pd(acc_loss, tile_sum(v[0].loss, v[1].loss, v[2].loss, v[3].loss));
     acc_kl = _mm512_add_pd(acc_kl, tile_sum(v[0].kl, v[1].kl, v[2].kl, v[3].kl));
-    if constexpr (kSurr != kSurrSapo) {
+    if constexpr (kSurr != kSurrSapo && kSurr != kSurrVespo) {  // they clip nothing
       acc_clip = _mm512_add_pd(acc_clip, tile_sum(v[0].clip, v[1].clip, v[2].clip, v[3].clip));
     }
     acc_ratio = _mm512_add_pd(acc_ratio, tile_sum(v[0].ratio, v[1].ratio, v[2].ratio, v[3].ratio));
@@ -229,6 +232,8 @@ inline RowSums policy_loss_row_f32_byte(const float* logp, const float* old, con
         return row(std::false_type{}, with_seq, std::integral_constant<int, kSurrCispo>{});
       case kSurrSapo:
         return row(std::false_type{}, with_seq, std::integral_constant<int, kSurrSapo>{});
+      case kSurrVespo:  // token-level ratios only: the with_seq build is never called
+        return row(std::false_type{}, std::false_type{}, std::integral_constant<int, kSurrVespo>{});
       default:
         using Clip = std::integral_constant<int, kSurrClip>;
         return dual ? row(std::true_type{}, with_seq, Clip{}) : row(std::false_type{}, with_seq, Clip{});
