@@ -87,20 +87,21 @@ struct NonlinearGRPOFunction : public torch::autograd::Function<NonlinearGRPOFun
                                c10::string_view scale, double eps, double eps_low, double eps_high, double beta,
                                c10::string_view loss_type, std::optional<int64_t> max_completion_length,
                                bool ratio_kl, std::optional<double> dual_clip, bool seq_ratio,
-                               c10::string_view surrogate, double tau_pos, double tau_neg) {
+                               c10::string_view surrogate, double tau_pos, double tau_neg, double vespo_k_pos,
+                               double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg) {
     static const auto op = typed_op<decltype(nonlinear_grpo_fwd)>("iama::nonlinear_grpo_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, adv, kl, clip, ratio, values, lratio, dual, high, seq, grad] =
         op.call(logp, old_logp, ref_logp, mask, rewards, criterion_weights, kinds, ns, taus, estimator, scale, eps,
                 eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl, dual_clip, seq_ratio,
-                surrogate, tau_pos, tau_neg);
+                surrogate, tau_pos, tau_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
     ctx->save_for_backward({grad.detach()});
     ctx->set_materialize_grads(false);  // else autograd fills a zero [S, T] for the grad output
     ctx->mark_non_differentiable({adv, kl, clip, ratio, values, lratio, dual, high, seq, grad});
     return {loss, adv, kl, clip, ratio, values, lratio, dual, high, seq, grad};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(23);
+    variable_list out(27);
     out[0] = scaled(ctx, grads[0]);
     return out;
   }
@@ -129,11 +130,13 @@ nonlinear_grpo_autograd(
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,
     double eps_low, double eps_high, double beta, c10::string_view loss_type,
     std::optional<int64_t> max_completion_length, bool ratio_kl, std::optional<double> dual_clip,
-    bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg) {
+    bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg, double vespo_k_pos,
+    double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg) {
   const variable_list o =
       NonlinearGRPOFunction::apply(logp, old_logp, ref_logp, mask, rewards, criterion_weights, kinds, ns, taus,
                                    estimator, scale, eps, eps_low, eps_high, beta, loss_type, max_completion_length,
-                                   ratio_kl, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg);
+                                   ratio_kl, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, vespo_k_pos,
+                                   vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10]};
 }
 

@@ -35,11 +35,12 @@ from tqdm.auto import tqdm
 from iama_kernels import group_values, nonlinear_grpo_loss
 from iama_kernels._checks import (
     ESTIMATORS,
-    FUSED_SURROGATES,
     LOSS_TYPES,
     RATIO_LEVELS,
     SCALES,
+    SURROGATES,
     check_group_sizes,
+    check_vespo,
 )
 from iama_kernels.objectives import Criterion, Objective, Transform, as_objective
 
@@ -75,8 +76,10 @@ class TrainerConfig:
         loss_type, estimator, scale, eps: passed to :func:`iama_kernels.nonlinear_grpo_loss`.
         ratio_level: ``"token"`` (PPO's per-token ratios) or ``"sequence"`` (GSPO's ratio per
             completion, the exp of its mean log-ratio); matters from the second inner epoch on.
-        surrogate, tau_pos, tau_neg: the policy term (``"clip"``, ``"cispo"``, ``"sapo"``) and
-            SAPO's temperatures, as in :func:`iama_kernels.policy_loss`.
+        surrogate, tau_pos, tau_neg: the policy term (``"clip"``, ``"cispo"``, ``"sapo"``,
+            ``"vespo"``) and SAPO's temperatures, as in :func:`iama_kernels.policy_loss`.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's shapes and rates
+            (``surrogate="vespo"``, token-level ratios), as in :func:`iama_kernels.policy_loss`.
         gradient_accumulation_steps: each step's groups are split into this many micro-batches
             (whole groups) whose gradients are accumulated into one optimizer update.
         max_grad_norm: gradient clipping (``None`` for none).
@@ -116,6 +119,10 @@ class TrainerConfig:
     surrogate: str = "clip"
     tau_pos: float = 1.0
     tau_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     estimator: str = "plugin"
     scale: str = "group"
     eps: float = 1e-4
@@ -162,10 +169,15 @@ class TrainerConfig:
                 raise ValueError(f"TrainerConfig.{name} must be a finite float > 0, got {v!r}")
         for name, choices in (("loss_type", LOSS_TYPES), ("estimator", ESTIMATORS), ("scale", SCALES),
                               ("optimizer", _OPTIMIZERS), ("ratio_level", RATIO_LEVELS),
-                              ("surrogate", FUSED_SURROGATES)):
+                              ("surrogate", SURROGATES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainerConfig.{name} must be one of {choices}, "
                                  f"got {getattr(self, name)!r}")
+        check_vespo(self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg,
+                    prefix="TrainerConfig.vespo_")
+        if self.surrogate == "vespo" and self.ratio_level != "token":
+            raise ValueError("TrainerConfig.surrogate='vespo' takes ratio_level='token' (its weight is "
+                             f"already one per completion), got {self.ratio_level!r}")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"TrainerConfig.dtype must be None or one of {tuple(_DTYPES)}, "
                              f"got {self.dtype!r}")
@@ -421,6 +433,8 @@ class NonLinearGRPOTrainer:
                         loss_type=cfg.loss_type, criterion_weights=lam,
                         max_completion_length=cfg.max_new_tokens, ratio_level=cfg.ratio_level,
                         surrogate=cfg.surrogate, tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg,
+                        vespo_k_pos=cfg.vespo_k_pos, vespo_lambda_pos=cfg.vespo_lambda_pos,
+                        vespo_k_neg=cfg.vespo_k_neg, vespo_lambda_neg=cfg.vespo_lambda_neg,
                         impl=cfg.impl,
                     )
                     tokens = float(sub.completion_mask.sum())

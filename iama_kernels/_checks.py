@@ -39,8 +39,6 @@ RATIO_LEVELS = ("token", "sequence")  # policy_loss: per-token ratios, or GSPO's
 # policy_loss: PPO's clipped ratio, CISPO's clipped importance weight (MiniMax-M1), SAPO's soft gate,
 # VESPO's gamma weight of the sequence ratio
 SURROGATES = ("clip", "cispo", "sapo", "vespo")
-# nonlinear_grpo_loss's (VESPO's sequence weight is policy_loss's alone)
-FUSED_SURROGATES = ("clip", "cispo", "sapo")
 # VESPO's (k_pos, lambda_pos, k_neg, lambda_neg): TRL's defaults
 VESPO_DEFAULTS = (2.0, 3.0, 3.0, 2.0)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -64,11 +64,13 @@ def _policy_loss_fwd_fake(logp, old_logp, ref_logp, advantages, mask, eps_low, e
 def _nonlinear_grpo_fwd_fake(logp, old_logp, ref_logp, mask, rewards, criterion_weights, kinds, ns,  # type: ignore[no-untyped-def]
                              taus, estimator, scale, eps, eps_low, eps_high, beta, loss_type,
                              max_completion_length, ratio_kl=False, dual_clip=None, seq_ratio=False,
-                             surrogate="clip", tau_pos=1.0, tau_neg=1.05):
+                             surrogate="clip", tau_pos=1.0, tau_neg=1.05, vespo_k_pos=2.0,
+                             vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
     torch._check(rewards.dim() == 3, lambda: "rewards must have shape [B, G, m]")
     B, G, m = rewards.shape
     rdtype = _compute_dtype(rewards.dtype)
-    loss, kl, clip, ratio, lratio, dual, high, seq, grad = _token_outputs_fake(logp, seq_ratio)
+    per_row = seq_ratio or surrogate == "vespo"  # GSPO's mean log-ratios or VESPO's log weights
+    loss, kl, clip, ratio, lratio, dual, high, seq, grad = _token_outputs_fake(logp, per_row)
     return (loss, rewards.new_empty((B, G), dtype=rdtype), kl, clip, ratio,
             rewards.new_empty((B, m), dtype=rdtype), lratio, dual, high, seq, grad)
 

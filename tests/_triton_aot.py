@@ -143,9 +143,10 @@ def main() -> None:
         compile_kernel(_policy_loss_fwd_kernel, dict(ratio_kl, TOKEN_ADV=True, SURROGATE=code), 8)
         compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, SURROGATE=code),
                        max(4, group_warps(16)))
-    # VESPO (TRL's "vespo": token normaliser, row or per-token advantages, the ratio KL)
+    # VESPO (TRL's "vespo": token normaliser, row or per-token advantages, the ratio KL; fused)
     compile_kernel(_policy_loss_fwd_kernel, dict(ratio_kl, SURROGATE=3), 8)
     compile_kernel(_policy_loss_fwd_kernel, dict(ratio_kl, TOKEN_ADV=True, SURROGATE=3), 8)
+    compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, SURROGATE=3), max(4, group_warps(16)))
     compile_kernel(_finalize_kernel, {"LOSS_TYPE": 1, "NP": 8, "BLOCK_P": 1024}, 4)
     for BG, M in [(2, 1), (16, 2), (32, 3), (128, 1)]:
         compile_kernel(_nonlinear_grpo_fwd_kernel, {"BG": BG, "M": M, "SCALE": 1, "HAS_OLD": True,

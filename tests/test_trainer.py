@@ -122,6 +122,10 @@ def test_construction_errors(tmp_path):
         TrainerConfig(surrogate="ppo")
     with pytest.raises(ValueError, match="tau_neg must be a finite float > 0"):
         TrainerConfig(tau_neg=0.0)
+    with pytest.raises(ValueError, match=r"TrainerConfig\.vespo_lambda_neg must be a finite float > 0"):
+        TrainerConfig(vespo_lambda_neg=0.0)
+    with pytest.raises(ValueError, match="surrogate='vespo' takes ratio_level='token'"):
+        TrainerConfig(surrogate="vespo", ratio_level="sequence")
 
 
 def test_reward_error_names_criterion_and_prompt(tmp_path):
@@ -167,18 +171,22 @@ def test_sequence_ratio_changes_the_second_inner_epoch(tmp_path):
 
 
 def test_surrogate_reaches_the_loss(tmp_path):
-    """CISPO and SAPO change the second inner epoch's update (the first has ratio 1, where every
-    surrogate's gradient is PPO's); SAPO's temperature acts."""
+    """CISPO, SAPO and VESPO change the second inner epoch's update (the first has ratio 1, where
+    every surrogate's gradient is PPO's); SAPO's temperature and VESPO's rates act."""
     updates = {}
     for name, extra in (("clip", {}), ("cispo", {"surrogate": "cispo"}), ("sapo", {"surrogate": "sapo"}),
-                        ("sapo-hot", {"surrogate": "sapo", "tau_pos": 4.0, "tau_neg": 4.0})):
+                        ("sapo-hot", {"surrogate": "sapo", "tau_pos": 4.0, "tau_neg": 4.0}),
+                        ("vespo", {"surrogate": "vespo"}),
+                        ("vespo-steep", {"surrogate": "vespo", "vespo_lambda_pos": 40.0, "vespo_k_pos": 40.0,
+                                         "vespo_lambda_neg": 40.0, "vespo_k_neg": 40.0})):
         trainer = make(tmp_path / name, optimizer="sgd", learning_rate=1.0, max_grad_norm=None,
                        prompts_per_step=4, inner_epochs=2, eps_low=0.01, eps_high=0.01, **extra)
         before = params(trainer.model)
         trainer.train(1)
         updates[name] = torch.cat([(v - before[k]).flatten() for k, v in params(trainer.model).items()])
     assert float(updates["clip"].abs().max()) > 1e-3
-    for a, b in (("cispo", "clip"), ("sapo", "clip"), ("sapo-hot", "sapo"), ("cispo", "sapo")):
+    for a, b in (("cispo", "clip"), ("sapo", "clip"), ("sapo-hot", "sapo"), ("cispo", "sapo"),
+                 ("vespo", "cispo"), ("vespo-steep", "vespo")):
         assert not torch.allclose(updates[a], updates[b], rtol=1e-3, atol=1e-6), (a, b)
 
 

@@ -656,14 +656,16 @@ FUSED_TOKEN_OPTIONS = {  # objective, seed, options; and the metric that must sh
                            "eps_high": 0.1}, "clip_high_fraction"),
     "sapo": ("smoothmin", 16, {"beta": 0.05, "loss_type": "grpo", "surrogate": "sapo", "tau_neg": 1.5},
              None),
+    "vespo": ("wsum", 17, {"beta": 0.05, "loss_type": "token", "surrogate": "vespo", "vespo_k_pos": 1.5,
+                           "vespo_lambda_pos": 2.5, "vespo_lambda_neg": 1.2}, None),
 }
 
 
 @pytest.mark.parametrize("scale", ["group", "batch"])  # batch: the launch that runs the token kernel
 @pytest.mark.parametrize("option", list(FUSED_TOKEN_OPTIONS))
 def test_nonlinear_grpo_token_options(lane: Lane, scale: str, option: str) -> None:
-    """kl_weight="ratio", dual_clip, ratio_level="sequence" and the CISPO and SAPO surrogates in
-    the fused kernel (and in the batch-scale path) against the reference."""
+    """kl_weight="ratio", dual_clip, ratio_level="sequence" and the CISPO, SAPO and VESPO
+    surrogates in the fused kernel (and in the batch-scale path) against the reference."""
     objective, seed, options, acting = FUSED_TOKEN_OPTIONS[option]
     obj = OBJECTIVES[objective]
     G = 8

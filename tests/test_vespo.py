@@ -212,12 +212,32 @@ def test_options_are_checked_whatever_the_surrogate() -> None:
         policy_loss(inp["logp"], inp["old_logp"], None, inp["advantages"], inp["mask"], vespo_lambda_pos=0.0)
 
 
-def test_nonlinear_grpo_loss_refuses_vespo() -> None:
-    inp = _inputs(S=4, T=5, seed=80)
-    with pytest.raises(ValueError, match="surrogate='vespo' is policy_loss's"):
-        nonlinear_grpo_loss(inp["logp"], inp["old_logp"], None, inp["mask"],
-                            random_rewards(2, 2, generator=torch.Generator().manual_seed(0)),
-                            BestOfN(1), impl="reference", surrogate="vespo")
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+def test_nonlinear_grpo_loss_takes_vespo(impl: str, request: pytest.FixtureRequest) -> None:
+    """The one-pass op with VESPO is policy_loss's VESPO on its non-linear advantages (C++: the
+    same token pass, so bit for bit); float32 against the float64 reference."""
+    if impl == "cpu":
+        request.getfixturevalue("cpu_ext")
+    B, G, T = 3, 4, 9
+    inp = _inputs(S=B * G, T=T, seed=70, dtype=torch.float32)
+    rewards = random_rewards(B, G, generator=torch.Generator().manual_seed(1))
+    kw = {"beta": 0.05, "surrogate": "vespo", "loss_type": "token", **VESPO}
+    fused = nonlinear_grpo_loss(inp["logp"], inp["old_logp"], inp["ref_logp"], inp["mask"], rewards,
+                                BestOfN(2), impl=impl, **kw)
+    sep = policy_loss(inp["logp"], inp["old_logp"], inp["ref_logp"], fused.advantages.reshape(-1),
+                      inp["mask"], impl=impl, **kw)
+    assert torch.equal(fused.loss, sep.loss) and torch.equal(fused.sequence_log_ratio, sep.sequence_log_ratio)
+    cispo = policy_loss(inp["logp"], inp["old_logp"], inp["ref_logp"], fused.advantages.reshape(-1),
+                        inp["mask"], impl=impl, **dict(kw, surrogate="cispo", eps_low=0.0, eps_high=0.0))
+    assert not torch.allclose(fused.loss, cispo.loss, rtol=1e-3)
+    want = nonlinear_grpo_loss(*(inp[k].double() for k in ("logp", "old_logp", "ref_logp")), inp["mask"],
+                               rewards.double(), BestOfN(2), impl="reference", **kw)
+    torch.testing.assert_close(fused.loss.double(), want.loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fused.sequence_log_ratio.double(), want.sequence_log_ratio, rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="surrogate='vespo' takes token-level ratios"):
+        nonlinear_grpo_loss(inp["logp"], inp["old_logp"], None, inp["mask"], rewards, BestOfN(2),
+                            impl=impl, surrogate="vespo", ratio_level="sequence")
 
 
 def test_op_checks_its_own_options(cpu_ext) -> None:

@@ -16,8 +16,8 @@ nonlinear_grpo_fwd(
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,
     double eps_low, double eps_high, double beta, c10::string_view loss_type,
     std::optional<int64_t> max_completion_length, bool ratio_kl, std::optional<double> dual_clip,
-    bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg) {
-  TORCH_CHECK_VALUE(surrogate != "vespo", "nonlinear_grpo_fwd takes surrogate 'clip', 'cispo' or 'sapo'");
+    bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg, double vespo_k_pos,
+    double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg) {
   TORCH_CHECK_VALUE(rewards.dim() == 3, "rewards must have shape [B, G, m], got ", rewards.sizes());
   TORCH_CHECK_VALUE(logp.dim() == 2 && logp.size(0) == rewards.size(0) * rewards.size(1), "logp must have B * G = ",
                     rewards.size(0) * rewards.size(1), " rows (group-major), got shape ", logp.sizes());
@@ -32,7 +32,7 @@ nonlinear_grpo_fwd(
   auto [loss, kl, clip, ratio, lratio, dual, high, seq, row_clip, grad] =
       policy_loss_fwd(logp, old_logp, ref_logp, adv.reshape({-1}), mask, eps_low, eps_high, beta, loss_type,
                       max_completion_length, ratio_kl, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, false,
-                      2.0, 3.0, 3.0, 2.0);
+                      vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
   return {loss, adv, kl, clip, ratio, values, lratio, dual, high, seq, grad};
 }
 

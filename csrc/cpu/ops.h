@@ -47,7 +47,8 @@ nonlinear_grpo_fwd(
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,
     double eps_low, double eps_high, double beta, c10::string_view loss_type,
     std::optional<int64_t> max_completion_length, bool ratio_kl, std::optional<double> dual_clip,
-    bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg);
+    bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg, double vespo_k_pos,
+    double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg);
 
 // logp, old_logp, mask [S, T] -> (sums [S], support [S]) in float64: each row's sum of
 // clamp(logp - old_logp, clamp_low, clamp_high) over its tokens with a non-zero mask, and their

@@ -61,7 +61,7 @@ from typing import Any
 import torch
 
 from iama_kernels import policy_loss
-from iama_kernels._checks import FUSED_SURROGATES, RATIO_LEVELS, check_choice
+from iama_kernels._checks import RATIO_LEVELS, check_choice
 from iama_kernels._dispatch import IMPLS
 
 POLICY_LOSS_NAME = "iama"
@@ -70,7 +70,7 @@ VERL_LOSSES = {"vanilla": (POLICY_LOSS_NAME, "token", "clip"), "gspo": ("iama_gs
                "cispo": ("iama_cispo", "token", "cispo"), "sapo": ("iama_sapo", "token", "sapo"),
                "gpg": ("iama_gpg", "token", "gpg")}
 # verl's surrogates on the kernel's (gpg: the kernel's "cispo" without old_log_prob)
-VERL_SURROGATES = (*FUSED_SURROGATES, "gpg")
+VERL_SURROGATES = ("clip", "cispo", "sapo", "gpg")
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm",
                   "seq-mean-token-mean")
 

@@ -8,7 +8,7 @@ import torch
 
 from .. import _cpu_backend as _cb
 from .. import _triton_backend as _tb
-from .._checks import KL_WEIGHTS, RATIO_LEVELS, check_choice, check_dual_clip, check_surrogate
+from .._checks import KL_WEIGHTS, RATIO_LEVELS, check_choice, check_dual_clip, check_surrogate, check_vespo
 from .._dispatch import Backend, Call, choose, reference_check
 from .._types import NonlinearGRPOOutput
 from ..advantages.api import prepare_group_inputs
@@ -46,6 +46,10 @@ def nonlinear_grpo_loss(
     surrogate: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
     impl: str = "auto",
 ) -> NonlinearGRPOOutput:
     """The one-pass non-linear GRPO op: group rewards to advantages, then the token loss.
@@ -59,9 +63,10 @@ def nonlinear_grpo_loss(
         rewards: ``[B, G]`` or ``[B, G, m]`` floating rewards, finite.
         objective, estimator, scale, eps, criterion_weights: as in :func:`group_advantages`.
         eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight, dual_clip,
-        ratio_level, surrogate, tau_pos, tau_neg: as in :func:`policy_loss` (``surrogate``
-            ``"clip"``, ``"cispo"`` or ``"sapo"``; VESPO's weight is :func:`policy_loss`'s, on
-            the advantages of :func:`group_advantages`).
+        ratio_level, surrogate, tau_pos, tau_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+        vespo_lambda_neg: as in :func:`policy_loss` (with ``surrogate="vespo"`` each row's gamma
+            weight multiplies its non-linear advantage; ``sequence_log_ratio`` holds the rows'
+            log weights).
         impl: ``"auto"`` or an explicit backend name.
 
     Returns:
@@ -77,9 +82,10 @@ def nonlinear_grpo_loss(
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     dual_clip = check_dual_clip(dual_clip)
     tau_pos, tau_neg = check_surrogate(surrogate, tau_pos, tau_neg, dual_clip)
-    if surrogate == "vespo":
-        raise ValueError("surrogate='vespo' is policy_loss's (on the advantages of group_advantages); "
-                         "nonlinear_grpo_loss takes 'clip', 'cispo' or 'sapo'")
+    vespo = check_vespo(vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+    if surrogate == "vespo" and ratio_level != "token":
+        raise ValueError("surrogate='vespo' takes token-level ratios (its weight is already one per "
+                         f"sequence), got ratio_level={ratio_level!r}")
     rewards, objective, criterion_weights, _, eps = prepare_group_inputs(
         rewards, objective, estimator, scale, eps, criterion_weights, None
     )
@@ -96,4 +102,4 @@ def nonlinear_grpo_loss(
     backend = choose("nonlinear_grpo_loss", impl, _NONLINEAR_GRPO_BACKENDS, call)
     return backend.run(logp, old_logp, ref_logp, mask, rewards, objective, estimator, scale, eps,
                        eps_low, eps_high, beta, loss_type, criterion_weights, max_completion_length,
-                       kl_weight, dual_clip, ratio_level, surrogate, tau_pos, tau_neg)
+                       kl_weight, dual_clip, ratio_level, surrogate, tau_pos, tau_neg, vespo)

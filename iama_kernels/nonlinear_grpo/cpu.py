@@ -38,6 +38,7 @@ def nonlinear_grpo_loss_cpu(
     surrogate: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
 ) -> NonlinearGRPOOutput:
     """Rewards ``[B, G, m]`` and ``[B * G, T]`` token inputs -> :class:`NonlinearGRPOOutput`."""
     kinds, ns, taus = objective_codes(objective)
@@ -46,9 +47,10 @@ def nonlinear_grpo_loss_cpu(
         torch.ops.iama.nonlinear_grpo_fwd(
             logp, old_logp, ref_logp, mask, rewards, lam, kinds, ns, taus, estimator, scale, eps,
             eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight == "ratio", dual_clip,
-            ratio_level == "sequence", surrogate, tau_pos, tau_neg,
+            ratio_level == "sequence", surrogate, tau_pos, tau_neg, *vespo,
         )
     )
+    per_row = ratio_level == "sequence" or surrogate == "vespo"
     return NonlinearGRPOOutput(loss, advantages.detach(), kl.detach(), clip_fraction.detach(),
                                ratio_mean.detach(), values.detach(), lam, lratio.detach(), dual.detach(),
-                               high.detach(), seq.detach() if ratio_level == "sequence" else None)
+                               high.detach(), seq.detach() if per_row else None)

@@ -65,6 +65,7 @@ def _nonlinear_grpo_fwd_kernel(
     logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, partial_ptr, seq_ptr,
     s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt,
     T, rows_per_prog, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg, norm,
+    vk_pos, vl_pos, vk_neg, vl_neg,
     BG: tl.constexpr, M: tl.constexpr, SCALE: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr, RATIO_KL: tl.constexpr = False,
@@ -97,7 +98,7 @@ def _nonlinear_grpo_fwd_kernel(
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, 0, 0,
             T, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg, norm, loss, kl, clip, ratio,
             lratio, dual, high, HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL,
-            DUAL_CLIP, False, SEQ_RATIO, SURROGATE,
+            DUAL_CLIP, False, SEQ_RATIO, SURROGATE, None, False, vk_pos, vl_pos, vk_neg, vl_neg,
         )
         msum += r_m
     _store_partials(partial_ptr, b * tl.num_programs(1) + split, loss, msum, kl, clip, ratio,
@@ -118,10 +119,12 @@ def _nonlinear_grpo_fwd(
     eps_high: float, beta: float, loss_type: str, max_completion_length: int, need_grad: bool,
     ratio_kl: bool = False, dual_clip: float | None = None, seq_ratio: bool = False,
     surrogate: str = "clip", tau_pos: float = 1.0, tau_neg: float = 1.05,
+    vespo: tuple[float, ...] = (2.0, 3.0, 3.0, 2.0),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One launch (plus the partials reduction). Returns float32 ``stats [N_STATS]``,
     ``advantages [B, G]``, ``values [B, m]``, GSPO's per-row log-ratios (``[S]`` with
-    ``seq_ratio``, else empty) and the gradient (``[S, T]`` or empty)."""
+    ``seq_ratio``; VESPO's log weights with ``surrogate="vespo"``; else empty) and the gradient
+    (``[S, T]`` or empty)."""
     B, G, m = rewards.shape
     S, T = logp.shape
     dev = logp.device
@@ -135,12 +138,12 @@ def _nonlinear_grpo_fwd(
     partials = torch.empty(B * splits, N_PARTIALS, dtype=torch.float32, device=dev)
     block_t, warps = token_block(T, logp.element_size())
     dual_c, has_dual = dual_clip_args(dual_clip)
-    seq = sequence_buffer(S, seq_ratio, dev)
+    seq = sequence_buffer(S, seq_ratio or surrogate == "vespo", dev)
     _nonlinear_grpo_fwd_kernel[(B, splits)](
         rewards, *rewards.stride(), tables, crit, lam, adv, values, G, eps,
         *args[:5], partials, seq, *args[5:],
         T, rpp, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg,
-        row_norm(S, T, loss_type, max_len),
+        row_norm(S, T, loss_type, max_len), *vespo,
         BG=tables.shape[-1], M=m, SCALE=scale_code,
         HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
         LOSS_TYPE=LOSS_TYPE_CODES[loss_type], WRITE_GRAD=need_grad, BLOCK_T=block_t,
@@ -159,23 +162,28 @@ def _nonlinear_grpo_op(
     eps_high: float, beta: float, loss_type: str, max_completion_length: int, need_grad: bool,
     ratio_kl: bool = False, dual_clip: float | None = None, seq_ratio: bool = False,
     surrogate: str = "clip", tau_pos: float = 1.0, tau_neg: float = 1.05,
+    vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with launch_device(logp.device):
         return _nonlinear_grpo_fwd(logp, old_logp, ref_logp, mask, rewards, lam, codes, taus,
                                    estimator, eps, scale_code, eps_low, eps_high, beta, loss_type,
                                    max_completion_length, need_grad, ratio_kl, dual_clip,
-                                   seq_ratio, surrogate, tau_pos, tau_neg)
+                                   seq_ratio, surrogate, tau_pos, tau_neg,
+                                   (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg))
 
 
 @_nonlinear_grpo_op.register_fake
 def _(logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps, scale_code,
       eps_low, eps_high, beta, loss_type, max_completion_length, need_grad, ratio_kl=False,
-      dual_clip=None, seq_ratio=False, surrogate="clip", tau_pos=1.0, tau_neg=1.05):
+      dual_clip=None, seq_ratio=False, surrogate="clip", tau_pos=1.0, tau_neg=1.05, vespo_k_pos=2.0,
+      vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
     B, G, m = rewards.shape
     f32 = torch.float32
     shape = tuple(logp.shape) if need_grad else (0, 0)
+    per_row = seq_ratio or surrogate == "vespo"
     return (logp.new_empty(N_STATS, dtype=f32), logp.new_empty((B, G), dtype=f32),
-            logp.new_empty((B, m), dtype=f32), logp.new_empty(logp.shape[0] if seq_ratio else 0, dtype=f32),
+            logp.new_empty((B, m), dtype=f32), logp.new_empty(logp.shape[0] if per_row else 0, dtype=f32),
             logp.new_empty(shape, dtype=grad_dtype(logp)))
 
 
@@ -218,6 +226,7 @@ def nonlinear_grpo_loss_triton(
     surrogate: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
 ) -> NonlinearGRPOOutput:
     """Triton :func:`iama_kernels.nonlinear_grpo_loss`; rewards ``[B, G, m]``, validated."""
     ratio_kl = kl_weight == "ratio"
@@ -232,15 +241,16 @@ def nonlinear_grpo_loss_triton(
         adv = scale_advantages(shaped, "batch", eps, None)
         stats, seq, _, _ = _policy_loss_op(logp, old_logp, ref_logp, adv.reshape(-1), mask, eps_low,
                                            eps_high, beta, loss_type, max_len, need, ratio_kl,
-                                           dual_clip, seq_ratio, surrogate, tau_pos, tau_neg)
+                                           dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, False,
+                                           *vespo)
     else:
         stats, adv, values, seq, _ = _nonlinear_grpo_op(
             logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps,
             SCALE_CODES[scale],
             eps_low, eps_high, beta, loss_type, max_len, need, ratio_kl, dual_clip, seq_ratio,
-            surrogate, tau_pos, tau_neg,
+            surrogate, tau_pos, tau_neg, *vespo,
         )
     metrics = stats.detach()
     return NonlinearGRPOOutput(stats[0], adv.detach(), metrics[1], metrics[2], metrics[3],
                                values.detach(), lam, metrics[5], metrics[6], metrics[7],
-                               seq.detach() if seq_ratio else None)
+                               seq.detach() if seq_ratio or surrogate == "vespo" else None)
