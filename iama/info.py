@@ -111,6 +111,9 @@ def _cases(x: dict[str, Any]) -> dict[str, tuple[Callable[..., Any], tuple, dict
         "policy_loss vespo": (  # VESPO's gamma weight of each sequence's ratio
             policy_loss, (x["logp"], x["old"], x["ref"], x["advantages"], x["mask"]),
             dict(loss_kw, surrogate="vespo", loss_type="token"), True),
+        "policy_loss dppo": (  # DPPO's binary-KL trust region with its weight cap, as verl's
+            policy_loss, (x["logp"], x["old"], None, x["token_advantages"], x["mask"]),
+            dict(loss_kw, beta=0.0, surrogate="dppo_kl", dual_clip=1.3, loss_type="token"), True),
         "nonlinear_grpo_loss": (nonlinear_grpo_loss, (x["logp"], x["old"], x["ref"], x["mask"], x["rewards"],
                                                       _OBJECTIVE), dict(loss_kw, estimator="unbiased"), True),
     }

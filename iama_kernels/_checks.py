@@ -37,8 +37,10 @@ LOSS_TYPES = ("grpo", "token", "dr_grpo")
 KL_WEIGHTS = ("none", "ratio")  # policy_loss: plain k3, or k3 weighted by the ratio (TRL bias correction)
 RATIO_LEVELS = ("token", "sequence")  # policy_loss: per-token ratios, or GSPO's one per sequence
 # policy_loss: PPO's clipped ratio, CISPO's clipped importance weight (MiniMax-M1), SAPO's soft gate,
-# VESPO's gamma weight of the sequence ratio
-SURROGATES = ("clip", "cispo", "sapo", "vespo")
+# VESPO's gamma weight of the sequence ratio, DPPO's divergence masks (total variation, binary KL)
+SURROGATES = ("clip", "cispo", "sapo", "vespo", "dppo_tv", "dppo_kl")
+# The surrogates for which dual_clip means something: the clipped one's dual clip, DPPO's weight cap
+DUAL_CLIP_SURROGATES = ("clip", "dppo_tv", "dppo_kl")
 # VESPO's (k_pos, lambda_pos, k_neg, lambda_neg): TRL's defaults
 VESPO_DEFAULTS = (2.0, 3.0, 3.0, 2.0)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -65,9 +67,9 @@ def check_surrogate(surrogate: object, tau_pos: object, tau_neg: object,
     check_choice("surrogate", surrogate, SURROGATES)
     tau_pos = check_positive_float("tau_pos", tau_pos)
     tau_neg = check_positive_float("tau_neg", tau_neg)
-    if dual_clip is not None and surrogate != "clip":
-        raise ValueError(f"dual_clip applies to surrogate='clip' only, got surrogate={surrogate!r} "
-                         f"with dual_clip={dual_clip}")
+    if dual_clip is not None and surrogate not in DUAL_CLIP_SURROGATES:
+        raise ValueError(f"dual_clip applies to surrogate='clip' (and DPPO's weight cap) only, got "
+                         f"surrogate={surrogate!r} with dual_clip={dual_clip}")
     return tau_pos, tau_neg
 
 

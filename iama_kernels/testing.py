@@ -469,7 +469,13 @@ def policy_loss_by_loops(
     lambda w)`` held constant (gradient ``phi A``; ``(k, lambda)`` the ``_pos`` pair for ``A >= 0``,
     ``log w`` the row's sum of its token log-ratios, each clamped to +-20, clamped to
     ``[log 1e-8, 20]``; a non-finite ``phi`` is 0), never clipped; the returned
-    ``sequence_log_ratio`` holds the ``log w``.
+    ``sequence_log_ratio`` holds the ``log w``. ``"dppo_tv"``/``"dppo_kl"``: ``c A logp`` with
+    ``c = min(exp(clamp(logp - old, -20, 20)), dual_clip)`` held constant where DPPO's trust region
+    holds the token (``p = exp(logp)``, ``q = exp(old)``; TV: ``p - q <= eps_high`` for ``A > 0``,
+    ``p - q >= -eps_low`` otherwise; binary KL ``k = q (log q - log p) + (1 - q) log((1 - q +
+    1e-8) / (1 - p + 1e-8))``: ``k <= eps_high or p <= q`` for ``A > 0``, ``k <= eps_low or
+    p >= q`` otherwise) and 0 elsewhere; clipped where it is not held, dual-clipped where it is
+    and the clamped ratio exceeds ``dual_clip``.
     """
     lp = logp.detach().double().tolist()
     old = lp if old_logp is None else old_logp.detach().double().tolist()
@@ -522,6 +528,20 @@ def policy_loss_by_loops(
             if surrogate == "vespo":
                 clipped = high = False
                 surr, d_surr = phi * A * lp[s][t], phi * A
+            elif surrogate in ("dppo_tv", "dppo_kl"):
+                p, q = math.exp(lp[s][t]), math.exp(old[s][t])
+                if surrogate == "dppo_tv":
+                    held = p - q <= eps_high if A > 0 else p - q >= -eps_low
+                else:
+                    x = (1 - q + 1e-8) / (1 - p + 1e-8)  # torch's log: -inf at 0, NaN below (p > 1)
+                    log_x = math.log(x) if x > 0 else (-math.inf if x == 0 else math.nan)
+                    k = q * (old[s][t] - lp[s][t]) + (1 - q) * log_x
+                    held = (k <= eps_high or p <= q) if A > 0 else (k <= eps_low or p >= q)
+                rho_c = math.exp(min(max(lp[s][t] - old[s][t], -20.0), 20.0))
+                cap = math.inf if dual_clip is None else dual_clip
+                weight = min(rho_c, cap) if held else 0.0
+                clipped, high, dual = not held, (not held) and A > 0, held and rho_c > cap
+                surr, d_surr = weight * A * lp[s][t], weight * A
             elif surrogate == "cispo":
                 clipped = rho < 1 - eps_low or rho > 1 + eps_high
                 surr, d_surr = weight * A * lp[s][t], weight * A

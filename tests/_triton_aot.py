@@ -147,6 +147,10 @@ def main() -> None:
     compile_kernel(_policy_loss_fwd_kernel, dict(ratio_kl, SURROGATE=3), 8)
     compile_kernel(_policy_loss_fwd_kernel, dict(ratio_kl, TOKEN_ADV=True, SURROGATE=3), 8)
     compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, SURROGATE=3), max(4, group_warps(16)))
+    for code in (4, 5):  # DPPO (verl's dppo_tv, dppo_kl): per-token advantages, the weight cap
+        compile_kernel(_policy_loss_fwd_kernel, dict(dual_clip, TOKEN_ADV=True, SURROGATE=code), 8)
+        compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, DUAL_CLIP=True, SURROGATE=code),
+                       max(4, group_warps(16)))
     compile_kernel(_finalize_kernel, {"LOSS_TYPE": 1, "NP": 8, "BLOCK_P": 1024}, 4)
     for BG, M in [(2, 1), (16, 2), (32, 3), (128, 1)]:
         compile_kernel(_nonlinear_grpo_fwd_kernel, {"BG": BG, "M": M, "SCALE": 1, "HAS_OLD": True,
@@ -166,6 +170,10 @@ def main() -> None:
                              aligned=True)
         check_vector_loads(ptx, 4, f"policy_loss {dtype} sequence ratio")
         for code, name in ((1, "cispo"), (2, "sapo")):  # the other surrogates, row advantages
+            ptx = compile_kernel(_policy_loss_fwd_kernel, dict(consts, SURROGATE=code), warps, types,
+                                 aligned=True)
+            check_vector_loads(ptx, 3, f"policy_loss {dtype} {name}")
+        for code, name in ((4, "dppo_tv"), (5, "dppo_kl")):  # DPPO reads old in its loss pass too
             ptx = compile_kernel(_policy_loss_fwd_kernel, dict(consts, SURROGATE=code), warps, types,
                                  aligned=True)
             check_vector_loads(ptx, 3, f"policy_loss {dtype} {name}")

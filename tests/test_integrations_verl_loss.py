@@ -140,6 +140,42 @@ def test_equals_verl_cispo_sapo_and_gpg(verl_algos, surrogate: str, mode: str, i
     assert float((grad32.double() - grad).abs().max()) <= 64 * eps * float(grad.abs().max())
 
 
+@pytest.mark.parametrize("surrogate", ["dppo_tv", "dppo_kl"])
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("info", [{}, GLOBAL_INFO], ids=["local", "global"])
+@pytest.mark.parametrize("with_weights", [False, True], ids=["plain", "rollout-is"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["outcome", "gae"])
+def test_equals_verl_dppo(verl_algos, surrogate: str, mode: str, info: dict, with_weights: bool,
+                          per_token: bool) -> None:
+    """surrogate="dppo_tv"/"dppo_kl" against verl's own "dppo_tv" and "dppo_kl" in float64, on
+    log-probs near 0 (token probabilities up to 0.9, so that both sides of the trust region bind)
+    and a weight cap of 1.6 that truncates: loss and gradient to rounding, the metrics in the
+    unweighted case; and the CPU kernel in float32."""
+    logp, old, adv, mask, weights = _batch(per_token=per_token, seed=5)
+    near = (logp * 0.25 + 0.4).clamp(max=-0.02)  # log-probs about -0.1 (p about 0.9)
+    logp, old = near, (near + 0.8 * (old - logp)).clamp(max=-0.02)
+    config = _actor_config()
+    config.global_batch_info.update(info)
+    w = weights if with_weights else None
+    verl_fn = getattr(verl_algos, f"compute_policy_loss_{surrogate}")
+    want_loss, want_grad, want_metrics = _run(verl_fn, old, logp, adv, mask, mode, config, w)
+    loss, grad, metrics = _run(VerlPolicyLoss(impl="reference", surrogate=surrogate), old, logp, adv, mask,
+                               mode, config, w)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-13, atol=1e-15)
+    assert set(metrics) == set(want_metrics)
+    assert want_metrics["actor/pg_clipfrac"] > 0.05 and want_metrics["actor/pg_clipfrac_lower"] > 0.02
+    if not with_weights:
+        for key, value in want_metrics.items():
+            assert metrics[key] == pytest.approx(value, rel=1e-7, abs=1e-12), key
+    for impl in ("cpu", "reference"):  # float32 (the C++ templated row; the reference's rounding)
+        loss32, grad32, _ = _run(VerlPolicyLoss(impl=impl, surrogate=surrogate), old.float(), logp.float(),
+                                 adv.float(), mask.long(), mode, config, None if w is None else w.float())
+        eps = torch.finfo(torch.float32).eps
+        assert abs(float(loss32) - float(loss)) <= 64 * eps * max(abs(float(loss)), 1.0), impl
+        assert float((grad32.double() - grad).abs().max()) <= 64 * eps * float(grad.abs().max()), impl
+
+
 @pytest.mark.parametrize("surrogate", ["cispo", "sapo"])
 def test_cispo_and_sapo_take_what_verl_takes(verl_algos, surrogate: str) -> None:
     """clip_ratio_low > 1 (no lower bound on CISPO's weight) and a clip_ratio_c that only verl's
@@ -247,7 +283,8 @@ def test_import_verl_registers_the_policy_loss(verl_algos) -> None:
     assert gspo == VerlPolicyLoss("auto", "sequence") and gspo != fn
     with pytest.raises(ValueError, match="ratio_level must be one of"):
         VerlPolicyLoss(ratio_level="seq")
-    for name, surrogate in (("iama_cispo", "cispo"), ("iama_sapo", "sapo"), ("iama_gpg", "gpg")):
+    for name, surrogate in (("iama_cispo", "cispo"), ("iama_sapo", "sapo"), ("iama_gpg", "gpg"),
+                            ("iama_dppo_tv", "dppo_tv"), ("iama_dppo_kl", "dppo_kl")):
         assert verl_algos.get_policy_loss_fn(name) == VerlPolicyLoss("auto", "token", surrogate)
     with pytest.raises(ValueError, match="surrogate must be one of"):
         VerlPolicyLoss(surrogate="ppo")

@@ -235,15 +235,15 @@ def test_row_stats_are_the_rows_behind_the_fractions(surrogate: str, advantages:
 
 @pytest.mark.parametrize(("kw", "error", "match"), [
     ({"surrogate": "ppo"}, ValueError,
-     r"surrogate must be one of \('clip', 'cispo', 'sapo', 'vespo'\), got 'ppo'"),
+     r"surrogate must be one of \('clip', 'cispo', 'sapo', 'vespo', 'dppo_tv', 'dppo_kl'\), got 'ppo'"),
     ({"surrogate": None}, ValueError, "surrogate must be one of"),
     ({"surrogate": "sapo", "tau_pos": 0.0}, ValueError, "tau_pos must be finite and > 0"),
     ({"surrogate": "sapo", "tau_neg": float("inf")}, ValueError, "tau_neg must be finite and > 0"),
     ({"tau_neg": -1.0}, ValueError, "tau_neg"),  # checked whatever the surrogate
     ({"surrogate": "sapo", "tau_pos": "1"}, TypeError, "tau_pos must be a float"),
     ({"surrogate": "cispo", "dual_clip": 3.0}, ValueError,
-     r"dual_clip applies to surrogate='clip' only, got surrogate='cispo'"),
-    ({"surrogate": "sapo", "dual_clip": 3.0}, ValueError, "dual_clip applies to surrogate='clip' only"),
+     r"dual_clip applies to surrogate='clip' \(and DPPO's weight cap\) only, got surrogate='cispo'"),
+    ({"surrogate": "sapo", "dual_clip": 3.0}, ValueError, "dual_clip applies to surrogate='clip'"),
 ])
 @pytest.mark.parametrize("op", ["policy_loss", "nonlinear_grpo_loss"])
 def test_bad_options_name_the_argument(op: str, kw: dict, error: type, match: str) -> None:

@@ -457,6 +457,25 @@ def test_policy_loss_vespo(lane: Lane, dtype: torch.dtype, advantages: str, kl_w
         assert log_w.eq(0).all() and out.sequence_log_ratio.eq(0).all()
 
 
+@pytest.mark.parametrize(("surrogate", "advantages", "dual_clip"),
+                         [("dppo_tv", "row", 1.3), ("dppo_kl", "token", None), ("dppo_kl", "row", 1.3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_policy_loss_dppo(lane: Lane, dtype: torch.dtype, surrogate: str, advantages: str,
+                          dual_clip: float | None) -> None:
+    """SURROGATE=4 and 5 (DPPO's total-variation and binary-KL trust regions, the weight cap under
+    DUAL_CLIP) against the reference: holes, NaN padding, an empty row, both signs of A."""
+    logp, old, ref, mask, adv = _shifted_inputs(lane, dtype, advantages, seed=99, adv_seed=11)
+    # probabilities below 1 (the binary KL's log needs 1 - p > 0); old's inf padding kept
+    logp = logp.clamp(max=-0.01)
+    old = torch.where(torch.isfinite(old), old.clamp(max=-0.01), old)
+    kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.05, "loss_type": "token", "kl_weight": "ratio",
+          "surrogate": surrogate, "dual_clip": dual_clip}
+    _, oracle, _ = _triton_loss_against_reference(logp, old, ref, adv, mask, kw,
+                                                    f"{surrogate} {dtype} {advantages}")
+    assert float(oracle.clip_fraction) > 0.005  # tokens outside the trust region
+    assert (float(oracle.dual_clip_fraction) > 0.02) == (dual_clip is not None)
+
+
 @pytest.mark.parametrize(("surrogate", "advantages"), [("clip", "row"), ("clip", "token"), ("cispo", "row")])
 def test_policy_loss_row_stats(lane: Lane, surrogate: str, advantages: str) -> None:
     """ROW_STATS: each row's mask total, clipped and clipped-above weights (holes, an empty and a
@@ -658,6 +677,8 @@ FUSED_TOKEN_OPTIONS = {  # objective, seed, options; and the metric that must sh
              None),
     "vespo": ("wsum", 17, {"beta": 0.05, "loss_type": "token", "surrogate": "vespo", "vespo_k_pos": 1.5,
                            "vespo_lambda_pos": 2.5, "vespo_lambda_neg": 1.2}, None),
+    "dppo": ("wsum", 18, {"beta": 0.05, "loss_type": "token", "surrogate": "dppo_kl", "dual_clip": 1.3},
+             "dual_clip_fraction"),
 }
 
 

@@ -41,7 +41,10 @@ inline int parse_surrogate(c10::string_view s) {
   if (s == "cispo") return kSurrCispo;
   if (s == "sapo") return kSurrSapo;
   if (s == "vespo") return kSurrVespo;
-  TORCH_CHECK_VALUE(false, "surrogate must be 'clip', 'cispo', 'sapo' or 'vespo', got '", std::string(s), "'");
+  if (s == "dppo_tv") return kSurrDppoTv;
+  if (s == "dppo_kl") return kSurrDppoKl;
+  TORCH_CHECK_VALUE(false, "surrogate must be 'clip', 'cispo', 'sapo', 'vespo', 'dppo_tv' or 'dppo_kl', got '",
+                    std::string(s), "'");
   return -1;
 }
 

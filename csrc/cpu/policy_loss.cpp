@@ -56,8 +56,12 @@ policy_loss_fwd(
   const int surr = parse_surrogate(surrogate);
   TORCH_CHECK_VALUE(tau_pos > 0 && std::isfinite(tau_pos) && tau_neg > 0 && std::isfinite(tau_neg),
                     "tau_pos and tau_neg must be finite and > 0, got ", tau_pos, " and ", tau_neg);
-  TORCH_CHECK_VALUE(!dual_clip.has_value() || surr == kSurrClip, "dual_clip applies to surrogate='clip' only, got '",
-                    std::string(surrogate), "'");
+  const bool dppo = surr == kSurrDppoTv || surr == kSurrDppoKl;
+  TORCH_CHECK_VALUE(!dual_clip.has_value() || surr == kSurrClip || dppo,
+                    "dual_clip applies to surrogate='clip' (and DPPO's weight cap) only, got '", std::string(surrogate),
+                    "'");
+  TORCH_CHECK_VALUE(!(dppo && seq_ratio), "surrogate='", std::string(surrogate),
+                    "' takes token-level ratios (seq_ratio=False)");
   TORCH_CHECK_VALUE(std::isfinite(vespo_k_pos) && std::isfinite(vespo_k_neg) && vespo_lambda_pos > 0 &&
                         std::isfinite(vespo_lambda_pos) && vespo_lambda_neg > 0 && std::isfinite(vespo_lambda_neg),
                     "vespo_k_pos/_neg must be finite and vespo_lambda_pos/_neg finite and > 0, got ", vespo_k_pos,

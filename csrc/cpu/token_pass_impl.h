@@ -49,8 +49,11 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       const bool token_adv = p.adv_tokens != nullptr;
       acc_t A = token_adv ? acc_t(0) : static_cast<acc_t>(p.adv[r]);
       const acc_t* a_row = token_adv ? static_cast<const acc_t*>(p.adv_tokens) + r * p.s_adv : nullptr;
-      // SAPO's temperatures, or VESPO's two weights of this row (see policy_loss_row).
-      acc_t sign_pos = tau_pos, sign_neg = tau_neg;
+      // SAPO's temperatures, VESPO's two weights of this row or DPPO's divergence bounds (see
+      // policy_loss_row).
+      const bool dppo = p.surrogate == kSurrDppoTv || p.surrogate == kSurrDppoKl;
+      acc_t sign_pos = dppo ? static_cast<acc_t>(p.eps_high) : tau_pos;
+      acc_t sign_neg = dppo ? static_cast<acc_t>(p.eps_low) : tau_neg;
       double row_seq = static_cast<double>(lr0);
       if (p.surrogate == kSurrVespo) {  // the row's weight, a pre-pass over logp, old and mask
         row_seq = row_vespo_log_weight<lp_t, aux_t, mask_t, acc_t>(lp_row, old_row, mk, p.T);
@@ -74,7 +77,7 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       // A build with a hand-vectorised row for the most common case (float32, bool mask, plain
       // k3, row advantages; every surrogate) uses it; the other cases take the templated row.
       if constexpr (std::is_same_v<lp_t, float> && std::is_same_v<aux_t, float> && std::is_same_v<mask_t, uint8_t>) {
-        if (!p.ratio_kl && !token_adv) {
+        if (!p.ratio_kl && !token_adv && !dppo) {
           sums = policy_loss_row_f32_byte(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
                                           beta, dual_c, dual && p.surrogate == kSurrClip, p.seq_old != nullptr, lr0,
                                           p.surrogate, tau_pos, tau_neg, grad_row);
@@ -100,7 +103,7 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
                         : row(ratio_kl, per_token, std::false_type{}, Clip{});
           }
         };
-        // CISPO, SAPO and VESPO have no dual clip (the glue refuses one).
+        // CISPO, SAPO and VESPO have no dual clip (the glue refuses one); DPPO's caps its weight.
         auto with_surrogate = [&](auto ratio_kl, auto per_token) {
           switch (p.surrogate) {
             case kSurrCispo:
@@ -109,6 +112,10 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
               return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrSapo>{});
             case kSurrVespo:
               return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrVespo>{});
+            case kSurrDppoTv:  // DPPO's weight cap is dual_c, and its truncated tokens the dual sum
+              return row(ratio_kl, per_token, std::true_type{}, std::integral_constant<int, kSurrDppoTv>{});
+            case kSurrDppoKl:
+              return row(ratio_kl, per_token, std::true_type{}, std::integral_constant<int, kSurrDppoKl>{});
             default:
               return with_dual(ratio_kl, per_token);
           }
@@ -150,8 +157,8 @@ void dispatch_mask(const TokenProblem& p, std::vector<double>& rows) {
 
 // logp dtype x (old/ref in logp's dtype or in float32) x mask kind (x plain or ratio KL x row
 // advantages with or without the dual clip, or per-token advantages, for the clipped surrogate,
-// and row or per-token advantages for each of CISPO, SAPO and VESPO): 18 token kernels, 324 row
-// instantiations.
+// and row or per-token advantages for each of CISPO, SAPO, VESPO and the two DPPOs): 18 token
+// kernels, 468 row instantiations.
 inline void dispatch_token_pass(const TokenProblem& p, std::vector<double>& rows) {
   switch (p.logp_dtype) {
     case TokenDtype::kFloat32:

@@ -57,6 +57,20 @@ __global__ void vespo_kernel(const float* logp, const float* old, const unsigned
       adv_tok + r * T, 0.0f, phi_pos, phi_neg);
 }
 
+// DPPO's rows (the binary-KL trust region: log in device code), per-token advantages.
+__global__ void dppo_kernel(const float* logp, const float* old, const unsigned char* mask, const float* adv_tok,
+                            int S, int T, float* grad, iama::RowSums* sums) {
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= S) return;
+  sums[r] = iama::policy_loss_row<float, float, unsigned char, float, false, true, true, iama::kSurrDppoKl>(
+      logp + r * T, old + r * T, old + r * T, mask + r * T, T, 0.0f, 1.0f, 0.8f, 1.2f, 0.0f, 3.0f, grad + r * T,
+      adv_tok + r * T, 0.0f, 0.2f, 0.2f);
+  sums[r].loss += iama::policy_loss_row<float, float, unsigned char, float, false, false, true, iama::kSurrDppoTv>(
+                      logp + r * T, old + r * T, old + r * T, mask + r * T, T, 1.0f, 1.0f, 0.8f, 1.2f, 0.0f, 3.0f,
+                      grad + r * T, nullptr, 0.0f, 0.2f, 0.2f)
+                      .loss;
+}
+
 __global__ void loss_kernel_f64(const double* logp, const double* mask, double* out) {
   const iama::TokenTerms<double> t = iama::token_terms<double>(mask[0], logp[0], logp[1], logp[2], 1.0, 1.0, 0.8,
                                                                1.2, 0.1, 3.0);

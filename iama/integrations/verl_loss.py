@@ -1,5 +1,5 @@
 """verl's PPO actor loss on the fused kernel: the ``"iama"``, ``"iama_gspo"``, ``"iama_cispo"``,
-``"iama_sapo"`` and ``"iama_gpg"`` policy losses.
+``"iama_sapo"``, ``"iama_gpg"``, ``"iama_dppo_tv"`` and ``"iama_dppo_kl"`` policy losses.
 
 verl computes the actor's clipped-ratio loss through a registered *policy loss*
 (``actor_rollout_ref.actor.policy_loss.loss_mode``, ``"vanilla"`` by default). This module gives
@@ -36,6 +36,15 @@ bound ``1 - clip_ratio_low`` is then below every ratio either way. Neither reads
 ``loss_agg_mode``, no metrics): the kernel's CISPO term without ``old_log_prob``, whose weight
 is then exactly 1.
 
+``"iama_dppo_tv"`` and ``"iama_dppo_kl"`` are verl's ``"dppo_tv"`` and ``"dppo_kl"`` (DPPO-Binary:
+``-A sg[min(rho, c) v] log_prob`` with the ratio of the log-ratio clamped to +-20, ``c`` the
+actor config's ``clip_ratio_c``, verl's default 20 there, and ``v`` the trust region on the token
+probabilities, bounded by ``clip_ratio_high`` for ``A > 0`` and ``clip_ratio_low`` otherwise;
+every ``loss_agg_mode``) on the kernel's ``surrogate="dppo_tv"``/``"dppo_kl"`` with the cap as
+its ``dual_clip``: ``actor/pg_clipfrac`` is the share of tokens outside the region and
+``actor/pg_clipfrac_lower`` of those inside whose weight was capped, as verl's. A
+``clip_ratio_low`` above 1 is taken as 1 for TV (the same region) and refused for KL.
+
 What differs from ``"vanilla"`` (and from verl's other losses alike):
 
 * verl clamps ``log_prob - old_log_prob`` to ``[-20, 20]`` before ``exp``; the kernel does not.
@@ -68,9 +77,10 @@ POLICY_LOSS_NAME = "iama"
 # verl's loss -> (the name iama's registers, ratio_level, surrogate of VerlPolicyLoss)
 VERL_LOSSES = {"vanilla": (POLICY_LOSS_NAME, "token", "clip"), "gspo": ("iama_gspo", "sequence", "clip"),
                "cispo": ("iama_cispo", "token", "cispo"), "sapo": ("iama_sapo", "token", "sapo"),
-               "gpg": ("iama_gpg", "token", "gpg")}
+               "gpg": ("iama_gpg", "token", "gpg"), "dppo_tv": ("iama_dppo_tv", "token", "dppo_tv"),
+               "dppo_kl": ("iama_dppo_kl", "token", "dppo_kl")}
 # verl's surrogates on the kernel's (gpg: the kernel's "cispo" without old_log_prob)
-VERL_SURROGATES = ("clip", "cispo", "sapo", "gpg")
+VERL_SURROGATES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl")
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm",
                   "seq-mean-token-mean")
 
@@ -85,7 +95,9 @@ def _option(config: Any, name: str, default: Any = None) -> Any:
 
 def _clip_range(config: Any, surrogate: str = "clip") -> tuple[float, float, float | None]:
     """``(eps_low, eps_high, c)`` from ``clip_ratio``, ``clip_ratio_low/high``, ``clip_ratio_c``
-    (``c`` None for CISPO and SAPO, which have no dual clip; their ``eps_low`` at most 1)."""
+    (``c`` None for CISPO and SAPO, which have no dual clip; their ``eps_low`` at most 1). For
+    DPPO the bounds are the trust region's divergence bounds and ``c`` the weight's cap (verl's
+    default there 20)."""
     if config is None:
         raise ValueError("config (verl's actor config, with clip_ratio and clip_ratio_c) is required")
     clip_ratio = _option(config, "clip_ratio", 0.2)
@@ -93,9 +105,14 @@ def _clip_range(config: Any, surrogate: str = "clip") -> tuple[float, float, flo
     high = float(_option(config, "clip_ratio_high", clip_ratio))
     if surrogate == "gpg":  # no ratio: the range [1, 1] holds the weight at exactly 1
         return 0.0, 0.0, None
-    if surrogate != "clip":
+    if surrogate == "dppo_kl" and low > 1.0:
+        raise ValueError(f"iama's dppo_kl takes clip_ratio_low <= 1 (its KL bound for A <= 0), got {low}")
+    if surrogate not in ("clip", "dppo_tv", "dppo_kl"):
         return min(low, 1.0), high, None  # (SAPO reads neither bound)
-    c = float(_option(config, "clip_ratio_c", 3.0))
+    dppo = surrogate.startswith("dppo")
+    c = float(_option(config, "clip_ratio_c", 20.0 if dppo else 3.0))
+    if dppo:  # DPPO-TV's p - q >= -low holds for every low >= 1, as for 1
+        low = min(low, 1.0)
     if not c > 1.0:
         raise ValueError(f"clip_ratio_c (the dual clip) must be > 1, got {c}")
     return low, high, c
@@ -129,8 +146,9 @@ class VerlPolicyLoss:
             extension on CPU).
         ratio_level: ``"token"`` (verl's ``"vanilla"``) or ``"sequence"`` (verl's ``"gspo"``:
             GSPO-token's sequence ratio, no dual clip).
-        surrogate: ``"clip"`` (verl's ``"vanilla"``/``"gspo"``), ``"cispo"``, ``"sapo"`` or
-            ``"gpg"`` (verl's losses of those names; token-level ratios only, as verl's).
+        surrogate: ``"clip"`` (verl's ``"vanilla"``/``"gspo"``), ``"cispo"``, ``"sapo"``,
+            ``"gpg"``, ``"dppo_tv"`` or ``"dppo_kl"`` (verl's losses of those names; token-level
+            ratios only, as verl's).
     """
 
     def __init__(self, impl: str = "auto", ratio_level: str = "token", surrogate: str = "clip") -> None:

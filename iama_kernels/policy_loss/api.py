@@ -193,7 +193,22 @@ def policy_loss(
               old_logp and mask computes ``w_i``; token-level ratios only (``ratio_level=
               "sequence"`` is a ``ValueError``: the weight is already one per sequence).
 
-            ``dual_clip`` is the clipped surrogate's alone (a ``ValueError`` with the others).
+            * ``"dppo_tv"`` and ``"dppo_kl"`` (DPPO-Binary-TV and -KL; verl's ``"dppo_tv"`` and
+              ``"dppo_kl"``): ``sg[min(rho', c) v] A logp``, a REINFORCE term with a truncated,
+              detached importance weight (``rho'`` the ratio of the log-ratio clamped to +-20,
+              verl's; ``c = dual_clip``, no cap when None) and a trust-region mask ``v`` on the
+              token probabilities ``p = exp(logp)``, ``q = exp(old_logp)``, with ``eps_low`` and
+              ``eps_high`` as the divergence bounds: total variation keeps ``p - q <= eps_high``
+              for ``A > 0`` and ``p - q >= -eps_low`` otherwise; binary KL ``q log(q / p) +
+              (1 - q) log((1 - q + 1e-8) / (1 - p + 1e-8))`` keeps ``kl <= eps_high or p <= q``
+              for ``A > 0`` and ``kl <= eps_low or p >= q`` otherwise. Gradient ``min(rho', c) v
+              A``. ``clip_fraction`` counts the masked-out tokens (``v = 0``; verl's
+              ``pg_clipfrac``), ``clip_high_fraction`` those with ``A > 0``, and
+              ``dual_clip_fraction`` the kept ones whose weight was truncated (``rho' > c``;
+              verl's ``pg_clipfrac_lower``). Token-level ratios only.
+
+            ``dual_clip`` is the clipped surrogate's, and DPPO's weight cap; a ``ValueError``
+            with the others.
         tau_pos, tau_neg: SAPO's temperatures (``> 0``; defaults TRL's and verl's), ignored by
             the other surrogates.
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's shapes ``k``
@@ -228,6 +243,9 @@ def policy_loss(
     if surrogate == "vespo" and ratio_level != "token":
         raise ValueError("surrogate='vespo' takes token-level ratios (its weight is already one per "
                          f"sequence), got ratio_level={ratio_level!r}")
+    if surrogate.startswith("dppo") and ratio_level != "token":
+        raise ValueError(f"surrogate={surrogate!r} takes token-level ratios (its trust region is "
+                         f"per token), got ratio_level={ratio_level!r}")
     if not isinstance(row_stats, bool):
         raise TypeError(f"row_stats must be a bool, got {type(row_stats).__name__}")
     advantages = check_float("advantages", advantages)

@@ -79,9 +79,25 @@ def vespo_phi(log_w: torch.Tensor, advantages: torch.Tensor, vespo: tuple[float,
     return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def dppo_valid(lp: torch.Tensor, old: torch.Tensor, A: torch.Tensor, eps_low: float, eps_high: float,
+               surrogate: str) -> torch.Tensor:
+    """DPPO's trust-region mask (verl's ``dppo_tv``/``dppo_kl``): where the token may still move.
+
+    With ``p = exp(logp)`` and ``q = exp(old)``: total variation keeps ``p - q <= eps_high``
+    where ``A > 0`` and ``p - q >= -eps_low`` elsewhere; binary KL ``q (log q - log p) + (1 - q)
+    log((1 - q + 1e-8) / (1 - p + 1e-8))`` keeps ``kl <= eps_high or p <= q`` where ``A > 0`` and
+    ``kl <= eps_low or p >= q`` elsewhere."""
+    p, q = torch.exp(lp), torch.exp(old)
+    if surrogate == "dppo_tv":
+        return torch.where(A > 0, p - q <= eps_high, p - q >= -eps_low)
+    kl = q * (old - lp) + (1 - q) * torch.log((1 - q + 1e-8) / (1 - p + 1e-8))
+    return torch.where(A > 0, (kl <= eps_high) | (p <= q), (kl <= eps_low) | (p >= q))
+
+
 def token_surrogate(
     ratio: torch.Tensor, A: torch.Tensor, lp: torch.Tensor, eps_low: float, eps_high: float,
     dual_clip: float | None, surrogate: str, tau_pos: float, tau_neg: float,
+    old: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per token: the surrogate (its gradient through ``ratio`` and ``lp`` by autograd), and the
     clipped, clipped-above and dual-clipped flags of the metrics.
@@ -91,7 +107,11 @@ def token_surrogate(
     cispo: ``sg[clip(rho)] A logp``, gradient ``clip(rho) A``; clipped where the weight was.
     sapo: ``(4 / tau) sigmoid(tau (rho - 1)) A``, ``tau = tau_pos`` where ``A > 0`` else
     ``tau_neg``, gradient ``4 s (1 - s) rho A`` (0 where the gate has saturated); never clipped.
-    vespo: ``A logp`` with ``A`` already weighted by the detached ``phi``; never clipped."""
+    vespo: ``A logp`` with ``A`` already weighted by the detached ``phi``; never clipped.
+    dppo_tv, dppo_kl: ``sg[min(rho', c) v] A logp`` with ``rho'`` the ratio of the log-ratio
+    clamped to +-20 (verl's), ``c = dual_clip`` (``inf`` if None) and ``v`` DPPO's trust-region
+    mask (:func:`dppo_valid`, on ``old``): clipped where ``v`` is 0 (above: with ``A > 0``),
+    "dual-clipped" (verl's ``pg_clipfrac_lower``) where ``v`` is 1 and ``rho' > c``."""
     lo, hi = 1 - eps_low, 1 + eps_high
     clipped = ratio.clamp(lo, hi)
     dual = torch.zeros(torch.broadcast_shapes(ratio.shape, A.shape), dtype=torch.bool,
@@ -101,6 +121,13 @@ def token_surrogate(
         return clipped.detach() * A * lp, flag, (ratio > hi) & (A > 0), dual
     if surrogate == "vespo":
         return A * lp, dual, dual, dual
+    if surrogate in ("dppo_tv", "dppo_kl"):
+        rho = torch.exp(torch.log(ratio.detach()).clamp(-20.0, 20.0))
+        cap = rho if dual_clip is None else rho.clamp(max=dual_clip)
+        valid = dppo_valid(lp.detach(), old, A, eps_low, eps_high, surrogate)
+        weight = torch.where(valid, cap, cap.new_zeros(()))
+        capped = valid & (rho > (math.inf if dual_clip is None else dual_clip))
+        return weight * A * lp, ~valid, ~valid & (A > 0), capped
     if surrogate == "sapo":
         pos = torch.tensor(tau_pos, dtype=ratio.dtype, device=ratio.device)
         tau = torch.where(A > 0, pos, torch.tensor(tau_neg, dtype=ratio.dtype, device=ratio.device))
@@ -163,7 +190,7 @@ def policy_loss_ref(
         A = A * vespo_phi(seq, A, vespo)
     ratio = torch.exp(log_ratio)
     surrogate_t, clip_flag, high_flag, dual = token_surrogate(
-        ratio, A, lp, eps_low, eps_high, dual_clip, surrogate, tau_pos, tau_neg)
+        ratio, A, lp, eps_low, eps_high, dual_clip, surrogate, tau_pos, tau_neg, old)
     if ref_logp is None:
         kl = torch.zeros_like(lp)
     else:

@@ -44,7 +44,7 @@ from .._device import launch_device
 from .._types import PolicyLossOutput
 
 LOSS_TYPE_CODES = {"grpo": 0, "token": 1, "dr_grpo": 2}
-SURROGATE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3}
+SURROGATE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3, "dppo_tv": 4, "dppo_kl": 5}
 N_PARTIALS = 8  # loss, mask total, kl, clipped, ratio, log-ratio, dual-clipped, clipped-above sums
 N_STATS = 8  # loss, kl, clip_fraction, ratio_mean, post_scale, log_ratio_mean, dual_clip_fraction,
 # clip_high_fraction
@@ -115,7 +115,9 @@ def _token_row(
     ``tau_pos``/``tau_neg``), 3 VESPO (``sg[phi] a logp``: a pre-pass over the row's extent sums
     its clamped log-ratios into VESPO's log weight, stored at ``seq_ptr[row]``, whose gamma
     weights with ``(vk_pos, vl_pos)`` and ``(vk_neg, vl_neg)`` multiply the advantages ``>= 0``
-    and ``< 0``); see ``csrc/include/iama/loss.h`` for the formulas, which these follow.
+    and ``< 0``), 4 and 5 DPPO (total variation, binary KL: ``sg[min(rho', c) v] a logp`` with
+    ``c = dual_c`` under ``DUAL_CLIP`` and the trust region ``v`` bounded by ``eps_high`` and
+    ``eps_low``); see ``csrc/include/iama/loss.h`` for the formulas, which these follow.
     ``ROW_STATS``: the row's mask total, clipped and clipped-above weights go to
     ``rows_ptr[3 row + 0..2]``."""
     offs = tl.arange(0, BLOCK_T)
@@ -218,6 +220,32 @@ def _token_row(
             g = -a_w
             clip_w = tl.zeros([BLOCK_T], dtype=tl.float32)  # VESPO clips nothing
             high_w = clip_w
+        elif SURROGATE == 4 or SURROGATE == 5:  # DPPO: a truncated weight inside a trust region
+            lpk = tl.where(keep, lp, 0.0)
+            if HAS_OLD:
+                qk = tl.where(keep, old, 0.0)
+                rho = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))  # verl's clamp
+            else:
+                qk = lpk
+                rho = tl.full([BLOCK_T], 1.0, tl.float32)
+            p = tl.exp(lpk)
+            q = tl.exp(qk)
+            pos = (a_t + tl.zeros([BLOCK_T], dtype=tl.float32)) > 0.0  # a tensor test
+            if SURROGATE == 4:  # total variation
+                valid = tl.where(pos, p - q <= eps_high, p - q >= -eps_low)
+            else:  # binary KL
+                k = q * (qk - lpk) + (1.0 - q) * tl.log((1.0 - q + 1e-8) / (1.0 - p + 1e-8))
+                valid = tl.where(pos, (k <= eps_high) | (p <= q), (k <= eps_low) | (p >= q))
+            if DUAL_CLIP:  # the weight's cap c; its truncated tokens are the "dual" metric
+                weight = tl.where(valid, tl.minimum(rho, dual_c), 0.0)
+                dual_acc += tl.where(keep & valid & (rho > dual_c), m, 0.0)
+            else:
+                weight = tl.where(valid, rho, 0.0)
+            a_w = weight * a_t
+            surr = a_w * lpk
+            g = -a_w
+            clip_w = tl.where(keep & (~valid), m, 0.0)
+            high_w = tl.where(keep & (~valid) & pos, m, 0.0)
         elif SURROGATE == 1:  # CISPO: the clipped weight, detached, times a logp
             surr = ca * lp
             g = -ca

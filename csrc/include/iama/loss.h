@@ -19,6 +19,13 @@
 //   VESPO  surr = A logp, grad -w A, where the caller has already multiplied A by the row's
 //          detached gamma weight phi (vespo_phi below; per-token advantages: policy_loss_row
 //          picks phi_pos or phi_neg by the token's sign); never clipped.
+//   DPPO   surr = sg[min(rho', c) v] A logp, grad -w min(rho', c) v A, with rho' = exp(clamp(logp -
+//          old, -20, 20)) (verl's clamp), c = dual_c (+inf: no cap) and v DPPO's trust region on
+//          p = exp(logp), q = exp(old) with the divergence bounds d_hi (A > 0) and d_lo (else),
+//          passed in tau_pos and tau_neg: total variation v = p - q <= d_hi, resp. p - q >= -d_lo;
+//          binary KL k = q (old - logp) + (1 - q) log((1 - q + 1e-8) / (1 - p + 1e-8)),
+//          v = k <= d_hi or p <= q, resp. k <= d_lo or p >= q. Clipped: v false (above: A > 0);
+//          dual: v true and rho' > c.
 // The log-ratio is (logp - old) + lr0. Per-token ratios have lr0 = 0; GSPO's sequence ratio
 // passes old = logp (so logp - old is exactly 0) and lr0 = the row's mean log-ratio: the token's
 // log-ratio is then sg[lr0] + logp - sg[logp], whose derivative in logp is 1 as for a token ratio,
@@ -63,6 +70,26 @@ IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t
     surrogate = A * lp;
     d_surr = A;
     clip_flag = high_flag = false;
+  } else if (surr == kSurrDppoTv || surr == kSurrDppoKl) {
+    const acc_t bound = acc_t(20);
+    const acc_t rho = exp_acc(lr < -bound ? -bound : (lr > bound ? bound : lr));
+    const acc_t q_log = keep ? old : acc_t(0);
+    const acc_t p = exp_acc(lp), q = exp_acc(q_log);
+    const bool pos = A > acc_t(0);
+    bool valid;
+    if (surr == kSurrDppoTv) {
+      valid = pos ? p - q <= tau_pos : p - q >= -tau_neg;
+    } else {
+      const acc_t eps = acc_t(1e-8);
+      const acc_t k = q * (q_log - lp) + (acc_t(1) - q) * ::log((acc_t(1) - q + eps) / (acc_t(1) - p + eps));
+      valid = pos ? (k <= tau_pos || p <= q) : (k <= tau_neg || p >= q);
+    }
+    const acc_t weight = valid ? (rho < dual_c ? rho : dual_c) : acc_t(0);
+    surrogate = weight * A * lp;
+    d_surr = weight * A;
+    clip_flag = !valid;
+    high_flag = !valid && pos;
+    dual = valid && rho > dual_c;
   } else if (surr == kSurrCispo) {
     surrogate = clipped * A * lp;
     d_surr = clipped * A;
@@ -130,7 +157,8 @@ struct RowSums {
 // log-ratio (GSPO's sequence ratio, see token_terms; 0 for per-token ratios). kSurr: the
 // surrogate (SurrogateKind; CISPO, SAPO and VESPO take kDual = false), tau_pos/tau_neg SAPO's
 // temperatures, or VESPO's weights phi_pos/phi_neg of the row (for A >= 0 and A < 0; with row
-// advantages the caller passes A * phi as A instead, and these are unused).
+// advantages the caller passes A * phi as A instead, and these are unused), or DPPO's divergence
+// bounds (for A > 0 and otherwise; DPPO takes kDual = true: its dual_c caps the weight).
 template <typename lp_t, typename aux_t, typename mask_t, typename acc_t, bool kRatioKL = false, bool kTokenAdv = false,
           bool kDual = true, int kSurr = kSurrClip>
 IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old, const aux_t* ref,
