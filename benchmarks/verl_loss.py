@@ -1,10 +1,12 @@
 """verl's PPO policy losses against iama's on the fused kernel: ``"vanilla"`` against ``"iama"``,
-``"gspo"`` against ``"iama_gspo"``, ``"cispo"``, ``"sapo"`` and ``"gpg"`` against ``"iama_cispo"``,
-``"iama_sapo"`` and ``"iama_gpg"``.
+``"gspo"`` against ``"iama_gspo"``, ``"cispo"``, ``"sapo"``, ``"gpg"``, ``"dppo_tv"`` and
+``"dppo_kl"`` against ``"iama_cispo"``, ``"iama_sapo"``, ``"iama_gpg"``, ``"iama_dppo_tv"`` and
+``"iama_dppo_kl"``.
 
 Both rows call the registered functions of verl 0.9.1's policy-loss registry the way verl's actor
 loss calls them (keyword arguments, an actor config with ``clip_ratio_high=0.28`` and the default
-dual clip ``clip_ratio_c=3``, which only ``"vanilla"`` uses), on the same float32 micro-batch:
+dual clip ``clip_ratio_c=3``, which ``"vanilla"`` uses, and DPPO as its weight cap), on the same
+float32 micro-batch:
 log-probs, old log-probs, per-response advantages broadcast over a bool response mask. A call is
 the loss, its three metrics (verl reads each with ``.item()``) and the backward into the
 log-probs. The rows take
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="64x1024,256x2048,512x4096", help="comma-separated SxT")
     parser.add_argument("--modes", default="token-mean,seq-mean-token-mean", help="verl loss_agg_modes")
-    parser.add_argument("--losses", default="vanilla,gspo,cispo,sapo,gpg", help="verl policy losses")
+    parser.add_argument("--losses", default="vanilla,gspo,cispo,sapo,gpg,dppo_tv,dppo_kl",
+                        help="verl policy losses")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--no-write", action="store_true")

@@ -50,8 +50,11 @@ struct TokenTerms {
   acc_t high;   // m if clipped with A > 0 (ratio > 1 + eps_high)
 };
 
+// Always inlined: `surr` is then a constant in each row's loop and the other surrogates' code
+// is dropped; as a call (GCC stopped inlining it once the DPPO branch was added) the per-token
+// rows ran 10x slower, unvectorised.
 template <typename acc_t>
-IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t ref, acc_t A, acc_t w_scale,
+IAMA_HD IAMA_INLINE TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t ref, acc_t A, acc_t w_scale,
                                              acc_t lo, acc_t hi, acc_t beta, acc_t dual_c,
                                              bool ratio_kl = false, bool use_dual = true,
                                              acc_t lr0 = acc_t(0), int surr = kSurrClip,
@@ -75,21 +78,27 @@ IAMA_HD inline TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t
     const acc_t rho = exp_acc(lr < -bound ? -bound : (lr > bound ? bound : lr));
     const acc_t q_log = keep ? old : acc_t(0);
     const acc_t p = exp_acc(lp), q = exp_acc(q_log);
+    // Bitwise & and | on the compares, not && and ||: short-circuit branches (on random signs
+    // and regions) kept GCC from vectorising the token loop.
     const bool pos = A > acc_t(0);
-    bool valid;
+    bool held_pos, held_neg;
     if (surr == kSurrDppoTv) {
-      valid = pos ? p - q <= tau_pos : p - q >= -tau_neg;
+      held_pos = p - q <= tau_pos;
+      held_neg = p - q >= -tau_neg;
     } else {
       const acc_t eps = acc_t(1e-8);
-      const acc_t k = q * (q_log - lp) + (acc_t(1) - q) * ::log((acc_t(1) - q + eps) / (acc_t(1) - p + eps));
-      valid = pos ? (k <= tau_pos || p <= q) : (k <= tau_neg || p >= q);
+      const acc_t k = q * (q_log - lp) + (acc_t(1) - q) * log_acc((acc_t(1) - q + eps) / (acc_t(1) - p + eps));
+      held_pos = (k <= tau_pos) | (p <= q);
+      held_neg = (k <= tau_neg) | (p >= q);
     }
-    const acc_t weight = valid ? (rho < dual_c ? rho : dual_c) : acc_t(0);
+    const bool valid = (pos & held_pos) | (!pos & held_neg);
+    const acc_t capped = rho < dual_c ? rho : dual_c;
+    const acc_t weight = valid ? capped : acc_t(0);
     surrogate = weight * A * lp;
     d_surr = weight * A;
     clip_flag = !valid;
-    high_flag = !valid && pos;
-    dual = valid && rho > dual_c;
+    high_flag = !valid & pos;
+    dual = valid & (rho > dual_c);
   } else if (surr == kSurrCispo) {
     surrogate = clipped * A * lp;
     d_surr = clipped * A;
