@@ -296,7 +296,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
     def _kernel_clip_range(self, surrogate: str) -> tuple[float, float]:
         """The kernel's ``(eps_low, eps_high)``: TRL's, except for CISPO, whose weight TRL clamps
         at ``epsilon_high`` from above only (range ``[0, epsilon_high]``), and VESPO, whose
-        kernel term has the weight 1 (range ``[1, 1]``)."""
+        surrogate reads neither (0 and 0, so that any TRL epsilon passes the kernel's checks)."""
         if surrogate == "cispo":
             return 1.0, self.epsilon_high - 1.0
         if surrogate == "vespo":

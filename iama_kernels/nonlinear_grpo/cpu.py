@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import VESPO_DEFAULTS
 from .._cpu_backend import objective_codes
 from .._types import NonlinearGRPOOutput
 from ..advantages.cpu import resolve_criterion_weights
@@ -38,7 +39,7 @@ def nonlinear_grpo_loss_cpu(
     surrogate: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
-    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
+    vespo: tuple[float, float, float, float] = VESPO_DEFAULTS,
 ) -> NonlinearGRPOOutput:
     """Rewards ``[B, G, m]`` and ``[B * G, T]`` token inputs -> :class:`NonlinearGRPOOutput`."""
     kinds, ns, taus = objective_codes(objective)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import VESPO_DEFAULTS
 from .._types import NonlinearGRPOOutput
 from ..advantages.reference import group_advantages_ref
 from ..objectives import Objective
@@ -32,7 +33,7 @@ def nonlinear_grpo_loss_ref(
     surrogate: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
-    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
+    vespo: tuple[float, float, float, float] = VESPO_DEFAULTS,
 ) -> NonlinearGRPOOutput:
     """Reference :func:`iama_kernels.nonlinear_grpo_loss`; rewards ``[B, G, m]``, validated."""
     adv = group_advantages_ref(rewards, objective, estimator, scale, eps, criterion_weights)

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import VESPO_DEFAULTS
 from .._device import launch_device
 from .._types import NonlinearGRPOOutput
 from ..advantages.reference import scale_advantages
@@ -119,7 +120,7 @@ def _nonlinear_grpo_fwd(
     eps_high: float, beta: float, loss_type: str, max_completion_length: int, need_grad: bool,
     ratio_kl: bool = False, dual_clip: float | None = None, seq_ratio: bool = False,
     surrogate: str = "clip", tau_pos: float = 1.0, tau_neg: float = 1.05,
-    vespo: tuple[float, ...] = (2.0, 3.0, 3.0, 2.0),
+    vespo: tuple[float, ...] = VESPO_DEFAULTS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One launch (plus the partials reduction). Returns float32 ``stats [N_STATS]``,
     ``advantages [B, G]``, ``values [B, m]``, GSPO's per-row log-ratios (``[S]`` with
@@ -226,7 +227,7 @@ def nonlinear_grpo_loss_triton(
     surrogate: str = "clip",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
-    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
+    vespo: tuple[float, float, float, float] = VESPO_DEFAULTS,
 ) -> NonlinearGRPOOutput:
     """Triton :func:`iama_kernels.nonlinear_grpo_loss`; rewards ``[B, G, m]``, validated."""
     ratio_kl = kl_weight == "ratio"

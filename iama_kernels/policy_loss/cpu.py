@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import VESPO_DEFAULTS
 from .._types import PolicyLossOutput
 
 
@@ -30,7 +31,7 @@ def policy_loss_cpu(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     row_stats: bool = False,
-    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
+    vespo: tuple[float, float, float, float] = VESPO_DEFAULTS,
 ) -> PolicyLossOutput:
     """``[S, T]`` log-probs, ``[S]`` advantages, ``[S, T]`` mask -> :class:`PolicyLossOutput`."""
     outputs = torch.ops.iama.policy_loss_fwd(

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from .._checks import VESPO_DEFAULTS
 from .._types import PolicyLossOutput
 from ..advantages.reference import compute_dtype
 
@@ -167,7 +168,7 @@ def policy_loss_ref(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     row_stats: bool = False,
-    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
+    vespo: tuple[float, float, float, float] = VESPO_DEFAULTS,
 ) -> PolicyLossOutput:
     """Reference :func:`iama_kernels.policy_loss`; arguments already validated."""
     dtype = compute_dtype(logp.dtype)

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import VESPO_DEFAULTS
 from .._device import launch_device
 from .._types import PolicyLossOutput
 
@@ -457,7 +458,7 @@ def _policy_loss_fwd(
     loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
     dual_clip: float | None = None, seq_ratio: bool = False, surrogate: str = "clip",
     tau_pos: float = 1.0, tau_neg: float = 1.05, row_stats: bool = False,
-    vespo: tuple[float, ...] = (2.0, 3.0, 3.0, 2.0),
+    vespo: tuple[float, ...] = VESPO_DEFAULTS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward launch: ``stats [N_STATS]`` float32, GSPO's per-row log-ratios (``[S]`` float32
     with ``seq_ratio``; VESPO's log weights with ``surrogate="vespo"``; else empty), the per-row
@@ -577,7 +578,7 @@ def policy_loss_triton(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     row_stats: bool = False,
-    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
+    vespo: tuple[float, float, float, float] = VESPO_DEFAULTS,
 ) -> PolicyLossOutput:
     """Triton :func:`iama_kernels.policy_loss`; arguments already validated. float32 outputs."""
     stats, seq, rows, _ = _policy_loss_op(
