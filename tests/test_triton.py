@@ -959,12 +959,13 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1", OUT=str(tmp_path / "out"))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu/run_gpu.py"), "--smoke",
                            "--out", str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=480, cwd=ROOT)  # 2-3 minutes here: every row in the interpreter
+                          timeout=480, cwd=ROOT)  # about a minute here: every row in the interpreter
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert (tmp_path / "gpu_bench.csv").exists() and (tmp_path / "gpu_bench.jsonl").exists()
     assert "fused" in proc.stdout
     checks = [line for line in proc.stdout.splitlines() if line.startswith("check N=")]
-    assert len(checks) == 16 and all(line.endswith("(ok)") for line in checks), checks
+    # One token size in the smoke run: 3 fused cases (float32 G=8, G=16, bfloat16) + 5 losses.
+    assert len(checks) == 8 and all(line.endswith("(ok)") for line in checks), checks
 
 
 def test_kernels_compile_for_sm90() -> None:

@@ -77,6 +77,18 @@ policy_loss_fwd(
   // (as the reference converts them); an absent one reads logp itself (ratio 1, kl 0 exactly).
   const bool mixed = (old_logp.has_value() && old_logp->scalar_type() != lp_dt) ||
                      (ref_logp.has_value() && ref_logp->scalar_type() != lp_dt);
+  if (mixed && ct != lp_dt) {
+    // Half-precision logp with old/ref in another dtype: the pass computes in float32 either way,
+    // so logp goes in as float32 (exactly) and the gradient, computed in float32, is rounded to
+    // logp's dtype once, as the kernel would have stored it: the same results, and the kernels
+    // need no build for half-precision logp with float32 old/ref (a third of the token-pass
+    // instantiations, and of the extension's compile time).
+    auto out = policy_loss_fwd(logp.to(ct), old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
+                               max_completion_length, ratio_kl, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg,
+                               row_stats, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
+    std::get<9>(out) = std::get<9>(out).to(lp_dt);
+    return out;
+  }
   const at::ScalarType aux_dt = mixed ? ct : lp_dt;
   const at::Tensor lp = rows_contiguous(logp);
   at::Tensor lp_as_aux;
@@ -107,7 +119,6 @@ policy_loss_fwd(
                  : lp_dt == at::kDouble ? TokenDtype::kFloat64
                  : lp_dt == at::kHalf   ? TokenDtype::kFloat16
                                         : TokenDtype::kBFloat16;
-  p.aux_in_compute_dtype = mixed;
   p.mask_kind = mask_kind;
   p.ratio_kl = ratio_kl;
   p.logp = lp.const_data_ptr();

@@ -18,10 +18,9 @@ enum class MaskKind { kByte, kInt64, kCompute };
 struct TokenProblem {
   int64_t S = 0, T = 0;
   TokenDtype logp_dtype = TokenDtype::kFloat32;
-  bool aux_in_compute_dtype = false;  // old/ref stored in the compute dtype instead of logp's
   MaskKind mask_kind = MaskKind::kByte;
   bool ratio_kl = false;              // KL term ratio * k3 (TRL's use_bias_correction_kl)
-  const void* logp = nullptr;
+  const void* logp = nullptr;  // logp, old and ref in one dtype (the glue converts mixed ones)
   const void* old = nullptr;
   const void* ref = nullptr;
   const void* mask = nullptr;

@@ -72,7 +72,7 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       // the per-token rows test it token by token.
       const bool dual = has_dual && A < acc_t(0);
       RowSums sums;
-      bool done = false;
+      [[maybe_unused]] bool done = false;
 #ifdef IAMA_TOKEN_ROW_F32_BYTE
       // A build with a hand-vectorised row for the most common case (float32, bool mask, plain
       // k3, row advantages; every surrogate) uses it; the other cases take the templated row.
@@ -85,7 +85,17 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
         }
       }
 #endif
-      if (!done) {
+      if constexpr (std::is_same_v<lp_t, double>) {
+        // float64: one build with run-time flags (see policy_loss_row's kRuntimeFlags).
+        RowFlags flags;
+        flags.ratio_kl = p.ratio_kl;
+        flags.token_adv = token_adv;
+        flags.dual = dppo || (p.surrogate == kSurrClip && (token_adv || dual));
+        flags.surr = p.surrogate;
+        sums = policy_loss_row<lp_t, aux_t, mask_t, acc_t, false, false, true, kSurrClip, true>(
+            lp_row, old_row, ref_row, mk, p.T, A, static_cast<acc_t>(w_scale), lo, hi, beta, dual_c, grad_row, a_row,
+            lr0, sign_pos, sign_neg, flags);
+      } else if (!done) {
         const acc_t ws = static_cast<acc_t>(w_scale);
         // The run-time flags as template arguments (each a bool_constant or integral_constant):
         // see policy_loss_row.
@@ -139,47 +149,41 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
   });
 }
 
-template <typename lp_t, typename aux_t>
+template <typename lp_t>
 void dispatch_mask(const TokenProblem& p, std::vector<double>& rows) {
   using acc_t = std::conditional_t<std::is_same_v<lp_t, double>, double, float>;
   switch (p.mask_kind) {
     case MaskKind::kByte:
-      token_kernel<lp_t, aux_t, uint8_t>(p, rows);
+      token_kernel<lp_t, lp_t, uint8_t>(p, rows);
       break;
     case MaskKind::kInt64:
-      token_kernel<lp_t, aux_t, int64_t>(p, rows);
+      token_kernel<lp_t, lp_t, int64_t>(p, rows);
       break;
     case MaskKind::kCompute:
-      token_kernel<lp_t, aux_t, acc_t>(p, rows);
+      token_kernel<lp_t, lp_t, acc_t>(p, rows);
       break;
   }
 }
 
-// logp dtype x (old/ref in logp's dtype or in float32) x mask kind (x plain or ratio KL x row
-// advantages with or without the dual clip, or per-token advantages, for the clipped surrogate,
-// and row or per-token advantages for each of CISPO, SAPO, VESPO and the two DPPOs): 18 token
-// kernels, 468 row instantiations.
+// logp dtype (old and ref in the same one) x mask kind (x plain or ratio KL x row advantages with
+// or without the dual clip, or per-token advantages, for the clipped surrogate, and row or
+// per-token advantages for each of CISPO, SAPO, VESPO and the two DPPOs; float64 in one build
+// with run-time flags): 12 token kernels, 237 row instantiations. Each costs about half a second
+// of compilation per instruction set, the bulk of the extension's build; a new dimension
+// multiplies it.
 inline void dispatch_token_pass(const TokenProblem& p, std::vector<double>& rows) {
   switch (p.logp_dtype) {
     case TokenDtype::kFloat32:
-      dispatch_mask<float, float>(p, rows);
+      dispatch_mask<float>(p, rows);
       break;
     case TokenDtype::kFloat64:
-      dispatch_mask<double, double>(p, rows);
+      dispatch_mask<double>(p, rows);
       break;
     case TokenDtype::kFloat16:
-      if (p.aux_in_compute_dtype) {
-        dispatch_mask<c10::Half, float>(p, rows);
-      } else {
-        dispatch_mask<c10::Half, c10::Half>(p, rows);
-      }
+      dispatch_mask<c10::Half>(p, rows);
       break;
     case TokenDtype::kBFloat16:
-      if (p.aux_in_compute_dtype) {
-        dispatch_mask<c10::BFloat16, float>(p, rows);
-      } else {
-        dispatch_mask<c10::BFloat16, c10::BFloat16>(p, rows);
-      }
+      dispatch_mask<c10::BFloat16>(p, rows);
       break;
   }
 }

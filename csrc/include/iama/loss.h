@@ -151,6 +151,12 @@ struct RowSums {
   double loss, kl, clip, ratio, lratio, dual, high;
 };
 
+// policy_loss_row's flags as run-time values, for a build that takes them so (kRuntimeFlags).
+struct RowFlags {
+  bool ratio_kl = false, token_adv = false, dual = true;
+  int surr = kSurrClip;
+};
+
 // One row of T tokens: writes grad[0..T) and returns the row's sums.
 //
 // Tokens go in tiles of kTile: a loop with no cross-token dependency computes every token's terms
@@ -168,15 +174,24 @@ struct RowSums {
 // temperatures, or VESPO's weights phi_pos/phi_neg of the row (for A >= 0 and A < 0; with row
 // advantages the caller passes A * phi as A instead, and these are unused), or DPPO's divergence
 // bounds (for A > 0 and otherwise; DPPO takes kDual = true: its dual_c caps the weight).
+// kRuntimeFlags: the four flags are read from `flags` instead, one build for every combination
+// (the token loop then keeps its branches and does not vectorise: for float64, where a build per
+// combination would cost a quarter of the CPU extension's compile time for a dtype used to check
+// results rather than to train). The same arithmetic either way: the results are identical.
 template <typename lp_t, typename aux_t, typename mask_t, typename acc_t, bool kRatioKL = false, bool kTokenAdv = false,
-          bool kDual = true, int kSurr = kSurrClip>
+          bool kDual = true, int kSurr = kSurrClip, bool kRuntimeFlags = false>
 IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old, const aux_t* ref,
                                 const mask_t* __restrict__ mask, int64_t T, acc_t A, acc_t w_scale, acc_t lo,
                                 acc_t hi, acc_t beta, acc_t dual_c, lp_t* __restrict__ grad,
                                 const acc_t* __restrict__ A_tok = nullptr, acc_t lr0 = acc_t(0),
-                                acc_t tau_pos = acc_t(1), acc_t tau_neg = acc_t(1)) {
+                                acc_t tau_pos = acc_t(1), acc_t tau_neg = acc_t(1), RowFlags flags = {}) {
+  // Compile-time constants unless kRuntimeFlags (then the branches below stay run-time ones).
+  const bool ratio_kl = kRuntimeFlags ? flags.ratio_kl : kRatioKL;
+  const bool token_adv = kRuntimeFlags ? flags.token_adv : kTokenAdv;
+  const bool use_dual = kRuntimeFlags ? flags.dual : kDual;
+  const int surr = kRuntimeFlags ? flags.surr : kSurr;
   // The clipped-above weight needs its own sum unless it follows from the clipped one (below).
-  constexpr bool kHighSum = kTokenAdv || kSurr == kSurrCispo;
+  const bool high_sum = token_adv || surr == kSurrCispo;
   constexpr int kTile = 64;
   RowSums sums = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
   acc_t t_loss[kTile], t_kl[kTile], t_clip[kTile], t_ratio[kTile], t_lratio[kTile], t_dual[kTile], t_high[kTile];
@@ -197,19 +212,19 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       // finite term by its 0 weight, so it never reaches one. (A select here kept GCC from
       // vectorising the loop: 10x slower.)
       acc_t a = A;
-      if constexpr (kTokenAdv) a = A_tok[t];
-      if constexpr (kTokenAdv && kSurr == kSurrVespo) a *= a >= acc_t(0) ? tau_pos : tau_neg;
+      if (token_adv) a = A_tok[t];
+      if (token_adv && surr == kSurrVespo) a *= a >= acc_t(0) ? tau_pos : tau_neg;
       const TokenTerms<acc_t> tt = token_terms<acc_t>(m, static_cast<acc_t>(logp[t]), static_cast<acc_t>(old[t]),
                                                       static_cast<acc_t>(ref[t]), a, w_scale, lo, hi, beta, dual_c,
-                                                      kRatioKL, kDual, lr0, kSurr, tau_pos, tau_neg);
+                                                      ratio_kl, use_dual, lr0, surr, tau_pos, tau_neg);
       grad[t] = static_cast<lp_t>(tt.grad);
       t_loss[j] = tt.loss;
       t_kl[j] = tt.kl;
       t_clip[j] = tt.clip;
       t_ratio[j] = tt.ratio;
       t_lratio[j] = tt.lratio;
-      if constexpr (kDual) t_dual[j] = tt.dual;
-      if constexpr (kHighSum) t_high[j] = tt.high;
+      if (use_dual) t_dual[j] = tt.dual;
+      if (high_sum) t_high[j] = tt.high;
     }
     for (int j = len; j < kTile; ++j) {
       t_loss[j] = acc_t(0);
@@ -217,8 +232,8 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       t_clip[j] = acc_t(0);
       t_ratio[j] = acc_t(0);
       t_lratio[j] = acc_t(0);
-      if constexpr (kDual) t_dual[j] = acc_t(0);
-      if constexpr (kHighSum) t_high[j] = acc_t(0);
+      if (use_dual) t_dual[j] = acc_t(0);
+      if (high_sum) t_high[j] = acc_t(0);
     }
     for (int width = kTile / 2; width >= 8; width /= 2) {
       for (int j = 0; j < width; ++j) {
@@ -227,8 +242,8 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
         t_clip[j] += t_clip[j + width];
         t_ratio[j] += t_ratio[j + width];
         t_lratio[j] += t_lratio[j + width];
-        if constexpr (kDual) t_dual[j] += t_dual[j + width];
-        if constexpr (kHighSum) t_high[j] += t_high[j + width];
+        if (use_dual) t_dual[j] += t_dual[j + width];
+        if (high_sum) t_high[j] += t_high[j + width];
       }
     }
     for (int j = 0; j < 8; ++j) {
@@ -237,8 +252,8 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       lane_clip[j] += static_cast<double>(t_clip[j]);
       lane_ratio[j] += static_cast<double>(t_ratio[j]);
       lane_lratio[j] += static_cast<double>(t_lratio[j]);
-      if constexpr (kDual) lane_dual[j] += static_cast<double>(t_dual[j]);
-      if constexpr (kHighSum) lane_high[j] += static_cast<double>(t_high[j]);
+      if (use_dual) lane_dual[j] += static_cast<double>(t_dual[j]);
+      if (high_sum) lane_high[j] += static_cast<double>(t_high[j]);
     }
   }
   // The 8 lanes, pairwise in a fixed order.
@@ -262,9 +277,9 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
   // With one advantage per row, every token the clipped surrogate clips is clipped above or every
   // one below: the clipped-above weight is the clipped weight or 0, and needs no sum of its own
   // (SAPO and VESPO clip nothing).
-  if constexpr (kHighSum) {
+  if (high_sum) {
     sums.high = lane_high[0];
-  } else if constexpr (kSurr == kSurrSapo || kSurr == kSurrVespo) {
+  } else if (surr == kSurrSapo || surr == kSurrVespo) {
     sums.high = 0.0;
   } else {
     sums.high = A > acc_t(0) ? sums.clip : 0.0;
