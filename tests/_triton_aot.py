@@ -4,7 +4,9 @@ The interpreter lane runs the kernels' Python semantics; this script runs Triton
 (front end, MLIR passes, PTX, ptxas) on representative specialisations, which catches what the
 interpreter accepts but a GPU build rejects (loop-carried types, layouts, unsupported ops). Run by
 tests/test_triton.py in a fresh process with TRITON_INTERPRET unset (the interpreter replaces the
-kernels when it is set at import). Prints one line per kernel and "ok" at the end.
+kernels when it is set at import). Prints one line per kernel and "ok" at the end. The
+specialisations are compiled by a pool of processes (one per core, at most 4: each compile is
+single-threaded), then checked here.
 
 It also checks the width of the token loads in the PTX. A launch on contiguous tensors whose row
 length is a multiple of 16 is specialised by Triton's JIT (integer arguments equal to 1 become
@@ -21,10 +23,14 @@ and the group kernel at G = 128 (16 warps, the register limit) must not spill.
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -53,9 +59,25 @@ ALIGNED = ("s_lr", "s_or", "s_rr", "s_mr", "s_gr", "T")
 VECTOR_LOAD = "ld.global.v4.b32"
 
 
+KERNELS = {fn.__name__: fn for fn in (_group_advantages_fwd_kernel, _nonlinear_grpo_fwd_kernel,
+                                       _policy_loss_fwd_kernel, _finalize_kernel)}
+# (kernel name, constexprs, warps, argument types, aligned), and what to check in its PTX.
+Job = tuple[str, dict, int, "dict | None", bool]
+JOBS: list[tuple[Job, Callable[[str], None] | None]] = []
+
+
 def compile_kernel(fn: triton.runtime.JITFunction, consts: dict, num_warps: int,
-                   types: dict | None = None, aligned: bool = False) -> str:
-    """Compile for sm_90 and return the PTX; ``aligned``: the contiguous-launch specialisation."""
+                   types: dict | None = None, aligned: bool = False,
+                   then: Callable[[str], None] | None = None) -> None:
+    """Queue a compile for sm_90 (``aligned``: the contiguous-launch specialisation); ``then`` is
+    called with its PTX once compiled."""
+    JOBS.append(((fn.__name__, consts, num_warps, types, aligned), then))
+
+
+def compile_job(job: Job) -> str:
+    """The PTX of one queued specialisation (run in a worker process)."""
+    name, consts, num_warps, types, aligned = job
+    fn = KERNELS[name]
     types = {**TYPES, **(types or {})}
     # Constexpr parameters left out take their defaults, as in a JIT launch (else they would be
     # compiled as run-time integers).
@@ -71,12 +93,28 @@ def compile_kernel(fn: triton.runtime.JITFunction, consts: dict, num_warps: int,
     return kernel.asm["ptx"]
 
 
+def run_jobs() -> None:
+    """Compile every queued specialisation, then run each one's check in queue order."""
+    workers = max(1, min(4, len(os.sched_getaffinity(0))))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        ptxs = list(pool.map(compile_job, [job for job, _ in JOBS]))
+    for (_, then), ptx in zip(JOBS, ptxs, strict=True):
+        if then is not None:
+            then(ptx)
+
+
 def check_vector_loads(ptx: str, loads: int, name: str) -> None:
     found = len(re.findall(re.escape(VECTOR_LOAD) + r"\b", ptx))
     if found < loads:
         raise SystemExit(f"{name}: {found} {VECTOR_LOAD} in the PTX, expected >= {loads} "
                          "(one per log-prob tensor): the token loads are not 16-byte vectors")
     print(f"{name}: {found} x {VECTOR_LOAD}", flush=True)
+
+
+def aligned_loss(consts: dict, num_warps: int, types: dict, loads: int, name: str) -> None:
+    """Queue the policy-loss kernel's contiguous-launch build, checking ``loads`` vector loads."""
+    compile_kernel(_policy_loss_fwd_kernel, consts, num_warps, types, aligned=True,
+                   then=functools.partial(check_vector_loads, loads=loads, name=f"policy_loss {name}"))
 
 
 def registers(ptx: str, name: str) -> tuple[int, int]:
@@ -96,6 +134,19 @@ def registers(ptx: str, name: str) -> tuple[int, int]:
     return int(regs.group(1)), int(spill.group(1))
 
 
+def check_fused_registers(ptx: str, BG: int, num_warps: int) -> None:
+    regs, _ = registers(ptx, f"nonlinear_grpo fp32 BG={BG} ({num_warps} warps)")
+    if BG == 64 and regs > 65536 // (2 * 32 * num_warps):
+        raise SystemExit(f"nonlinear_grpo at BG=64: {regs} registers leave room for one "
+                         "program per multiprocessor (the group block's tiles grew)")
+
+
+def check_group_spills(ptx: str) -> None:
+    _, spill = registers(ptx, "group_advantages BG=128 M=2")
+    if spill:
+        raise SystemExit(f"group_advantages at BG=128 spills {spill} bytes per thread")
+
+
 def check_registers() -> None:
     fp32 = {name: "*fp32" for name in ("logp_ptr", "old_ptr", "ref_ptr", "grad_ptr")}
     block_t, warps = token_block(1024, 4)
@@ -103,16 +154,10 @@ def check_registers() -> None:
         consts = {"BG": BG, "M": 2, "SCALE": 1, "HAS_OLD": True, "HAS_REF": True, "LOSS_TYPE": 0,
                   "WRITE_GRAD": True, "BLOCK_T": block_t, "NP": 8, "stride_rm": 1, **UNIT_STRIDES}
         num_warps = max(warps, group_warps(BG))
-        ptx = compile_kernel(_nonlinear_grpo_fwd_kernel, consts, num_warps, fp32, aligned=True)
-        regs, _ = registers(ptx, f"nonlinear_grpo fp32 BG={BG} ({num_warps} warps)")
-        if BG == 64 and regs > 65536 // (2 * 32 * num_warps):
-            raise SystemExit(f"nonlinear_grpo at BG=64: {regs} registers leave room for one "
-                             "program per multiprocessor (the group block's tiles grew)")
+        compile_kernel(_nonlinear_grpo_fwd_kernel, consts, num_warps, fp32, aligned=True,
+                       then=functools.partial(check_fused_registers, BG=BG, num_warps=num_warps))
     consts = {"BG": 128, "M": 2, "NC": 1, "HAS_VALID": True, "SCALE": 1, "VALUES_ONLY": False}
-    ptx = compile_kernel(_group_advantages_fwd_kernel, consts, group_warps(128))
-    _, spill = registers(ptx, "group_advantages BG=128 M=2")
-    if spill:
-        raise SystemExit(f"group_advantages at BG=128 spills {spill} bytes per thread")
+    compile_kernel(_group_advantages_fwd_kernel, consts, group_warps(128), then=check_group_spills)
 
 
 def main() -> None:
@@ -163,30 +208,20 @@ def main() -> None:
         for loss_type in (0, 1):
             consts = {"HAS_OLD": True, "HAS_REF": True, "LOSS_TYPE": loss_type, "WRITE_GRAD": True,
                       "BLOCK_T": block_t, "NP": 8, **UNIT_STRIDES}
-            ptx = compile_kernel(_policy_loss_fwd_kernel, consts, warps, types, aligned=True)
-            check_vector_loads(ptx, 3, f"policy_loss {dtype} loss_type={loss_type}")
+            aligned_loss(consts, warps, types, 3, f"{dtype} loss_type={loss_type}")
         # GSPO: the pre-pass loads logp and old, the loss pass logp and ref, all as vectors.
-        ptx = compile_kernel(_policy_loss_fwd_kernel, dict(consts, SEQ_RATIO=True), warps, types,
-                             aligned=True)
-        check_vector_loads(ptx, 4, f"policy_loss {dtype} sequence ratio")
-        for code, name in ((1, "cispo"), (2, "sapo")):  # the other surrogates, row advantages
-            ptx = compile_kernel(_policy_loss_fwd_kernel, dict(consts, SURROGATE=code), warps, types,
-                                 aligned=True)
-            check_vector_loads(ptx, 3, f"policy_loss {dtype} {name}")
-        for code, name in ((4, "dppo_tv"), (5, "dppo_kl")):  # DPPO reads old in its loss pass too
-            ptx = compile_kernel(_policy_loss_fwd_kernel, dict(consts, SURROGATE=code), warps, types,
-                                 aligned=True)
-            check_vector_loads(ptx, 3, f"policy_loss {dtype} {name}")
+        aligned_loss(dict(consts, SEQ_RATIO=True), warps, types, 4, f"{dtype} sequence ratio")
+        # The other surrogates, row advantages (DPPO reads old in its loss pass too).
+        for code, name in ((1, "cispo"), (2, "sapo"), (4, "dppo_tv"), (5, "dppo_kl")):
+            aligned_loss(dict(consts, SURROGATE=code), warps, types, 3, f"{dtype} {name}")
         # VESPO: the pre-pass loads logp and old, the loss pass logp, old and ref, all as vectors.
-        ptx = compile_kernel(_policy_loss_fwd_kernel, dict(consts, SURROGATE=3), warps, types,
-                             aligned=True)
-        check_vector_loads(ptx, 5, f"policy_loss {dtype} vespo")
+        aligned_loss(dict(consts, SURROGATE=3), warps, types, 5, f"{dtype} vespo")
         consts = {"BG": 16, "M": 2, "SCALE": 1, "HAS_OLD": True, "HAS_REF": True, "LOSS_TYPE": 0,
                   "WRITE_GRAD": True, "BLOCK_T": block_t, "NP": 8, "stride_rm": 1, **UNIT_STRIDES}
-        ptx = compile_kernel(_nonlinear_grpo_fwd_kernel, consts, max(warps, group_warps(16)), types,
-                             aligned=True)
-        check_vector_loads(ptx, 3, f"nonlinear_grpo {dtype}")
+        compile_kernel(_nonlinear_grpo_fwd_kernel, consts, max(warps, group_warps(16)), types, aligned=True,
+                       then=functools.partial(check_vector_loads, loads=3, name=f"nonlinear_grpo {dtype}"))
     check_registers()
+    run_jobs()
     print("ok")
 
 

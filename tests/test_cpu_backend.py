@@ -608,6 +608,35 @@ def test_policy_loss_float64_every_flag_combination(cpu_ext, surrogate):
             assert_matches_reference(grad, grad64, rel=_rel(torch.float64), name="grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("options", [{}, {"surrogate": "cispo"}, {"ratio_level": "sequence"},
+                                     {"surrogate": "vespo", "kl_weight": "ratio"}, {"dual_clip": 3.0}])
+def test_policy_loss_binary_masks_of_every_type_equal_the_bool_mask(cpu_ext, dtype, options):
+    """A mask of 0s and 1s of any type (TRL's and verl's int64, int32, uint8, float) is narrowed
+    to bytes row by row and takes the bool mask's rows: the same results, bit for bit; a mask
+    whose rows mix 0/1 rows and weighted ones takes each row's route and matches the reference."""
+    S, T = 9, 131
+    logp, old, ref, adv, keep = _token_inputs(S, T, dtype, seed=5)
+    kw = dict(beta=0.05, eps_high=0.28, **options)
+    want, want_grad = _loss_and_grad("cpu", logp, old, ref, adv, keep, **kw)
+    for mask_dtype in (torch.uint8, torch.int32, torch.int64, torch.float32, torch.float64, torch.float16):
+        out, grad = _loss_and_grad("cpu", logp, old, ref, adv, keep.to(mask_dtype), **kw)
+        for name, a, b in zip(out._fields, out, want, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b), (mask_dtype, name)
+        assert torch.equal(grad, want_grad), mask_dtype
+    weighted = keep.to(torch.int64)
+    weighted[3] *= 2  # a weighted row between 0/1 rows
+    weighted[6, 5] = 3
+    for mask in (weighted, weighted.to(torch.float32)):
+        out, grad = _loss_and_grad("cpu", logp, old, ref, adv, mask, **kw)
+        oracle, grad64 = _loss_and_grad("reference", logp.double(), old.double(), ref.double(), adv, mask,
+                                        **kw)
+        _, ref_grad = _loss_and_grad("reference", logp, old, ref, adv, mask, **kw)  # its own rounding
+        _check_all(out, oracle, _rel(dtype))
+        assert_matches_reference(grad, grad64, ref_grad, factor=2.0, rel=_rel(dtype), name="grad")
+        assert not torch.equal(out.loss, want.loss)  # the weights count
+
+
 def test_policy_loss_mixed_dtypes_and_layouts(cpu_ext):
     S, T = 6, 40
     logp, old, ref, adv, mask = _token_inputs(S, T, torch.float32)
@@ -906,6 +935,10 @@ def test_every_instruction_set_build_agrees(cpu_ext):
         for est, scale in (("unbiased", "group"), ("plugin", "none"), ("unbiased", "batch")):
             results.append(list(torch.ops.iama.group_advantages(rewards, None, lam, [1, 0], [4, 1],
                                                                 [1.0, 1.0], est, scale, 1e-4)))
+        for mask_dtype in (torch.int64, torch.int32):  # narrowed to bytes: the bool mask's float32 row
+            out = torch.ops.iama.policy_loss_fwd(logp.float(), old.float(), ref.float(), adv,
+                                                 mask.to(mask_dtype), 0.2, 0.2, 0.05, "token", None)
+            results.append([t.double() for t in out])
         torch.save(results, sys.argv[1])
     """)
     per_isa = {}
@@ -925,7 +958,9 @@ def test_every_instruction_set_build_agrees(cpu_ext):
     assert float(log_w.min()) < -0.05 and float(log_w.max()) > 0.05
     assert float(surrogate_oracles[3][2]) > 0.01 and float(surrogate_oracles[3][5]) > 0.01  # DPPO acts
     for isa, (f32, bf16, f64, f32_dual, f64_dual, f32_seq, f64_seq, *rest) in per_isa.items():
-        surrogates, groups = rest[:8], rest[8:]
+        surrogates, groups, narrowed = rest[:8], rest[8:11], rest[11:]
+        for out in narrowed:
+            assert all(torch.equal(a, b) for a, b in zip(out, f32, strict=True)), isa
         pairs = (surrogates[0:2], surrogates[2:4], surrogates[4:6], surrogates[6:8])
         for (f32_surr, f64_surr), want in zip(pairs, surrogate_oracles, strict=True):
             for a, b in zip(f32_surr, want, strict=True):
@@ -937,7 +972,7 @@ def test_every_instruction_set_build_agrees(cpu_ext):
         for a, b in zip(f64_seq, seq_oracle, strict=True):
             assert_matches_reference(a, b, rel=1e-12, name=f"{isa} float64 sequence ratio")
         # the group kernels (fixed-size pass, and for AVX-512 the fused G = 16 kernel) round alike
-        for a, b in zip(groups, per_isa["generic"][15:], strict=True):
+        for a, b in zip(groups, per_isa["generic"][15:18], strict=True):
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), isa
         for a, b in zip(f32, oracle, strict=True):
             assert_matches_reference(a, b, rel=1e-5, name=f"{isa} float32")

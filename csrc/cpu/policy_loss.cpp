@@ -105,6 +105,7 @@ policy_loss_fwd(
   const at::Tensor ref = aux(ref_logp);
   const MaskKind mask_kind = mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte ? MaskKind::kByte
                              : mask.scalar_type() == at::kLong                                 ? MaskKind::kInt64
+                             : mask.scalar_type() == at::kInt                                  ? MaskKind::kInt32
                                                                                                : MaskKind::kCompute;
   const at::Tensor mk = rows_contiguous(mask_kind == MaskKind::kCompute ? mask.to(ct) : mask);
   // Row advantages in double (one per row); per-token ones in the compute dtype, rows contiguous.

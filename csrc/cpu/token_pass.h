@@ -11,9 +11,10 @@
 namespace iama::cpu {
 
 enum class TokenDtype { kFloat32, kFloat64, kFloat16, kBFloat16 };
-// How the mask is read: bool/uint8 bytes, int64 as given (TRL's and verl's masks: converting them
-// first made the op twice as slow), or anything else converted to the compute dtype by the glue.
-enum class MaskKind { kByte, kInt64, kCompute };
+// The mask's element type as the kernels receive it: bool/uint8 bytes, int64 (TRL's and verl's
+// masks) or int32 as given, or anything else converted to the compute dtype by the glue. The
+// kernels narrow a non-byte mask to bytes row by row where it holds only 0 and 1 (token_kernel).
+enum class MaskKind { kByte, kInt64, kInt32, kCompute };
 
 struct TokenProblem {
   int64_t S = 0, T = 0;

@@ -56,6 +56,8 @@ void mask_row_sums(const TokenProblem& p, std::vector<double>& out) {
     mask_sums_kernel<uint8_t>(p, out);
   } else if (p.mask_kind == MaskKind::kInt64) {
     mask_sums_kernel<int64_t>(p, out);
+  } else if (p.mask_kind == MaskKind::kInt32) {
+    mask_sums_kernel<int32_t>(p, out);
   } else if (p.logp_dtype == TokenDtype::kFloat64) {
     mask_sums_kernel<double>(p, out);
   } else {

@@ -20,8 +20,11 @@
 namespace iama::cpu {
 namespace IAMA_ISA_NAMESPACE {
 
+// One row of the pass: its loss terms and gradient, its sums in out[0 .. kRowFields). `mk` is the
+// row's mask as the row loops read it (bytes, or weights in the compute dtype; see
+// token_kernel), msum its sum.
 template <typename lp_t, typename aux_t, typename mask_t>
-void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
+void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, double* out) {
   using acc_t = std::conditional_t<std::is_same_v<lp_t, double>, double, float>;
   const acc_t lo = static_cast<acc_t>(1.0 - p.eps_low);
   const acc_t hi = static_cast<acc_t>(1.0 + p.eps_high);
@@ -30,121 +33,162 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
   const bool has_dual = std::isfinite(p.dual_clip);  // +inf: the dual clip is off
   const acc_t tau_pos = static_cast<acc_t>(p.tau_pos);
   const acc_t tau_neg = static_cast<acc_t>(p.tau_neg);
+  const double w_scale =
+      p.loss_type == kLossGrpo ? 1.0 / (static_cast<double>(p.S) * std::max(1.0, msum)) : p.uniform_scale;
+  const lp_t* lp_row = static_cast<const lp_t*>(p.logp) + r * p.s_logp;
+  const aux_t* old_row = static_cast<const aux_t*>(p.old) + r * p.s_old;
+  acc_t lr0 = acc_t(0);
+  if (p.seq_old != nullptr) {  // GSPO: the row's mean log-ratio, then `old` := logp itself
+    lr0 = static_cast<acc_t>(row_mean_log_ratio<lp_t, aux_t, mask_t, acc_t>(lp_row, old_row, mk, p.T));
+    old_row = static_cast<const aux_t*>(p.seq_old) + r * p.s_seq_old;
+  }
+  const aux_t* ref_row = static_cast<const aux_t*>(p.ref) + r * p.s_ref;
+  lp_t* grad_row = static_cast<lp_t*>(p.grad) + r * p.T;
+  const bool token_adv = p.adv_tokens != nullptr;
+  acc_t A = token_adv ? acc_t(0) : static_cast<acc_t>(p.adv[r]);
+  const acc_t* a_row = token_adv ? static_cast<const acc_t*>(p.adv_tokens) + r * p.s_adv : nullptr;
+  // SAPO's temperatures, VESPO's two weights of this row or DPPO's divergence bounds (see
+  // policy_loss_row).
+  const bool dppo = p.surrogate == kSurrDppoTv || p.surrogate == kSurrDppoKl;
+  acc_t sign_pos = dppo ? static_cast<acc_t>(p.eps_high) : tau_pos;
+  acc_t sign_neg = dppo ? static_cast<acc_t>(p.eps_low) : tau_neg;
+  double row_seq = static_cast<double>(lr0);
+  if (p.surrogate == kSurrVespo) {  // the row's weight, a pre-pass over logp, old and mask
+    row_seq = row_vespo_log_weight<lp_t, aux_t, mask_t, acc_t>(lp_row, old_row, mk, p.T);
+    // A weight past the compute dtype's range is 0, as the reference's (and TRL's) exp in
+    // that dtype overflows to inf, which they set to 0.
+    auto in_range = [](double phi) {
+      const acc_t v = static_cast<acc_t>(phi);
+      return v * acc_t(0) == acc_t(0) ? v : acc_t(0);
+    };
+    sign_pos = in_range(vespo_phi(row_seq, p.vespo_k_pos, p.vespo_lambda_pos));
+    sign_neg = in_range(vespo_phi(row_seq, p.vespo_k_neg, p.vespo_lambda_neg));
+    // Row advantages: A * phi, in double, and no per-token select.
+    if (!token_adv) A = static_cast<acc_t>(p.adv[r] * static_cast<double>(p.adv[r] >= 0.0 ? sign_pos : sign_neg));
+  }
+  // With one advantage per row the dual clip can act only in a row with A < 0 (and c finite);
+  // the per-token rows test it token by token.
+  const bool dual = has_dual && A < acc_t(0);
+  RowSums sums;
+  [[maybe_unused]] bool done = false;
+#ifdef IAMA_TOKEN_ROW_F32_BYTE
+  // A build with a hand-vectorised row for the most common case (float32, bool mask, plain
+  // k3, row advantages; every surrogate) uses it; the other cases take the templated row.
+  if constexpr (std::is_same_v<lp_t, float> && std::is_same_v<aux_t, float> && std::is_same_v<mask_t, uint8_t>) {
+    if (!p.ratio_kl && !token_adv && !dppo) {
+      sums = policy_loss_row_f32_byte(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
+                                      beta, dual_c, dual && p.surrogate == kSurrClip, p.seq_old != nullptr, lr0,
+                                      p.surrogate, tau_pos, tau_neg, grad_row);
+      done = true;
+    }
+  }
+#endif
+  if constexpr (std::is_same_v<lp_t, double>) {
+    // float64: one build with run-time flags (see policy_loss_row's kRuntimeFlags).
+    RowFlags flags;
+    flags.ratio_kl = p.ratio_kl;
+    flags.token_adv = token_adv;
+    flags.dual = dppo || (p.surrogate == kSurrClip && (token_adv || dual));
+    flags.surr = p.surrogate;
+    sums = policy_loss_row<lp_t, aux_t, mask_t, acc_t, false, false, true, kSurrClip, true>(
+        lp_row, old_row, ref_row, mk, p.T, A, static_cast<acc_t>(w_scale), lo, hi, beta, dual_c, grad_row, a_row,
+        lr0, sign_pos, sign_neg, flags);
+  } else if (!done) {
+    const acc_t ws = static_cast<acc_t>(w_scale);
+    // The run-time flags as template arguments (each a bool_constant or integral_constant):
+    // see policy_loss_row.
+    using Clip = std::integral_constant<int, kSurrClip>;
+    auto row = [&](auto ratio_kl, auto per_token, auto with_dual, auto surr) {
+      return policy_loss_row<lp_t, aux_t, mask_t, acc_t, ratio_kl(), per_token(), with_dual(), surr()>(
+          lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row, a_row, lr0, sign_pos,
+          sign_neg);
+    };
+    auto with_dual = [&](auto ratio_kl, auto per_token) {
+      if constexpr (per_token()) {  // one build: the dual clip is tested token by token
+        return row(ratio_kl, per_token, std::true_type{}, Clip{});
+      } else {
+        return dual ? row(ratio_kl, per_token, std::true_type{}, Clip{})
+                    : row(ratio_kl, per_token, std::false_type{}, Clip{});
+      }
+    };
+    // CISPO, SAPO and VESPO have no dual clip (the glue refuses one); DPPO's caps its weight.
+    auto with_surrogate = [&](auto ratio_kl, auto per_token) {
+      switch (p.surrogate) {
+        case kSurrCispo:
+          return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrCispo>{});
+        case kSurrSapo:
+          return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrSapo>{});
+        case kSurrVespo:
+          return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrVespo>{});
+        case kSurrDppoTv:  // DPPO's weight cap is dual_c, and its truncated tokens the dual sum
+          return row(ratio_kl, per_token, std::true_type{}, std::integral_constant<int, kSurrDppoTv>{});
+        case kSurrDppoKl:
+          return row(ratio_kl, per_token, std::true_type{}, std::integral_constant<int, kSurrDppoKl>{});
+        default:
+          return with_dual(ratio_kl, per_token);
+      }
+    };
+    auto with_adv = [&](auto ratio_kl) {
+      return token_adv ? with_surrogate(ratio_kl, std::true_type{}) : with_surrogate(ratio_kl, std::false_type{});
+    };
+    sums = p.ratio_kl ? with_adv(std::true_type{}) : with_adv(std::false_type{});
+  }
+  out[0] = sums.loss;
+  out[1] = sums.kl;
+  out[2] = sums.clip;
+  out[3] = sums.ratio;
+  out[4] = msum;
+  out[5] = sums.lratio;
+  out[6] = sums.dual;
+  out[7] = sums.high;
+  out[8] = row_seq;
+}
+
+// Narrows a row's mask to bytes (0 or 1) and returns whether each of its values is 0 or 1, when
+// the bytes say all it says. (Branch-free, so that it vectorises.)
+template <typename src_t>
+bool narrow_mask_row(const src_t* __restrict__ src, int64_t T, uint8_t* __restrict__ bytes) {
+  uint8_t binary = 1;
+  for (int64_t t = 0; t < T; ++t) {
+    const src_t v = src[t];
+    bytes[t] = static_cast<uint8_t>(v != src_t(0));
+    binary &= static_cast<uint8_t>((v == src_t(0)) | (v == src_t(1)));
+  }
+  return binary != 0;
+}
+
+// The pass over every row, at::parallel_for over blocks of rows. The row loops read a mask of
+// bytes or of weights in the compute dtype, and nothing else: a mask of other values (TRL's and
+// verl's int64, an int32 one, float weights) is narrowed to bytes row by row when its row holds
+// only 0 and 1 (then it takes the byte rows, the hand-vectorised one included), else read as
+// weights in the compute dtype (converted row by row from an integer type). An int64 mask read in
+// the row loops themselves kept them from vectorising (1.75x the bool mask's time), and a row
+// build per mask type multiplied the build time.
+template <typename lp_t, typename src_mask_t>
+void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
+  using acc_t = std::conditional_t<std::is_same_v<lp_t, double>, double, float>;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.T));
   at::parallel_for(0, p.S, grain, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> bytes;
+    std::vector<acc_t> weights;
     for (int64_t r = begin; r < end; ++r) {
-      const mask_t* mk = static_cast<const mask_t*>(p.mask) + r * p.s_mask;
+      const src_mask_t* mk = static_cast<const src_mask_t*>(p.mask) + r * p.s_mask;
       const double msum = p.row_mask_sums != nullptr ? p.row_mask_sums[r] : mask_row_sum(mk, p.T);
-      const double w_scale =
-          p.loss_type == kLossGrpo ? 1.0 / (static_cast<double>(p.S) * std::max(1.0, msum)) : p.uniform_scale;
-      const lp_t* lp_row = static_cast<const lp_t*>(p.logp) + r * p.s_logp;
-      const aux_t* old_row = static_cast<const aux_t*>(p.old) + r * p.s_old;
-      acc_t lr0 = acc_t(0);
-      if (p.seq_old != nullptr) {  // GSPO: the row's mean log-ratio, then `old` := logp itself
-        lr0 = static_cast<acc_t>(row_mean_log_ratio<lp_t, aux_t, mask_t, acc_t>(lp_row, old_row, mk, p.T));
-        old_row = static_cast<const aux_t*>(p.seq_old) + r * p.s_seq_old;
-      }
-      const aux_t* ref_row = static_cast<const aux_t*>(p.ref) + r * p.s_ref;
-      lp_t* grad_row = static_cast<lp_t*>(p.grad) + r * p.T;
-      const bool token_adv = p.adv_tokens != nullptr;
-      acc_t A = token_adv ? acc_t(0) : static_cast<acc_t>(p.adv[r]);
-      const acc_t* a_row = token_adv ? static_cast<const acc_t*>(p.adv_tokens) + r * p.s_adv : nullptr;
-      // SAPO's temperatures, VESPO's two weights of this row or DPPO's divergence bounds (see
-      // policy_loss_row).
-      const bool dppo = p.surrogate == kSurrDppoTv || p.surrogate == kSurrDppoKl;
-      acc_t sign_pos = dppo ? static_cast<acc_t>(p.eps_high) : tau_pos;
-      acc_t sign_neg = dppo ? static_cast<acc_t>(p.eps_low) : tau_neg;
-      double row_seq = static_cast<double>(lr0);
-      if (p.surrogate == kSurrVespo) {  // the row's weight, a pre-pass over logp, old and mask
-        row_seq = row_vespo_log_weight<lp_t, aux_t, mask_t, acc_t>(lp_row, old_row, mk, p.T);
-        // A weight past the compute dtype's range is 0, as the reference's (and TRL's) exp in
-        // that dtype overflows to inf, which they set to 0.
-        auto in_range = [](double phi) {
-          const acc_t v = static_cast<acc_t>(phi);
-          return v * acc_t(0) == acc_t(0) ? v : acc_t(0);
-        };
-        sign_pos = in_range(vespo_phi(row_seq, p.vespo_k_pos, p.vespo_lambda_pos));
-        sign_neg = in_range(vespo_phi(row_seq, p.vespo_k_neg, p.vespo_lambda_neg));
-        // Row advantages: A * phi, in double, and no per-token select.
-        if (!token_adv) A = static_cast<acc_t>(p.adv[r] * static_cast<double>(p.adv[r] >= 0.0 ? sign_pos : sign_neg));
-      }
-      // With one advantage per row the dual clip can act only in a row with A < 0 (and c finite);
-      // the per-token rows test it token by token.
-      const bool dual = has_dual && A < acc_t(0);
-      RowSums sums;
-      [[maybe_unused]] bool done = false;
-#ifdef IAMA_TOKEN_ROW_F32_BYTE
-      // A build with a hand-vectorised row for the most common case (float32, bool mask, plain
-      // k3, row advantages; every surrogate) uses it; the other cases take the templated row.
-      if constexpr (std::is_same_v<lp_t, float> && std::is_same_v<aux_t, float> && std::is_same_v<mask_t, uint8_t>) {
-        if (!p.ratio_kl && !token_adv && !dppo) {
-          sums = policy_loss_row_f32_byte(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
-                                          beta, dual_c, dual && p.surrogate == kSurrClip, p.seq_old != nullptr, lr0,
-                                          p.surrogate, tau_pos, tau_neg, grad_row);
-          done = true;
+      double* out = rows.data() + r * kRowFields;
+      if constexpr (std::is_same_v<src_mask_t, uint8_t>) {
+        token_row<lp_t, lp_t, uint8_t>(p, r, mk, msum, out);
+      } else {
+        bytes.resize(static_cast<size_t>(p.T));
+        if (narrow_mask_row(mk, p.T, bytes.data())) {
+          token_row<lp_t, lp_t, uint8_t>(p, r, bytes.data(), msum, out);
+        } else if constexpr (std::is_same_v<src_mask_t, acc_t>) {
+          token_row<lp_t, lp_t, acc_t>(p, r, mk, msum, out);
+        } else {
+          weights.resize(static_cast<size_t>(p.T));
+          for (int64_t t = 0; t < p.T; ++t) weights[t] = static_cast<acc_t>(mk[t]);
+          token_row<lp_t, lp_t, acc_t>(p, r, weights.data(), msum, out);
         }
       }
-#endif
-      if constexpr (std::is_same_v<lp_t, double>) {
-        // float64: one build with run-time flags (see policy_loss_row's kRuntimeFlags).
-        RowFlags flags;
-        flags.ratio_kl = p.ratio_kl;
-        flags.token_adv = token_adv;
-        flags.dual = dppo || (p.surrogate == kSurrClip && (token_adv || dual));
-        flags.surr = p.surrogate;
-        sums = policy_loss_row<lp_t, aux_t, mask_t, acc_t, false, false, true, kSurrClip, true>(
-            lp_row, old_row, ref_row, mk, p.T, A, static_cast<acc_t>(w_scale), lo, hi, beta, dual_c, grad_row, a_row,
-            lr0, sign_pos, sign_neg, flags);
-      } else if (!done) {
-        const acc_t ws = static_cast<acc_t>(w_scale);
-        // The run-time flags as template arguments (each a bool_constant or integral_constant):
-        // see policy_loss_row.
-        using Clip = std::integral_constant<int, kSurrClip>;
-        auto row = [&](auto ratio_kl, auto per_token, auto with_dual, auto surr) {
-          return policy_loss_row<lp_t, aux_t, mask_t, acc_t, ratio_kl(), per_token(), with_dual(), surr()>(
-              lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row, a_row, lr0, sign_pos,
-              sign_neg);
-        };
-        auto with_dual = [&](auto ratio_kl, auto per_token) {
-          if constexpr (per_token()) {  // one build: the dual clip is tested token by token
-            return row(ratio_kl, per_token, std::true_type{}, Clip{});
-          } else {
-            return dual ? row(ratio_kl, per_token, std::true_type{}, Clip{})
-                        : row(ratio_kl, per_token, std::false_type{}, Clip{});
-          }
-        };
-        // CISPO, SAPO and VESPO have no dual clip (the glue refuses one); DPPO's caps its weight.
-        auto with_surrogate = [&](auto ratio_kl, auto per_token) {
-          switch (p.surrogate) {
-            case kSurrCispo:
-              return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrCispo>{});
-            case kSurrSapo:
-              return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrSapo>{});
-            case kSurrVespo:
-              return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrVespo>{});
-            case kSurrDppoTv:  // DPPO's weight cap is dual_c, and its truncated tokens the dual sum
-              return row(ratio_kl, per_token, std::true_type{}, std::integral_constant<int, kSurrDppoTv>{});
-            case kSurrDppoKl:
-              return row(ratio_kl, per_token, std::true_type{}, std::integral_constant<int, kSurrDppoKl>{});
-            default:
-              return with_dual(ratio_kl, per_token);
-          }
-        };
-        auto with_adv = [&](auto ratio_kl) {
-          return token_adv ? with_surrogate(ratio_kl, std::true_type{}) : with_surrogate(ratio_kl, std::false_type{});
-        };
-        sums = p.ratio_kl ? with_adv(std::true_type{}) : with_adv(std::false_type{});
-      }
-      double* out = rows.data() + r * kRowFields;
-      out[0] = sums.loss;
-      out[1] = sums.kl;
-      out[2] = sums.clip;
-      out[3] = sums.ratio;
-      out[4] = msum;
-      out[5] = sums.lratio;
-      out[6] = sums.dual;
-      out[7] = sums.high;
-      out[8] = row_seq;
     }
   });
 }
@@ -154,23 +198,27 @@ void dispatch_mask(const TokenProblem& p, std::vector<double>& rows) {
   using acc_t = std::conditional_t<std::is_same_v<lp_t, double>, double, float>;
   switch (p.mask_kind) {
     case MaskKind::kByte:
-      token_kernel<lp_t, lp_t, uint8_t>(p, rows);
+      token_kernel<lp_t, uint8_t>(p, rows);
       break;
     case MaskKind::kInt64:
-      token_kernel<lp_t, lp_t, int64_t>(p, rows);
+      token_kernel<lp_t, int64_t>(p, rows);
+      break;
+    case MaskKind::kInt32:
+      token_kernel<lp_t, int32_t>(p, rows);
       break;
     case MaskKind::kCompute:
-      token_kernel<lp_t, lp_t, acc_t>(p, rows);
+      token_kernel<lp_t, acc_t>(p, rows);
       break;
   }
 }
 
-// logp dtype (old and ref in the same one) x mask kind (x plain or ratio KL x row advantages with
-// or without the dual clip, or per-token advantages, for the clipped surrogate, and row or
-// per-token advantages for each of CISPO, SAPO, VESPO and the two DPPOs; float64 in one build
-// with run-time flags): 12 token kernels, 237 row instantiations. Each costs about half a second
-// of compilation per instruction set, the bulk of the extension's build; a new dimension
-// multiplies it.
+// logp dtype (old and ref in the same one) x the mask the rows read (bytes or compute-dtype
+// weights) x (plain or ratio KL x row advantages with or without the dual clip, or per-token
+// advantages, for the clipped surrogate, and row or per-token advantages for each of CISPO, SAPO,
+// VESPO and the two DPPOs; float64 in one build with run-time flags): 8 token rows, 158 row
+// instantiations. Each costs about half a second of compilation per instruction set, the bulk of
+// the extension's build; a new dimension multiplies it (the mask's source type does not: it is
+// narrowed or converted before the row).
 inline void dispatch_token_pass(const TokenProblem& p, std::vector<double>& rows) {
   switch (p.logp_dtype) {
     case TokenDtype::kFloat32:
