@@ -988,6 +988,54 @@ def test_every_instruction_set_build_agrees(cpu_ext):
             assert_matches_reference(a, b, rel=1e-2, name=f"{isa} bfloat16")
 
 
+_HAND_ROW_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from iama_kernels import _extension
+    _extension.load()
+    g = torch.Generator().manual_seed(0)
+    S, T = 13, 517
+    logp = -torch.rand(S, T, generator=g, dtype=torch.float64) * 3
+    old = logp + 0.3 * torch.randn(S, T, generator=g, dtype=torch.float64)
+    ref = logp + 0.3 * torch.randn(S, T, generator=g, dtype=torch.float64)
+    mask = torch.rand(S, T, generator=g) < 0.9
+    # non-finite tokens under the mask: NaN and inf gradients, rounded to each dtype's NaN
+    logp[2, 5] = float("nan"); logp[3, 7] = float("inf"); old[4, 9] = -float("inf"); ref[5, 11] = float("nan")
+    adv = torch.randn(S, generator=g)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for surrogate, dual, seq, mk in (("clip", None, False, mask), ("clip", 1.15, False, mask.long()),
+                                         ("clip", None, True, mask), ("cispo", None, False, mask),
+                                         ("sapo", None, False, mask), ("vespo", None, False, mask)):
+            out = torch.ops.iama.policy_loss_fwd(logp.to(dtype), old.to(dtype), ref.to(dtype), adv, mk,
+                                                 0.2, 0.28, 0.05, "grpo", None, False, dual, seq, surrogate,
+                                                 1.2, 0.8, True, 1.5, 2.5, 3.0, 1.2)
+            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # compared as bits: NaN included
+            results.append([t.view(bits[t.element_size()]) if t is not None and t.is_floating_point() else t
+                            for t in out])
+            results[-1].append(bool(torch.isnan(out[-1]).any()))  # the NaN tokens reach the gradient
+    torch.save(results, sys.argv[1])
+""")
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs an AVX-512 CPU")
+def test_hand_vectorised_rows_equal_the_templated_rows_bit_for_bit(cpu_ext, tmp_path):
+    """The AVX-512 build's hand-written rows (float32, bfloat16 and float16 log-probs, a byte mask
+    or one narrowed to bytes, row advantages; every surrogate but DPPO) compute what the templated
+    rows of the AVX2 build compute, bit for bit: losses, metrics and gradients, NaN and inf tokens
+    included (half-precision gradients compared as bits)."""
+    per_isa = {}
+    for isa in ("avx2", "avx512"):
+        path = tmp_path / f"{isa}.pt"
+        subprocess.run([sys.executable, "-c", _HAND_ROW_SCRIPT, str(path)], check=True, cwd=REPO, timeout=300,
+                       env=dict(os.environ, IAMA_CPU_ISA=isa))
+        per_isa[isa] = torch.load(path)
+    assert len(per_isa["avx512"]) == 18
+    for k, (a, b) in enumerate(zip(per_isa["avx2"], per_isa["avx512"], strict=True)):
+        assert a[-1] and b[-1], k
+        for x, y in zip(a[:-1], b[:-1], strict=True):
+            assert (x is None and y is None) or torch.equal(x, y), k
+
+
 def test_missing_compiler_is_reported_and_auto_falls_back(tmp_path):
     """Without a compiler: importing works, impl='cpu' says what to install, impl='auto' runs the
     reference and logs it once."""

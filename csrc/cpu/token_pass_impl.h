@@ -71,14 +71,18 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
   const bool dual = has_dual && A < acc_t(0);
   RowSums sums;
   [[maybe_unused]] bool done = false;
-#ifdef IAMA_TOKEN_ROW_F32_BYTE
-  // A build with a hand-vectorised row for the most common case (float32, bool mask, plain
-  // k3, row advantages; every surrogate) uses it; the other cases take the templated row.
-  if constexpr (std::is_same_v<lp_t, float> && std::is_same_v<aux_t, float> && std::is_same_v<mask_t, uint8_t>) {
+#ifdef IAMA_TOKEN_ROW_BYTE16
+  // A build with a hand-vectorised row for the most common cases (float32, bfloat16 or float16
+  // log-probs, a byte mask, plain k3, row advantages; every surrogate but DPPO) uses it; the
+  // other cases take the templated row.
+  constexpr bool kHandRow = std::is_same_v<lp_t, aux_t> && std::is_same_v<mask_t, uint8_t> &&
+                            (std::is_same_v<lp_t, float> || std::is_same_v<lp_t, c10::BFloat16> ||
+                             std::is_same_v<lp_t, c10::Half>);
+  if constexpr (kHandRow) {
     if (!p.ratio_kl && !token_adv && !dppo) {
-      sums = policy_loss_row_f32_byte(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
-                                      beta, dual_c, dual && p.surrogate == kSurrClip, p.seq_old != nullptr, lr0,
-                                      p.surrogate, tau_pos, tau_neg, grad_row);
+      sums = policy_loss_row_byte16<lp_t>(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
+                                          beta, dual_c, dual && p.surrogate == kSurrClip, p.seq_old != nullptr, lr0,
+                                          p.surrogate, tau_pos, tau_neg, grad_row);
       done = true;
     }
   }
@@ -173,13 +177,19 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
     std::vector<acc_t> weights;
     for (int64_t r = begin; r < end; ++r) {
       const src_mask_t* mk = static_cast<const src_mask_t*>(p.mask) + r * p.s_mask;
-      const double msum = p.row_mask_sums != nullptr ? p.row_mask_sums[r] : mask_row_sum(mk, p.T);
       double* out = rows.data() + r * kRowFields;
       if constexpr (std::is_same_v<src_mask_t, uint8_t>) {
+        const double msum = p.row_mask_sums != nullptr ? p.row_mask_sums[r] : mask_row_sum(mk, p.T);
         token_row<lp_t, lp_t, uint8_t>(p, r, mk, msum, out);
       } else {
         bytes.resize(static_cast<size_t>(p.T));
-        if (narrow_mask_row(mk, p.T, bytes.data())) {
+        const bool binary = narrow_mask_row(mk, p.T, bytes.data());
+        // A 0/1 row's sum is its bytes' (exact, and a byte sum vectorises where a sum of int64
+        // or float values in double does not).
+        const double msum = p.row_mask_sums != nullptr ? p.row_mask_sums[r]
+                            : binary                   ? mask_row_sum(bytes.data(), p.T)
+                                                       : mask_row_sum(mk, p.T);
+        if (binary) {
           token_row<lp_t, lp_t, uint8_t>(p, r, bytes.data(), msum, out);
         } else if constexpr (std::is_same_v<src_mask_t, acc_t>) {
           token_row<lp_t, lp_t, acc_t>(p, r, mk, msum, out);

@@ -354,14 +354,34 @@ IAMA_HD inline double vespo_phi(double log_w, double k, double lambda) {
   return phi == phi && phi * 0.0 == 0.0 ? phi : 0.0;
 }
 
+// The integer mask types the kernels read (bool masks as uint8). Spelled out: these headers use
+// no C++ library header, for device code.
+template <typename T>
+struct IntegerMask {
+  static constexpr bool value = false;
+};
+template <>
+struct IntegerMask<uint8_t> {
+  static constexpr bool value = true;
+};
+template <>
+struct IntegerMask<int32_t> {
+  static constexpr bool value = true;
+};
+template <>
+struct IntegerMask<int64_t> {
+  static constexpr bool value = true;
+};
+
 // Sum of a row's mask weights (the grpo normaliser and the metrics' token count), in double.
 template <typename mask_t>
 IAMA_HD inline double mask_row_sum(const mask_t* mask, int64_t T) {
-  if constexpr (sizeof(mask_t) == 1) {
-    // bool / uint8 masks: an exact integer sum (vectorises into byte sums).
-    int64_t total = 0;
-    for (int64_t t = 0; t < T; ++t) total += mask[t];
-    return static_cast<double>(total);
+  if constexpr (IntegerMask<mask_t>::value) {
+    // bool / integer masks: an exact integer sum, which vectorises (a sum in double of converted
+    // int64 values does not). Accumulated modulo 2^64 (no overflow UB): exact while it fits.
+    uint64_t total = 0;
+    for (int64_t t = 0; t < T; ++t) total += static_cast<uint64_t>(static_cast<int64_t>(mask[t]));
+    return static_cast<double>(static_cast<int64_t>(total));
   }
   double part[4] = {0.0, 0.0, 0.0, 0.0};
   int64_t t = 0;

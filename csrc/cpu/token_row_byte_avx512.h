@@ -1,7 +1,8 @@
-// One row of the policy-loss token pass for float32 log-probs and a byte (bool / uint8) mask,
-// written with AVX-512 intrinsics. Included only by token_pass_avx512.cpp, after its target pragma.
+// One row of the policy-loss token pass for float32, bfloat16 or float16 log-probs (old and ref in
+// the same dtype) and a byte (bool / uint8) mask, written with AVX-512 intrinsics. Included only
+// by token_pass_avx512.cpp, after its target pragma.
 //
-// It computes what iama::policy_loss_row<float, float, uint8_t, float> (csrc/include/iama/loss.h)
+// It computes what iama::policy_loss_row<lp_t, lp_t, uint8_t, float> (csrc/include/iama/loss.h)
 // computes, in the same order of operations and the same summation tree (tiles of 64 tokens,
 // pairwise down to 8 lanes, 8 double accumulators), but leaves less to the auto-vectoriser, which
 // on this loop spills its per-tile arrays and turns every clamp and select into a compare and a
@@ -14,11 +15,16 @@
 //   * the 64-token tile's term vectors stay in registers;
 //   * A is the row's constant, so the dual clip, which only acts where A < 0, is compiled into
 //     the loop only for rows with A < 0 and a finite c (kDual), and the clipped-above weight is
-//     the row's clipped weight or 0 (no sum of its own); SAPO's temperature is the row's too.
+//     the row's clipped weight or 0 (no sum of its own); SAPO's temperature is the row's too;
+//   * half-precision tokens are widened to float32 in registers (bfloat16: a shift; float16:
+//     vcvtph2ps) and the gradient rounded back to nearest-even there, as c10's conversions do
+//     (NaN to c10's quiet NaN), where the templated row converts token by token.
 // kSurr: the surrogate (SurrogateKind), with token_terms' formulas for CISPO, SAPO and VESPO (CISPO
 // keeps a clipped-above sum: its clipped weight counts both sides; VESPO's A is the row's A * phi).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <cmath>
@@ -66,6 +72,34 @@ inline __m512 k3_16(__m512 d, __m512 ed) {
   return _mm512_mask_blend_ps(small, direct, series);
 }
 
+// 16 tokens as float32 (lanes outside k read as 0; their memory is not touched).
+inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 k) {  // bfloat16 is float32's upper half
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+inline __m512 load16(const c10::Half* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
+
+// 16 gradients stored in the log-probs' dtype, rounded as c10's float conversions round.
+inline void store16(float* p, __mmask16 k, __m512 v) { _mm512_mask_storeu_ps(p, k, v); }
+inline void store16(c10::BFloat16* p, __mmask16 k, __m512 v) {
+  // Round to nearest even on the upper 16 bits (c10::detail::round_to_nearest_even); NaN: 0x7FC0.
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(r));
+}
+inline void store16(c10::Half* p, __mmask16 k, __m512 v) {
+  // vcvtps2ph rounds to nearest even as c10::Half(float) does; a NaN becomes c10's 0x7E00 with
+  // its sign (vcvtps2ph would keep part of the payload).
+  __m512i h = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m512i nan = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16),
+                                                       _mm512_set1_epi32(0x8000)),
+                                      _mm512_set1_epi32(0x7E00));
+  h = _mm512_mask_mov_epi32(h, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
+  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(h));
+}
+
 struct Terms16 {
   __m512 loss, kl, clip, ratio, lratio, dual, high;
 };
@@ -78,23 +112,24 @@ struct Row16 {
 
 // The terms of 16 tokens starting at t; lanes outside `lanes` are not read and give 0. kDual: the
 // row's A is negative and the dual clip c finite (else no token of the row is dual-clipped).
-template <bool kDual, bool kSeq, int kSurr>
-inline Terms16 token_terms16(const float* logp, const float* old, const float* ref, const uint8_t* mask, float* grad,
+template <typename lp_t, bool kDual, bool kSeq, int kSurr>
+inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref, const uint8_t* mask, lp_t* grad,
                              int64_t t, __mmask16 lanes, const Row16& c) {
   static_assert(!kDual || kSurr == kSurrClip, "the dual clip is the clipped surrogate's alone");
   const __m128i mb = _mm_maskz_loadu_epi8(lanes, mask + t);
   const __mmask16 keep = _mm_test_epi8_mask(mb, mb);
   const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb));
-  const __m512 lp = _mm512_maskz_loadu_ps(keep, logp + t);
-  // The log-ratio logp - old, or for GSPO's sequence ratio (kSeq) the row's mean lr0 (`old` is
-  // then logp itself, so logp - old is 0: not loaded), zeroed where the mask is 0.
+  const __m512 lp = load16(logp + t, keep);
+  // The log-ratio logp - old, or for GSPO's sequence ratio (kSeq) (logp - logp) + lr0, the row's
+  // mean (`old` is then logp itself: not loaded; logp - logp is 0, or NaN for a non-finite logp,
+  // as in the templated row and the reference), zeroed where the mask is 0.
   __m512 d_old;
   if constexpr (kSeq) {
-    d_old = _mm512_maskz_mov_ps(keep, c.lr0);
+    d_old = _mm512_maskz_add_ps(keep, _mm512_sub_ps(lp, lp), c.lr0);
   } else {
-    d_old = _mm512_maskz_sub_ps(keep, lp, _mm512_maskz_loadu_ps(keep, old + t));
+    d_old = _mm512_maskz_sub_ps(keep, lp, load16(old + t, keep));
   }
-  const __m512 d = _mm512_maskz_sub_ps(keep, _mm512_maskz_loadu_ps(keep, ref + t), lp);
+  const __m512 d = _mm512_maskz_sub_ps(keep, load16(ref + t, keep), lp);
   const __m512 ratio = exp16(d_old);
   // max(lo, ratio) then min(hi, .): a NaN ratio stays NaN, as in token_terms.
   const __m512 clipped = _mm512_min_ps(c.hi, _mm512_max_ps(c.lo, ratio));
@@ -139,7 +174,7 @@ inline Terms16 token_terms16(const float* logp, const float* old, const float* r
   s.loss = _mm512_maskz_mul_ps(keep, _mm512_fmsub_ps(c.beta, kl, surrogate), w);
   const __m512 g =
       _mm512_maskz_mul_ps(keep, w, _mm512_fmsub_ps(c.beta, _mm512_sub_ps(_mm512_set1_ps(1.0f), ed), d_surr));
-  _mm512_mask_storeu_ps(grad + t, lanes, g);
+  store16(grad + t, lanes, g);
   s.kl = _mm512_mul_ps(kl, m);
   s.clip = _mm512_maskz_mov_ps(clip_flag, m);
   s.ratio = _mm512_mul_ps(ratio, m);
@@ -166,10 +201,10 @@ inline double lanes_sum(__m512d v) {
   return lane[0];
 }
 
-template <bool kDual, bool kSeq, int kSurr>
-inline RowSums row_f32_byte(const float* logp, const float* old, const float* ref, const uint8_t* mask, int64_t T,
-                            float A_, float w_scale_, float lo_, float hi_, float beta_, float dual_c_, float lr0_,
-                            float tau_pos_, float tau_neg_, float* grad) {
+template <typename lp_t, bool kDual, bool kSeq, int kSurr>
+inline RowSums row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, const uint8_t* mask, int64_t T,
+                          float A_, float w_scale_, float lo_, float hi_, float beta_, float dual_c_, float lr0_,
+                          float tau_pos_, float tau_neg_, lp_t* grad) {
   const bool pos = A_ > 0.0f;
   const float tau_ = pos ? tau_pos_ : tau_neg_;
   const float four_over_tau_ = pos ? 4.0f / tau_pos_ : 4.0f / tau_neg_;  // as token_terms rounds it
@@ -194,7 +229,7 @@ inline RowSums row_f32_byte(const float* logp, const float* old, const float* re
     for (int q = 0; q < 4; ++q) {
       const int64_t t = t0 + 16 * q;
       const __mmask16 lanes = full ? static_cast<__mmask16>(0xFFFF) : lanes_from(t);
-      v[q] = token_terms16<kDual, kSeq, kSurr>(logp, old, ref, mask, grad, t, lanes, c);
+      v[q] = token_terms16<lp_t, kDual, kSeq, kSurr>(logp, old, ref, mask, grad, t, lanes, c);
     }
     acc_loss = _mm512_add_pd(acc_loss, tile_sum(v[0].loss, v[1].loss, v[2].loss, v[3].loss));
     acc_kl = _mm512_add_pd(acc_kl, tile_sum(v[0].kl, v[1].kl, v[2].kl, v[3].kl));
@@ -214,17 +249,19 @@ inline RowSums row_f32_byte(const float* logp, const float* old, const float* re
                  lanes_sum(acc_lratio), lanes_sum(acc_dual), high};
 }
 
-// policy_loss_row for float32 logp/old/ref and a byte mask; `dual`: the caller's decision that
-// the dual clip can act in this row (A < 0 and a finite c; the clipped surrogate only); `seq`:
-// GSPO's sequence ratio, lr0 as in policy_loss_row (compiled in only for such rows: adding it to
-// every row cost the per-token rows 3%); `surr`: the surrogate (SurrogateKind).
-inline RowSums policy_loss_row_f32_byte(const float* logp, const float* old, const float* ref, const uint8_t* mask,
-                                        int64_t T, float A, float w_scale, float lo, float hi, float beta, float dual_c,
-                                        bool dual, bool seq, float lr0, int surr, float tau_pos, float tau_neg,
-                                        float* grad) {
+// policy_loss_row for float32, bfloat16 or float16 logp/old/ref and a byte mask; `dual`: the
+// caller's decision that the dual clip can act in this row (A < 0 and a finite c; the clipped
+// surrogate only); `seq`: GSPO's sequence ratio, lr0 as in policy_loss_row (compiled in only for
+// such rows: adding it to every row cost the per-token rows 3%); `surr`: the surrogate
+// (SurrogateKind).
+template <typename lp_t>
+inline RowSums policy_loss_row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, const uint8_t* mask,
+                                      int64_t T, float A, float w_scale, float lo, float hi, float beta, float dual_c,
+                                      bool dual, bool seq, float lr0, int surr, float tau_pos, float tau_neg,
+                                      lp_t* grad) {
   auto row = [&](auto with_dual, auto with_seq, auto kind) {
-    return row_f32_byte<with_dual(), with_seq(), kind()>(logp, old, ref, mask, T, A, w_scale, lo, hi, beta, dual_c,
-                                                         lr0, tau_pos, tau_neg, grad);
+    return row_byte16<lp_t, with_dual(), with_seq(), kind()>(logp, old, ref, mask, T, A, w_scale, lo, hi, beta,
+                                                             dual_c, lr0, tau_pos, tau_neg, grad);
   };
   auto with_surr = [&](auto with_seq) {
     switch (surr) {
