@@ -14,8 +14,8 @@ Measures, with every torch thread of this machine:
    op's own size, 17.8 MB (the same working-set class as the op's data, which stays largely in
    the last-level cache between repetitions: the roofline that the op could reach at best).
    Also the C++ op with the int64 mask TRL and verl use (8 B per token, 25.2 MB: read as is and
-   narrowed to bytes row by row in the kernel), with bfloat16 logp / old / ref / gradient (the
-   templated row: 9.4 MB),
+   narrowed to bytes row by row in the kernel), with bfloat16 logp / old / ref / gradient (9.4 MB;
+   on the hand-vectorised row where the CPU has AVX-512),
    with GSPO's sequence ratio (``ratio_level="sequence"``: the same bytes, a pre-pass per row),
    and with CISPO's, SAPO's and VESPO's surrogates (``surrogate="cispo"``/``"sapo"``/
    ``"vespo"``: the same bytes; CISPO and SAPO on the hand-vectorised row where the CPU has
@@ -166,17 +166,16 @@ def bench(timing: dict) -> tuple[list[Measurement], list[str]]:
     # log-ratio first, the row then in cache), and the CISPO, SAPO and VESPO surrogates (VESPO's
     # weight, like GSPO's ratio, from a pre-pass over the row).
     bf16 = {name: t[name].to(torch.bfloat16) for name in ("logp", "old", "ref")}
-    for label, mask, moved, options in (("cpu, int64 mask", t["mask"].long(), nbytes + 7 * S * T, {}),
-                                        ("cpu, bfloat16", t["mask"], nbytes - 8 * S * T, {"bf16": True}),
-                                        ("cpu, sequence ratio", t["mask"], nbytes,
-                                         {"ratio_level": "sequence"}),
-                                        ("cpu, cispo", t["mask"], nbytes, {"surrogate": "cispo"}),
-                                        ("cpu, sapo", t["mask"], nbytes, {"surrogate": "sapo"}),
-                                        ("cpu, vespo", t["mask"], nbytes, {"surrogate": "vespo"})):
-        half = options.pop("bf16", False)
-        src = bf16 if half else t
+    for label, src, mask, moved, options in (
+            ("cpu, int64 mask", t, t["mask"].long(), nbytes + 7 * S * T, {}),
+            ("cpu, bfloat16", bf16, t["mask"], nbytes - 8 * S * T, {}),
+            ("cpu, sequence ratio", t, t["mask"], nbytes, {"ratio_level": "sequence"}),
+            ("cpu, cispo", t, t["mask"], nbytes, {"surrogate": "cispo"}),
+            ("cpu, sapo", t, t["mask"], nbytes, {"surrogate": "sapo"}),
+            ("cpu, vespo", t, t["mask"], nbytes, {"surrogate": "vespo"})):
         x = src["logp"].clone().requires_grad_(True)
-        row = measure("policy_loss fwd+bwd", label, shape.replace("f32", "bf16") if half else shape,
+        row_shape = shape.replace("f32", "bf16") if src is bf16 else shape
+        row = measure("policy_loss fwd+bwd", label, row_shape,
                       _loss_step(policy_loss, x, src["old"], src["ref"], adv, mask, beta=0.04, impl="cpu",
                                  **options),
                       bytes_moved=moved, **timing)

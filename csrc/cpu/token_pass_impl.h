@@ -184,8 +184,8 @@ void token_kernel(const TokenProblem& p, std::vector<double>& rows) {
       } else {
         bytes.resize(static_cast<size_t>(p.T));
         const bool binary = narrow_mask_row(mk, p.T, bytes.data());
-        // A 0/1 row's sum is its bytes' (exact, and a byte sum vectorises where a sum of int64
-        // or float values in double does not).
+        // A 0/1 row's sum is its bytes' (exact; a byte sum reads the narrow copy, and for a float
+        // mask it replaces a sum in double, which does not vectorise).
         const double msum = p.row_mask_sums != nullptr ? p.row_mask_sums[r]
                             : binary                   ? mask_row_sum(bytes.data(), p.T)
                                                        : mask_row_sum(mk, p.T);
