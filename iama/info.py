@@ -114,6 +114,9 @@ def _cases(x: dict[str, Any]) -> dict[str, tuple[Callable[..., Any], tuple, dict
         "policy_loss dppo": (  # DPPO's binary-KL trust region with its weight cap, as verl's
             policy_loss, (x["logp"], x["old"], None, x["token_advantages"], x["mask"]),
             dict(loss_kw, beta=0.0, surrogate="dppo_kl", dual_clip=1.3, loss_type="token"), True),
+        "policy_loss gmpo": (  # GMPO's geometric mean of the clipped ratios, per-token advantages
+            policy_loss, (x["logp"], x["old"], x["ref"], x["token_advantages"], x["mask"]),
+            dict(loss_kw, surrogate="gmpo", eps_low=0.4, eps_high=0.4), True),
         "nonlinear_grpo_loss": (nonlinear_grpo_loss, (x["logp"], x["old"], x["ref"], x["mask"], x["rewards"],
                                                       _OBJECTIVE), dict(loss_kw, estimator="unbiased"), True),
     }

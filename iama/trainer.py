@@ -77,7 +77,8 @@ class TrainerConfig:
         ratio_level: ``"token"`` (PPO's per-token ratios) or ``"sequence"`` (GSPO's ratio per
             completion, the exp of its mean log-ratio); matters from the second inner epoch on.
         surrogate, tau_pos, tau_neg: the policy term (``"clip"``, ``"cispo"``, ``"sapo"``,
-            ``"vespo"``) and SAPO's temperatures, as in :func:`iama_kernels.policy_loss`.
+            ``"vespo"``, ``"dppo_tv"``, ``"dppo_kl"``, ``"gmpo"``) and SAPO's temperatures, as in
+            :func:`iama_kernels.policy_loss`.
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's shapes and rates
             (``surrogate="vespo"``, token-level ratios), as in :func:`iama_kernels.policy_loss`.
         gradient_accumulation_steps: each step's groups are split into this many micro-batches
@@ -161,7 +162,7 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"TrainerConfig.top_p must be in (0, 1], got {self.top_p}")
-        if self.eps_low > 1:
+        if self.eps_low > 1 and self.surrogate != "gmpo":  # (GMPO's bounds are on the log-ratio)
             raise ValueError(f"TrainerConfig.eps_low must be <= 1, got {self.eps_low}")
         for name in ("tau_pos", "tau_neg"):
             v = getattr(self, name)
@@ -175,9 +176,9 @@ class TrainerConfig:
                                  f"got {getattr(self, name)!r}")
         check_vespo(self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg,
                     prefix="TrainerConfig.vespo_")
-        if self.surrogate == "vespo" and self.ratio_level != "token":
-            raise ValueError("TrainerConfig.surrogate='vespo' takes ratio_level='token' (its weight is "
-                             f"already one per completion), got {self.ratio_level!r}")
+        if self.surrogate in ("vespo", "gmpo") and self.ratio_level != "token":
+            raise ValueError(f"TrainerConfig.surrogate={self.surrogate!r} takes ratio_level='token' (its "
+                             f"weight or ratio is already one per completion), got {self.ratio_level!r}")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"TrainerConfig.dtype must be None or one of {tuple(_DTYPES)}, "
                              f"got {self.dtype!r}")

@@ -37,8 +37,12 @@ LOSS_TYPES = ("grpo", "token", "dr_grpo")
 KL_WEIGHTS = ("none", "ratio")  # policy_loss: plain k3, or k3 weighted by the ratio (TRL bias correction)
 RATIO_LEVELS = ("token", "sequence")  # policy_loss: per-token ratios, or GSPO's one per sequence
 # policy_loss: PPO's clipped ratio, CISPO's clipped importance weight (MiniMax-M1), SAPO's soft gate,
-# VESPO's gamma weight of the sequence ratio, DPPO's divergence masks (total variation, binary KL)
-SURROGATES = ("clip", "cispo", "sapo", "vespo", "dppo_tv", "dppo_kl")
+# VESPO's gamma weight of the sequence ratio, DPPO's divergence masks (total variation, binary KL),
+# GMPO's geometric mean of the clipped token ratios
+SURROGATES = ("clip", "cispo", "sapo", "vespo", "dppo_tv", "dppo_kl", "gmpo")
+# The surrogates with one value per row, computed by a pre-pass over its tokens and returned as the
+# output's sequence_log_ratio: VESPO's log weight, GMPO's mean clipped log-ratio
+ROW_SURROGATES = ("vespo", "gmpo")
 # The surrogates for which dual_clip means something: the clipped one's dual clip, DPPO's weight cap
 DUAL_CLIP_SURROGATES = ("clip", "dppo_tv", "dppo_kl")
 # VESPO's (k_pos, lambda_pos, k_neg, lambda_neg): TRL's defaults
@@ -71,6 +75,22 @@ def check_surrogate(surrogate: object, tau_pos: object, tau_neg: object,
         raise ValueError(f"dual_clip applies to surrogate='clip' (and DPPO's weight cap) only, got "
                          f"surrogate={surrogate!r} with dual_clip={dual_clip}")
     return tau_pos, tau_neg
+
+
+# The surrogates that take token-level ratios only, and why
+_TOKEN_LEVEL_ONLY = {"vespo": "its weight is already one per sequence",
+                     "dppo_tv": "its trust region is per token", "dppo_kl": "its trust region is per token",
+                     "gmpo": "its ratio is already one per sequence"}
+
+
+def check_ratio_level(ratio_level: object, surrogate: str) -> None:
+    """``ratio_level`` of the policy losses, and that ``surrogate`` takes it (VESPO, DPPO and GMPO
+    take token-level ratios only)."""
+    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+    if ratio_level != "token" and surrogate in _TOKEN_LEVEL_ONLY:
+        why = _TOKEN_LEVEL_ONLY[surrogate]
+        raise ValueError(f"surrogate={surrogate!r} takes token-level ratios ({why}), got "
+                         f"ratio_level={ratio_level!r}")
 
 
 def check_vespo(k_pos: object, lambda_pos: object, k_neg: object, lambda_neg: object,

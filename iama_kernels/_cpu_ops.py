@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import ROW_SURROGATES
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -55,7 +57,7 @@ def _policy_loss_fwd_fake(logp, old_logp, ref_logp, advantages, mask, eps_low, e
                           seq_ratio=False, surrogate="clip", tau_pos=1.0, tau_neg=1.05, row_stats=False,
                           vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
     torch._check(logp.dim() == 2, lambda: "logp must have shape [S, T]")
-    *metrics, grad = _token_outputs_fake(logp, seq_ratio or surrogate == "vespo")
+    *metrics, grad = _token_outputs_fake(logp, seq_ratio or surrogate in ROW_SURROGATES)
     row_clip = logp.new_empty((logp.shape[0] if row_stats else 0, 3), dtype=_compute_dtype(logp.dtype))
     return (*metrics, row_clip, grad)
 
@@ -69,7 +71,7 @@ def _nonlinear_grpo_fwd_fake(logp, old_logp, ref_logp, mask, rewards, criterion_
     torch._check(rewards.dim() == 3, lambda: "rewards must have shape [B, G, m]")
     B, G, m = rewards.shape
     rdtype = _compute_dtype(rewards.dtype)
-    per_row = seq_ratio or surrogate == "vespo"  # GSPO's mean log-ratios or VESPO's log weights
+    per_row = seq_ratio or surrogate in ROW_SURROGATES  # GSPO's mean log-ratios, VESPO's, GMPO's
     loss, kl, clip, ratio, lratio, dual, high, seq, grad = _token_outputs_fake(logp, per_row)
     return (loss, rewards.new_empty((B, G), dtype=rdtype), kl, clip, ratio,
             rewards.new_empty((B, m), dtype=rdtype), lratio, dual, high, seq, grad)

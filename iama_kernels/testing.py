@@ -475,7 +475,12 @@ def policy_loss_by_loops(
     ``p - q >= -eps_low`` otherwise; binary KL ``k = q (log q - log p) + (1 - q) log((1 - q +
     1e-8) / (1 - p + 1e-8))``: ``k <= eps_high or p <= q`` for ``A > 0``, ``k <= eps_low or
     p >= q`` otherwise) and 0 elsewhere; clipped where it is not held, dual-clipped where it is
-    and the clamped ratio exceeds ``dual_clip``.
+    and the clamped ratio exceeds ``dual_clip``. ``"gmpo"``: every token's term is its row's
+    ``G = exp(M) Abar`` (``M`` the mask-weighted mean of ``min(lr, eps_high)`` where ``A > 0``,
+    ``max(lr, -eps_low)`` where ``A < 0``, 0 where ``A = 0``; ``Abar`` the mask-weighted mean
+    advantage), gradient ``G`` where ``A != 0`` and the token is not clipped (``A > 0`` and ``lr >
+    eps_high``, or ``A < 0`` and ``lr < -eps_low``), else 0; the metrics' ratio is ``exp(M)`` and
+    ``sequence_log_ratio`` holds ``M``.
     """
     lp = logp.detach().double().tolist()
     old = lp if old_logp is None else old_logp.detach().double().tolist()
@@ -498,6 +503,20 @@ def policy_loss_by_loops(
         if surrogate == "vespo":
             log_w = math.fsum(min(max(lp[s][t] - old[s][t], -20.0), 20.0) for t in support)
             row_log_ratio = min(max(log_w, math.log(1e-8)), 20.0)
+        if surrogate == "gmpo":  # the row's mean sign-aware clipped log-ratio and objective
+            row_adv = [adv[s][t] if isinstance(adv[s], list) else adv[s] for t in range(T)]
+            bounded = []
+            for t in support:
+                lr, a = lp[s][t] - old[s][t], row_adv[t]
+                bounded.append(msk[s][t] * (min(lr, eps_high) if a > 0 else
+                                            (max(lr, -eps_low) if a < 0 else 0.0)))
+            row_log_ratio = math.fsum(bounded) / row_total if row_total != 0 else 0.0
+            if not isinstance(adv[s], list):
+                mean_adv = adv[s]
+            else:
+                mean_adv = (math.fsum(msk[s][t] * row_adv[t] for t in support) / row_total
+                            if row_total != 0 else 0.0)
+            objective = math.exp(row_log_ratio) * mean_adv
         row_log_ratios.append(row_log_ratio)
         row_clip, row_high = [], []
         row_clips.append((row_total, row_clip, row_high))
@@ -525,7 +544,14 @@ def policy_loss_by_loops(
             weight = min(max(rho, 1 - eps_low), 1 + eps_high)
             high = rho > 1 + eps_high and A > 0
             dual = False
-            if surrogate == "vespo":
+            if surrogate == "gmpo":
+                lr = lp[s][t] - old[s][t]
+                high = A > 0 and lr > eps_high
+                clipped = high or (A < 0 and lr < -eps_low)
+                surr = objective
+                d_surr = 0.0 if clipped or A == 0 else objective
+                rho = math.exp(row_log_ratio)  # the metric's ratio; the KL keeps the token's below
+            elif surrogate == "vespo":
                 clipped = high = False
                 surr, d_surr = phi * A * lp[s][t], phi * A
             elif surrogate in ("dppo_tv", "dppo_kl"):
@@ -563,7 +589,8 @@ def policy_loss_by_loops(
                 kl = math.exp(d) - d - 1
                 dkl = 1 - math.exp(d)
                 if kl_weight == "ratio":
-                    kl, dkl = rho * kl, -rho * d
+                    token_rho = math.exp(log_rho)
+                    kl, dkl = token_rho * kl, -token_rho * d
             loss_terms.append(agg * (beta * kl - surr))
             grad[s][t] = agg * (-d_surr + beta * dkl)
             kl_terms.append(w * kl)
@@ -588,6 +615,6 @@ def policy_loss_by_loops(
         t64(math.fsum(lratio_terms) / tokens),
         t64(math.fsum(dual_terms) / tokens),
         t64(math.fsum(high_terms) / tokens),
-        t64(row_log_ratios) if ratio_level == "sequence" or surrogate == "vespo" else None,
+        t64(row_log_ratios) if ratio_level == "sequence" or surrogate in ("vespo", "gmpo") else None,
         t64([[total_s, math.fsum(c), math.fsum(h)] for total_s, c, h in row_clips]).reshape(S, 3),
     )

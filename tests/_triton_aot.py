@@ -196,6 +196,10 @@ def main() -> None:
         compile_kernel(_policy_loss_fwd_kernel, dict(dual_clip, TOKEN_ADV=True, SURROGATE=code), 8)
         compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, DUAL_CLIP=True, SURROGATE=code),
                        max(4, group_warps(16)))
+    # GMPO (verl's geo_mean): row and per-token advantages; fused
+    compile_kernel(_policy_loss_fwd_kernel, dict(ratio_kl, SURROGATE=6), 8)
+    compile_kernel(_policy_loss_fwd_kernel, dict(ratio_kl, TOKEN_ADV=True, SURROGATE=6), 8)
+    compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, SURROGATE=6), max(4, group_warps(16)))
     compile_kernel(_finalize_kernel, {"LOSS_TYPE": 1, "NP": 8, "BLOCK_P": 1024}, 4)
     for BG, M in [(2, 1), (16, 2), (32, 3), (128, 1)]:
         compile_kernel(_nonlinear_grpo_fwd_kernel, {"BG": BG, "M": M, "SCALE": 1, "HAS_OLD": True,
@@ -216,6 +220,8 @@ def main() -> None:
             aligned_loss(dict(consts, SURROGATE=code), warps, types, 3, f"{dtype} {name}")
         # VESPO: the pre-pass loads logp and old, the loss pass logp, old and ref, all as vectors.
         aligned_loss(dict(consts, SURROGATE=3), warps, types, 5, f"{dtype} vespo")
+        # GMPO: as VESPO (the pre-pass's logp and old, the loss pass's logp, old and ref).
+        aligned_loss(dict(consts, SURROGATE=6), warps, types, 5, f"{dtype} gmpo")
         consts = {"BG": 16, "M": 2, "SCALE": 1, "HAS_OLD": True, "HAS_REF": True, "LOSS_TYPE": 0,
                   "WRITE_GRAD": True, "BLOCK_T": block_t, "NP": 8, "stride_rm": 1, **UNIT_STRIDES}
         compile_kernel(_nonlinear_grpo_fwd_kernel, consts, max(warps, group_warps(16)), types, aligned=True,

@@ -549,8 +549,8 @@ def test_policy_loss_surrogate_errors_from_the_op(cpu_ext):
     logp, old, ref, adv, mask = _token_inputs(3, 8, torch.float32)
     op = torch.ops.iama.policy_loss_fwd
     base = (logp, old, ref, adv, mask, 0.2, 0.2, 0.0, "grpo", None, False)
-    with pytest.raises(ValueError, match="surrogate must be 'clip', 'cispo', 'sapo', 'vespo', 'dppo_tv' or "
-                                         "'dppo_kl', got 'ppo'"):
+    with pytest.raises(ValueError, match="surrogate must be 'clip', 'cispo', 'sapo', 'vespo', 'dppo_tv', "
+                                         "'dppo_kl' or 'gmpo', got 'ppo'"):
         op(*base, None, False, "ppo")
     with pytest.raises(ValueError, match="tau_pos and tau_neg must be finite and > 0"):
         op(*base, None, False, "sapo", 0.0, 1.0)
@@ -588,7 +588,7 @@ def test_policy_loss_matches_the_loop_oracle(cpu_ext):
         assert_matches_reference(out.kl, oracle.kl, rel=1e-9)
 
 
-@pytest.mark.parametrize("surrogate", ["clip", "cispo", "sapo", "vespo", "dppo_tv", "dppo_kl"])
+@pytest.mark.parametrize("surrogate", ["clip", "cispo", "sapo", "vespo", "dppo_tv", "dppo_kl", "gmpo"])
 def test_policy_loss_float64_every_flag_combination(cpu_ext, surrogate):
     """float64 rows take one kernel build with run-time flags (kRuntimeFlags in
     csrc/include/iama/loss.h) where the other dtypes have one per combination: every surrogate
@@ -827,10 +827,12 @@ def _op_samples() -> list[tuple[str, tuple]]:
                              False, "vespo", 1.0, 1.05, False, 1.5, 2.5, 3.0, 1.2)),
         ("policy_loss_fwd", (logp, old, ref, adv, mask, 0.2, 0.28, 0.04, "token", None, True, 1.3, False,
                              "dppo_kl")),
+        ("policy_loss_fwd", (logp, old, ref, adv, mask.long(), 1.5, 0.4, 0.04, "grpo", None, True, None,
+                             False, "gmpo")),
     ]
 
 
-@pytest.mark.parametrize("index", range(15))
+@pytest.mark.parametrize("index", range(16))
 def test_opcheck(cpu_ext, index):
     name, args = _op_samples()[index]
     torch.library.opcheck(getattr(torch.ops.iama, name).default, args)
@@ -917,7 +919,8 @@ def test_every_instruction_set_build_agrees(cpu_ext):
             out = torch.ops.iama.policy_loss_fwd(logp.to(dtype), old.to(dtype), ref.to(dtype), adv, mask,
                                                  0.2, 0.2, 0.05, "grpo", None, False, 1.15, True)
             results.append([t.double() for t in out])
-        for surrogate in ("cispo", "sapo", "vespo", "dppo_kl"):  # ratios off the clip range; both signs of A
+        for surrogate in ("cispo", "sapo", "vespo", "dppo_kl", "gmpo"):  # ratios off the clip range; both
+            # signs of A
             # VESPO: token log-ratios whose row sums stay about +-0.2, where the weights vary; DPPO:
             # probabilities below 1, and its weight cap
             lp, o = (logp + 0.3, old) if surrogate in ("cispo", "sapo") else (logp, old)
@@ -952,16 +955,17 @@ def test_every_instruction_set_build_agrees(cpu_ext):
     dual_oracle = per_isa["generic"][4]
     seq_oracle = per_isa["generic"][6]
     assert float(dual_oracle[5]) > 0.02  # some tokens are dual-clipped
-    surrogate_oracles = per_isa["generic"][8:15:2]  # the float64 CISPO, SAPO, VESPO and DPPO results
+    surrogate_oracles = per_isa["generic"][8:17:2]  # the float64 CISPO, SAPO, VESPO, DPPO, GMPO results
     assert float(surrogate_oracles[0][2]) > 0.05  # some CISPO weights are clipped
     log_w = surrogate_oracles[2][7]  # VESPO's: weights on both sides of 1
     assert float(log_w.min()) < -0.05 and float(log_w.max()) > 0.05
     assert float(surrogate_oracles[3][2]) > 0.01 and float(surrogate_oracles[3][5]) > 0.01  # DPPO acts
+    assert float(surrogate_oracles[4][2]) > 0.05  # GMPO clips
     for isa, (f32, bf16, f64, f32_dual, f64_dual, f32_seq, f64_seq, *rest) in per_isa.items():
-        surrogates, groups, narrowed = rest[:8], rest[8:11], rest[11:]
+        surrogates, groups, narrowed = rest[:10], rest[10:13], rest[13:]
         for out in narrowed:
             assert all(torch.equal(a, b) for a, b in zip(out, f32, strict=True)), isa
-        pairs = (surrogates[0:2], surrogates[2:4], surrogates[4:6], surrogates[6:8])
+        pairs = (surrogates[0:2], surrogates[2:4], surrogates[4:6], surrogates[6:8], surrogates[8:10])
         for (f32_surr, f64_surr), want in zip(pairs, surrogate_oracles, strict=True):
             for a, b in zip(f32_surr, want, strict=True):
                 assert_matches_reference(a, b, rel=1e-5, name=f"{isa} float32 surrogate")
@@ -972,7 +976,7 @@ def test_every_instruction_set_build_agrees(cpu_ext):
         for a, b in zip(f64_seq, seq_oracle, strict=True):
             assert_matches_reference(a, b, rel=1e-12, name=f"{isa} float64 sequence ratio")
         # the group kernels (fixed-size pass, and for AVX-512 the fused G = 16 kernel) round alike
-        for a, b in zip(groups, per_isa["generic"][15:18], strict=True):
+        for a, b in zip(groups, per_isa["generic"][17:20], strict=True):
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), isa
         for a, b in zip(f32, oracle, strict=True):
             assert_matches_reference(a, b, rel=1e-5, name=f"{isa} float32")

@@ -26,7 +26,8 @@ def test_every_backend_that_runs_is_right_on_cpu() -> None:
     ops = {o.op for o in outcomes}
     assert ops == {"first_variation", "group_values", "group_advantages", "policy_loss",
                    "policy_loss ratio kl", "policy_loss ppo", "policy_loss gspo", "policy_loss cispo",
-                   "policy_loss sapo", "policy_loss vespo", "policy_loss dppo", "nonlinear_grpo_loss"}
+                   "policy_loss sapo", "policy_loss vespo", "policy_loss dppo", "policy_loss gmpo",
+                   "nonlinear_grpo_loss"}
     by = {(o.op, o.impl): o for o in outcomes}
     for op in ops:
         assert by[(op, "reference")].status == "ok"

@@ -176,6 +176,42 @@ def test_equals_verl_dppo(verl_algos, surrogate: str, mode: str, info: dict, wit
         assert float((grad32.double() - grad).abs().max()) <= 64 * eps * float(grad.abs().max()), impl
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("info", [{}, GLOBAL_INFO], ids=["local", "global"])
+@pytest.mark.parametrize("with_weights", [False, True], ids=["plain", "rollout-is"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["outcome", "gae"])
+@pytest.mark.parametrize("low", [0.4, 1.5])
+def test_equals_verl_geo_mean(verl_algos, mode: str, info: dict, with_weights: bool, per_token: bool,
+                              low: float) -> None:
+    """surrogate="gmpo" against verl's own "geo_mean" (GMPO) in float64: loss and gradient to
+    verl's 1e-8 in its means (whatever the mode and the global counts: verl's is the local mean),
+    ppo_kl exactly, the clip fractions at most verl's (theirs count every token outside the range
+    by the sign of its advantage); and the CPU kernel in float32."""
+    logp, old, adv, mask, weights = _batch(per_token=per_token, seed=7)
+    config = _actor_config(clip_ratio_low=low, clip_ratio_high=0.4)
+    config.global_batch_info.update(info)
+    w = weights if with_weights else None
+    want_loss, want_grad, want_metrics = _run(verl_algos.compute_policy_loss_geo_mean, old, logp, adv, mask,
+                                              mode, config, w)
+    loss, grad, metrics = _run(VerlPolicyLoss(impl="reference", surrogate="gmpo"), old, logp, adv, mask,
+                               mode, config, w)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-7, atol=1e-12)
+    assert float(grad.abs().max()) > 1e-3
+    assert set(metrics) == set(want_metrics)
+    assert metrics["actor/ppo_kl"] == pytest.approx(want_metrics["actor/ppo_kl"], rel=1e-7, abs=1e-12)
+    for key in ("actor/pg_clipfrac", "actor/pg_clipfrac_lower"):
+        assert 0.0 <= metrics[key] <= want_metrics[key] + 1e-12, key
+    assert metrics["actor/pg_clipfrac"] > 0.05
+    assert (metrics["actor/pg_clipfrac_lower"] > 0.02) == (low < 1)  # log-ratios below -1.5 are rare
+    for impl in ("cpu", "reference"):
+        loss32, grad32, _ = _run(VerlPolicyLoss(impl=impl, surrogate="gmpo"), old.float(), logp.float(),
+                                 adv.float(), mask.long(), mode, config, None if w is None else w.float())
+        eps = torch.finfo(torch.float32).eps
+        assert abs(float(loss32) - float(loss)) <= 64 * eps * max(abs(float(loss)), 1.0), impl
+        assert float((grad32.double() - grad).abs().max()) <= 64 * eps * float(grad.abs().max()), impl
+
+
 @pytest.mark.parametrize("surrogate", ["cispo", "sapo"])
 def test_cispo_and_sapo_take_what_verl_takes(verl_algos, surrogate: str) -> None:
     """clip_ratio_low > 1 (no lower bound on CISPO's weight) and a clip_ratio_c that only verl's

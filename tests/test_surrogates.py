@@ -235,7 +235,8 @@ def test_row_stats_are_the_rows_behind_the_fractions(surrogate: str, advantages:
 
 @pytest.mark.parametrize(("kw", "error", "match"), [
     ({"surrogate": "ppo"}, ValueError,
-     r"surrogate must be one of \('clip', 'cispo', 'sapo', 'vespo', 'dppo_tv', 'dppo_kl'\), got 'ppo'"),
+     r"surrogate must be one of \('clip', 'cispo', 'sapo', 'vespo', 'dppo_tv', 'dppo_kl', 'gmpo'\), "
+     "got 'ppo'"),
     ({"surrogate": None}, ValueError, "surrogate must be one of"),
     ({"surrogate": "sapo", "tau_pos": 0.0}, ValueError, "tau_pos must be finite and > 0"),
     ({"surrogate": "sapo", "tau_neg": float("inf")}, ValueError, "tau_neg must be finite and > 0"),

@@ -476,6 +476,24 @@ def test_policy_loss_dppo(lane: Lane, dtype: torch.dtype, surrogate: str, advant
     assert (float(oracle.dual_clip_fraction) > 0.02) == (dual_clip is not None)
 
 
+@pytest.mark.parametrize(("advantages", "kl_weight", "has_old"),
+                         [("row", "none", True), ("token", "ratio", True), ("token", "none", False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_policy_loss_gmpo(lane: Lane, dtype: torch.dtype, advantages: str, kl_weight: str,
+                          has_old: bool) -> None:
+    """SURROGATE=6 (GMPO: the pre-pass's mean clipped log-ratio and mean advantage, every token's
+    surrogate the row's objective) against the reference: holes, NaN padding, an empty row, both
+    signs of A; without old_logp nothing is clipped."""
+    logp, old, ref, mask, adv = _shifted_inputs(lane, dtype, advantages, seed=101, adv_seed=12)
+    kw = {"eps_low": 0.3, "eps_high": 0.4, "beta": 0.05, "loss_type": "grpo", "kl_weight": kl_weight,
+          "surrogate": "gmpo"}
+    out, oracle, _ = _triton_loss_against_reference(logp, old if has_old else None, ref, adv, mask, kw,
+                                                    f"gmpo {dtype} {advantages} old={has_old}")
+    torch.testing.assert_close(out.sequence_log_ratio.double(), oracle.sequence_log_ratio, rtol=1e-4,
+                               atol=1e-5)
+    assert (float(oracle.clip_fraction) > 0.02) == has_old
+
+
 @pytest.mark.parametrize(("surrogate", "advantages"), [("clip", "row"), ("clip", "token"), ("cispo", "row")])
 def test_policy_loss_row_stats(lane: Lane, surrogate: str, advantages: str) -> None:
     """ROW_STATS: each row's mask total, clipped and clipped-above weights (holes, an empty and a
@@ -679,14 +697,16 @@ FUSED_TOKEN_OPTIONS = {  # objective, seed, options; and the metric that must sh
                            "vespo_lambda_pos": 2.5, "vespo_lambda_neg": 1.2}, None),
     "dppo": ("wsum", 18, {"beta": 0.05, "loss_type": "token", "surrogate": "dppo_kl", "dual_clip": 1.3},
              "dual_clip_fraction"),
+    "gmpo": ("wsum", 19, {"beta": 0.05, "surrogate": "gmpo", "eps_low": 0.3, "eps_high": 0.3},
+             "clip_fraction"),
 }
 
 
 @pytest.mark.parametrize("scale", ["group", "batch"])  # batch: the launch that runs the token kernel
 @pytest.mark.parametrize("option", list(FUSED_TOKEN_OPTIONS))
 def test_nonlinear_grpo_token_options(lane: Lane, scale: str, option: str) -> None:
-    """kl_weight="ratio", dual_clip, ratio_level="sequence" and the CISPO, SAPO and VESPO
-    surrogates in the fused kernel (and in the batch-scale path) against the reference."""
+    """kl_weight="ratio", dual_clip, ratio_level="sequence" and the CISPO, SAPO, VESPO, DPPO and
+    GMPO surrogates in the fused kernel (and in the batch-scale path) against the reference."""
     objective, seed, options, acting = FUSED_TOKEN_OPTIONS[option]
     obj = OBJECTIVES[objective]
     G = 8

@@ -43,7 +43,8 @@ inline int parse_surrogate(c10::string_view s) {
   if (s == "vespo") return kSurrVespo;
   if (s == "dppo_tv") return kSurrDppoTv;
   if (s == "dppo_kl") return kSurrDppoKl;
-  TORCH_CHECK_VALUE(false, "surrogate must be 'clip', 'cispo', 'sapo', 'vespo', 'dppo_tv' or 'dppo_kl', got '",
+  if (s == "gmpo") return kSurrGmpo;
+  TORCH_CHECK_VALUE(false, "surrogate must be 'clip', 'cispo', 'sapo', 'vespo', 'dppo_tv', 'dppo_kl' or 'gmpo', got '",
                     std::string(s), "'");
   return -1;
 }

@@ -46,21 +46,24 @@ policy_loss_fwd(
   TORCH_CHECK_VALUE(mask.sizes() == logp.sizes(), "mask must have the shape of logp ", logp.sizes(), ", got ",
                     mask.sizes());
   TORCH_CHECK_TYPE(!mask.is_complex(), "mask must be bool, integer or floating, got ", mask.scalar_type());
-  TORCH_CHECK_VALUE(eps_low >= 0 && eps_low <= 1, "eps_low must be in [0, 1], got ", eps_low);
+  const int surr = parse_surrogate(surrogate);
+  const bool gmpo = surr == kSurrGmpo;  // GMPO's bounds are on the log-ratio: eps_low may pass 1
+  TORCH_CHECK_VALUE(eps_low >= 0 && (gmpo ? std::isfinite(eps_low) : eps_low <= 1),
+                    gmpo ? "eps_low must be finite and >= 0 with surrogate='gmpo', got " : "eps_low must be in [0, 1], got ",
+                    eps_low);
   TORCH_CHECK_VALUE(eps_high >= 0 && std::isfinite(eps_high), "eps_high must be finite and >= 0, got ", eps_high);
   TORCH_CHECK_VALUE(beta >= 0 && std::isfinite(beta), "beta must be finite and >= 0, got ", beta);
   TORCH_CHECK_VALUE(!dual_clip.has_value() || (*dual_clip > 1 && std::isfinite(*dual_clip)),
                     "dual_clip must be a finite float > 1 or None, got ", dual_clip.value_or(0.0));
   TORCH_CHECK_VALUE(beta == 0 || ref_logp.has_value(), "ref_logp is required when beta > 0 (got beta=", beta, ")");
   const int kind = parse_loss_type(loss_type);
-  const int surr = parse_surrogate(surrogate);
   TORCH_CHECK_VALUE(tau_pos > 0 && std::isfinite(tau_pos) && tau_neg > 0 && std::isfinite(tau_neg),
                     "tau_pos and tau_neg must be finite and > 0, got ", tau_pos, " and ", tau_neg);
   const bool dppo = surr == kSurrDppoTv || surr == kSurrDppoKl;
   TORCH_CHECK_VALUE(!dual_clip.has_value() || surr == kSurrClip || dppo,
                     "dual_clip applies to surrogate='clip' (and DPPO's weight cap) only, got '", std::string(surrogate),
                     "'");
-  TORCH_CHECK_VALUE(!(dppo && seq_ratio), "surrogate='", std::string(surrogate),
+  TORCH_CHECK_VALUE(!((dppo || gmpo) && seq_ratio), "surrogate='", std::string(surrogate),
                     "' takes token-level ratios (seq_ratio=False)");
   TORCH_CHECK_VALUE(std::isfinite(vespo_k_pos) && std::isfinite(vespo_k_neg) && vespo_lambda_pos > 0 &&
                         std::isfinite(vespo_lambda_pos) && vespo_lambda_neg > 0 && std::isfinite(vespo_lambda_neg),
@@ -175,10 +178,11 @@ policy_loss_fwd(
   }
   const double tokens = std::max(1.0, sums[4]);
   const auto opts = logp.options().dtype(ct);
-  // GSPO's per-row mean log-ratios ([S], 0 without old_logp), or VESPO's log sequence weights; an
-  // empty [0] for the other per-token ratios.
-  at::Tensor seq_log_ratio = at::zeros({seq_ratio || vespo ? S : 0}, opts.dtype(at::kDouble));
-  if (seq_old.defined() || vespo) {
+  // GSPO's per-row mean log-ratios ([S], 0 without old_logp), VESPO's log sequence weights or
+  // GMPO's mean clipped log-ratios; an empty [0] for the other per-token ratios.
+  const bool per_row = seq_ratio || vespo || gmpo;
+  at::Tensor seq_log_ratio = at::zeros({per_row ? S : 0}, opts.dtype(at::kDouble));
+  if (seq_old.defined() || vespo || gmpo) {
     double* dst = seq_log_ratio.mutable_data_ptr<double>();
     for (int64_t r = 0; r < S; ++r) dst[r] = rows[r * kRowFields + 8];
   }

@@ -26,8 +26,10 @@ namespace IAMA_ISA_NAMESPACE {
 template <typename lp_t, typename aux_t, typename mask_t>
 void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, double* out) {
   using acc_t = std::conditional_t<std::is_same_v<lp_t, double>, double, float>;
-  const acc_t lo = static_cast<acc_t>(1.0 - p.eps_low);
-  const acc_t hi = static_cast<acc_t>(1.0 + p.eps_high);
+  const bool gmpo = p.surrogate == kSurrGmpo;
+  // The clip range of the ratio, or GMPO's of the log-ratio.
+  const acc_t lo = static_cast<acc_t>(gmpo ? -p.eps_low : 1.0 - p.eps_low);
+  const acc_t hi = static_cast<acc_t>(gmpo ? p.eps_high : 1.0 + p.eps_high);
   const acc_t beta = static_cast<acc_t>(p.beta);
   const acc_t dual_c = static_cast<acc_t>(p.dual_clip);
   const bool has_dual = std::isfinite(p.dual_clip);  // +inf: the dual clip is off
@@ -66,6 +68,14 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
     // Row advantages: A * phi, in double, and no per-token select.
     if (!token_adv) A = static_cast<acc_t>(p.adv[r] * static_cast<double>(p.adv[r] >= 0.0 ? sign_pos : sign_neg));
   }
+  if (gmpo) {  // the row's objective G = exp(M) Abar and ratio exp(M), a pre-pass over its tokens
+    double log_mean = 0.0, adv_mean = 0.0;
+    row_gmpo_means<lp_t, aux_t, mask_t, acc_t>(lp_row, old_row, mk, p.T, A, a_row, lo, hi, msum, log_mean, adv_mean);
+    row_seq = log_mean;
+    const double ratio = std::exp(log_mean);
+    sign_pos = static_cast<acc_t>(ratio * adv_mean);
+    sign_neg = static_cast<acc_t>(ratio);
+  }
   // With one advantage per row the dual clip can act only in a row with A < 0 (and c finite);
   // the per-token rows test it token by token.
   const bool dual = has_dual && A < acc_t(0);
@@ -73,13 +83,13 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
   [[maybe_unused]] bool done = false;
 #ifdef IAMA_TOKEN_ROW_BYTE16
   // A build with a hand-vectorised row for the most common cases (float32, bfloat16 or float16
-  // log-probs, a byte mask, plain k3, row advantages; every surrogate but DPPO) uses it; the
-  // other cases take the templated row.
+  // log-probs, a byte mask, plain k3, row advantages; every surrogate but DPPO and GMPO) uses
+  // it; the other cases take the templated row.
   constexpr bool kHandRow = std::is_same_v<lp_t, aux_t> && std::is_same_v<mask_t, uint8_t> &&
                             (std::is_same_v<lp_t, float> || std::is_same_v<lp_t, c10::BFloat16> ||
                              std::is_same_v<lp_t, c10::Half>);
   if constexpr (kHandRow) {
-    if (!p.ratio_kl && !token_adv && !dppo) {
+    if (!p.ratio_kl && !token_adv && !dppo && !gmpo) {
       sums = policy_loss_row_byte16<lp_t>(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
                                           beta, dual_c, dual && p.surrogate == kSurrClip, p.seq_old != nullptr, lr0,
                                           p.surrogate, tau_pos, tau_neg, grad_row);
@@ -115,7 +125,8 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
                     : row(ratio_kl, per_token, std::false_type{}, Clip{});
       }
     };
-    // CISPO, SAPO and VESPO have no dual clip (the glue refuses one); DPPO's caps its weight.
+    // CISPO, SAPO, VESPO and GMPO have no dual clip (the glue refuses one); DPPO's caps its
+    // weight.
     auto with_surrogate = [&](auto ratio_kl, auto per_token) {
       switch (p.surrogate) {
         case kSurrCispo:
@@ -124,6 +135,8 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
           return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrSapo>{});
         case kSurrVespo:
           return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrVespo>{});
+        case kSurrGmpo:
+          return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrGmpo>{});
         case kSurrDppoTv:  // DPPO's weight cap is dual_c, and its truncated tokens the dual sum
           return row(ratio_kl, per_token, std::true_type{}, std::integral_constant<int, kSurrDppoTv>{});
         case kSurrDppoKl:
@@ -225,7 +238,7 @@ void dispatch_mask(const TokenProblem& p, std::vector<double>& rows) {
 // logp dtype (old and ref in the same one) x the mask the rows read (bytes or compute-dtype
 // weights) x (plain or ratio KL x row advantages with or without the dual clip, or per-token
 // advantages, for the clipped surrogate, and row or per-token advantages for each of CISPO, SAPO,
-// VESPO and the two DPPOs; float64 in one build with run-time flags): 8 token rows, 158 row
+// VESPO, the two DPPOs and GMPO; float64 in one build with run-time flags): 8 token rows, 182 row
 // instantiations. Each costs about half a second of compilation per instruction set, the bulk of
 // the extension's build; a new dimension multiplies it (the mask's source type does not: it is
 // narrowed or converted before the row).

@@ -71,6 +71,21 @@ __global__ void dppo_kernel(const float* logp, const float* old, const unsigned 
                       .loss;
 }
 
+// GMPO's rows: the pre-pass's means, then the row with its objective (per-token advantages).
+__global__ void gmpo_kernel(const float* logp, const float* old, const unsigned char* mask, const float* adv_tok,
+                            int S, int T, float* grad, iama::RowSums* sums) {
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= S) return;
+  const double msum = iama::mask_row_sum(mask + r * T, T);
+  double log_mean = 0.0, adv_mean = 0.0;
+  iama::row_gmpo_means<float, float, unsigned char, float>(logp + r * T, old + r * T, mask + r * T, T, 0.0f,
+                                                           adv_tok + r * T, -0.4f, 0.4f, msum, log_mean, adv_mean);
+  const float ratio = static_cast<float>(::exp(log_mean));
+  sums[r] = iama::policy_loss_row<float, float, unsigned char, float, false, true, false, iama::kSurrGmpo>(
+      logp + r * T, old + r * T, old + r * T, mask + r * T, T, 0.0f, 1.0f, -0.4f, 0.4f, 0.0f, 0.0f, grad + r * T,
+      adv_tok + r * T, 0.0f, static_cast<float>(ratio * adv_mean), ratio);
+}
+
 __global__ void loss_kernel_f64(const double* logp, const double* mask, double* out) {
   const iama::TokenTerms<double> t = iama::token_terms<double>(mask[0], logp[0], logp[1], logp[2], 1.0, 1.0, 0.8,
                                                                1.2, 0.1, 3.0);

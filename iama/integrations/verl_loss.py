@@ -1,5 +1,6 @@
 """verl's PPO actor loss on the fused kernel: the ``"iama"``, ``"iama_gspo"``, ``"iama_cispo"``,
-``"iama_sapo"``, ``"iama_gpg"``, ``"iama_dppo_tv"`` and ``"iama_dppo_kl"`` policy losses.
+``"iama_sapo"``, ``"iama_gpg"``, ``"iama_dppo_tv"``, ``"iama_dppo_kl"`` and ``"iama_geo_mean"``
+policy losses.
 
 verl computes the actor's clipped-ratio loss through a registered *policy loss*
 (``actor_rollout_ref.actor.policy_loss.loss_mode``, ``"vanilla"`` by default). This module gives
@@ -45,6 +46,21 @@ its ``dual_clip``: ``actor/pg_clipfrac`` is the share of tokens outside the regi
 ``actor/pg_clipfrac_lower`` of those inside whose weight was capped, as verl's. A
 ``clip_ratio_low`` above 1 is taken as 1 for TV (the same region) and refused for KL.
 
+``"iama_geo_mean"`` is verl's ``"geo_mean"`` (GMPO, Zhao et al., 2025: each response's loss is
+``-Abar exp(M)``, ``M`` the mean over its tokens of the log-ratios clipped by the sign of their
+advantage to ``clip_ratio_high`` above where ``A > 0`` and ``-clip_ratio_low`` below where
+``A < 0``, ``Abar`` the mean advantage; the mean over the micro-batch's responses, whatever
+``loss_agg_mode`` and ``global_batch_info`` say, as verl's; no dual clip) on the kernel's
+``surrogate="gmpo"`` with ``loss_type="grpo"``. Its bounds are on the log-ratio, so a
+``clip_ratio_low`` above 1 is taken as given. ``rollout_is_weights`` multiply each response's loss
+by their geometric mean over it, as verl's (folded into its advantages: a positive factor).
+verl divides the means by the mask count plus 1e-8 (the kernel by the count: a relative
+difference of at most 1e-8), and does not clamp the log-ratio (neither does the kernel). Its
+``actor/pg_clipfrac`` and ``actor/pg_clipfrac_lower`` are the shares of tokens clipped above with
+``A > 0`` and below with ``A < 0``, those whose clip acts; verl's count every token outside the
+range by the sign of its advantage alone (also those with ``A > 0`` below it, which GMPO does not
+clip), so theirs are at least ours.
+
 What differs from ``"vanilla"`` (and from verl's other losses alike):
 
 * verl clamps ``log_prob - old_log_prob`` to ``[-20, 20]`` before ``exp``; the kernel does not.
@@ -78,9 +94,10 @@ POLICY_LOSS_NAME = "iama"
 VERL_LOSSES = {"vanilla": (POLICY_LOSS_NAME, "token", "clip"), "gspo": ("iama_gspo", "sequence", "clip"),
                "cispo": ("iama_cispo", "token", "cispo"), "sapo": ("iama_sapo", "token", "sapo"),
                "gpg": ("iama_gpg", "token", "gpg"), "dppo_tv": ("iama_dppo_tv", "token", "dppo_tv"),
-               "dppo_kl": ("iama_dppo_kl", "token", "dppo_kl")}
+               "dppo_kl": ("iama_dppo_kl", "token", "dppo_kl"),
+               "geo_mean": ("iama_geo_mean", "token", "gmpo")}
 # verl's surrogates on the kernel's (gpg: the kernel's "cispo" without old_log_prob)
-VERL_SURROGATES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl")
+VERL_SURROGATES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "gmpo")
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm",
                   "seq-mean-token-mean")
 
@@ -105,6 +122,8 @@ def _clip_range(config: Any, surrogate: str = "clip") -> tuple[float, float, flo
     high = float(_option(config, "clip_ratio_high", clip_ratio))
     if surrogate == "gpg":  # no ratio: the range [1, 1] holds the weight at exactly 1
         return 0.0, 0.0, None
+    if surrogate == "gmpo":  # bounds on the log-ratio, any >= 0; no dual clip
+        return low, high, None
     if surrogate == "dppo_kl" and low > 1.0:
         raise ValueError(f"iama's dppo_kl takes clip_ratio_low <= 1 (its KL bound for A <= 0), got {low}")
     if surrogate not in ("clip", "dppo_tv", "dppo_kl"):
@@ -147,8 +166,8 @@ class VerlPolicyLoss:
         ratio_level: ``"token"`` (verl's ``"vanilla"``) or ``"sequence"`` (verl's ``"gspo"``:
             GSPO-token's sequence ratio, no dual clip).
         surrogate: ``"clip"`` (verl's ``"vanilla"``/``"gspo"``), ``"cispo"``, ``"sapo"``,
-            ``"gpg"``, ``"dppo_tv"`` or ``"dppo_kl"`` (verl's losses of those names; token-level
-            ratios only, as verl's).
+            ``"gpg"``, ``"dppo_tv"``, ``"dppo_kl"`` (verl's losses of those names) or ``"gmpo"``
+            (verl's ``"geo_mean"``); token-level ratios only, as verl's.
     """
 
     def __init__(self, impl: str = "auto", ratio_level: str = "token", surrogate: str = "clip") -> None:
@@ -226,7 +245,10 @@ class VerlPolicyLoss:
         # GPU the backward multiplies the saved gradient by the incoming one anyway).
         mask: torch.Tensor = keep
         loss_type, length = "dr_grpo", 1
-        if loss_agg_mode == "token-mean":
+        gmpo = self.surrogate == "gmpo"
+        if gmpo:  # verl's geo_mean: the local mean of the responses' losses, whatever the mode
+            loss_type, length, scale = "grpo", None, 1.0
+        elif loss_agg_mode == "token-mean":
             tokens = info.get("batch_num_tokens")
             if tokens is None and rollout_is_weights is None:
                 _require_global("batch_num_tokens", dp_size)
@@ -248,22 +270,32 @@ class VerlPolicyLoss:
                 else:
                     # verl adds 1e-8 to the integer count in float32, where it vanishes.
                     mask = keep / keep.sum(dim=1, keepdim=True).clamp(min=1).to(log_prob.dtype)
-        if rollout_is_weights is not None:
-            if rollout_is_weights.shape != log_prob.shape:
-                raise ValueError(f"rollout_is_weights must be [bs, T] like log_prob, got "
-                                 f"{tuple(rollout_is_weights.shape)}")
+        if rollout_is_weights is not None and rollout_is_weights.shape != log_prob.shape:
+            raise ValueError(f"rollout_is_weights must be [bs, T] like log_prob, got "
+                             f"{tuple(rollout_is_weights.shape)}")
+        adv = advantages.detach()
+        if rollout_is_weights is not None and gmpo:  # each response's geometric-mean weight, into A
+            m = keep.to(log_prob.dtype)
+            log_w = (torch.log(rollout_is_weights.detach() + 1e-10) * m).sum(dim=1)
+            adv = adv * torch.exp(log_w / (m.sum(dim=1) + 1e-8)).unsqueeze(1)
+        elif rollout_is_weights is not None:
             mask = rollout_is_weights.detach() * mask
-        scale = scale * dp_size
+        if not gmpo:
+            scale = scale * dp_size
         gpg = self.surrogate == "gpg"
-        out = policy_loss(log_prob, None if gpg else old_log_prob.detach(), None, advantages.detach(), mask,
+        out = policy_loss(log_prob, None if gpg else old_log_prob.detach(), None, adv, mask,
                           eps_low=eps_low, eps_high=eps_high, beta=0.0, loss_type=loss_type,
                           max_completion_length=length, dual_clip=dual_clip, ratio_level=self.ratio_level,
                           surrogate="cispo" if gpg else self.surrogate, tau_pos=tau_pos, tau_neg=tau_neg,
                           impl=self.impl)
         metrics: dict[str, float] = {}
         if not gpg:  # verl's "gpg" returns no metrics (and so reads nothing back from the device)
-            clipfrac, log_ratio, lower = torch.stack(
-                [out.clip_fraction, out.log_ratio_mean, out.dual_clip_fraction]).tolist()
+            # (GMPO's: clipped above with A > 0, clipped below with A < 0)
+            clipfrac, log_ratio, other = torch.stack(
+                [out.clip_fraction, out.log_ratio_mean,
+                 out.clip_high_fraction if gmpo else out.dual_clip_fraction]).tolist()
+            lower = clipfrac - other if gmpo else other
+            clipfrac = other if gmpo else clipfrac
             metrics = {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": -log_ratio,
                        "actor/pg_clipfrac_lower": lower}
         if isinstance(scale, torch.Tensor):

@@ -8,7 +8,14 @@ import torch
 
 from .. import _cpu_backend as _cb
 from .. import _triton_backend as _tb
-from .._checks import KL_WEIGHTS, RATIO_LEVELS, check_choice, check_dual_clip, check_surrogate, check_vespo
+from .._checks import (
+    KL_WEIGHTS,
+    check_choice,
+    check_dual_clip,
+    check_ratio_level,
+    check_surrogate,
+    check_vespo,
+)
 from .._dispatch import Backend, Call, choose, reference_check
 from .._types import NonlinearGRPOOutput
 from ..advantages.api import prepare_group_inputs
@@ -76,16 +83,14 @@ def nonlinear_grpo_loss(
         ``loss`` carries a gradient (into ``logp``).
     """
     eps_low, eps_high, beta = check_token_inputs(
-        logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_type, max_completion_length
+        logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_type, max_completion_length,
+        log_space_clip=surrogate == "gmpo",
     )
     check_choice("kl_weight", kl_weight, KL_WEIGHTS)
-    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     dual_clip = check_dual_clip(dual_clip)
     tau_pos, tau_neg = check_surrogate(surrogate, tau_pos, tau_neg, dual_clip)
+    check_ratio_level(ratio_level, surrogate)
     vespo = check_vespo(vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
-    if surrogate == "vespo" and ratio_level != "token":
-        raise ValueError("surrogate='vespo' takes token-level ratios (its weight is already one per "
-                         f"sequence), got ratio_level={ratio_level!r}")
     rewards, objective, criterion_weights, _, eps = prepare_group_inputs(
         rewards, objective, estimator, scale, eps, criterion_weights, None
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import VESPO_DEFAULTS
+from .._checks import ROW_SURROGATES, VESPO_DEFAULTS
 from .._cpu_backend import objective_codes
 from .._types import NonlinearGRPOOutput
 from ..advantages.cpu import resolve_criterion_weights
@@ -51,7 +51,7 @@ def nonlinear_grpo_loss_cpu(
             ratio_level == "sequence", surrogate, tau_pos, tau_neg, *vespo,
         )
     )
-    per_row = ratio_level == "sequence" or surrogate == "vespo"
+    per_row = ratio_level == "sequence" or surrogate in ROW_SURROGATES
     return NonlinearGRPOOutput(loss, advantages.detach(), kl.detach(), clip_fraction.detach(),
                                ratio_mean.detach(), values.detach(), lam, lratio.detach(), dual.detach(),
                                high.detach(), seq.detach() if per_row else None)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import VESPO_DEFAULTS
+from .._checks import ROW_SURROGATES, VESPO_DEFAULTS
 from .._device import launch_device
 from .._types import NonlinearGRPOOutput
 from ..advantages.reference import scale_advantages
@@ -139,7 +139,7 @@ def _nonlinear_grpo_fwd(
     partials = torch.empty(B * splits, N_PARTIALS, dtype=torch.float32, device=dev)
     block_t, warps = token_block(T, logp.element_size())
     dual_c, has_dual = dual_clip_args(dual_clip)
-    seq = sequence_buffer(S, seq_ratio or surrogate == "vespo", dev)
+    seq = sequence_buffer(S, seq_ratio or surrogate in ROW_SURROGATES, dev)
     _nonlinear_grpo_fwd_kernel[(B, splits)](
         rewards, *rewards.stride(), tables, crit, lam, adv, values, G, eps,
         *args[:5], partials, seq, *args[5:],
@@ -182,7 +182,7 @@ def _(logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps,
     B, G, m = rewards.shape
     f32 = torch.float32
     shape = tuple(logp.shape) if need_grad else (0, 0)
-    per_row = seq_ratio or surrogate == "vespo"
+    per_row = seq_ratio or surrogate in ROW_SURROGATES
     return (logp.new_empty(N_STATS, dtype=f32), logp.new_empty((B, G), dtype=f32),
             logp.new_empty((B, m), dtype=f32), logp.new_empty(logp.shape[0] if per_row else 0, dtype=f32),
             logp.new_empty(shape, dtype=grad_dtype(logp)))
@@ -254,4 +254,4 @@ def nonlinear_grpo_loss_triton(
     metrics = stats.detach()
     return NonlinearGRPOOutput(stats[0], adv.detach(), metrics[1], metrics[2], metrics[3],
                                values.detach(), lam, metrics[5], metrics[6], metrics[7],
-                               seq.detach() if seq_ratio or surrogate == "vespo" else None)
+                               seq.detach() if seq_ratio or surrogate in ROW_SURROGATES else None)

@@ -11,11 +11,11 @@ from .. import _triton_backend as _tb
 from .._checks import (
     KL_WEIGHTS,
     LOSS_TYPES,
-    RATIO_LEVELS,
     check_choice,
     check_dual_clip,
     check_float,
     check_positive_float,
+    check_ratio_level,
     check_surrogate,
     check_tensor,
     check_vespo,
@@ -42,8 +42,11 @@ def check_token_inputs(
     beta: float,
     loss_type: str,
     max_completion_length: int | None,
+    *,
+    log_space_clip: bool = False,
 ) -> tuple[float, float, float]:
-    """Validate the per-token arguments; returns ``(eps_low, eps_high, beta)`` as floats."""
+    """Validate the per-token arguments; returns ``(eps_low, eps_high, beta)`` as floats.
+    ``log_space_clip``: the bounds are GMPO's, on the log-ratio (``eps_low`` may then pass 1)."""
     logp = check_float("logp", logp)
     if logp.dim() != 2:
         raise ValueError(f"logp must have shape [S, T], got {tuple(logp.shape)}")
@@ -66,7 +69,7 @@ def check_token_inputs(
     if mask.device != logp.device:
         raise ValueError(f"mask is on {mask.device} but logp is on {logp.device}")
     eps_low = check_positive_float("eps_low", eps_low, allow_zero=True)
-    if eps_low > 1:
+    if eps_low > 1 and not log_space_clip:
         raise ValueError(f"eps_low must be in [0, 1], got {eps_low}")
     eps_high = check_positive_float("eps_high", eps_high, allow_zero=True)
     beta = check_positive_float("beta", beta, allow_zero=True)
@@ -137,7 +140,7 @@ def policy_loss(
         mask: ``[S, T]`` bool, integer or floating token weights (1 = completion token). Tokens
             with weight 0 are ignored entirely: their log-probs may be anything, even NaN.
         eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` (``eps_low = 1``: no
-            lower bound).
+            lower bound; GMPO's bounds are on the log-ratio, see ``surrogate``).
         beta: KL coefficient ``>= 0``.
         loss_type: ``"grpo"`` (mean over each sequence's tokens, then over sequences; a row with
             an empty mask contributes 0 and still counts as a sequence), ``"token"`` (sum over
@@ -206,6 +209,22 @@ def policy_loss(
               ``pg_clipfrac``), ``clip_high_fraction`` those with ``A > 0``, and
               ``dual_clip_fraction`` the kept ones whose weight was truncated (``rho' > c``;
               verl's ``pg_clipfrac_lower``). Token-level ratios only.
+            * ``"gmpo"`` (GMPO, Zhao et al., 2025; verl's ``"geo_mean"``): every token of row
+              ``i`` carries the row's objective ``G_i = exp(M_i) Abar_i``, ``M_i`` the
+              mask-weighted mean over the row of its log-ratios clipped by the sign of their
+              advantage (``min(lr, eps_high)`` where ``A > 0``, ``max(lr, -eps_low)`` where
+              ``A < 0``, 0 where ``A = 0``) and ``Abar_i`` the row's advantage (the mask-weighted
+              mean of per-token ones): the geometric mean of the clipped token ratios in place
+              of their arithmetic mean. With ``loss_type="grpo"`` the loss is GMPO's
+              ``-mean_i G_i``; the other loss types weight row ``i`` by its share of the token
+              weights. Gradient ``G_i`` (times the token's weight) where the token's log-ratio is
+              not clipped and ``A != 0``, else 0. ``eps_low`` and ``eps_high`` bound the
+              *log*-ratio (``eps_low`` may exceed 1; GMPO's paper uses 0.4 and 0.4).
+              ``ratio_mean`` is the mean of the rows' ``exp(M_i)``, ``clip_fraction`` counts the
+              tokens whose clip acts (``clip_high_fraction``: above, ``A > 0``) and
+              ``sequence_log_ratio`` returns the ``M_i``. A pre-pass over each row's logp,
+              old_logp, mask (and per-token advantages) computes ``M_i`` and ``Abar_i``.
+              Token-level ratios only; no dual clip.
 
             ``dual_clip`` is the clipped surrogate's, and DPPO's weight cap; a ``ValueError``
             with the others.
@@ -225,27 +244,22 @@ def policy_loss(
         float32): ``loss`` and the detached metrics ``kl``, ``clip_fraction``, ``ratio_mean``,
         ``log_ratio_mean``, ``dual_clip_fraction``, ``clip_high_fraction`` (mask-weighted means
         over tokens), ``sequence_log_ratio``: ``[S]`` each row's ``l_i`` with
-        ``ratio_level="sequence"``, or its ``log w_i`` with ``surrogate="vespo"`` (``None``
-        otherwise), and ``row_clip_weights`` (``None`` unless ``row_stats``).
+        ``ratio_level="sequence"``, its ``log w_i`` with ``surrogate="vespo"`` or its ``M_i``
+        with ``"gmpo"`` (``None`` otherwise), and ``row_clip_weights`` (``None`` unless ``row_stats``).
         ``d loss / d logp_t = w_t (-(rho A if the unclipped term is active and the dual clip
         is not else 0) + beta (1 - exp(ref - logp)))`` (``beta rho (logp - ref)`` in place of
         the last term with ``kl_weight="ratio"``; the surrogate's own gradient, see
         ``surrogate``, for the others).
     """
     eps_low, eps_high, beta = check_token_inputs(
-        logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_type, max_completion_length
+        logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_type, max_completion_length,
+        log_space_clip=surrogate == "gmpo",
     )
     check_choice("kl_weight", kl_weight, KL_WEIGHTS)
-    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     dual_clip = check_dual_clip(dual_clip)
     tau_pos, tau_neg = check_surrogate(surrogate, tau_pos, tau_neg, dual_clip)
+    check_ratio_level(ratio_level, surrogate)
     vespo = check_vespo(vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
-    if surrogate == "vespo" and ratio_level != "token":
-        raise ValueError("surrogate='vespo' takes token-level ratios (its weight is already one per "
-                         f"sequence), got ratio_level={ratio_level!r}")
-    if surrogate.startswith("dppo") and ratio_level != "token":
-        raise ValueError(f"surrogate={surrogate!r} takes token-level ratios (its trust region is "
-                         f"per token), got ratio_level={ratio_level!r}")
     if not isinstance(row_stats, bool):
         raise TypeError(f"row_stats must be a bool, got {type(row_stats).__name__}")
     advantages = check_float("advantages", advantages)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import VESPO_DEFAULTS
+from .._checks import ROW_SURROGATES, VESPO_DEFAULTS
 from .._types import PolicyLossOutput
 
 
@@ -39,6 +39,6 @@ def policy_loss_cpu(
         kl_weight == "ratio", dual_clip, ratio_level == "sequence", surrogate, tau_pos, tau_neg, row_stats,
         *vespo,
     )
-    seq = outputs[7].detach() if ratio_level == "sequence" or surrogate == "vespo" else None
+    seq = outputs[7].detach() if ratio_level == "sequence" or surrogate in ROW_SURROGATES else None
     rows = outputs[8].detach() if row_stats else None
     return PolicyLossOutput(outputs[0], *(t.detach() for t in outputs[1:7]), seq, rows)

@@ -7,7 +7,9 @@ where the clipped one is (and where the dual clip holds the surrogate at ``c A``
 row is GSPO's ``sg[l_i] + logp_t - sg[logp_t]`` (``l_i`` the row's mean log-ratio), whose value is
 ``l_i`` and whose derivative in ``logp_t`` is 1, so the same closed form holds with
 ``rho = exp(l_i)``. VESPO's weight ``phi`` of each row's ratio is computed first and detached,
-so the gradient of its REINFORCE term is ``phi A``. Tokens with mask 0 are never read
+so the gradient of its REINFORCE term is ``phi A``. GMPO's row objective ``G`` is every token's
+surrogate, so its gradient (by autograd through the row's mean clipped log-ratio) is the
+derivative of the row's weighted sum of ``G``. Tokens with mask 0 are never read
 into the arithmetic (``torch.where``, not a product), so padding may hold inf or NaN.
 """
 
@@ -93,6 +95,33 @@ def dppo_valid(lp: torch.Tensor, old: torch.Tensor, A: torch.Tensor, eps_low: fl
         return torch.where(A > 0, p - q <= eps_high, p - q >= -eps_low)
     kl = q * (old - lp) + (1 - q) * torch.log((1 - q + 1e-8) / (1 - p + 1e-8))
     return torch.where(A > 0, (kl <= eps_high) | (p <= q), (kl <= eps_low) | (p >= q))
+
+
+def gmpo_objective(log_ratio: torch.Tensor, A: torch.Tensor, mask: torch.Tensor, eps_low: float,
+                   eps_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GMPO's row objective (Zhao et al., 2025; verl's ``"geo_mean"``), with autograd through
+    ``log_ratio``.
+
+    Each token's log-ratio is clipped by the sign of its advantage, ``min(lr, eps_high)`` where
+    ``A > 0``, ``max(lr, -eps_low)`` where ``A < 0``, 0 where ``A = 0``; ``M`` is the mask-weighted
+    mean of these over the row (0 for an empty row) and ``G = exp(M) Abar`` with ``Abar`` the row's
+    advantage (``[S, 1]``) or the mask-weighted mean of its per-token ones. ``mask`` holds the
+    weights in the compute dtype, ``A`` is ``[S, 1]`` or ``[S, T]`` (0 where the mask is 0).
+    Returns ``M`` and ``G`` (``[S, 1]``) and the clipped and clipped-above flags (``[S, T]``)."""
+    zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
+    keep = mask != 0
+    pos, neg = A > 0, A < 0
+    bounded = torch.where(pos, log_ratio.clamp(max=eps_high),
+                          torch.where(neg, log_ratio.clamp(min=-eps_low), zero))
+    total = torch.where(keep, mask * bounded, zero).sum(-1, keepdim=True)
+    weight = mask.sum(-1, keepdim=True)
+    # (an empty row divides by 1, not 0: where() would still send 0 * inf = NaN into the gradient)
+    safe = torch.where(weight != 0, weight, torch.ones_like(weight))
+    mean = torch.where(weight != 0, total / safe, zero)
+    adv = A if A.shape[-1] == 1 else torch.where(weight != 0, (mask * A).sum(-1, keepdim=True) / safe, zero)
+    above = keep & pos & (log_ratio.detach() > eps_high)
+    below = keep & neg & (log_ratio.detach() < -eps_low)
+    return mean, torch.exp(mean) * adv, above | below, above
 
 
 def token_surrogate(
@@ -190,8 +219,16 @@ def policy_loss_ref(
         seq = vespo_log_weight(log_ratio.detach(), keep)
         A = A * vespo_phi(seq, A, vespo)
     ratio = torch.exp(log_ratio)
-    surrogate_t, clip_flag, high_flag, dual = token_surrogate(
-        ratio, A, lp, eps_low, eps_high, dual_clip, surrogate, tau_pos, tau_neg, old)
+    ratio_metric = ratio
+    if surrogate == "gmpo":  # every token's surrogate is its row's objective G
+        seq, surrogate_t, clip_flag, high_flag = gmpo_objective(log_ratio, A, mask.to(dtype), eps_low,
+                                                                eps_high)
+        surrogate_t, seq = surrogate_t.expand_as(lp), seq.detach()
+        ratio_metric = torch.exp(seq).expand_as(lp)
+        dual = torch.zeros_like(clip_flag)
+    else:
+        surrogate_t, clip_flag, high_flag, dual = token_surrogate(
+            ratio, A, lp, eps_low, eps_high, dual_clip, surrogate, tau_pos, tau_neg, old)
     if ref_logp is None:
         kl = torch.zeros_like(lp)
     else:
@@ -209,7 +246,7 @@ def policy_loss_ref(
     with torch.no_grad():
         kl_mean = (kl.detach() * m).sum() / tokens
         clip_fraction = (clip_flag.to(dtype) * m).sum() / tokens
-        ratio_mean = (ratio * m).sum() / tokens
+        ratio_mean = (ratio_metric * m).sum() / tokens
         log_ratio_mean = (log_ratio.detach() * m).sum() / tokens
         dual_fraction = (dual.to(dtype) * m).sum() / tokens
         high_fraction = (high_flag.to(dtype) * m).sum() / tokens

@@ -40,12 +40,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import VESPO_DEFAULTS
+from .._checks import ROW_SURROGATES, VESPO_DEFAULTS
 from .._device import launch_device
 from .._types import PolicyLossOutput
 
 LOSS_TYPE_CODES = {"grpo": 0, "token": 1, "dr_grpo": 2}
-SURROGATE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3, "dppo_tv": 4, "dppo_kl": 5}
+SURROGATE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3, "dppo_tv": 4, "dppo_kl": 5, "gmpo": 6}
 N_PARTIALS = 8  # loss, mask total, kl, clipped, ratio, log-ratio, dual-clipped, clipped-above sums
 N_STATS = 8  # loss, kl, clip_fraction, ratio_mean, post_scale, log_ratio_mean, dual_clip_fraction,
 # clip_high_fraction
@@ -118,7 +118,11 @@ def _token_row(
     weights with ``(vk_pos, vl_pos)`` and ``(vk_neg, vl_neg)`` multiply the advantages ``>= 0``
     and ``< 0``), 4 and 5 DPPO (total variation, binary KL: ``sg[min(rho', c) v] a logp`` with
     ``c = dual_c`` under ``DUAL_CLIP`` and the trust region ``v`` bounded by ``eps_high`` and
-    ``eps_low``); see ``csrc/include/iama/loss.h`` for the formulas, which these follow.
+    ``eps_low``), 6 GMPO (every token's surrogate is the row's ``G = exp(M) abar``: a pre-pass
+    over the row's extent sums the sign-aware clipped log-ratios into ``M``, stored at
+    ``seq_ptr[row]``, and with ``TOKEN_ADV`` the advantages into their mean ``abar``; the
+    gradient is ``G`` where the token's log-ratio is not clipped and its advantage is not 0); see
+    ``csrc/include/iama/loss.h`` for the formulas, which these follow.
     ``ROW_STATS``: the row's mask total, clipped and clipped-above weights go to
     ``rows_ptr[3 row + 0..2]``."""
     offs = tl.arange(0, BLOCK_T)
@@ -168,6 +172,40 @@ def _token_row(
             tl.store(seq_ptr + r64, seq_lr)
         else:
             log_w = tl.minimum(tl.maximum(tl.sum(lr_row, axis=0), -18.420680743952367), 20.0)
+    g_ratio = 1.0
+    g_obj = a
+    if SURROGATE == 6:  # GMPO: the row's mean clipped log-ratio M and its objective exp(M) abar
+        c_row = tl.zeros([BLOCK_T], dtype=tl.float32)
+        a_row = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + offs
+            live = (t < T) & (t < extent)
+            mk = tl.load(mask_row + t * s_mt, mask=live, other=0).to(tl.float32)
+            if HAS_OLD:
+                lp = tl.load(logp_row + t * s_lt, mask=live, other=0.0).to(tl.float32)
+                old = tl.load(old_row + t * s_ot, mask=live, other=0.0).to(tl.float32)
+                d = lp - old
+            else:
+                d = tl.zeros([BLOCK_T], dtype=tl.float32)
+            if TOKEN_ADV:
+                a_t = tl.where(mk != 0, tl.load(adv_row + t * s_at, mask=live, other=0.0).to(tl.float32), 0.0)
+                a_row += tl.where(mk != 0, mk * a_t, 0.0)
+            else:
+                a_t = a + tl.zeros([BLOCK_T], dtype=tl.float32)  # a tensor test below
+            # where(), not minimum()/maximum(): a NaN log-ratio stays NaN
+            c = tl.where(a_t > 0.0, tl.where(d > eps_high, eps_high, d),
+                         tl.where(a_t < 0.0, tl.where(d < -eps_low, -eps_low, d), 0.0))
+            c_row += tl.where(mk != 0, mk * c, 0.0)
+        nonempty = msum != 0.0
+        weight = tl.where(nonempty, msum, 1.0)
+        g_mean = tl.where(nonempty, tl.sum(c_row, axis=0) / weight, 0.0)
+        tl.store(seq_ptr + r64, g_mean)
+        if TOKEN_ADV:  # noqa: SIM108 (a constexpr branch, as the kernel's others)
+            g_adv = tl.where(nonempty, tl.sum(a_row, axis=0) / weight, 0.0)
+        else:
+            g_adv = a
+        g_ratio = tl.exp(g_mean)
+        g_obj = g_ratio * g_adv
     phi_pos = 1.0
     phi_neg = 1.0
     if SURROGATE == 3:  # VESPO: the row's two gamma weights, one per sign of the advantage
@@ -214,7 +252,21 @@ def _token_row(
         clipped = tl.minimum(tl.maximum(ratio, lo), hi)
         ra = ratio * a_t
         ca = clipped * a_t
-        if SURROGATE == 3:  # VESPO: the row's weight by the advantage's sign, times a logp
+        if SURROGATE == 6:  # GMPO: the row's objective, its gradient where the token is not clipped
+            pos = (a_t + tl.zeros([BLOCK_T], dtype=tl.float32)) > 0.0  # a tensor test
+            neg = (a_t + tl.zeros([BLOCK_T], dtype=tl.float32)) < 0.0
+            if HAS_OLD:
+                above = pos & (log_ratio > eps_high)
+                below = neg & (log_ratio < -eps_low)
+            else:  # every log-ratio is 0
+                zero = tl.zeros([BLOCK_T], dtype=tl.float32)
+                above = pos & (zero > eps_high)
+                below = neg & (zero < -eps_low)
+            surr = g_obj + tl.zeros([BLOCK_T], dtype=tl.float32)
+            g = -tl.where((pos | neg) & ~(above | below), g_obj, 0.0)
+            clip_w = tl.where(keep & (above | below), m, 0.0)
+            high_w = tl.where(keep & above, m, 0.0)
+        elif SURROGATE == 3:  # VESPO: the row's weight by the advantage's sign, times a logp
             nonneg = (a_t + tl.zeros([BLOCK_T], dtype=tl.float32)) >= 0.0  # a tensor test
             a_w = a_t * tl.where(nonneg, phi_pos, phi_neg)
             surr = a_w * lp
@@ -304,7 +356,10 @@ def _token_row(
             per = -surr
         w = m * wscale
         loss_acc += tl.where(keep, w * per, 0.0)
-        ratio_acc += tl.where(keep, m * ratio, 0.0)
+        if SURROGATE == 6:  # the row's geometric-mean ratio
+            ratio_acc += tl.where(keep, m * g_ratio, 0.0)
+        else:
+            ratio_acc += tl.where(keep, m * ratio, 0.0)
         if WRITE_GRAD:
             tl.store(grad_row + t * s_gt, tl.where(keep, w * g, 0.0), mask=t < T)
     if ROW_STATS:  # two more block reductions per row, only when asked for
@@ -461,7 +516,8 @@ def _policy_loss_fwd(
     vespo: tuple[float, ...] = VESPO_DEFAULTS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward launch: ``stats [N_STATS]`` float32, GSPO's per-row log-ratios (``[S]`` float32
-    with ``seq_ratio``; VESPO's log weights with ``surrogate="vespo"``; else empty), the per-row
+    with ``seq_ratio``; VESPO's log weights with ``surrogate="vespo"``, GMPO's mean clipped
+    log-ratios with ``"gmpo"``; else empty), the per-row
     clip weights (``[S, 3]`` float32 with ``row_stats``, else ``[0, 3]``) and the gradient
     (``[S, T]``, or empty)."""
     S, T = logp.shape
@@ -476,7 +532,7 @@ def _policy_loss_fwd(
     block_t, warps = token_block(T, logp.element_size())
     dual_c, has_dual = dual_clip_args(dual_clip)
     token_adv = advantages.dim() == 2
-    seq = sequence_buffer(S, seq_ratio or surrogate == "vespo", logp.device)
+    seq = sequence_buffer(S, seq_ratio or surrogate in ROW_SURROGATES, logp.device)
     # Written row by row by the kernel (zeros: rows of an empty launch stay 0).
     rows = torch.zeros(S if row_stats else 0, 3, dtype=torch.float32, device=logp.device)
     if launch:
@@ -524,7 +580,7 @@ def _(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_
       surrogate="clip", tau_pos=1.0, tau_neg=1.05, row_stats=False, vespo_k_pos=2.0,
       vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
     shape = tuple(logp.shape) if need_grad else (0, 0)
-    per_row = seq_ratio or surrogate == "vespo"
+    per_row = seq_ratio or surrogate in ROW_SURROGATES
     return (logp.new_empty(N_STATS, dtype=torch.float32),
             logp.new_empty(logp.shape[0] if per_row else 0, dtype=torch.float32),
             logp.new_empty((logp.shape[0] if row_stats else 0, 3), dtype=torch.float32),
@@ -588,7 +644,7 @@ def policy_loss_triton(
         row_stats, *vespo,
     )
     metrics = stats.detach()
-    per_row = ratio_level == "sequence" or surrogate == "vespo"
+    per_row = ratio_level == "sequence" or surrogate in ROW_SURROGATES
     return PolicyLossOutput(stats[0], metrics[1], metrics[2], metrics[3], metrics[5], metrics[6],
                             metrics[7], seq.detach() if per_row else None,
                             rows.detach() if row_stats else None)

@@ -49,14 +49,15 @@ enum ScaleKind : int { kScaleGroup = 0, kScaleBatch = 1, kScaleNone = 2 };
 enum LossKind : int { kLossGrpo = 0, kLossToken = 1, kLossDrGrpo = 2 };
 // The policy term of the token loss: PPO's clipped ratio, CISPO's clipped importance weight,
 // SAPO's soft gate, VESPO's sequence weight times REINFORCE, DPPO's trust-region masks (total
-// variation, binary KL) on a truncated weight (loss.h).
+// variation, binary KL) on a truncated weight, GMPO's geometric mean of the clipped ratios (loss.h).
 enum SurrogateKind : int {
   kSurrClip = 0,
   kSurrCispo = 1,
   kSurrSapo = 2,
   kSurrVespo = 3,
   kSurrDppoTv = 4,
-  kSurrDppoKl = 5
+  kSurrDppoKl = 5,
+  kSurrGmpo = 6
 };
 
 // One criterion's inference-time transform: Mean, BestOfN(n) or SoftBestOfN(tau).

@@ -26,6 +26,14 @@
 //          binary KL k = q (old - logp) + (1 - q) log((1 - q + 1e-8) / (1 - p + 1e-8)),
 //          v = k <= d_hi or p <= q, resp. k <= d_lo or p >= q. Clipped: v false (above: A > 0);
 //          dual: v true and rho' > c.
+//   GMPO   the row's objective G = exp(M) Abar, M the mask-weighted mean over the row of the
+//          sign-aware clipped log-ratios (min(lr, eps_high) where A > 0, max(lr, -eps_low) where
+//          A < 0, 0 where A = 0; row_gmpo_means) and Abar the row's mean advantage: every token's
+//          surr is G (so the row's tokens aggregate to its objective), grad -w G where the
+//          token's log-ratio is not clipped and A != 0, else 0 (the derivative of the row's w-sum
+//          of G). The caller passes the log-space bounds -eps_low and eps_high as lo and hi, G as
+//          tau_pos and exp(M) as tau_neg (each token's ratio in the metrics); clipped: A > 0 and
+//          lr > hi (above) or A < 0 and lr < lo; no dual clip.
 // The log-ratio is (logp - old) + lr0. Per-token ratios have lr0 = 0; GSPO's sequence ratio
 // passes old = logp (so logp - old is exactly 0) and lr0 = the row's mean log-ratio: the token's
 // log-ratio is then sg[lr0] + logp - sg[logp], whose derivative in logp is 1 as for a token ratio,
@@ -69,7 +77,17 @@ IAMA_HD IAMA_INLINE TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, 
   const acc_t unclipped_term = ratio * A;
   acc_t surrogate, d_surr;  // the policy term and its derivative in logp
   bool clip_flag, high_flag, dual = false;
-  if (surr == kSurrVespo) {
+  if (surr == kSurrGmpo) {
+    // Bitwise & and | on the compares (see DPPO's branch); a NaN log-ratio is never clipped, so
+    // it reaches the gradient through G, which it has already made NaN.
+    const bool pos = A > acc_t(0), neg = A < acc_t(0);
+    const bool above = pos & (lr > hi);
+    const bool below = neg & (lr < lo);
+    surrogate = tau_pos;
+    d_surr = ((pos | neg) & !(above | below)) ? tau_pos : acc_t(0);
+    clip_flag = above | below;
+    high_flag = above;
+  } else if (surr == kSurrVespo) {
     surrogate = A * lp;
     d_surr = A;
     clip_flag = high_flag = false;
@@ -138,7 +156,7 @@ IAMA_HD IAMA_INLINE TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, 
   t.grad = keep ? w * (beta * dkl - d_surr) : acc_t(0);
   t.kl = kl * m;
   t.clip = clip_flag ? m : acc_t(0);
-  t.ratio = ratio * m;
+  t.ratio = (surr == kSurrGmpo ? tau_neg : ratio) * m;  // GMPO: the row's geometric-mean ratio
   t.lratio = lr * m;
   t.dual = dual ? m : acc_t(0);
   t.high = high_flag ? m : acc_t(0);
@@ -170,10 +188,11 @@ struct RowFlags {
 // kDual = false: the caller knows no token of the row is dual-clipped (a row advantage A >= 0,
 // or no finite c), and the loop leaves the dual clip and its sum out. lr0: added to every token's
 // log-ratio (GSPO's sequence ratio, see token_terms; 0 for per-token ratios). kSurr: the
-// surrogate (SurrogateKind; CISPO, SAPO and VESPO take kDual = false), tau_pos/tau_neg SAPO's
+// surrogate (SurrogateKind; CISPO, SAPO, VESPO and GMPO take kDual = false), tau_pos/tau_neg SAPO's
 // temperatures, or VESPO's weights phi_pos/phi_neg of the row (for A >= 0 and A < 0; with row
 // advantages the caller passes A * phi as A instead, and these are unused), or DPPO's divergence
-// bounds (for A > 0 and otherwise; DPPO takes kDual = true: its dual_c caps the weight).
+// bounds (for A > 0 and otherwise; DPPO takes kDual = true: its dual_c caps the weight), or
+// GMPO's row objective G and ratio exp(M) (lo and hi then GMPO's log-space bounds).
 // kRuntimeFlags: the four flags are read from `flags` instead, one build for every combination
 // (the token loop then keeps its branches and does not vectorise: for float64, where a build per
 // combination would cost a quarter of the CPU extension's compile time for a dtype used to check
@@ -345,6 +364,53 @@ IAMA_HD inline double row_vespo_log_weight(const lp_t* __restrict__ logp, const 
   for (int64_t t = t0; t < T; ++t) total += static_cast<double>(term(t));
   constexpr double kLogWMin = -18.420680743952367;  // log(1e-8)
   return total < kLogWMin ? kLogWMin : (total > 20.0 ? 20.0 : total);
+}
+
+// GMPO's row means: over the row's tokens, weighted by their mask, the mean of the sign-aware
+// clipped log-ratios (min(lr, hi) where the token's advantage is > 0, max(lr, lo) where it is
+// < 0, 0 where it is 0; lo and hi the log-space bounds) into log_mean, and the mean advantage into
+// adv_mean (the row's A itself without A_tok). msum: the row's mask sum; an empty row has means 0.
+// Tiled as row_mean_log_ratio (the mask selects each term: NaN padding cannot leak; a NaN
+// log-ratio of a kept token is not clipped away).
+template <typename lp_t, typename aux_t, typename mask_t, typename acc_t>
+IAMA_HD inline void row_gmpo_means(const lp_t* __restrict__ logp, const aux_t* __restrict__ old,
+                                   const mask_t* __restrict__ mask, int64_t T, acc_t A,
+                                   const acc_t* __restrict__ A_tok, acc_t lo, acc_t hi, double msum,
+                                   double& log_mean, double& adv_mean) {
+  constexpr int kTile = 64;
+  auto advantage = [&](int64_t t) { return A_tok != nullptr ? A_tok[t] : A; };
+  auto term = [&](int64_t t) {
+    const acc_t m = static_cast<acc_t>(mask[t]);
+    const acc_t a = advantage(t);
+    const acc_t lr = static_cast<acc_t>(logp[t]) - static_cast<acc_t>(old[t]);
+    const acc_t c = a > acc_t(0) ? (lr > hi ? hi : lr) : (a < acc_t(0) ? (lr < lo ? lo : lr) : acc_t(0));
+    return m != acc_t(0) ? m * c : acc_t(0);
+  };
+  auto weighted_adv = [&](int64_t t) {
+    const acc_t m = static_cast<acc_t>(mask[t]);
+    return m != acc_t(0) ? m * advantage(t) : acc_t(0);
+  };
+  double total = 0.0, adv_total = 0.0;
+  int64_t t0 = 0;
+  for (; t0 + kTile <= T; t0 += kTile) {
+    acc_t d[kTile], e[kTile];
+    for (int j = 0; j < kTile; ++j) d[j] = term(t0 + j);
+    for (int j = 0; j < kTile; ++j) e[j] = A_tok != nullptr ? weighted_adv(t0 + j) : acc_t(0);
+    for (int width = kTile / 2; width >= 1; width /= 2) {
+      for (int j = 0; j < width; ++j) {
+        d[j] += d[j + width];
+        e[j] += e[j + width];
+      }
+    }
+    total += static_cast<double>(d[0]);
+    adv_total += static_cast<double>(e[0]);
+  }
+  for (int64_t t = t0; t < T; ++t) {
+    total += static_cast<double>(term(t));
+    if (A_tok != nullptr) adv_total += static_cast<double>(weighted_adv(t));
+  }
+  log_mean = msum != 0.0 ? total / msum : 0.0;
+  adv_mean = A_tok == nullptr ? static_cast<double>(A) : (msum != 0.0 ? adv_total / msum : 0.0);
 }
 
 // VESPO's gamma weight of a sequence with log weight log_w: exp(lambda + k log_w - lambda w),
