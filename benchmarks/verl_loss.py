@@ -1,7 +1,7 @@
 """verl's PPO policy losses against iama's on the fused kernel: ``"vanilla"`` against ``"iama"``,
-``"gspo"`` against ``"iama_gspo"``, ``"cispo"``, ``"sapo"``, ``"gpg"``, ``"dppo_tv"`` and
-``"dppo_kl"`` against ``"iama_cispo"``, ``"iama_sapo"``, ``"iama_gpg"``, ``"iama_dppo_tv"`` and
-``"iama_dppo_kl"``.
+``"gspo"`` against ``"iama_gspo"``, ``"cispo"``, ``"sapo"``, ``"gpg"``, ``"dppo_tv"``,
+``"dppo_kl"`` and ``"geo_mean"`` against ``"iama_cispo"``, ``"iama_sapo"``, ``"iama_gpg"``,
+``"iama_dppo_tv"``, ``"iama_dppo_kl"`` and ``"iama_geo_mean"``.
 
 Both rows call the registered functions of verl 0.9.1's policy-loss registry the way verl's actor
 loss calls them (keyword arguments, an actor config with ``clip_ratio_high=0.28`` and the default
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="64x1024,256x2048,512x4096", help="comma-separated SxT")
     parser.add_argument("--modes", default="token-mean,seq-mean-token-mean", help="verl loss_agg_modes")
-    parser.add_argument("--losses", default="vanilla,gspo,cispo,sapo,gpg,dppo_tv,dppo_kl",
+    parser.add_argument("--losses", default="vanilla,gspo,cispo,sapo,gpg,dppo_tv,dppo_kl,geo_mean",
                         help="verl policy losses")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=40)

@@ -358,8 +358,8 @@ def test_the_loss_benchmark_runs(verl_algos, capsys) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--shapes", "5x9,3x16", "--modes", "token-mean", "--rounds", "3", "--no-write",
-                        "--losses", "vanilla,gspo,cispo,sapo,gpg,dppo_tv,dppo_kl"]) == 0
+                        "--losses", "vanilla,gspo,cispo,sapo,gpg,dppo_tv,dppo_kl,geo_mean"]) == 0
     table = capsys.readouterr().out.split("x base")[-1]
-    for loss in ("vanilla", "gspo", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl"):  # verl and iama rows
+    for loss in ("vanilla", "gspo", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "geo_mean"):  # both rows
         rows = [line.split() for line in table.splitlines() if line.startswith(f"verl {loss} loss")]
         assert sorted(row[4] for row in rows) == ["iama", "iama", "verl", "verl"], rows

@@ -20,6 +20,14 @@
 namespace iama::cpu {
 namespace IAMA_ISA_NAMESPACE {
 
+// Whether the hand-vectorised row of an AVX-512 build (token_row_byte_avx512.h) computes a row
+// with these flags: plain k3, row advantages, every surrogate but DPPO and GMPO (for float32,
+// bfloat16 or float16 log-probs and a byte mask). One rule for the run-time choice and for the
+// templated rows a build leaves out as unreachable.
+constexpr bool hand_row_covers(bool ratio_kl, bool token_adv, int surr) {
+  return !ratio_kl && !token_adv && surr != kSurrDppoTv && surr != kSurrDppoKl && surr != kSurrGmpo;
+}
+
 // One row of the pass: its loss terms and gradient, its sums in out[0 .. kRowFields). `mk` is the
 // row's mask as the row loops read it (bytes, or weights in the compute dtype; see
 // token_kernel), msum its sum.
@@ -70,7 +78,13 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
   }
   if (gmpo) {  // the row's objective G = exp(M) Abar and ratio exp(M), a pre-pass over its tokens
     double log_mean = 0.0, adv_mean = 0.0;
-    row_gmpo_means<lp_t, aux_t, mask_t, acc_t>(lp_row, old_row, mk, p.T, A, a_row, lo, hi, msum, log_mean, adv_mean);
+    if (token_adv) {
+      row_gmpo_means<lp_t, aux_t, mask_t, acc_t, true>(lp_row, old_row, mk, p.T, A, a_row, lo, hi, msum, log_mean,
+                                                       adv_mean);
+    } else {
+      row_gmpo_means<lp_t, aux_t, mask_t, acc_t, false>(lp_row, old_row, mk, p.T, A, nullptr, lo, hi, msum,
+                                                        log_mean, adv_mean);
+    }
     row_seq = log_mean;
     const double ratio = std::exp(log_mean);
     sign_pos = static_cast<acc_t>(ratio * adv_mean);
@@ -83,13 +97,17 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
   [[maybe_unused]] bool done = false;
 #ifdef IAMA_TOKEN_ROW_BYTE16
   // A build with a hand-vectorised row for the most common cases (float32, bfloat16 or float16
-  // log-probs, a byte mask, plain k3, row advantages; every surrogate but DPPO and GMPO) uses
-  // it; the other cases take the templated row.
+  // log-probs, a byte mask, the cases of hand_row_covers) uses it; the other cases take the
+  // templated row.
   constexpr bool kHandRow = std::is_same_v<lp_t, aux_t> && std::is_same_v<mask_t, uint8_t> &&
                             (std::is_same_v<lp_t, float> || std::is_same_v<lp_t, c10::BFloat16> ||
                              std::is_same_v<lp_t, c10::Half>);
+#else
+  constexpr bool kHandRow = false;
+#endif
+#ifdef IAMA_TOKEN_ROW_BYTE16
   if constexpr (kHandRow) {
-    if (!p.ratio_kl && !token_adv && !dppo && !gmpo) {
+    if (hand_row_covers(p.ratio_kl, token_adv, p.surrogate)) {
       sums = policy_loss_row_byte16<lp_t>(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
                                           beta, dual_c, dual && p.surrogate == kSurrClip, p.seq_old != nullptr, lr0,
                                           p.surrogate, tau_pos, tau_neg, grad_row);
@@ -112,10 +130,14 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
     // The run-time flags as template arguments (each a bool_constant or integral_constant):
     // see policy_loss_row.
     using Clip = std::integral_constant<int, kSurrClip>;
-    auto row = [&](auto ratio_kl, auto per_token, auto with_dual, auto surr) {
-      return policy_loss_row<lp_t, aux_t, mask_t, acc_t, ratio_kl(), per_token(), with_dual(), surr()>(
-          lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row, a_row, lr0, sign_pos,
-          sign_neg);
+    auto row = [&](auto ratio_kl, auto per_token, auto with_dual, auto surr) -> RowSums {
+      if constexpr (kHandRow && hand_row_covers(ratio_kl(), per_token(), surr())) {
+        return RowSums{};  // unreachable (the hand row took the row): not compiled
+      } else {
+        return policy_loss_row<lp_t, aux_t, mask_t, acc_t, ratio_kl(), per_token(), with_dual(), surr()>(
+            lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row, a_row, lr0, sign_pos,
+            sign_neg);
+      }
     };
     auto with_dual = [&](auto ratio_kl, auto per_token) {
       if constexpr (per_token()) {  // one build: the dual clip is tested token by token
@@ -239,7 +261,7 @@ void dispatch_mask(const TokenProblem& p, std::vector<double>& rows) {
 // weights) x (plain or ratio KL x row advantages with or without the dual clip, or per-token
 // advantages, for the clipped surrogate, and row or per-token advantages for each of CISPO, SAPO,
 // VESPO, the two DPPOs and GMPO; float64 in one build with run-time flags): 8 token rows, 182 row
-// instantiations. Each costs about half a second of compilation per instruction set, the bulk of
+// instantiations (167 in the AVX-512 build, whose hand row makes 15 of them unreachable). Each costs about half a second of compilation per instruction set, the bulk of
 // the extension's build; a new dimension multiplies it (the mask's source type does not: it is
 // narrowed or converted before the row).
 inline void dispatch_token_pass(const TokenProblem& p, std::vector<double>& rows) {
