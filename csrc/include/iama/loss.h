@@ -387,12 +387,17 @@ IAMA_HD inline void row_gmpo_means(const lp_t* __restrict__ logp, const aux_t* _
       return A;
     }
   };
+  // max(lr, lo) = -min(-lr, -lo): one min of sign-flipped values either way, and selects in a chain
+  // rather than nested on two conditions (which, inlined into the pass, kept the loop scalar).
   auto term = [&](int64_t t) {
-    const acc_t m = static_cast<acc_t>(mask[t]);
     const acc_t a = advantage(t);
-    const acc_t lr = static_cast<acc_t>(logp[t]) - static_cast<acc_t>(old[t]);
-    const acc_t c = a > acc_t(0) ? (lr > hi ? hi : lr) : (a < acc_t(0) ? (lr < lo ? lo : lr) : acc_t(0));
-    return m != acc_t(0) ? m * c : acc_t(0);
+    const bool pos = a > acc_t(0);
+    const acc_t sgn = pos ? acc_t(1) : acc_t(-1);
+    const acc_t bound = pos ? hi : -lo;
+    const acc_t x = sgn * (static_cast<acc_t>(logp[t]) - static_cast<acc_t>(old[t]));
+    const acc_t c = sgn * (x > bound ? bound : x);  // (a NaN log-ratio stays NaN)
+    const acc_t w = a != acc_t(0) ? static_cast<acc_t>(mask[t]) : acc_t(0);  // A = 0: the term is 0
+    return w != acc_t(0) ? w * c : acc_t(0);
   };
   auto weighted_adv = [&](int64_t t) {
     const acc_t m = static_cast<acc_t>(mask[t]);
