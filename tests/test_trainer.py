@@ -126,6 +126,11 @@ def test_construction_errors(tmp_path):
         TrainerConfig(vespo_lambda_neg=0.0)
     with pytest.raises(ValueError, match="surrogate='vespo' takes ratio_level='token'"):
         TrainerConfig(surrogate="vespo", ratio_level="sequence")
+    with pytest.raises(ValueError, match="surrogate='gmpo' takes ratio_level='token'"):
+        TrainerConfig(surrogate="gmpo", ratio_level="sequence")
+    with pytest.raises(ValueError, match="eps_low must be <= 1"):
+        TrainerConfig(eps_low=1.5)
+    TrainerConfig(surrogate="gmpo", eps_low=1.5)  # GMPO's bounds are on the log-ratio
 
 
 def test_reward_error_names_criterion_and_prompt(tmp_path):
@@ -171,12 +176,12 @@ def test_sequence_ratio_changes_the_second_inner_epoch(tmp_path):
 
 
 def test_surrogate_reaches_the_loss(tmp_path):
-    """CISPO, SAPO and VESPO change the second inner epoch's update (the first has ratio 1, where
+    """CISPO, SAPO, VESPO and GMPO change the second inner epoch's update (the first has ratio 1, where
     every surrogate's gradient is PPO's); SAPO's temperature and VESPO's rates act."""
     updates = {}
     for name, extra in (("clip", {}), ("cispo", {"surrogate": "cispo"}), ("sapo", {"surrogate": "sapo"}),
                         ("sapo-hot", {"surrogate": "sapo", "tau_pos": 4.0, "tau_neg": 4.0}),
-                        ("vespo", {"surrogate": "vespo"}),
+                        ("vespo", {"surrogate": "vespo"}), ("gmpo", {"surrogate": "gmpo"}),
                         ("vespo-steep", {"surrogate": "vespo", "vespo_lambda_pos": 40.0, "vespo_k_pos": 40.0,
                                          "vespo_lambda_neg": 40.0, "vespo_k_neg": 40.0})):
         trainer = make(tmp_path / name, optimizer="sgd", learning_rate=1.0, max_grad_norm=None,
@@ -186,7 +191,7 @@ def test_surrogate_reaches_the_loss(tmp_path):
         updates[name] = torch.cat([(v - before[k]).flatten() for k, v in params(trainer.model).items()])
     assert float(updates["clip"].abs().max()) > 1e-3
     for a, b in (("cispo", "clip"), ("sapo", "clip"), ("sapo-hot", "sapo"), ("cispo", "sapo"),
-                 ("vespo", "cispo"), ("vespo-steep", "vespo")):
+                 ("vespo", "cispo"), ("vespo-steep", "vespo"), ("gmpo", "clip"), ("gmpo", "cispo")):
         assert not torch.allclose(updates[a], updates[b], rtol=1e-3, atol=1e-6), (a, b)
 
 

@@ -30,7 +30,9 @@ Measures, on the current CUDA device:
    ``gspo policy_loss fwd+bwd``: the same as verl's ``"iama_gspo"`` runs it (GSPO's sequence
    ratio: a second pre-pass over each row's logp and old, no dual clip), and ``cispo`` and
    ``sapo policy_loss fwd+bwd`` as ``"iama_cispo"`` and ``"iama_sapo"`` run them, and
-   ``vespo policy_loss fwd+bwd`` (TRL's ``"vespo"``: each row's weight from a pre-pass);
+   ``vespo policy_loss fwd+bwd`` (TRL's ``"vespo"``: each row's weight from a pre-pass) and
+   ``gmpo policy_loss fwd+bwd`` as ``"iama_geo_mean"`` runs it (GMPO: each row's objective from a
+   pre-pass);
    with GB/s computed from the fewest bytes the op must move (:func:`floor_bytes`: the mask and
    the gradient for every token, logp/old/ref up to each row's last valid token; rewards are
    negligible) and the ratio to the copy bandwidth, to eager and to compiled. The backward of
@@ -303,8 +305,9 @@ def bench_ppo(timer: Timer, device: torch.device, tokens: int, T: int,
     ``"iama_gspo"`` runs it (``loss="gspo"``: GSPO's sequence ratio, no dual clip), or
     ``"iama_cispo"`` (``loss="cispo"``: CISPO's clipped weight, token-mean) and ``"iama_sapo"``
     (``loss="sapo"``: SAPO's soft gate, seq-mean-token-mean), or TRL's ``"vespo"``
-    (``loss="vespo"``: each row's gamma weight from a pre-pass over its logp and old, token-mean).
-    Triton against eager, checked first."""
+    (``loss="vespo"``: each row's gamma weight from a pre-pass over its logp and old, token-mean),
+    or ``"iama_geo_mean"`` (``loss="gmpo"``: GMPO's row objective from a pre-pass, log-space
+    bounds 0.4, the mean over rows). Triton against eager, checked first."""
     logp, old, _, mask, _ = token_inputs(tokens, 8, T, device, torch.float32, seed=7)
     g = torch.Generator(device="cpu").manual_seed(8)
     adv = (torch.randn(logp.shape, generator=g).to(device) * mask)
@@ -315,6 +318,8 @@ def bench_ppo(timer: Timer, device: torch.device, tokens: int, T: int,
         kw = dict(kw, dual_clip=None, ratio_level="sequence")
     elif loss in ("cispo", "sapo", "vespo"):
         kw = dict(kw, dual_clip=None, surrogate=loss, loss_type="grpo" if loss == "sapo" else "token")
+    elif loss == "gmpo":
+        kw = dict(kw, dual_clip=None, surrogate="gmpo", loss_type="grpo", eps_low=0.4, eps_high=0.4)
     leaf = logp.clone().requires_grad_(True)
 
     def fwd_bwd(impl: str) -> Callable[[], None]:
@@ -486,8 +491,8 @@ def main(argv: list[str] | None = None) -> int:
                              compiled if dtype == torch.float32 and G <= 16 else None)
         save(rows, copy_gbps, out)  # after every case: a run stopped by its timeout keeps its rows
         print(f"[{time.perf_counter() - start:6.1f}s] tokens={tokens} G={G} {dtype} done", flush=True)
-    # verl's PPO loss (per-token advantages, dual clip), GSPO, CISPO and SAPO; TRL's VESPO
-    for loss in ("ppo", "gspo", "cispo", "sapo", "vespo"):
+    # verl's PPO loss (per-token advantages, dual clip), GSPO, CISPO, SAPO and GMPO; TRL's VESPO
+    for loss in ("ppo", "gspo", "cispo", "sapo", "vespo", "gmpo"):
         for tokens in token_sizes:
             rows += bench_ppo(timer, device, tokens, T, loss)
             save(rows, copy_gbps, out)
