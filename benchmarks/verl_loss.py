@@ -1,7 +1,7 @@
 """verl's PPO policy losses against iama's on the fused kernel: ``"vanilla"`` against ``"iama"``,
 ``"gspo"`` against ``"iama_gspo"``, ``"cispo"``, ``"sapo"``, ``"gpg"``, ``"dppo_tv"``,
-``"dppo_kl"`` and ``"geo_mean"`` against ``"iama_cispo"``, ``"iama_sapo"``, ``"iama_gpg"``,
-``"iama_dppo_tv"``, ``"iama_dppo_kl"`` and ``"iama_geo_mean"``.
+``"dppo_kl"``, ``"geo_mean"`` and ``"kl_cov"`` against ``"iama_cispo"``, ``"iama_sapo"``,
+``"iama_gpg"``, ``"iama_dppo_tv"``, ``"iama_dppo_kl"``, ``"iama_geo_mean"`` and ``"iama_kl_cov"``.
 
 Both rows call the registered functions of verl 0.9.1's policy-loss registry the way verl's actor
 loss calls them (keyword arguments, an actor config with ``clip_ratio_high=0.28`` and the default
@@ -67,7 +67,7 @@ def _loss_call(fn: Callable[..., Any], batch: dict[str, torch.Tensor], mode: str
                            response_mask=batch["response_mask"], loss_agg_mode=mode, config=config,
                            rollout_is_weights=None)
         loss.backward()
-        assert len(metrics) in (0, 3)  # verl's "gpg" returns none
+        assert len(metrics) in (0, 1, 3)  # verl's "gpg" returns none, "kl_cov" ppo_kl alone
         return leaf.grad
 
     return call
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="64x1024,256x2048,512x4096", help="comma-separated SxT")
     parser.add_argument("--modes", default="token-mean,seq-mean-token-mean", help="verl loss_agg_modes")
-    parser.add_argument("--losses", default="vanilla,gspo,cispo,sapo,gpg,dppo_tv,dppo_kl,geo_mean",
+    parser.add_argument("--losses", default="vanilla,gspo,cispo,sapo,gpg,dppo_tv,dppo_kl,geo_mean,kl_cov",
                         help="verl policy losses")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=40)

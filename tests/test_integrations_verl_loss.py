@@ -212,6 +212,56 @@ def test_equals_verl_geo_mean(verl_algos, mode: str, info: dict, with_weights: b
         assert float((grad32.double() - grad).abs().max()) <= 64 * eps * float(grad.abs().max()), impl
 
 
+def _kl_cov_config(ratio: float, coef: float, info: dict):
+    from verl.workers.config import PolicyLossConfig
+
+    policy = PolicyLossConfig(loss_mode="kl_cov", kl_cov_ratio=ratio, ppo_kl_coef=coef)
+    config = _actor_config(policy_loss=policy)
+    config.global_batch_info.update(info)
+    return config
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("info", [{}, GLOBAL_INFO], ids=["local", "global"])
+@pytest.mark.parametrize("with_weights", [False, True], ids=["plain", "rollout-is"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["outcome", "gae"])
+def test_equals_verl_kl_cov(verl_algos, mode: str, info: dict, with_weights: bool, per_token: bool) -> None:
+    """surrogate="kl_cov" against verl's own "kl_cov" in float64 (5 % of the tokens penalised, so
+    that the selection matters): loss and gradient to rounding, ppo_kl to verl's 1e-8; and the CPU
+    kernel in float32 (its selection on the same float32 values as verl's)."""
+    logp, old, adv, mask, weights = _batch(per_token=per_token, seed=9)
+    config = _kl_cov_config(0.05, 0.5, info)
+    w = weights if with_weights else None
+    want_loss, want_grad, want_metrics = _run(verl_algos.compute_policy_loss_kl_cov, old, logp, adv, mask,
+                                              mode, config, w)
+    loss, grad, metrics = _run(VerlPolicyLoss(impl="reference", surrogate="kl_cov"), old, logp, adv, mask,
+                               mode, config, w)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-13, atol=1e-15)
+    assert set(metrics) == set(want_metrics) == {"actor/ppo_kl"}
+    assert metrics["actor/ppo_kl"] == pytest.approx(want_metrics["actor/ppo_kl"], rel=1e-7)
+    # the penalty acts: without it the loss is verl's ratio term alone
+    plain, _, _ = _run(VerlPolicyLoss(impl="reference", surrogate="kl_cov"), old, logp, adv, mask, mode,
+                       _kl_cov_config(0.05, 0.0, info), w)
+    assert abs(float(plain - loss)) > 1e-4
+    w32 = None if w is None else w.float()
+    want32, want_grad32, _ = _run(verl_algos.compute_policy_loss_kl_cov, old.float(), logp.float(),
+                                  adv.float(), mask, mode, config, w32)
+    for impl in ("cpu", "reference"):
+        loss32, grad32, _ = _run(VerlPolicyLoss(impl=impl, surrogate="kl_cov"), old.float(), logp.float(),
+                                 adv.float(), mask, mode, config, w32)
+        eps = torch.finfo(torch.float32).eps
+        assert abs(float(loss32) - float(want32)) <= 64 * eps * max(abs(float(want32)), 1.0), impl
+        assert float((grad32 - want_grad32).abs().max()) <= 64 * eps * float(want_grad32.abs().max()), impl
+
+
+def test_kl_cov_ratio_must_be_positive(verl_algos) -> None:
+    logp, old, adv, mask, _ = _batch()
+    config = _kl_cov_config(-0.1, 0.5, {})
+    with pytest.raises(ValueError, match=r"policy_loss\.kl_cov_ratio must be > 0"):
+        VerlPolicyLoss(impl="reference", surrogate="kl_cov")(old, logp, adv, mask, "token-mean", config)
+
+
 @pytest.mark.parametrize("surrogate", ["cispo", "sapo"])
 def test_cispo_and_sapo_take_what_verl_takes(verl_algos, surrogate: str) -> None:
     """clip_ratio_low > 1 (no lower bound on CISPO's weight) and a clip_ratio_c that only verl's
@@ -358,8 +408,9 @@ def test_the_loss_benchmark_runs(verl_algos, capsys) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--shapes", "5x9,3x16", "--modes", "token-mean", "--rounds", "3", "--no-write",
-                        "--losses", "vanilla,gspo,cispo,sapo,gpg,dppo_tv,dppo_kl,geo_mean"]) == 0
+                        "--losses", "vanilla,gspo,cispo,sapo,gpg,dppo_tv,dppo_kl,geo_mean,kl_cov"]) == 0
     table = capsys.readouterr().out.split("x base")[-1]
-    for loss in ("vanilla", "gspo", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "geo_mean"):  # both rows
+    losses = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov")
+    for loss in losses:  # verl and iama rows
         rows = [line.split() for line in table.splitlines() if line.startswith(f"verl {loss} loss")]
         assert sorted(row[4] for row in rows) == ["iama", "iama", "verl", "verl"], rows

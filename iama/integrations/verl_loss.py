@@ -1,6 +1,6 @@
 """verl's PPO actor loss on the fused kernel: the ``"iama"``, ``"iama_gspo"``, ``"iama_cispo"``,
-``"iama_sapo"``, ``"iama_gpg"``, ``"iama_dppo_tv"``, ``"iama_dppo_kl"`` and ``"iama_geo_mean"``
-policy losses.
+``"iama_sapo"``, ``"iama_gpg"``, ``"iama_dppo_tv"``, ``"iama_dppo_kl"``, ``"iama_geo_mean"`` and
+``"iama_kl_cov"`` policy losses.
 
 verl computes the actor's clipped-ratio loss through a registered *policy loss*
 (``actor_rollout_ref.actor.policy_loss.loss_mode``, ``"vanilla"`` by default). This module gives
@@ -45,6 +45,16 @@ every ``loss_agg_mode``) on the kernel's ``surrogate="dppo_tv"``/``"dppo_kl"`` w
 its ``dual_clip``: ``actor/pg_clipfrac`` is the share of tokens outside the region and
 ``actor/pg_clipfrac_lower`` of those inside whose weight was capped, as verl's. A
 ``clip_ratio_low`` above 1 is taken as 1 for TV (the same region) and refused for KL.
+
+``"iama_kl_cov"`` is verl's ``"kl_cov"`` (KL-Cov, Cui et al., 2025: the unclipped ``-A ratio``
+on every token plus ``ppo_kl_coef |log_prob - old_log_prob|`` on the ``kl_cov_ratio`` share of
+response tokens whose centred advantage times centred log-prob is largest; every
+``loss_agg_mode``, rollout weights): the ratio term on the kernel (the clipped surrogate with the
+range opened to ``[0, 1 + 1e30]``, which only a log-ratio above 69 leaves), the selection and
+its few penalised tokens in PyTorch on the device (verl copies every response token's advantage
+and log-prob to the host for it). Its one metric, ``actor/ppo_kl``, is the mean absolute
+log-ratio, as verl's. Where two tokens tie in that product at the selection's edge, the device's
+``topk`` may pick the other one.
 
 ``"iama_geo_mean"`` is verl's ``"geo_mean"`` (GMPO, Zhao et al., 2025: each response's loss is
 ``-Abar exp(M)``, ``M`` the mean over its tokens of the log-ratios clipped by the sign of their
@@ -95,9 +105,12 @@ VERL_LOSSES = {"vanilla": (POLICY_LOSS_NAME, "token", "clip"), "gspo": ("iama_gs
                "cispo": ("iama_cispo", "token", "cispo"), "sapo": ("iama_sapo", "token", "sapo"),
                "gpg": ("iama_gpg", "token", "gpg"), "dppo_tv": ("iama_dppo_tv", "token", "dppo_tv"),
                "dppo_kl": ("iama_dppo_kl", "token", "dppo_kl"),
-               "geo_mean": ("iama_geo_mean", "token", "gmpo")}
-# verl's surrogates on the kernel's (gpg: the kernel's "cispo" without old_log_prob)
-VERL_SURROGATES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "gmpo")
+               "geo_mean": ("iama_geo_mean", "token", "gmpo"), "kl_cov": ("iama_kl_cov", "token", "kl_cov")}
+# verl's surrogates on the kernel's (gpg: the kernel's "cispo" without old_log_prob; kl_cov: its
+# "clip" with the range opened, plus the KL term of the selected tokens)
+VERL_SURROGATES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "gmpo", "kl_cov")
+# kl_cov's clip range on the kernel: [0, 1 + 1e30], which no finite ratio below e**69 leaves
+_OPEN_RANGE = (1.0, 1e30)
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm",
                   "seq-mean-token-mean")
 
@@ -124,6 +137,8 @@ def _clip_range(config: Any, surrogate: str = "clip") -> tuple[float, float, flo
         return 0.0, 0.0, None
     if surrogate == "gmpo":  # bounds on the log-ratio, any >= 0; no dual clip
         return low, high, None
+    if surrogate == "kl_cov":  # no clip: -A ratio on every token
+        return _OPEN_RANGE[0], _OPEN_RANGE[1], None
     if surrogate == "dppo_kl" and low > 1.0:
         raise ValueError(f"iama's dppo_kl takes clip_ratio_low <= 1 (its KL bound for A <= 0), got {low}")
     if surrogate not in ("clip", "dppo_tv", "dppo_kl"):
@@ -166,8 +181,8 @@ class VerlPolicyLoss:
         ratio_level: ``"token"`` (verl's ``"vanilla"``) or ``"sequence"`` (verl's ``"gspo"``:
             GSPO-token's sequence ratio, no dual clip).
         surrogate: ``"clip"`` (verl's ``"vanilla"``/``"gspo"``), ``"cispo"``, ``"sapo"``,
-            ``"gpg"``, ``"dppo_tv"``, ``"dppo_kl"`` (verl's losses of those names) or ``"gmpo"``
-            (verl's ``"geo_mean"``); token-level ratios only, as verl's.
+            ``"gpg"``, ``"dppo_tv"``, ``"dppo_kl"``, ``"kl_cov"`` (verl's losses of those names)
+            or ``"gmpo"`` (verl's ``"geo_mean"``); token-level ratios only, as verl's.
     """
 
     def __init__(self, impl: str = "auto", ratio_level: str = "token", surrogate: str = "clip") -> None:
@@ -282,14 +297,20 @@ class VerlPolicyLoss:
             mask = rollout_is_weights.detach() * mask
         if not gmpo:
             scale = scale * dp_size
-        gpg = self.surrogate == "gpg"
+        gpg, kl_cov = self.surrogate == "gpg", self.surrogate == "kl_cov"
+        surrogate = "cispo" if gpg else ("clip" if kl_cov else self.surrogate)
         out = policy_loss(log_prob, None if gpg else old_log_prob.detach(), None, adv, mask,
                           eps_low=eps_low, eps_high=eps_high, beta=0.0, loss_type=loss_type,
                           max_completion_length=length, dual_clip=dual_clip, ratio_level=self.ratio_level,
-                          surrogate="cispo" if gpg else self.surrogate, tau_pos=tau_pos, tau_neg=tau_neg,
-                          impl=self.impl)
+                          surrogate=surrogate, tau_pos=tau_pos, tau_neg=tau_neg, impl=self.impl)
         metrics: dict[str, float] = {}
-        if not gpg:  # verl's "gpg" returns no metrics (and so reads nothing back from the device)
+        loss = out.loss
+        if kl_cov:  # the KL term of the selected tokens; verl's one metric, the mean |log-ratio|
+            penalty, abs_kl = _kl_cov_terms(log_prob, old_log_prob, advantages, keep, mask, loss_type, length,
+                                            config)
+            loss = loss + penalty.to(loss.dtype)
+            metrics = {"actor/ppo_kl": float(abs_kl)}
+        elif not gpg:  # verl's "gpg" returns no metrics (and so reads nothing back from the device)
             # (GMPO's: clipped above with A > 0, clipped below with A < 0)
             clipfrac, log_ratio, other = torch.stack(
                 [out.clip_fraction, out.log_ratio_mean,
@@ -299,8 +320,48 @@ class VerlPolicyLoss:
             metrics = {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": -log_ratio,
                        "actor/pg_clipfrac_lower": lower}
         if isinstance(scale, torch.Tensor):
-            return out.loss * scale.to(out.loss.dtype), metrics
-        return (out.loss if scale == 1.0 else out.loss * scale), metrics
+            return loss * scale.to(loss.dtype), metrics
+        return (loss if scale == 1.0 else loss * scale), metrics
+
+
+def _kl_cov_terms(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                  keep: torch.Tensor, weights: torch.Tensor, loss_type: str, length: int | None,
+                  config: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``"kl_cov"`` (KL-Cov, Cui et al., 2025) beyond the ratio term: its penalty
+    ``ppo_kl_coef |log_prob - old_log_prob|`` on the ``max(1, int(kl_cov_ratio n))`` response
+    tokens (of ``n``) whose centred advantage times centred log-prob is largest, each with its
+    token weight in the kernel's aggregate (``weights`` the kernel's mask, ``loss_type`` and
+    ``length`` its normaliser; the caller applies the scale), differentiable in ``log_prob``;
+    and the mean ``|log-ratio|`` over the response (verl's ``actor/ppo_kl`` here). The selection
+    runs on the device (verl copies every response token's advantage and log-prob to the host)."""
+    policy = _option(config, "policy_loss")
+    ratio = float(_option(policy, "kl_cov_ratio", 0.0002))
+    coef = float(_option(policy, "ppo_kl_coef", 1.0))
+    if not ratio > 0:
+        raise ValueError(f"policy_loss.kl_cov_ratio must be > 0, got {ratio}")
+    S, T = log_prob.shape
+    old = old_log_prob.detach()
+    zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
+    abs_lr = torch.where(keep, (log_prob.detach() - old).abs(), zero)
+    abs_kl = abs_lr.sum() / keep.sum().clamp(min=1).to(log_prob.dtype)
+    flat = keep.reshape(-1).nonzero().squeeze(1)
+    if flat.numel() == 0:
+        return zero, abs_kl
+    # The response tokens gathered first, as verl does: a top-k over the whole [S, T] with the
+    # padding at -inf took 7x as long as over the gathered ones (its many equal values).
+    adv = advantages.detach().reshape(-1)[flat]
+    lp = log_prob.detach().reshape(-1)[flat]
+    cov = (adv - adv.mean()) * (lp - lp.mean())
+    picked = flat[torch.topk(cov, min(flat.numel(), max(1, int(flat.numel() * ratio)))).indices]
+    rows, cols = picked // T, picked % T
+    w = weights[rows, cols].to(log_prob.dtype)
+    if loss_type == "grpo":
+        w = w / (S * weights[rows].sum(-1).clamp(min=1).to(log_prob.dtype))
+    elif loss_type == "token":
+        w = w / weights.sum().clamp(min=1).to(log_prob.dtype)
+    else:
+        w = w / (S * float(length if length is not None else T))
+    return coef * (w * (log_prob[rows, cols] - old[rows, cols]).abs()).sum(), abs_kl
 
 
 def register_policy_loss(name: str = POLICY_LOSS_NAME, impl: str = "auto",
