@@ -1,7 +1,8 @@
 """verl's PPO policy losses against iama's on the fused kernel: ``"vanilla"`` against ``"iama"``,
 ``"gspo"`` against ``"iama_gspo"``, ``"cispo"``, ``"sapo"``, ``"gpg"``, ``"dppo_tv"``,
-``"dppo_kl"``, ``"geo_mean"`` and ``"kl_cov"`` against ``"iama_cispo"``, ``"iama_sapo"``,
-``"iama_gpg"``, ``"iama_dppo_tv"``, ``"iama_dppo_kl"``, ``"iama_geo_mean"`` and ``"iama_kl_cov"``.
+``"dppo_kl"``, ``"geo_mean"``, ``"kl_cov"`` and ``"clip_cov"`` against ``"iama_cispo"``,
+``"iama_sapo"``, ``"iama_gpg"``, ``"iama_dppo_tv"``, ``"iama_dppo_kl"``, ``"iama_geo_mean"``,
+``"iama_kl_cov"`` and ``"iama_clip_cov"``.
 
 Both rows call the registered functions of verl 0.9.1's policy-loss registry the way verl's actor
 loss calls them (keyword arguments, an actor config with ``clip_ratio_high=0.28`` and the default
@@ -63,11 +64,12 @@ def _loss_call(fn: Callable[..., Any], batch: dict[str, torch.Tensor], mode: str
 
     def call() -> torch.Tensor:
         leaf.grad = None
+        torch.manual_seed(0)  # "clip_cov" draws its tokens: both rows draw the same ones (both pay this)
         loss, metrics = fn(old_log_prob=batch["old_log_prob"], log_prob=leaf, advantages=batch["advantages"],
                            response_mask=batch["response_mask"], loss_agg_mode=mode, config=config,
                            rollout_is_weights=None)
         loss.backward()
-        assert len(metrics) in (0, 1, 3)  # verl's "gpg" returns none, "kl_cov" ppo_kl alone
+        assert len(metrics) in (0, 1, 2, 3)  # verl's "gpg" returns none, "kl_cov" one, "clip_cov" two
         return leaf.grad
 
     return call
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="64x1024,256x2048,512x4096", help="comma-separated SxT")
     parser.add_argument("--modes", default="token-mean,seq-mean-token-mean", help="verl loss_agg_modes")
-    parser.add_argument("--losses", default="vanilla,gspo,cispo,sapo,gpg,dppo_tv,dppo_kl,geo_mean,kl_cov",
+    parser.add_argument("--losses",
+                        default="vanilla,gspo,cispo,sapo,gpg,dppo_tv,dppo_kl,geo_mean,kl_cov,clip_cov",
                         help="verl policy losses")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=40)

@@ -10,6 +10,8 @@ from iama.integrations.verl_loss import LOSS_AGG_MODES, VerlPolicyLoss, register
 pytestmark = pytest.mark.filterwarnings("ignore:.*engine is not available:UserWarning",
                                         "ignore:Ray state API:DeprecationWarning")
 
+# verl's policy losses the benchmark runs
+LOSSES = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov", "clip_cov")
 GLOBAL_INFO = {"dp_size": 2, "batch_num_tokens": 300, "global_batch_size": 30, "loss_scale_factor": 64}
 
 
@@ -255,6 +257,47 @@ def test_equals_verl_kl_cov(verl_algos, mode: str, info: dict, with_weights: boo
         assert float((grad32 - want_grad32).abs().max()) <= 64 * eps * float(want_grad32.abs().max()), impl
 
 
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("info", [{}, GLOBAL_INFO], ids=["local", "global"])
+@pytest.mark.parametrize("with_weights", [False, True], ids=["plain", "rollout-is"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["outcome", "gae"])
+def test_equals_verl_clip_cov(verl_algos, mode: str, info: dict, with_weights: bool, per_token: bool) -> None:
+    """surrogate="clip_cov" against verl's own "clip_cov" in float64, each from the same seed (its
+    random draw of the tokens taken out: 10 % of them, among those with a centred product in
+    (0.05, 5)): loss and gradient to rounding, its metrics in the unweighted case; the draw
+    matters (another seed, another loss); and the CPU kernel in float32."""
+    from verl.workers.config import PolicyLossConfig
+
+    logp, old, adv, mask, weights = _batch(per_token=per_token, seed=11)
+    policy = PolicyLossConfig(loss_mode="clip_cov", clip_cov_ratio=0.1, clip_cov_lb=0.05, clip_cov_ub=5.0)
+    config = _actor_config(policy_loss=policy)
+    config.global_batch_info.update(info)
+    w = weights if with_weights else None
+
+    def seeded(fn, seed=0, dtype=torch.float64):
+        torch.manual_seed(seed)
+        cast = (lambda t: t) if dtype == torch.float64 else (lambda t: t.float())
+        return _run(fn, cast(old), cast(logp), cast(adv), mask, mode, config, None if w is None else cast(w))
+
+    want_loss, want_grad, want_metrics = seeded(verl_algos.compute_policy_loss_clip_cov)
+    loss, grad, metrics = seeded(VerlPolicyLoss(impl="reference", surrogate="clip_cov"))
+    torch.testing.assert_close(loss, want_loss, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-13, atol=1e-15)
+    assert set(metrics) == set(want_metrics)
+    assert want_metrics["actor/pg_clipfrac"] > 0.02  # tokens were taken out
+    if not with_weights:
+        for key, value in want_metrics.items():
+            assert metrics[key] == pytest.approx(value, rel=1e-7, abs=1e-12), key
+    other, _, _ = seeded(VerlPolicyLoss(impl="reference", surrogate="clip_cov"), seed=1)
+    assert abs(float(other - loss)) > 1e-6
+    want32, want_grad32, _ = seeded(verl_algos.compute_policy_loss_clip_cov, dtype=torch.float32)
+    for impl in ("cpu", "reference"):
+        loss32, grad32, _ = seeded(VerlPolicyLoss(impl=impl, surrogate="clip_cov"), dtype=torch.float32)
+        eps = torch.finfo(torch.float32).eps
+        assert abs(float(loss32) - float(want32)) <= 64 * eps * max(abs(float(want32)), 1.0), impl
+        assert float((grad32 - want_grad32).abs().max()) <= 64 * eps * float(want_grad32.abs().max()), impl
+
+
 def test_kl_cov_ratio_must_be_positive(verl_algos) -> None:
     logp, old, adv, mask, _ = _batch()
     config = _kl_cov_config(-0.1, 0.5, {})
@@ -408,9 +451,8 @@ def test_the_loss_benchmark_runs(verl_algos, capsys) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--shapes", "5x9,3x16", "--modes", "token-mean", "--rounds", "3", "--no-write",
-                        "--losses", "vanilla,gspo,cispo,sapo,gpg,dppo_tv,dppo_kl,geo_mean,kl_cov"]) == 0
+                        "--losses", ",".join(LOSSES)]) == 0
     table = capsys.readouterr().out.split("x base")[-1]
-    losses = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov")
-    for loss in losses:  # verl and iama rows
+    for loss in LOSSES:  # verl and iama rows
         rows = [line.split() for line in table.splitlines() if line.startswith(f"verl {loss} loss")]
         assert sorted(row[4] for row in rows) == ["iama", "iama", "verl", "verl"], rows

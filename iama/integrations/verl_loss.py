@@ -1,6 +1,6 @@
 """verl's PPO actor loss on the fused kernel: the ``"iama"``, ``"iama_gspo"``, ``"iama_cispo"``,
-``"iama_sapo"``, ``"iama_gpg"``, ``"iama_dppo_tv"``, ``"iama_dppo_kl"``, ``"iama_geo_mean"`` and
-``"iama_kl_cov"`` policy losses.
+``"iama_sapo"``, ``"iama_gpg"``, ``"iama_dppo_tv"``, ``"iama_dppo_kl"``, ``"iama_geo_mean"``,
+``"iama_kl_cov"`` and ``"iama_clip_cov"`` policy losses.
 
 verl computes the actor's clipped-ratio loss through a registered *policy loss*
 (``actor_rollout_ref.actor.policy_loss.loss_mode``, ``"vanilla"`` by default). This module gives
@@ -56,6 +56,14 @@ and log-prob to the host for it). Its one metric, ``actor/ppo_kl``, is the mean 
 log-ratio, as verl's. Where two tokens tie in that product at the selection's edge, the device's
 ``topk`` may pick the other one.
 
+``"iama_clip_cov"`` is verl's ``"clip_cov"`` (Clip-Cov, Cui et al., 2025: PPO's clip, no dual
+clip, with the ``clip_cov_ratio`` share of response tokens, drawn at random among the unclipped
+ones whose centred advantage times centred log-prob lies between ``clip_cov_lb`` and
+``clip_cov_ub``, taken out of the loss; every ``loss_agg_mode``, rollout weights): the draw as
+verl's (the same ``torch.randperm`` call: the same seed picks the same tokens), the loss on the
+kernel with those tokens' advantages set to 0 (they still count in the normalisers, as in
+verl's). ``actor/pg_clipfrac`` is, as verl's, the share of tokens taken out.
+
 ``"iama_geo_mean"`` is verl's ``"geo_mean"`` (GMPO, Zhao et al., 2025: each response's loss is
 ``-Abar exp(M)``, ``M`` the mean over its tokens of the log-ratios clipped by the sign of their
 advantage to ``clip_ratio_high`` above where ``A > 0`` and ``-clip_ratio_low`` below where
@@ -105,10 +113,12 @@ VERL_LOSSES = {"vanilla": (POLICY_LOSS_NAME, "token", "clip"), "gspo": ("iama_gs
                "cispo": ("iama_cispo", "token", "cispo"), "sapo": ("iama_sapo", "token", "sapo"),
                "gpg": ("iama_gpg", "token", "gpg"), "dppo_tv": ("iama_dppo_tv", "token", "dppo_tv"),
                "dppo_kl": ("iama_dppo_kl", "token", "dppo_kl"),
-               "geo_mean": ("iama_geo_mean", "token", "gmpo"), "kl_cov": ("iama_kl_cov", "token", "kl_cov")}
+               "geo_mean": ("iama_geo_mean", "token", "gmpo"), "kl_cov": ("iama_kl_cov", "token", "kl_cov"),
+               "clip_cov": ("iama_clip_cov", "token", "clip_cov")}
 # verl's surrogates on the kernel's (gpg: the kernel's "cispo" without old_log_prob; kl_cov: its
-# "clip" with the range opened, plus the KL term of the selected tokens)
-VERL_SURROGATES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "gmpo", "kl_cov")
+# "clip" with the range opened, plus the KL term of the selected tokens; clip_cov: its "clip"
+# without the dual clip, the selected tokens' advantages set to 0)
+VERL_SURROGATES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "gmpo", "kl_cov", "clip_cov")
 # kl_cov's clip range on the kernel: [0, 1 + 1e30], which no finite ratio below e**69 leaves
 _OPEN_RANGE = (1.0, 1e30)
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm",
@@ -139,6 +149,8 @@ def _clip_range(config: Any, surrogate: str = "clip") -> tuple[float, float, flo
         return low, high, None
     if surrogate == "kl_cov":  # no clip: -A ratio on every token
         return _OPEN_RANGE[0], _OPEN_RANGE[1], None
+    if surrogate == "clip_cov":  # PPO's clip, no dual clip
+        return low, high, None
     if surrogate == "dppo_kl" and low > 1.0:
         raise ValueError(f"iama's dppo_kl takes clip_ratio_low <= 1 (its KL bound for A <= 0), got {low}")
     if surrogate not in ("clip", "dppo_tv", "dppo_kl"):
@@ -181,7 +193,8 @@ class VerlPolicyLoss:
         ratio_level: ``"token"`` (verl's ``"vanilla"``) or ``"sequence"`` (verl's ``"gspo"``:
             GSPO-token's sequence ratio, no dual clip).
         surrogate: ``"clip"`` (verl's ``"vanilla"``/``"gspo"``), ``"cispo"``, ``"sapo"``,
-            ``"gpg"``, ``"dppo_tv"``, ``"dppo_kl"``, ``"kl_cov"`` (verl's losses of those names)
+            ``"gpg"``, ``"dppo_tv"``, ``"dppo_kl"``, ``"kl_cov"``, ``"clip_cov"`` (verl's losses of
+            those names)
             or ``"gmpo"`` (verl's ``"geo_mean"``); token-level ratios only, as verl's.
     """
 
@@ -297,8 +310,13 @@ class VerlPolicyLoss:
             mask = rollout_is_weights.detach() * mask
         if not gmpo:
             scale = scale * dp_size
-        gpg, kl_cov = self.surrogate == "gpg", self.surrogate == "kl_cov"
-        surrogate = "cispo" if gpg else ("clip" if kl_cov else self.surrogate)
+        gpg, kl_cov, clip_cov = (self.surrogate == name for name in ("gpg", "kl_cov", "clip_cov"))
+        surrogate = "cispo" if gpg else ("clip" if kl_cov or clip_cov else self.surrogate)
+        detached = 0.0
+        if clip_cov:  # the selected tokens' terms are 0 (and still count in the normalisers)
+            picked = _clip_cov_tokens(log_prob, old_log_prob, advantages, keep, eps_low, eps_high, config)
+            adv = adv.masked_fill(picked, 0.0)
+            detached = float(picked.sum()) / max(1, int(keep.sum()))
         out = policy_loss(log_prob, None if gpg else old_log_prob.detach(), None, adv, mask,
                           eps_low=eps_low, eps_high=eps_high, beta=0.0, loss_type=loss_type,
                           max_completion_length=length, dual_clip=dual_clip, ratio_level=self.ratio_level,
@@ -310,6 +328,8 @@ class VerlPolicyLoss:
                                             config)
             loss = loss + penalty.to(loss.dtype)
             metrics = {"actor/ppo_kl": float(abs_kl)}
+        elif clip_cov:  # verl's pg_clipfrac here: the share of tokens whose term was set to 0
+            metrics = {"actor/pg_clipfrac": detached, "actor/ppo_kl": -float(out.log_ratio_mean)}
         elif not gpg:  # verl's "gpg" returns no metrics (and so reads nothing back from the device)
             # (GMPO's: clipped above with A > 0, clipped below with A < 0)
             clipfrac, log_ratio, other = torch.stack(
@@ -322,6 +342,40 @@ class VerlPolicyLoss:
         if isinstance(scale, torch.Tensor):
             return loss * scale.to(loss.dtype), metrics
         return (loss if scale == 1.0 else loss * scale), metrics
+
+
+def _clip_cov_tokens(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                     keep: torch.Tensor, eps_low: float, eps_high: float, config: Any) -> torch.Tensor:
+    """``[bs, T]`` bool: the tokens verl's ``"clip_cov"`` (Clip-Cov, Cui et al., 2025) takes out
+    of the loss, chosen as verl chooses them: among the response tokens PPO's clip does not act on
+    whose centred advantage times centred log-prob lies strictly between ``clip_cov_lb`` and
+    ``clip_cov_ub``, ``max(1, int(clip_cov_ratio n))`` at random (``torch.randperm`` on the default
+    generator, as verl: the same seed picks the same tokens)."""
+    policy = _option(config, "policy_loss")
+    ratio = float(_option(policy, "clip_cov_ratio", 0.0002))
+    lb = float(_option(policy, "clip_cov_lb", 1.0))
+    ub = float(_option(policy, "clip_cov_ub", 5.0))
+    if not ratio > 0:
+        raise ValueError(f"policy_loss.clip_cov_ratio must be > 0, got {ratio}")
+    with torch.no_grad():
+        zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
+        count = keep.sum()
+        denominator = count + 1e-8  # verl's masked means, to the same bits (the count in float32)
+
+        def masked_mean(x: torch.Tensor) -> torch.Tensor:
+            return (torch.where(keep, x, zero) * keep).sum() / denominator
+
+        adv = advantages.detach()
+        ratio_t = torch.exp(log_prob.detach() - old_log_prob.detach())
+        clipped = (-adv * ratio_t.clamp(1 - eps_low, 1 + eps_high) > -adv * ratio_t) & keep
+        cov = (adv - masked_mean(adv)) * (log_prob.detach() - masked_mean(log_prob.detach()))
+        candidates = ((cov < ub) & (cov > lb) & keep & ~clipped).nonzero()
+        picked = torch.zeros_like(keep)
+        if len(candidates) > 0:
+            number = max(int(ratio * int(count)), 1)
+            chosen = candidates[torch.randperm(len(candidates))[:min(number, len(candidates))]]
+            picked[chosen[:, 0], chosen[:, 1]] = True
+    return picked
 
 
 def _kl_cov_terms(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
