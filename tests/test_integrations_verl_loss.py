@@ -298,6 +298,15 @@ def test_equals_verl_clip_cov(verl_algos, mode: str, info: dict, with_weights: b
         assert float((grad32 - want_grad32).abs().max()) <= 64 * eps * float(want_grad32.abs().max()), impl
 
 
+def test_clip_cov_ratio_must_be_positive(verl_algos) -> None:
+    from verl.workers.config import PolicyLossConfig
+
+    logp, old, adv, mask, _ = _batch()
+    config = _actor_config(policy_loss=PolicyLossConfig(loss_mode="clip_cov", clip_cov_ratio=0.0))
+    with pytest.raises(ValueError, match=r"policy_loss\.clip_cov_ratio must be > 0"):
+        VerlPolicyLoss(impl="reference", surrogate="clip_cov")(old, logp, adv, mask, "token-mean", config)
+
+
 def test_kl_cov_ratio_must_be_positive(verl_algos) -> None:
     logp, old, adv, mask, _ = _batch()
     config = _kl_cov_config(-0.1, 0.5, {})
