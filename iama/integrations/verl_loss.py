@@ -194,8 +194,8 @@ class VerlPolicyLoss:
             GSPO-token's sequence ratio, no dual clip).
         surrogate: ``"clip"`` (verl's ``"vanilla"``/``"gspo"``), ``"cispo"``, ``"sapo"``,
             ``"gpg"``, ``"dppo_tv"``, ``"dppo_kl"``, ``"kl_cov"``, ``"clip_cov"`` (verl's losses of
-            those names)
-            or ``"gmpo"`` (verl's ``"geo_mean"``); token-level ratios only, as verl's.
+            those names) or ``"gmpo"`` (verl's ``"geo_mean"``); token-level ratios only, as
+            verl's.
     """
 
     def __init__(self, impl: str = "auto", ratio_level: str = "token", surrogate: str = "clip") -> None:
@@ -312,11 +312,11 @@ class VerlPolicyLoss:
             scale = scale * dp_size
         gpg, kl_cov, clip_cov = (self.surrogate == name for name in ("gpg", "kl_cov", "clip_cov"))
         surrogate = "cispo" if gpg else ("clip" if kl_cov or clip_cov else self.surrogate)
-        detached = 0.0
+        taken_out = 0.0
         if clip_cov:  # the selected tokens' terms are 0 (and still count in the normalisers)
             picked = _clip_cov_tokens(log_prob, old_log_prob, advantages, keep, eps_low, eps_high, config)
             adv = adv.masked_fill(picked, 0.0)
-            detached = float(picked.sum()) / max(1, int(keep.sum()))
+            taken_out = float(picked.sum()) / max(1, int(keep.sum()))
         out = policy_loss(log_prob, None if gpg else old_log_prob.detach(), None, adv, mask,
                           eps_low=eps_low, eps_high=eps_high, beta=0.0, loss_type=loss_type,
                           max_completion_length=length, dual_clip=dual_clip, ratio_level=self.ratio_level,
@@ -329,7 +329,7 @@ class VerlPolicyLoss:
             loss = loss + penalty.to(loss.dtype)
             metrics = {"actor/ppo_kl": float(abs_kl)}
         elif clip_cov:  # verl's pg_clipfrac here: the share of tokens whose term was set to 0
-            metrics = {"actor/pg_clipfrac": detached, "actor/ppo_kl": -float(out.log_ratio_mean)}
+            metrics = {"actor/pg_clipfrac": taken_out, "actor/ppo_kl": -float(out.log_ratio_mean)}
         elif not gpg:  # verl's "gpg" returns no metrics (and so reads nothing back from the device)
             # (GMPO's: clipped above with A > 0, clipped below with A < 0)
             clipfrac, log_ratio, other = torch.stack(
@@ -423,8 +423,8 @@ def register_policy_loss(name: str = POLICY_LOSS_NAME, impl: str = "auto",
     """Register :class:`VerlPolicyLoss` in verl's policy-loss registry under ``name``.
 
     ``import verl`` runs it, through the plugin, for every entry of :data:`VERL_LOSSES`
-    (``"iama"``; ``"iama_gspo"`` with ``ratio_level="sequence"``; ``"iama_cispo"``,
-    ``"iama_sapo"`` and ``"iama_gpg"`` with their ``surrogate=``); select one with
+    (``"iama"``; ``"iama_gspo"`` with ``ratio_level="sequence"``; ``"iama_cispo"``, ...,
+    ``"iama_clip_cov"`` with their ``surrogate=``); select one with
     ``actor_rollout_ref.actor.policy_loss.loss_mode=iama`` (or ``iama_gspo``, ...). Registering a
     name again with the same options is a no-op; with others, or over one of verl's own losses,
     a ``ValueError``.
