@@ -400,6 +400,18 @@ def reference_grad_pair(
 # ---------------------------------------------------------------------------------------------
 
 
+def ragged_rows(g: torch.Generator, S: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[S]`` float64 advantages of both signs with a zero (row 0; every third row negative) and an
+    ``[S, T]`` bool mask of ragged rows (lengths 1 to ``T``) with an empty one (row 1), drawn from
+    ``g`` in that order: the rows the policy-loss tests build their cases on."""
+    adv = torch.randn(S, generator=g, dtype=torch.float64)
+    adv[0] = 0.0
+    adv[::3] = -adv[::3].abs()
+    lengths = torch.randint(1, T + 1, (S,), generator=g)
+    lengths[1] = 0
+    return adv, torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+
+
 def saturated_sapo_inputs(device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
     """float32 ``(logp, old_logp, advantages, mask)``, 2 x 8, where SAPO's gate saturates: in row 0
     log-ratios of 95 (a ratio past float32's range), in row 1 of -5 (with ``tau = 100`` the gate's

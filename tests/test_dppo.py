@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from iama_kernels import BestOfN, nonlinear_grpo_loss, policy_loss
-from iama_kernels.testing import assert_matches_reference, policy_loss_by_loops, random_rewards
+from iama_kernels.testing import assert_matches_reference, policy_loss_by_loops, ragged_rows, random_rewards
 
 FIELDS = ("loss", "kl", "clip_fraction", "ratio_mean", "log_ratio_mean", "dual_clip_fraction",
           "clip_high_fraction")
@@ -24,12 +24,7 @@ def _inputs(S: int = 10, T: int = 13, seed: int = 0, dtype: torch.dtype = torch.
     logp = -torch.rand(S, T, generator=g, dtype=torch.float64) * 1.5 - 0.01
     old = (logp + 0.5 * torch.randn(S, T, generator=g, dtype=torch.float64)).clamp(max=-0.01)
     ref = logp + 0.5 * torch.randn(S, T, generator=g, dtype=torch.float64)
-    adv = torch.randn(S, generator=g, dtype=torch.float64)
-    adv[0] = 0.0
-    adv[::3] = -adv[::3].abs()
-    lengths = torch.randint(1, T + 1, (S,), generator=g)
-    lengths[1] = 0
-    mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    adv, mask = ragged_rows(g, S, T)
     cast = {k: v.to(dtype) for k, v in (("logp", logp), ("old_logp", old), ("ref_logp", ref))}
     return {**cast, "advantages": adv.to(dtype), "mask": mask}
 

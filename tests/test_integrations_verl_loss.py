@@ -46,6 +46,14 @@ def _batch(bs: int = 12, T: int = 17, seed: int = 0, dtype=torch.float64, per_to
     return logp.to(dtype), old.to(dtype), adv.to(dtype), mask, weights.to(dtype)
 
 
+def _assert_float32_close(loss32, grad32, loss, grad, name: str = "") -> None:
+    """A float32 loss and gradient within 64 float32 ulps (of the loss, at least 1, and of the
+    largest gradient entry) of the float64 or verl float32 ones."""
+    eps = torch.finfo(torch.float32).eps
+    assert abs(float(loss32) - float(loss)) <= 64 * eps * max(abs(float(loss)), 1.0), name
+    assert float((grad32.double() - grad.double()).abs().max()) <= 64 * eps * float(grad.abs().max()), name
+
+
 def _run(fn, old, logp, adv, mask, mode, config, weights):
     x = logp.clone().requires_grad_(True)
     loss, metrics = fn(old, x, adv, mask, mode, config, weights)
@@ -102,9 +110,7 @@ def test_equals_verl_gspo(verl_algos, mode: str, info: dict, with_weights: bool,
     # the CPU kernel in float32 against verl in float64
     loss32, grad32, _ = _run(VerlPolicyLoss(impl="cpu", ratio_level="sequence"), old.float(), logp.float(),
                              adv.float(), mask.long(), mode, config, None if w is None else w.float())
-    eps = torch.finfo(torch.float32).eps
-    assert abs(float(loss32) - float(loss)) <= 64 * eps * max(abs(float(loss)), 1.0)
-    assert float((grad32.double() - grad).abs().max()) <= 64 * eps * float(grad.abs().max())
+    _assert_float32_close(loss32, grad32, loss, grad)
 
 
 @pytest.mark.parametrize("surrogate", ["cispo", "sapo", "gpg"])
@@ -137,9 +143,7 @@ def test_equals_verl_cispo_sapo_and_gpg(verl_algos, surrogate: str, mode: str, i
             assert metrics[key] == pytest.approx(value, rel=1e-7, abs=1e-12), key
     loss32, grad32, _ = _run(VerlPolicyLoss(impl="cpu", surrogate=surrogate), old.float(), logp.float(),
                              adv.float(), mask.long(), mode, config, None if w is None else w.float())
-    eps = torch.finfo(torch.float32).eps
-    assert abs(float(loss32) - float(loss)) <= 64 * eps * max(abs(float(loss)), 1.0)
-    assert float((grad32.double() - grad).abs().max()) <= 64 * eps * float(grad.abs().max())
+    _assert_float32_close(loss32, grad32, loss, grad)
 
 
 @pytest.mark.parametrize("surrogate", ["dppo_tv", "dppo_kl"])
@@ -173,9 +177,7 @@ def test_equals_verl_dppo(verl_algos, surrogate: str, mode: str, info: dict, wit
     for impl in ("cpu", "reference"):  # float32 (the C++ templated row; the reference's rounding)
         loss32, grad32, _ = _run(VerlPolicyLoss(impl=impl, surrogate=surrogate), old.float(), logp.float(),
                                  adv.float(), mask.long(), mode, config, None if w is None else w.float())
-        eps = torch.finfo(torch.float32).eps
-        assert abs(float(loss32) - float(loss)) <= 64 * eps * max(abs(float(loss)), 1.0), impl
-        assert float((grad32.double() - grad).abs().max()) <= 64 * eps * float(grad.abs().max()), impl
+        _assert_float32_close(loss32, grad32, loss, grad, impl)
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum"])
@@ -209,9 +211,7 @@ def test_equals_verl_geo_mean(verl_algos, mode: str, info: dict, with_weights: b
     for impl in ("cpu", "reference"):
         loss32, grad32, _ = _run(VerlPolicyLoss(impl=impl, surrogate="gmpo"), old.float(), logp.float(),
                                  adv.float(), mask.long(), mode, config, None if w is None else w.float())
-        eps = torch.finfo(torch.float32).eps
-        assert abs(float(loss32) - float(loss)) <= 64 * eps * max(abs(float(loss)), 1.0), impl
-        assert float((grad32.double() - grad).abs().max()) <= 64 * eps * float(grad.abs().max()), impl
+        _assert_float32_close(loss32, grad32, loss, grad, impl)
 
 
 def _kl_cov_config(ratio: float, coef: float, info: dict):
@@ -252,9 +252,7 @@ def test_equals_verl_kl_cov(verl_algos, mode: str, info: dict, with_weights: boo
     for impl in ("cpu", "reference"):
         loss32, grad32, _ = _run(VerlPolicyLoss(impl=impl, surrogate="kl_cov"), old.float(), logp.float(),
                                  adv.float(), mask, mode, config, w32)
-        eps = torch.finfo(torch.float32).eps
-        assert abs(float(loss32) - float(want32)) <= 64 * eps * max(abs(float(want32)), 1.0), impl
-        assert float((grad32 - want_grad32).abs().max()) <= 64 * eps * float(want_grad32.abs().max()), impl
+        _assert_float32_close(loss32, grad32, want32, want_grad32, impl)
 
 
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
@@ -293,9 +291,7 @@ def test_equals_verl_clip_cov(verl_algos, mode: str, info: dict, with_weights: b
     want32, want_grad32, _ = seeded(verl_algos.compute_policy_loss_clip_cov, dtype=torch.float32)
     for impl in ("cpu", "reference"):
         loss32, grad32, _ = seeded(VerlPolicyLoss(impl=impl, surrogate="clip_cov"), dtype=torch.float32)
-        eps = torch.finfo(torch.float32).eps
-        assert abs(float(loss32) - float(want32)) <= 64 * eps * max(abs(float(want32)), 1.0), impl
-        assert float((grad32 - want_grad32).abs().max()) <= 64 * eps * float(want_grad32.abs().max()), impl
+        _assert_float32_close(loss32, grad32, want32, want_grad32, impl)
 
 
 def test_clip_cov_ratio_must_be_positive(verl_algos) -> None:

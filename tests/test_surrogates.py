@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from iama_kernels import BestOfN, nonlinear_grpo_loss, policy_loss
-from iama_kernels.testing import policy_loss_by_loops, random_rewards, saturated_sapo_inputs
+from iama_kernels.testing import policy_loss_by_loops, ragged_rows, random_rewards, saturated_sapo_inputs
 
 LOSS_TYPES = ("grpo", "token", "dr_grpo")
 FIELDS = ("loss", "kl", "clip_fraction", "ratio_mean", "log_ratio_mean", "dual_clip_fraction",
@@ -26,12 +26,7 @@ def _inputs(S: int = 10, T: int = 13, seed: int = 0) -> dict[str, torch.Tensor]:
     old = logp + 0.4 * torch.randn(S, T, generator=g, dtype=torch.float64)
     logp = logp + torch.linspace(-0.6, 0.6, S, dtype=torch.float64).unsqueeze(1)
     ref = logp + 0.5 * torch.randn(S, T, generator=g, dtype=torch.float64)
-    adv = torch.randn(S, generator=g, dtype=torch.float64)
-    adv[0] = 0.0
-    adv[::3] = -adv[::3].abs()
-    lengths = torch.randint(1, T + 1, (S,), generator=g)
-    lengths[1] = 0
-    mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    adv, mask = ragged_rows(g, S, T)
     return {"logp": logp, "old_logp": old, "ref_logp": ref, "advantages": adv, "mask": mask}
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from iama_kernels import BestOfN, nonlinear_grpo_loss, policy_loss, vespo_phi
-from iama_kernels.testing import assert_matches_reference, policy_loss_by_loops, random_rewards
+from iama_kernels.testing import assert_matches_reference, policy_loss_by_loops, ragged_rows, random_rewards
 
 FIELDS = ("loss", "kl", "clip_fraction", "ratio_mean", "log_ratio_mean", "dual_clip_fraction",
           "clip_high_fraction")
@@ -30,12 +30,7 @@ def _inputs(S: int = 10, T: int = 13, seed: int = 0, dtype: torch.dtype = torch.
     old = logp + spread * torch.randn(S, T, generator=g, dtype=torch.float64)
     old = old + torch.linspace(-2.4, 2.4, S, dtype=torch.float64).unsqueeze(1) / T  # rows apart
     ref = logp + 0.5 * torch.randn(S, T, generator=g, dtype=torch.float64)
-    adv = torch.randn(S, generator=g, dtype=torch.float64)
-    adv[0] = 0.0
-    adv[::3] = -adv[::3].abs()
-    lengths = torch.randint(1, T + 1, (S,), generator=g)
-    lengths[1] = 0
-    mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    adv, mask = ragged_rows(g, S, T)
     cast = {k: v.to(dtype) for k, v in (("logp", logp), ("old_logp", old), ("ref_logp", ref))}
     return {**cast, "advantages": adv.to(dtype), "mask": mask}
 

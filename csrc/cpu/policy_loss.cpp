@@ -182,7 +182,7 @@ policy_loss_fwd(
   // GMPO's mean clipped log-ratios; an empty [0] for the other per-token ratios.
   const bool per_row = seq_ratio || vespo || gmpo;
   at::Tensor seq_log_ratio = at::zeros({per_row ? S : 0}, opts.dtype(at::kDouble));
-  if (seq_old.defined() || vespo || gmpo) {
+  if (seq_old.defined() || vespo || gmpo) {  // (GSPO without old_logp: zeros)
     double* dst = seq_log_ratio.mutable_data_ptr<double>();
     for (int64_t r = 0; r < S; ++r) dst[r] = rows[r * kRowFields + 8];
   }

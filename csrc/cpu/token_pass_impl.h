@@ -261,9 +261,10 @@ void dispatch_mask(const TokenProblem& p, std::vector<double>& rows) {
 // weights) x (plain or ratio KL x row advantages with or without the dual clip, or per-token
 // advantages, for the clipped surrogate, and row or per-token advantages for each of CISPO, SAPO,
 // VESPO, the two DPPOs and GMPO; float64 in one build with run-time flags): 8 token rows, 182 row
-// instantiations (167 in the AVX-512 build, whose hand row makes 15 of them unreachable). Each costs about half a second of compilation per instruction set, the bulk of
-// the extension's build; a new dimension multiplies it (the mask's source type does not: it is
-// narrowed or converted before the row).
+// instantiations (167 in the AVX-512 build, whose hand row makes 15 of them unreachable). Each
+// costs about half a second of compilation per instruction set, the bulk of the extension's
+// build; a new dimension multiplies it (the mask's source type does not: it is narrowed or
+// converted before the row).
 inline void dispatch_token_pass(const TokenProblem& p, std::vector<double>& rows) {
   switch (p.logp_dtype) {
     case TokenDtype::kFloat32:

@@ -79,7 +79,8 @@ __global__ void gmpo_kernel(const float* logp, const float* old, const unsigned 
   const double msum = iama::mask_row_sum(mask + r * T, T);
   double log_mean = 0.0, adv_mean = 0.0;
   iama::row_gmpo_means<float, float, unsigned char, float, true>(logp + r * T, old + r * T, mask + r * T, T, 0.0f,
-                                                           adv_tok + r * T, -0.4f, 0.4f, msum, log_mean, adv_mean);
+                                                                 adv_tok + r * T, -0.4f, 0.4f, msum, log_mean,
+                                                                 adv_mean);
   const float ratio = static_cast<float>(::exp(log_mean));
   sums[r] = iama::policy_loss_row<float, float, unsigned char, float, false, true, false, iama::kSurrGmpo>(
       logp + r * T, old + r * T, old + r * T, mask + r * T, T, 0.0f, 1.0f, -0.4f, 0.4f, 0.0f, 0.0f, grad + r * T,

@@ -314,9 +314,9 @@ class VerlPolicyLoss:
         surrogate = "cispo" if gpg else ("clip" if kl_cov or clip_cov else self.surrogate)
         taken_out = 0.0
         if clip_cov:  # the selected tokens' terms are 0 (and still count in the normalisers)
-            picked = _clip_cov_tokens(log_prob, old_log_prob, advantages, keep, eps_low, eps_high, config)
+            picked, taken_out = _clip_cov_tokens(log_prob, old_log_prob, advantages, keep, eps_low, eps_high,
+                                                 config)
             adv = adv.masked_fill(picked, 0.0)
-            taken_out = float(picked.sum()) / max(1, int(keep.sum()))
         out = policy_loss(log_prob, None if gpg else old_log_prob.detach(), None, adv, mask,
                           eps_low=eps_low, eps_high=eps_high, beta=0.0, loss_type=loss_type,
                           max_completion_length=length, dual_clip=dual_clip, ratio_level=self.ratio_level,
@@ -345,12 +345,13 @@ class VerlPolicyLoss:
 
 
 def _clip_cov_tokens(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                     keep: torch.Tensor, eps_low: float, eps_high: float, config: Any) -> torch.Tensor:
+                     keep: torch.Tensor, eps_low: float, eps_high: float, config: Any
+                     ) -> tuple[torch.Tensor, float]:
     """``[bs, T]`` bool: the tokens verl's ``"clip_cov"`` (Clip-Cov, Cui et al., 2025) takes out
     of the loss, chosen as verl chooses them: among the response tokens PPO's clip does not act on
     whose centred advantage times centred log-prob lies strictly between ``clip_cov_lb`` and
     ``clip_cov_ub``, ``max(1, int(clip_cov_ratio n))`` at random (``torch.randperm`` on the default
-    generator, as verl: the same seed picks the same tokens)."""
+    generator, as verl: the same seed picks the same tokens); and their share of the ``n``."""
     policy = _option(config, "policy_loss")
     ratio = float(_option(policy, "clip_cov_ratio", 0.0002))
     lb = float(_option(policy, "clip_cov_lb", 1.0))
@@ -371,11 +372,13 @@ def _clip_cov_tokens(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advanta
         cov = (adv - masked_mean(adv)) * (log_prob.detach() - masked_mean(log_prob.detach()))
         candidates = ((cov < ub) & (cov > lb) & keep & ~clipped).nonzero()
         picked = torch.zeros_like(keep)
-        if len(candidates) > 0:
-            number = max(int(ratio * int(count)), 1)
-            chosen = candidates[torch.randperm(len(candidates))[:min(number, len(candidates))]]
-            picked[chosen[:, 0], chosen[:, 1]] = True
-    return picked
+        n = int(count)
+        if len(candidates) == 0:
+            return picked, 0.0
+        number = min(max(int(ratio * n), 1), len(candidates))
+        chosen = candidates[torch.randperm(len(candidates))[:number]]
+        picked[chosen[:, 0], chosen[:, 1]] = True
+    return picked, number / max(1, n)
 
 
 def _kl_cov_terms(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -408,6 +411,7 @@ def _kl_cov_terms(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
     cov = (adv - adv.mean()) * (lp - lp.mean())
     picked = flat[torch.topk(cov, min(flat.numel(), max(1, int(flat.numel() * ratio)))).indices]
     rows, cols = picked // T, picked % T
+    # policy_loss.reference.token_weights' rule, for the picked tokens only (not a full [S, T] pass)
     w = weights[rows, cols].to(log_prob.dtype)
     if loss_type == "grpo":
         w = w / (S * weights[rows].sum(-1).clamp(min=1).to(log_prob.dtype))
