@@ -1,12 +1,13 @@
 """verl's PPO policy losses against iama's on the fused kernel: ``"vanilla"`` against ``"iama"``,
 ``"gspo"`` against ``"iama_gspo"``, ``"cispo"``, ``"sapo"``, ``"gpg"``, ``"dppo_tv"``,
-``"dppo_kl"``, ``"geo_mean"``, ``"kl_cov"`` and ``"clip_cov"`` against ``"iama_cispo"``,
-``"iama_sapo"``, ``"iama_gpg"``, ``"iama_dppo_tv"``, ``"iama_dppo_kl"``, ``"iama_geo_mean"``,
-``"iama_kl_cov"`` and ``"iama_clip_cov"``.
+``"dppo_kl"``, ``"geo_mean"``, ``"kl_cov"``, ``"clip_cov"`` and ``"dro"`` against
+``"iama_cispo"``, ``"iama_sapo"``, ``"iama_gpg"``, ``"iama_dppo_tv"``, ``"iama_dppo_kl"``,
+``"iama_geo_mean"``, ``"iama_kl_cov"``, ``"iama_clip_cov"`` and ``"iama_dro"``.
 
 Both rows call the registered functions of verl 0.9.1's policy-loss registry the way verl's actor
 loss calls them (keyword arguments, an actor config with ``clip_ratio_high=0.28`` and the default
-dual clip ``clip_ratio_c=3``, which ``"vanilla"`` uses, and DPPO as its weight cap), on the same
+dual clip ``clip_ratio_c=3``, which ``"vanilla"`` uses, and DPPO as its weight cap; DRO's
+``dro_beta=0.5``), on the same
 float32 micro-batch:
 log-probs, old log-probs, per-response advantages broadcast over a bool response mask. A call is
 the loss, its three metrics (verl reads each with ``.item()``) and the backward into the
@@ -39,10 +40,11 @@ from harness import Measurement, interleaved, record_times, report
 
 
 def _config(mode: str) -> Any:
-    from verl.workers.config import FSDPActorConfig
+    from verl.workers.config import FSDPActorConfig, PolicyLossConfig
 
     config = FSDPActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, ppo_mini_batch_size=4,
-                             rollout_n=4, clip_ratio_high=0.28, loss_agg_mode=mode)
+                             rollout_n=4, clip_ratio_high=0.28, loss_agg_mode=mode,
+                             policy_loss=PolicyLossConfig(dro_beta=0.5))
     config.global_batch_info.update({"dp_size": 1, "batch_num_tokens": None, "global_batch_size": None,
                                      "loss_scale_factor": None})
     return config
@@ -69,7 +71,7 @@ def _loss_call(fn: Callable[..., Any], batch: dict[str, torch.Tensor], mode: str
                            response_mask=batch["response_mask"], loss_agg_mode=mode, config=config,
                            rollout_is_weights=None)
         loss.backward()
-        assert len(metrics) in (0, 1, 2, 3)  # verl's "gpg" returns none, "kl_cov" one, "clip_cov" two
+        assert len(metrics) in (0, 1, 2, 3)  # verl's "gpg" returns none, "kl_cov" and "dro" one
         return leaf.grad
 
     return call
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default="64x1024,256x2048,512x4096", help="comma-separated SxT")
     parser.add_argument("--modes", default="token-mean,seq-mean-token-mean", help="verl loss_agg_modes")
     parser.add_argument("--losses",
-                        default="vanilla,gspo,cispo,sapo,gpg,dppo_tv,dppo_kl,geo_mean,kl_cov,clip_cov",
+                        default="vanilla,gspo,cispo,sapo,gpg,dppo_tv,dppo_kl,geo_mean,kl_cov,clip_cov,dro",
                         help="verl policy losses")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=40)

@@ -57,14 +57,14 @@ struct PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction>
                                const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages,
                                const at::Tensor& mask, double eps_low, double eps_high, double beta,
                                c10::string_view loss_type, std::optional<int64_t> max_completion_length,
-                               bool ratio_kl, std::optional<double> dual_clip, bool seq_ratio,
+                               int64_t kl_form, std::optional<double> dual_clip, bool seq_ratio,
                                c10::string_view surrogate, double tau_pos, double tau_neg, bool row_stats,
                                double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg,
                                double vespo_lambda_neg) {
     static const auto op = typed_op<decltype(policy_loss_fwd)>("iama::policy_loss_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, kl, clip, ratio, lratio, dual, high, seq, row_clip, grad] = op.call(
-        logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl,
+        logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length, kl_form,
         dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, row_stats, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
         vespo_lambda_neg);
     ctx->save_for_backward({grad.detach()});
@@ -86,14 +86,14 @@ struct NonlinearGRPOFunction : public torch::autograd::Function<NonlinearGRPOFun
                                at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator,
                                c10::string_view scale, double eps, double eps_low, double eps_high, double beta,
                                c10::string_view loss_type, std::optional<int64_t> max_completion_length,
-                               bool ratio_kl, std::optional<double> dual_clip, bool seq_ratio,
+                               int64_t kl_form, std::optional<double> dual_clip, bool seq_ratio,
                                c10::string_view surrogate, double tau_pos, double tau_neg, double vespo_k_pos,
                                double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg) {
     static const auto op = typed_op<decltype(nonlinear_grpo_fwd)>("iama::nonlinear_grpo_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, adv, kl, clip, ratio, values, lratio, dual, high, seq, grad] =
         op.call(logp, old_logp, ref_logp, mask, rewards, criterion_weights, kinds, ns, taus, estimator, scale, eps,
-                eps_low, eps_high, beta, loss_type, max_completion_length, ratio_kl, dual_clip, seq_ratio,
+                eps_low, eps_high, beta, loss_type, max_completion_length, kl_form, dual_clip, seq_ratio,
                 surrogate, tau_pos, tau_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
     ctx->save_for_backward({grad.detach()});
     ctx->set_materialize_grads(false);  // else autograd fills a zero [S, T] for the grad output
@@ -112,12 +112,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 policy_loss_autograd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
-    c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
+    c10::string_view loss_type, std::optional<int64_t> max_completion_length, int64_t kl_form,
     std::optional<double> dual_clip, bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg,
     bool row_stats, double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg) {
   const variable_list o =
       PolicyLossFunction::apply(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
-                                max_completion_length, ratio_kl, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg,
+                                max_completion_length, kl_form, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg,
                                 row_stats, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9]};
 }
@@ -129,13 +129,13 @@ nonlinear_grpo_autograd(
     const at::Tensor& mask, const at::Tensor& rewards, const at::Tensor& criterion_weights, at::IntArrayRef kinds,
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,
     double eps_low, double eps_high, double beta, c10::string_view loss_type,
-    std::optional<int64_t> max_completion_length, bool ratio_kl, std::optional<double> dual_clip,
+    std::optional<int64_t> max_completion_length, int64_t kl_form, std::optional<double> dual_clip,
     bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg, double vespo_k_pos,
     double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg) {
   const variable_list o =
       NonlinearGRPOFunction::apply(logp, old_logp, ref_logp, mask, rewards, criterion_weights, kinds, ns, taus,
                                    estimator, scale, eps, eps_low, eps_high, beta, loss_type, max_completion_length,
-                                   ratio_kl, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, vespo_k_pos,
+                                   kl_form, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, vespo_k_pos,
                                    vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10]};
 }

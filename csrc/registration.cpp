@@ -23,7 +23,7 @@ TORCH_LIBRARY(iama, m) {
   m.def(
       "policy_loss_fwd(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor mask,"
       " float eps_low, float eps_high, float beta, str loss_type, int? max_completion_length,"
-      " bool ratio_kl=False, float? dual_clip=None, bool seq_ratio=False, str surrogate=\"clip\","
+      " int kl_form=0, float? dual_clip=None, bool seq_ratio=False, str surrogate=\"clip\","
       " float tau_pos=1.0, float tau_neg=1.05, bool row_stats=False, float vespo_k_pos=2.0,"
       " float vespo_lambda_pos=3.0, float vespo_k_neg=3.0, float vespo_lambda_neg=2.0) -> (Tensor loss, Tensor kl,"
       " Tensor clip_fraction, Tensor ratio_mean, Tensor log_ratio_mean, Tensor dual_clip_fraction,"
@@ -32,7 +32,7 @@ TORCH_LIBRARY(iama, m) {
       "nonlinear_grpo_fwd(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor mask, Tensor rewards,"
       " Tensor criterion_weights, int[] kinds, int[] ns, float[] taus, str estimator, str scale, float eps,"
       " float eps_low, float eps_high, float beta, str loss_type, int? max_completion_length,"
-      " bool ratio_kl=False, float? dual_clip=None, bool seq_ratio=False, str surrogate=\"clip\","
+      " int kl_form=0, float? dual_clip=None, bool seq_ratio=False, str surrogate=\"clip\","
       " float tau_pos=1.0, float tau_neg=1.05, float vespo_k_pos=2.0, float vespo_lambda_pos=3.0,"
       " float vespo_k_neg=3.0, float vespo_lambda_neg=2.0) -> (Tensor loss, Tensor advantages,"
       " Tensor kl, Tensor clip_fraction, Tensor ratio_mean, Tensor values, Tensor log_ratio_mean,"

@@ -117,6 +117,10 @@ def _cases(x: dict[str, Any]) -> dict[str, tuple[Callable[..., Any], tuple, dict
         "policy_loss gmpo": (  # GMPO's geometric mean of the clipped ratios, per-token advantages
             policy_loss, (x["logp"], x["old"], x["ref"], x["token_advantages"], x["mask"]),
             dict(loss_kw, surrogate="gmpo", eps_low=0.4, eps_high=0.4), True),
+        "policy_loss k2+dro": (  # verl's DRO: CISPO's weight held at 1, the k2 penalty to old_logp
+            policy_loss, (x["logp"], x["old"], x["old"], x["token_advantages"], x["mask"]),
+            dict(loss_kw, eps_low=0.0, eps_high=0.0, beta=0.5, surrogate="cispo", kl_estimator="k2",
+                 loss_type="dr_grpo"), True),
         "nonlinear_grpo_loss": (nonlinear_grpo_loss, (x["logp"], x["old"], x["ref"], x["mask"], x["rewards"],
                                                       _OBJECTIVE), dict(loss_kw, estimator="unbiased"), True),
     }

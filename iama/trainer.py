@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from iama_kernels import group_values, nonlinear_grpo_loss
 from iama_kernels._checks import (
     ESTIMATORS,
+    KL_ESTIMATORS,
     LOSS_TYPES,
     RATIO_LEVELS,
     SCALES,
@@ -71,6 +72,9 @@ class TrainerConfig:
             against log-probs computed before the first update (``old_logp``).
         eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``.
         beta: KL coefficient (the initial one when ``kl_target`` is set).
+        kl_estimator: the KL term's estimator (``"k3"``, ``"k2"``, ``"k1"``, ``"abs"``, or
+            ``"k3+"``, ``"k1+"``, ``"abs+"``: that value with k2's gradient), as in
+            :func:`iama_kernels.policy_loss`; ``kl_target`` adapts beta on its value.
         kl_target: if set, beta is adapted after every step: ``log beta += kl_gain *
             clip((KL - kl_target) / kl_target, -1, 1)``, then clamped to ``[beta_min, beta_max]``.
         loss_type, estimator, scale, eps: passed to :func:`iama_kernels.nonlinear_grpo_loss`.
@@ -111,6 +115,7 @@ class TrainerConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     beta: float = 0.0
+    kl_estimator: str = "k3"
     kl_target: float | None = None
     kl_gain: float = 0.1
     beta_min: float = 1e-6
@@ -170,7 +175,7 @@ class TrainerConfig:
                 raise ValueError(f"TrainerConfig.{name} must be a finite float > 0, got {v!r}")
         for name, choices in (("loss_type", LOSS_TYPES), ("estimator", ESTIMATORS), ("scale", SCALES),
                               ("optimizer", _OPTIMIZERS), ("ratio_level", RATIO_LEVELS),
-                              ("surrogate", SURROGATES)):
+                              ("surrogate", SURROGATES), ("kl_estimator", KL_ESTIMATORS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainerConfig.{name} must be one of {choices}, "
                                  f"got {getattr(self, name)!r}")
@@ -434,6 +439,7 @@ class NonLinearGRPOTrainer:
                         loss_type=cfg.loss_type, criterion_weights=lam,
                         max_completion_length=cfg.max_new_tokens, ratio_level=cfg.ratio_level,
                         surrogate=cfg.surrogate, tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg,
+                        kl_estimator=cfg.kl_estimator,
                         vespo_k_pos=cfg.vespo_k_pos, vespo_lambda_pos=cfg.vespo_lambda_pos,
                         vespo_k_neg=cfg.vespo_k_neg, vespo_lambda_neg=cfg.vespo_lambda_neg,
                         impl=cfg.impl,

@@ -35,6 +35,14 @@ def data_checks_enabled() -> bool:
 SCALES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "token", "dr_grpo")
 KL_WEIGHTS = ("none", "ratio")  # policy_loss: plain k3, or k3 weighted by the ratio (TRL bias correction)
+# policy_loss's estimators of KL(pi || pi_ref), x = logp - ref: k3 = exp(-x) + x - 1 (TRL's and
+# verl's "low_var_kl"), k2 = x^2 / 2 (verl's "mse"), k1 = x (verl's "kl"), |x| (verl's "abs");
+# "+": that value with k2's gradient x (verl's straight-through "k3+")
+KL_ESTIMATORS = ("k3", "k2", "k1", "abs", "k3+", "k1+", "abs+")
+# -> iama::KlForm (csrc/include/iama/common.h): k3 0, ratio * k3 1, k2 2, k1 3, abs 4, + 8
+_KL_FORMS = {"k3": 0, "k2": 2, "k1": 3, "abs": 4}
+KL_STRAIGHT = 8
+KL_RATIO_K3 = 1
 RATIO_LEVELS = ("token", "sequence")  # policy_loss: per-token ratios, or GSPO's one per sequence
 # policy_loss: PPO's clipped ratio, CISPO's clipped importance weight (MiniMax-M1), SAPO's soft gate,
 # VESPO's gamma weight of the sequence ratio, DPPO's divergence masks (total variation, binary KL),
@@ -48,6 +56,20 @@ DUAL_CLIP_SURROGATES = ("clip", "dppo_tv", "dppo_kl")
 # VESPO's (k_pos, lambda_pos, k_neg, lambda_neg): TRL's defaults
 VESPO_DEFAULTS = (2.0, 3.0, 3.0, 2.0)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_kl(kl_estimator: object, kl_weight: object) -> int:
+    """``kl_estimator`` and ``kl_weight`` of the policy losses -> the kernels' KL form code
+    (``iama::KlForm``). TRL's ratio weighting is of k3 alone."""
+    check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    check_choice("kl_weight", kl_weight, KL_WEIGHTS)
+    if kl_weight == "ratio":
+        if kl_estimator != "k3":
+            raise ValueError(f"kl_weight='ratio' (TRL's bias-corrected k3) takes kl_estimator='k3', "
+                             f"got {kl_estimator!r}")
+        return KL_RATIO_K3
+    straight = kl_estimator.endswith("+")
+    return _KL_FORMS[kl_estimator.rstrip("+")] + (KL_STRAIGHT if straight else 0)
 
 
 def check_dual_clip(dual_clip: object) -> float | None:

@@ -53,7 +53,7 @@ def _token_outputs_fake(logp: torch.Tensor, seq_ratio: bool) -> tuple[torch.Tens
 
 @torch.library.register_fake("iama::policy_loss_fwd")
 def _policy_loss_fwd_fake(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,  # type: ignore[no-untyped-def]
-                          loss_type, max_completion_length, ratio_kl=False, dual_clip=None,
+                          loss_type, max_completion_length, kl_form=0, dual_clip=None,
                           seq_ratio=False, surrogate="clip", tau_pos=1.0, tau_neg=1.05, row_stats=False,
                           vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
     torch._check(logp.dim() == 2, lambda: "logp must have shape [S, T]")
@@ -65,7 +65,7 @@ def _policy_loss_fwd_fake(logp, old_logp, ref_logp, advantages, mask, eps_low, e
 @torch.library.register_fake("iama::nonlinear_grpo_fwd")
 def _nonlinear_grpo_fwd_fake(logp, old_logp, ref_logp, mask, rewards, criterion_weights, kinds, ns,  # type: ignore[no-untyped-def]
                              taus, estimator, scale, eps, eps_low, eps_high, beta, loss_type,
-                             max_completion_length, ratio_kl=False, dual_clip=None, seq_ratio=False,
+                             max_completion_length, kl_form=0, dual_clip=None, seq_ratio=False,
                              surrogate="clip", tau_pos=1.0, tau_neg=1.05, vespo_k_pos=2.0,
                              vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
     torch._check(rewards.dim() == 3, lambda: "rewards must have shape [B, G, m]")

@@ -412,6 +412,18 @@ def ragged_rows(g: torch.Generator, S: int, T: int) -> tuple[torch.Tensor, torch
     return adv, torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
 
 
+def policy_loss_and_grad(inp: dict[str, torch.Tensor], impl: str = "reference",
+                         **kw: object) -> tuple[Any, torch.Tensor]:
+    """:func:`iama_kernels.policy_loss` on a case ``{"logp", "old_logp", "ref_logp",
+    "advantages", "mask"}`` and ``d loss / d logp`` (autograd, into a fresh leaf of ``logp``)."""
+    from . import policy_loss  # (the package imports this module's users, not this module)
+
+    logp = inp["logp"].clone().requires_grad_(True)
+    out = policy_loss(logp, inp["old_logp"], inp["ref_logp"], inp["advantages"], inp["mask"], impl=impl, **kw)
+    (grad,) = torch.autograd.grad(out.loss, logp)
+    return out, grad
+
+
 def saturated_sapo_inputs(device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
     """float32 ``(logp, old_logp, advantages, mask)``, 2 x 8, where SAPO's gate saturates: in row 0
     log-ratios of 95 (a ratio past float32's range), in row 1 of -5 (with ``tau = 100`` the gate's
@@ -462,6 +474,7 @@ def policy_loss_by_loops(
     vespo_lambda_pos: float = 3.0,
     vespo_k_neg: float = 3.0,
     vespo_lambda_neg: float = 2.0,
+    kl_estimator: str = "k3",
 ) -> LoopPolicyLoss:
     """SPEC section 5 token by token in plain Python float64 loops: loss, gradient and metrics.
 
@@ -492,7 +505,9 @@ def policy_loss_by_loops(
     ``max(lr, -eps_low)`` where ``A < 0``, 0 where ``A = 0``; ``Abar`` the mask-weighted mean
     advantage), gradient ``G`` where ``A != 0`` and the token is not clipped (``A > 0`` and ``lr >
     eps_high``, or ``A < 0`` and ``lr < -eps_low``), else 0; the metrics' ratio is ``exp(M)`` and
-    ``sequence_log_ratio`` holds ``M``.
+    ``sequence_log_ratio`` holds ``M``. ``kl_estimator`` (``x = logp - ref``): ``"k2"``
+    ``x^2 / 2`` (derivative ``x``), ``"k1"`` ``x`` (1), ``"abs"`` ``|x|`` (``sign(x)``, 0 at 0);
+    with ``"+"`` the derivative is ``x`` whatever the value.
     """
     lp = logp.detach().double().tolist()
     old = lp if old_logp is None else old_logp.detach().double().tolist()
@@ -598,8 +613,19 @@ def policy_loss_by_loops(
             kl, dkl = 0.0, 0.0
             if ref is not None:
                 d = ref[s][t] - lp[s][t]
-                kl = math.exp(d) - d - 1
-                dkl = 1 - math.exp(d)
+                x = lp[s][t] - ref[s][t]
+                base = kl_estimator.rstrip("+")
+                if base == "k2":
+                    kl, dkl = x * x / 2, x
+                elif base == "k1":
+                    kl, dkl = x, 1.0
+                elif base == "abs":
+                    kl, dkl = abs(x), (1.0 if x > 0 else (-1.0 if x < 0 else 0.0))
+                else:
+                    kl = math.exp(d) - d - 1
+                    dkl = 1 - math.exp(d)
+                if kl_estimator.endswith("+"):
+                    dkl = x
                 if kl_weight == "ratio":
                     token_rho = math.exp(log_rho)
                     kl, dkl = token_rho * kl, -token_rho * d

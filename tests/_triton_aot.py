@@ -170,10 +170,10 @@ def main() -> None:
         compile_kernel(_policy_loss_fwd_kernel, {"HAS_OLD": old, "HAS_REF": ref, "LOSS_TYPE": loss_type,
                                                  "WRITE_GRAD": True, "BLOCK_T": 1024, "NP": 8}, 8)
     ratio_kl = {"HAS_OLD": True, "HAS_REF": True, "LOSS_TYPE": 1, "WRITE_GRAD": True, "BLOCK_T": 1024,
-                "NP": 8, "RATIO_KL": True}  # TRL's bias-corrected KL
+                "NP": 8, "KL_FORM": 1}  # TRL's bias-corrected KL
     compile_kernel(_policy_loss_fwd_kernel, ratio_kl, 8)
     fused_ratio_kl = {"BG": 16, "M": 2, "SCALE": 1, "HAS_OLD": True, "HAS_REF": True, "LOSS_TYPE": 0,
-                      "WRITE_GRAD": True, "BLOCK_T": 512, "NP": 8, "RATIO_KL": True}
+                      "WRITE_GRAD": True, "BLOCK_T": 512, "NP": 8, "KL_FORM": 1}
     compile_kernel(_nonlinear_grpo_fwd_kernel, fused_ratio_kl, max(4, group_warps(16)))
     dual_clip = {"HAS_OLD": True, "HAS_REF": False, "LOSS_TYPE": 1, "WRITE_GRAD": True, "BLOCK_T": 1024,
                  "NP": 8, "DUAL_CLIP": True}  # verl's vanilla loss: dual clip, no KL term
@@ -200,6 +200,11 @@ def main() -> None:
     compile_kernel(_policy_loss_fwd_kernel, dict(ratio_kl, SURROGATE=6), 8)
     compile_kernel(_policy_loss_fwd_kernel, dict(ratio_kl, TOKEN_ADV=True, SURROGATE=6), 8)
     compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, SURROGATE=6), max(4, group_warps(16)))
+    # The other KL estimators (k2, k1, |x|, and straight-through k3, k1, |x|); verl's DRO (k2, CISPO)
+    for form in (2, 3, 4, 8, 11, 12):
+        compile_kernel(_policy_loss_fwd_kernel, dict(ratio_kl, KL_FORM=form), 8)
+    compile_kernel(_policy_loss_fwd_kernel, dict(ratio_kl, KL_FORM=2, SURROGATE=1), 8)
+    compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, KL_FORM=2), max(4, group_warps(16)))
     compile_kernel(_finalize_kernel, {"LOSS_TYPE": 1, "NP": 8, "BLOCK_P": 1024}, 4)
     for BG, M in [(2, 1), (16, 2), (32, 3), (128, 1)]:
         compile_kernel(_nonlinear_grpo_fwd_kernel, {"BG": BG, "M": M, "SCALE": 1, "HAS_OLD": True,

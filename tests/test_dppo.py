@@ -11,6 +11,7 @@ import torch
 
 from iama_kernels import BestOfN, nonlinear_grpo_loss, policy_loss
 from iama_kernels.testing import assert_matches_reference, policy_loss_by_loops, ragged_rows, random_rewards
+from iama_kernels.testing import policy_loss_and_grad as _run
 
 FIELDS = ("loss", "kl", "clip_fraction", "ratio_mean", "log_ratio_mean", "dual_clip_fraction",
           "clip_high_fraction")
@@ -27,13 +28,6 @@ def _inputs(S: int = 10, T: int = 13, seed: int = 0, dtype: torch.dtype = torch.
     adv, mask = ragged_rows(g, S, T)
     cast = {k: v.to(dtype) for k, v in (("logp", logp), ("old_logp", old), ("ref_logp", ref))}
     return {**cast, "advantages": adv.to(dtype), "mask": mask}
-
-
-def _run(inp: dict, impl: str = "reference", **kw: object):
-    logp = inp["logp"].clone().requires_grad_(True)
-    out = policy_loss(logp, inp["old_logp"], inp["ref_logp"], inp["advantages"], inp["mask"], impl=impl, **kw)
-    (grad,) = torch.autograd.grad(out.loss, logp)
-    return out, grad
 
 
 @pytest.mark.parametrize("surrogate", SURROGATES)

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from iama_kernels import BestOfN, nonlinear_grpo_loss, policy_loss
-from iama_kernels.testing import assert_matches_reference, policy_loss_by_loops, ragged_rows, random_rewards
+from iama_kernels.testing import (
+    assert_matches_reference,
+    policy_loss_and_grad,
+    policy_loss_by_loops,
+    ragged_rows,
+    random_rewards,
+)
 
 FIELDS = ("loss", "kl", "clip_fraction", "ratio_mean", "log_ratio_mean", "dual_clip_fraction",
           "clip_high_fraction")
@@ -31,11 +37,7 @@ def _inputs(S: int = 10, T: int = 13, seed: int = 0, dtype: torch.dtype = torch.
 
 
 def _run(inp: dict, impl: str = "reference", **kw: object):
-    logp = inp["logp"].clone().requires_grad_(True)
-    out = policy_loss(logp, inp["old_logp"], inp["ref_logp"], inp["advantages"], inp["mask"], impl=impl,
-                      surrogate="gmpo", **kw)
-    (grad,) = torch.autograd.grad(out.loss, logp)
-    return out, grad
+    return policy_loss_and_grad(inp, impl, surrogate="gmpo", **kw)
 
 
 def _gmpo_by_definition(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,

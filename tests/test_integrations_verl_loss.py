@@ -11,7 +11,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*engine is not available:UserWa
                                         "ignore:Ray state API:DeprecationWarning")
 
 # verl's policy losses the benchmark runs
-LOSSES = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov", "clip_cov")
+LOSSES = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov", "clip_cov",
+          "dro")
 GLOBAL_INFO = {"dp_size": 2, "batch_num_tokens": 300, "global_batch_size": 30, "loss_scale_factor": 64}
 
 
@@ -214,13 +215,17 @@ def test_equals_verl_geo_mean(verl_algos, mode: str, info: dict, with_weights: b
         _assert_float32_close(loss32, grad32, loss, grad, impl)
 
 
-def _kl_cov_config(ratio: float, coef: float, info: dict):
+def _policy_config(info: dict, **policy):
+    """verl's actor config with these ``policy_loss`` options and ``global_batch_info``."""
     from verl.workers.config import PolicyLossConfig
 
-    policy = PolicyLossConfig(loss_mode="kl_cov", kl_cov_ratio=ratio, ppo_kl_coef=coef)
-    config = _actor_config(policy_loss=policy)
+    config = _actor_config(policy_loss=PolicyLossConfig(**policy))
     config.global_batch_info.update(info)
     return config
+
+
+def _kl_cov_config(ratio: float, coef: float, info: dict):
+    return _policy_config(info, loss_mode="kl_cov", kl_cov_ratio=ratio, ppo_kl_coef=coef)
 
 
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
@@ -292,6 +297,46 @@ def test_equals_verl_clip_cov(verl_algos, mode: str, info: dict, with_weights: b
     for impl in ("cpu", "reference"):
         loss32, grad32, _ = seeded(VerlPolicyLoss(impl=impl, surrogate="clip_cov"), dtype=torch.float32)
         _assert_float32_close(loss32, grad32, want32, want_grad32, impl)
+
+
+def _dro_config(beta, info: dict):
+    return _policy_config(info, loss_mode="dro", dro_beta=beta)
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("info", [{}, GLOBAL_INFO], ids=["local", "global"])
+@pytest.mark.parametrize("with_weights", [False, True], ids=["plain", "rollout-is"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["outcome", "gae"])
+def test_equals_verl_dro(verl_algos, mode: str, info: dict, with_weights: bool, per_token: bool) -> None:
+    """surrogate="dro" (the kernel's k2 KL term to old_log_prob) against verl's own "dro" in float64:
+    loss and gradient to rounding, ppo_kl in the unweighted case; the penalty acts (another
+    dro_beta, another loss); and the CPU kernel in float32."""
+    logp, old, adv, mask, weights = _batch(per_token=per_token, seed=11)
+    config = _dro_config(0.7, info)
+    w = weights if with_weights else None
+    want_loss, want_grad, want_metrics = _run(verl_algos.compute_policy_loss_dro, old, logp, adv, mask, mode,
+                                              config, w)
+    loss, grad, metrics = _run(VerlPolicyLoss(impl="reference", surrogate="dro"), old, logp, adv, mask, mode,
+                               config, w)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-13, atol=1e-15)
+    assert set(metrics) == set(want_metrics) == {"actor/ppo_kl"}
+    if not with_weights:
+        assert metrics["actor/ppo_kl"] == pytest.approx(want_metrics["actor/ppo_kl"], rel=1e-12)
+    other, _, _ = _run(VerlPolicyLoss(impl="reference", surrogate="dro"), old, logp, adv, mask, mode,
+                       _dro_config(0.1, info), w)
+    assert abs(float(other - loss)) > 1e-3
+    for impl in ("cpu", "reference"):
+        loss32, grad32, _ = _run(VerlPolicyLoss(impl=impl, surrogate="dro"), old.float(), logp.float(),
+                                 adv.float(), mask.long(), mode, config, None if w is None else w.float())
+        _assert_float32_close(loss32, grad32, loss, grad, impl)
+
+
+@pytest.mark.parametrize("beta", [None, 0.0, -1.0])
+def test_dro_beta_must_be_positive(verl_algos, beta) -> None:
+    logp, old, adv, mask, _ = _batch(bs=3, T=5)
+    with pytest.raises(ValueError, match=r"policy_loss\.dro_beta must be a positive value"):
+        VerlPolicyLoss(surrogate="dro")(old, logp, adv, mask, "token-mean", _dro_config(beta, {}))
 
 
 def test_clip_cov_ratio_must_be_positive(verl_algos) -> None:
@@ -418,7 +463,7 @@ def test_import_verl_registers_the_policy_loss(verl_algos) -> None:
     with pytest.raises(ValueError, match="ratio_level must be one of"):
         VerlPolicyLoss(ratio_level="seq")
     for name, surrogate in (("iama_cispo", "cispo"), ("iama_sapo", "sapo"), ("iama_gpg", "gpg"),
-                            ("iama_dppo_tv", "dppo_tv"), ("iama_dppo_kl", "dppo_kl")):
+                            ("iama_dppo_tv", "dppo_tv"), ("iama_dppo_kl", "dppo_kl"), ("iama_dro", "dro")):
         assert verl_algos.get_policy_loss_fn(name) == VerlPolicyLoss("auto", "token", surrogate)
     with pytest.raises(ValueError, match="surrogate must be one of"):
         VerlPolicyLoss(surrogate="ppo")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from iama_kernels import BestOfN, nonlinear_grpo_loss, policy_loss
+from iama_kernels.testing import policy_loss_and_grad as _run
 from iama_kernels.testing import policy_loss_by_loops, ragged_rows, random_rewards, saturated_sapo_inputs
 
 LOSS_TYPES = ("grpo", "token", "dr_grpo")
@@ -28,14 +29,6 @@ def _inputs(S: int = 10, T: int = 13, seed: int = 0) -> dict[str, torch.Tensor]:
     ref = logp + 0.5 * torch.randn(S, T, generator=g, dtype=torch.float64)
     adv, mask = ragged_rows(g, S, T)
     return {"logp": logp, "old_logp": old, "ref_logp": ref, "advantages": adv, "mask": mask}
-
-
-def _run(inp: dict[str, torch.Tensor], impl: str = "reference", **kw: object):
-    logp = inp["logp"].clone().requires_grad_(True)
-    out = policy_loss(logp, inp["old_logp"], inp["ref_logp"], inp["advantages"], inp["mask"],
-                      impl=impl, **kw)
-    (grad,) = torch.autograd.grad(out.loss, logp)
-    return out, grad
 
 
 @pytest.mark.parametrize("surrogate", ["cispo", "sapo"])

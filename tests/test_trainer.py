@@ -195,6 +195,23 @@ def test_surrogate_reaches_the_loss(tmp_path):
         assert not torch.allclose(updates[a], updates[b], rtol=1e-3, atol=1e-6), (a, b)
 
 
+def test_kl_estimator_reaches_the_loss(tmp_path):
+    """The KL term's estimator reaches the update: "k3+" and "k2" have the same gradient (equal
+    updates, bit for bit), k1's gradient is beta per token even where the policy is the reference
+    (an update of its own)."""
+    updates = {}
+    for est in ("k3", "k1", "k2", "k3+"):
+        trainer = make(tmp_path / est, optimizer="sgd", learning_rate=1.0, max_grad_norm=None,
+                       prompts_per_step=4, inner_epochs=2, beta=0.5, kl_estimator=est)
+        before = params(trainer.model)
+        trainer.train(1)
+        updates[est] = torch.cat([(v - before[k]).flatten() for k, v in params(trainer.model).items()])
+    assert torch.equal(updates["k3+"], updates["k2"])
+    assert not torch.allclose(updates["k1"], updates["k3"], rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="kl_estimator must be one of"):
+        TrainerConfig(kl_estimator="mse")
+
+
 def test_adaptive_beta_follows_the_controller(tmp_path):
     trainer = make(tmp_path, beta=0.05, kl_target=0.02, kl_gain=0.3, max_steps=3)
     records = trainer.train()

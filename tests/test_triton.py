@@ -494,6 +494,23 @@ def test_policy_loss_gmpo(lane: Lane, dtype: torch.dtype, advantages: str, kl_we
     assert (float(oracle.clip_fraction) > 0.02) == has_old
 
 
+@pytest.mark.parametrize("kl_estimator", ["k2", "k1", "abs", "k3+", "abs+"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_policy_loss_kl_estimators(lane: Lane, dtype: torch.dtype, kl_estimator: str) -> None:
+    """KL_FORM (k2, k1, |x|, straight-through k3 and |x|) against the reference: holes, NaN padding,
+    an empty row, per-token advantages; "k3+" has k3's loss and k2's gradient."""
+    logp, old, ref, mask, adv = _shifted_inputs(lane, dtype, "token", seed=103, adv_seed=13)
+    kw = {"beta": 0.5, "loss_type": "token", "kl_estimator": kl_estimator}
+    out, oracle, grad = _triton_loss_against_reference(logp, old, ref, adv, mask, kw,
+                                                       f"kl {kl_estimator} {dtype}")
+    assert float(oracle.kl) > 1e-3
+    if kl_estimator == "k3+":
+        _, _, grad_k2 = _triton_loss_against_reference(logp, old, ref, adv, mask, dict(kw, kl_estimator="k2"),
+                                                        f"kl k2 {dtype}")
+        k3 = policy_loss(logp, old, ref, adv, mask, impl="triton", **dict(kw, kl_estimator="k3"))
+        assert torch.equal(grad, grad_k2) and torch.equal(out.loss, k3.loss)
+
+
 @pytest.mark.parametrize(("surrogate", "advantages"), [("clip", "row"), ("clip", "token"), ("cispo", "row")])
 def test_policy_loss_row_stats(lane: Lane, surrogate: str, advantages: str) -> None:
     """ROW_STATS: each row's mask total, clipped and clipped-above weights (holes, an empty and a
@@ -699,14 +716,16 @@ FUSED_TOKEN_OPTIONS = {  # objective, seed, options; and the metric that must sh
              "dual_clip_fraction"),
     "gmpo": ("wsum", 19, {"beta": 0.05, "surrogate": "gmpo", "eps_low": 0.3, "eps_high": 0.3},
              "clip_fraction"),
+    "k2": ("wsum", 20, {"beta": 0.3, "loss_type": "token", "surrogate": "cispo", "kl_estimator": "k2"}, None),
 }
 
 
 @pytest.mark.parametrize("scale", ["group", "batch"])  # batch: the launch that runs the token kernel
 @pytest.mark.parametrize("option", list(FUSED_TOKEN_OPTIONS))
 def test_nonlinear_grpo_token_options(lane: Lane, scale: str, option: str) -> None:
-    """kl_weight="ratio", dual_clip, ratio_level="sequence" and the CISPO, SAPO, VESPO, DPPO and
-    GMPO surrogates in the fused kernel (and in the batch-scale path) against the reference."""
+    """kl_weight="ratio", dual_clip, ratio_level="sequence", the CISPO, SAPO, VESPO, DPPO and
+    GMPO surrogates and the k2 KL estimator in the fused kernel (and in the batch-scale path)
+    against the reference."""
     objective, seed, options, acting = FUSED_TOKEN_OPTIONS[option]
     obj = OBJECTIVES[objective]
     G = 8

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from iama_kernels import BestOfN, nonlinear_grpo_loss, policy_loss, vespo_phi
-from iama_kernels.testing import assert_matches_reference, policy_loss_by_loops, ragged_rows, random_rewards
+from iama_kernels.testing import (
+    assert_matches_reference,
+    policy_loss_and_grad,
+    policy_loss_by_loops,
+    ragged_rows,
+    random_rewards,
+)
 
 FIELDS = ("loss", "kl", "clip_fraction", "ratio_mean", "log_ratio_mean", "dual_clip_fraction",
           "clip_high_fraction")
@@ -35,12 +41,8 @@ def _inputs(S: int = 10, T: int = 13, seed: int = 0, dtype: torch.dtype = torch.
     return {**cast, "advantages": adv.to(dtype), "mask": mask}
 
 
-def _run(inp: dict[str, torch.Tensor], impl: str = "reference", **kw: object):
-    logp = inp["logp"].clone().requires_grad_(True)
-    out = policy_loss(logp, inp["old_logp"], inp["ref_logp"], inp["advantages"], inp["mask"],
-                      impl=impl, surrogate="vespo", **kw)
-    (grad,) = torch.autograd.grad(out.loss, logp)
-    return out, grad
+def _run(inp: dict, impl: str = "reference", **kw: object):
+    return policy_loss_and_grad(inp, impl, surrogate="vespo", **kw)
 
 
 def _trl_phi(logp: torch.Tensor, old: torch.Tensor, A: torch.Tensor, mask: torch.Tensor,

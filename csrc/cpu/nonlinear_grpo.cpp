@@ -15,7 +15,7 @@ nonlinear_grpo_fwd(
     const at::Tensor& mask, const at::Tensor& rewards, const at::Tensor& criterion_weights, at::IntArrayRef kinds,
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,
     double eps_low, double eps_high, double beta, c10::string_view loss_type,
-    std::optional<int64_t> max_completion_length, bool ratio_kl, std::optional<double> dual_clip,
+    std::optional<int64_t> max_completion_length, int64_t kl_form, std::optional<double> dual_clip,
     bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg, double vespo_k_pos,
     double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg) {
   TORCH_CHECK_VALUE(rewards.dim() == 3, "rewards must have shape [B, G, m], got ", rewards.sizes());
@@ -31,7 +31,7 @@ nonlinear_grpo_fwd(
   }
   auto [loss, kl, clip, ratio, lratio, dual, high, seq, row_clip, grad] =
       policy_loss_fwd(logp, old_logp, ref_logp, adv.reshape({-1}), mask, eps_low, eps_high, beta, loss_type,
-                      max_completion_length, ratio_kl, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, false,
+                      max_completion_length, kl_form, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, false,
                       vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
   return {loss, adv, kl, clip, ratio, values, lratio, dual, high, seq, grad};
 }

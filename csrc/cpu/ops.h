@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 policy_loss_fwd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
-    c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
+    c10::string_view loss_type, std::optional<int64_t> max_completion_length, int64_t kl_form,
     std::optional<double> dual_clip, bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg,
     bool row_stats, double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg);
 
@@ -46,7 +46,7 @@ nonlinear_grpo_fwd(
     const at::Tensor& mask, const at::Tensor& rewards, const at::Tensor& criterion_weights, at::IntArrayRef kinds,
     at::IntArrayRef ns, at::ArrayRef<double> taus, c10::string_view estimator, c10::string_view scale, double eps,
     double eps_low, double eps_high, double beta, c10::string_view loss_type,
-    std::optional<int64_t> max_completion_length, bool ratio_kl, std::optional<double> dual_clip,
+    std::optional<int64_t> max_completion_length, int64_t kl_form, std::optional<double> dual_clip,
     bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg, double vespo_k_pos,
     double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg);
 

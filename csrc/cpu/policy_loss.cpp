@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 policy_loss_fwd(
     const at::Tensor& logp, const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp,
     const at::Tensor& advantages, const at::Tensor& mask, double eps_low, double eps_high, double beta,
-    c10::string_view loss_type, std::optional<int64_t> max_completion_length, bool ratio_kl,
+    c10::string_view loss_type, std::optional<int64_t> max_completion_length, int64_t kl_form,
     std::optional<double> dual_clip, bool seq_ratio, c10::string_view surrogate, double tau_pos, double tau_neg,
     bool row_stats, double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg) {
   check_cpu(logp, "logp");
@@ -57,6 +57,12 @@ policy_loss_fwd(
                     "dual_clip must be a finite float > 1 or None, got ", dual_clip.value_or(0.0));
   TORCH_CHECK_VALUE(beta == 0 || ref_logp.has_value(), "ref_logp is required when beta > 0 (got beta=", beta, ")");
   const int kind = parse_loss_type(loss_type);
+  // KlForm: an estimator, plus kKlStraight for k3, k1 and |x| (k2's is its own gradient; the
+  // ratio-weighted k3 is TRL's, differentiated as a whole).
+  const int64_t kl_base = kl_form & ~int64_t(kKlStraight);
+  TORCH_CHECK_VALUE(kl_form >= 0 && kl_base <= kKlAbs && !((kl_form & kKlStraight) && (kl_base == kKlK2 || kl_base == kKlRatioK3)),
+                    "kl_form must be an iama::KlForm code (0-4, or 8, 11, 12 with the straight-through flag), got ",
+                    kl_form);
   TORCH_CHECK_VALUE(tau_pos > 0 && std::isfinite(tau_pos) && tau_neg > 0 && std::isfinite(tau_neg),
                     "tau_pos and tau_neg must be finite and > 0, got ", tau_pos, " and ", tau_neg);
   const bool dppo = surr == kSurrDppoTv || surr == kSurrDppoKl;
@@ -87,7 +93,7 @@ policy_loss_fwd(
     // need no build for half-precision logp with float32 old/ref (a third of the token-pass
     // instantiations, and of the extension's compile time).
     auto out = policy_loss_fwd(logp.to(ct), old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
-                               max_completion_length, ratio_kl, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg,
+                               max_completion_length, kl_form, dual_clip, seq_ratio, surrogate, tau_pos, tau_neg,
                                row_stats, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
     std::get<9>(out) = std::get<9>(out).to(lp_dt);
     return out;
@@ -124,7 +130,7 @@ policy_loss_fwd(
                  : lp_dt == at::kHalf   ? TokenDtype::kFloat16
                                         : TokenDtype::kBFloat16;
   p.mask_kind = mask_kind;
-  p.ratio_kl = ratio_kl;
+  p.kl_form = static_cast<int>(kl_form);
   p.logp = lp.const_data_ptr();
   p.old = old.const_data_ptr();
   p.ref = ref.const_data_ptr();

@@ -20,7 +20,7 @@ struct TokenProblem {
   int64_t S = 0, T = 0;
   TokenDtype logp_dtype = TokenDtype::kFloat32;
   MaskKind mask_kind = MaskKind::kByte;
-  bool ratio_kl = false;              // KL term ratio * k3 (TRL's use_bias_correction_kl)
+  int kl_form = 0;                    // iama::KlForm: the KL term's estimator (k3, TRL's ratio * k3, ...)
   const void* logp = nullptr;  // logp, old and ref in one dtype (the glue converts mixed ones)
   const void* old = nullptr;
   const void* ref = nullptr;

@@ -21,11 +21,11 @@ namespace iama::cpu {
 namespace IAMA_ISA_NAMESPACE {
 
 // Whether the hand-vectorised row of an AVX-512 build (token_row_byte_avx512.h) computes a row
-// with these flags: plain k3, row advantages, every surrogate but DPPO and GMPO (for float32,
+// with these flags: plain k3 (other_kl false), row advantages, every surrogate but DPPO and GMPO (for float32,
 // bfloat16 or float16 log-probs and a byte mask). One rule for the run-time choice and for the
 // templated rows a build leaves out as unreachable.
-constexpr bool hand_row_covers(bool ratio_kl, bool token_adv, int surr) {
-  return !ratio_kl && !token_adv && surr != kSurrDppoTv && surr != kSurrDppoKl && surr != kSurrGmpo;
+constexpr bool hand_row_covers(bool other_kl, bool token_adv, int surr) {
+  return !other_kl && !token_adv && surr != kSurrDppoTv && surr != kSurrDppoKl && surr != kSurrGmpo;
 }
 
 // One row of the pass: its loss terms and gradient, its sums in out[0 .. kRowFields). `mk` is the
@@ -93,6 +93,7 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
   // With one advantage per row the dual clip can act only in a row with A < 0 (and c finite);
   // the per-token rows test it token by token.
   const bool dual = has_dual && A < acc_t(0);
+  const bool other_kl = p.kl_form != kKlK3;
   RowSums sums;
   [[maybe_unused]] bool done = false;
 #ifdef IAMA_TOKEN_ROW_BYTE16
@@ -107,7 +108,7 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
 #endif
 #ifdef IAMA_TOKEN_ROW_BYTE16
   if constexpr (kHandRow) {
-    if (hand_row_covers(p.ratio_kl, token_adv, p.surrogate)) {
+    if (hand_row_covers(other_kl, token_adv, p.surrogate)) {
       sums = policy_loss_row_byte16<lp_t>(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
                                           beta, dual_c, dual && p.surrogate == kSurrClip, p.seq_old != nullptr, lr0,
                                           p.surrogate, tau_pos, tau_neg, grad_row);
@@ -118,7 +119,7 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
   if constexpr (std::is_same_v<lp_t, double>) {
     // float64: one build with run-time flags (see policy_loss_row's kRuntimeFlags).
     RowFlags flags;
-    flags.ratio_kl = p.ratio_kl;
+    flags.kl_form = p.kl_form;
     flags.token_adv = token_adv;
     flags.dual = dppo || (p.surrogate == kSurrClip && (token_adv || dual));
     flags.surr = p.surrogate;
@@ -130,47 +131,49 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
     // The run-time flags as template arguments (each a bool_constant or integral_constant):
     // see policy_loss_row.
     using Clip = std::integral_constant<int, kSurrClip>;
-    auto row = [&](auto ratio_kl, auto per_token, auto with_dual, auto surr) -> RowSums {
-      if constexpr (kHandRow && hand_row_covers(ratio_kl(), per_token(), surr())) {
+    auto row = [&](auto other_kl, auto per_token, auto with_dual, auto surr) -> RowSums {
+      if constexpr (kHandRow && hand_row_covers(other_kl(), per_token(), surr())) {
         return RowSums{};  // unreachable (the hand row took the row): not compiled
       } else {
-        return policy_loss_row<lp_t, aux_t, mask_t, acc_t, ratio_kl(), per_token(), with_dual(), surr()>(
+        return policy_loss_row<lp_t, aux_t, mask_t, acc_t, other_kl(), per_token(), with_dual(), surr()>(
             lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row, a_row, lr0, sign_pos,
-            sign_neg);
+            sign_neg, RowFlags{}, p.kl_form);
       }
     };
-    auto with_dual = [&](auto ratio_kl, auto per_token) {
+    auto with_dual = [&](auto other_kl, auto per_token) {
       if constexpr (per_token()) {  // one build: the dual clip is tested token by token
-        return row(ratio_kl, per_token, std::true_type{}, Clip{});
+        return row(other_kl, per_token, std::true_type{}, Clip{});
       } else {
-        return dual ? row(ratio_kl, per_token, std::true_type{}, Clip{})
-                    : row(ratio_kl, per_token, std::false_type{}, Clip{});
+        return dual ? row(other_kl, per_token, std::true_type{}, Clip{})
+                    : row(other_kl, per_token, std::false_type{}, Clip{});
       }
     };
     // CISPO, SAPO, VESPO and GMPO have no dual clip (the glue refuses one); DPPO's caps its
     // weight.
-    auto with_surrogate = [&](auto ratio_kl, auto per_token) {
+    auto with_surrogate = [&](auto other_kl, auto per_token) {
       switch (p.surrogate) {
         case kSurrCispo:
-          return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrCispo>{});
+          return row(other_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrCispo>{});
         case kSurrSapo:
-          return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrSapo>{});
+          return row(other_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrSapo>{});
         case kSurrVespo:
-          return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrVespo>{});
+          return row(other_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrVespo>{});
         case kSurrGmpo:
-          return row(ratio_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrGmpo>{});
+          return row(other_kl, per_token, std::false_type{}, std::integral_constant<int, kSurrGmpo>{});
         case kSurrDppoTv:  // DPPO's weight cap is dual_c, and its truncated tokens the dual sum
-          return row(ratio_kl, per_token, std::true_type{}, std::integral_constant<int, kSurrDppoTv>{});
+          return row(other_kl, per_token, std::true_type{}, std::integral_constant<int, kSurrDppoTv>{});
         case kSurrDppoKl:
-          return row(ratio_kl, per_token, std::true_type{}, std::integral_constant<int, kSurrDppoKl>{});
+          return row(other_kl, per_token, std::true_type{}, std::integral_constant<int, kSurrDppoKl>{});
         default:
-          return with_dual(ratio_kl, per_token);
+          return with_dual(other_kl, per_token);
       }
     };
-    auto with_adv = [&](auto ratio_kl) {
-      return token_adv ? with_surrogate(ratio_kl, std::true_type{}) : with_surrogate(ratio_kl, std::false_type{});
+    auto with_adv = [&](auto other_kl) {
+      return token_adv ? with_surrogate(other_kl, std::true_type{}) : with_surrogate(other_kl, std::false_type{});
     };
-    sums = p.ratio_kl ? with_adv(std::true_type{}) : with_adv(std::false_type{});
+    // The plain k3 in rows of its own (a compile-time form); every other estimator in one more
+    // set, which reads p.kl_form.
+    sums = other_kl ? with_adv(std::true_type{}) : with_adv(std::false_type{});
   }
   out[0] = sums.loss;
   out[1] = sums.kl;

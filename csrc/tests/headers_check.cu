@@ -87,6 +87,16 @@ __global__ void gmpo_kernel(const float* logp, const float* old, const unsigned 
       adv_tok + r * T, 0.0f, static_cast<float>(ratio * adv_mean), ratio);
 }
 
+// A row with its KL estimator read at run time (k2, then k3's value with k2's gradient).
+__global__ void kl_form_kernel(const float* logp, const float* old, const float* ref, const unsigned char* mask,
+                               int S, int T, int kl_form, float* grad, iama::RowSums* sums) {
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= S) return;
+  sums[r] = iama::policy_loss_row<float, float, unsigned char, float, true, false, false, iama::kSurrCispo>(
+      logp + r * T, old + r * T, ref + r * T, mask + r * T, T, 1.0f, 1.0f, 1.0f, 1.0f, 0.1f, 3.0f, grad + r * T,
+      nullptr, 0.0f, 1.0f, 1.0f, iama::RowFlags{}, kl_form);
+}
+
 __global__ void loss_kernel_f64(const double* logp, const double* mask, double* out) {
   const iama::TokenTerms<double> t = iama::token_terms<double>(mask[0], logp[0], logp[1], logp[2], 1.0, 1.0, 0.8,
                                                                1.2, 0.1, 3.0);

@@ -1,6 +1,6 @@
 """verl's PPO actor loss on the fused kernel: the ``"iama"``, ``"iama_gspo"``, ``"iama_cispo"``,
 ``"iama_sapo"``, ``"iama_gpg"``, ``"iama_dppo_tv"``, ``"iama_dppo_kl"``, ``"iama_geo_mean"``,
-``"iama_kl_cov"`` and ``"iama_clip_cov"`` policy losses.
+``"iama_kl_cov"``, ``"iama_clip_cov"`` and ``"iama_dro"`` policy losses.
 
 verl computes the actor's clipped-ratio loss through a registered *policy loss*
 (``actor_rollout_ref.actor.policy_loss.loss_mode``, ``"vanilla"`` by default). This module gives
@@ -64,6 +64,13 @@ verl's (the same ``torch.randperm`` call: the same seed picks the same tokens), 
 kernel with those tokens' advantages set to 0 (they still count in the normalisers, as in
 verl's). ``actor/pg_clipfrac`` is, as verl's, the share of tokens taken out.
 
+``"iama_dro"`` is verl's ``"dro"`` (Direct Reward Optimization's ``-(A log_prob - dro_beta
+(log_prob - old_log_prob)^2 / 2)``, every ``loss_agg_mode``, rollout weights): the kernel's CISPO
+term with its range closed to ``[1, 1]`` (a weight of exactly 1: ``-A log_prob``) and its KL term
+with ``kl_estimator="k2"`` and ``old_log_prob`` as the reference, ``beta = policy_loss.dro_beta``
+(required, > 0, as verl's). Its one metric, ``actor/ppo_kl``, is the mean of ``old_log_prob -
+log_prob``, as verl's.
+
 ``"iama_geo_mean"`` is verl's ``"geo_mean"`` (GMPO, Zhao et al., 2025: each response's loss is
 ``-Abar exp(M)``, ``M`` the mean over its tokens of the log-ratios clipped by the sign of their
 advantage to ``clip_ratio_high`` above where ``A > 0`` and ``-clip_ratio_low`` below where
@@ -114,11 +121,12 @@ VERL_LOSSES = {"vanilla": (POLICY_LOSS_NAME, "token", "clip"), "gspo": ("iama_gs
                "gpg": ("iama_gpg", "token", "gpg"), "dppo_tv": ("iama_dppo_tv", "token", "dppo_tv"),
                "dppo_kl": ("iama_dppo_kl", "token", "dppo_kl"),
                "geo_mean": ("iama_geo_mean", "token", "gmpo"), "kl_cov": ("iama_kl_cov", "token", "kl_cov"),
-               "clip_cov": ("iama_clip_cov", "token", "clip_cov")}
+               "clip_cov": ("iama_clip_cov", "token", "clip_cov"), "dro": ("iama_dro", "token", "dro")}
 # verl's surrogates on the kernel's (gpg: the kernel's "cispo" without old_log_prob; kl_cov: its
 # "clip" with the range opened, plus the KL term of the selected tokens; clip_cov: its "clip"
-# without the dual clip, the selected tokens' advantages set to 0)
-VERL_SURROGATES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "gmpo", "kl_cov", "clip_cov")
+# without the dual clip, the selected tokens' advantages set to 0; dro: its "cispo" with the weight
+# held at 1 and the k2 KL term to old_log_prob)
+VERL_SURROGATES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "gmpo", "kl_cov", "clip_cov", "dro")
 # kl_cov's clip range on the kernel: [0, 1 + 1e30], which no finite ratio below e**69 leaves
 _OPEN_RANGE = (1.0, 1e30)
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm",
@@ -143,7 +151,7 @@ def _clip_range(config: Any, surrogate: str = "clip") -> tuple[float, float, flo
     clip_ratio = _option(config, "clip_ratio", 0.2)
     low = float(_option(config, "clip_ratio_low", clip_ratio))
     high = float(_option(config, "clip_ratio_high", clip_ratio))
-    if surrogate == "gpg":  # no ratio: the range [1, 1] holds the weight at exactly 1
+    if surrogate in ("gpg", "dro"):  # the range [1, 1] holds the weight at exactly 1
         return 0.0, 0.0, None
     if surrogate == "gmpo":  # bounds on the log-ratio, any >= 0; no dual clip
         return low, high, None
@@ -193,7 +201,7 @@ class VerlPolicyLoss:
         ratio_level: ``"token"`` (verl's ``"vanilla"``) or ``"sequence"`` (verl's ``"gspo"``:
             GSPO-token's sequence ratio, no dual clip).
         surrogate: ``"clip"`` (verl's ``"vanilla"``/``"gspo"``), ``"cispo"``, ``"sapo"``,
-            ``"gpg"``, ``"dppo_tv"``, ``"dppo_kl"``, ``"kl_cov"``, ``"clip_cov"`` (verl's losses of
+            ``"gpg"``, ``"dppo_tv"``, ``"dppo_kl"``, ``"kl_cov"``, ``"clip_cov"``, ``"dro"`` (verl's losses of
             those names) or ``"gmpo"`` (verl's ``"geo_mean"``); token-level ratios only, as
             verl's.
     """
@@ -310,15 +318,22 @@ class VerlPolicyLoss:
             mask = rollout_is_weights.detach() * mask
         if not gmpo:
             scale = scale * dp_size
-        gpg, kl_cov, clip_cov = (self.surrogate == name for name in ("gpg", "kl_cov", "clip_cov"))
-        surrogate = "cispo" if gpg else ("clip" if kl_cov or clip_cov else self.surrogate)
+        gpg, kl_cov, clip_cov, dro = (self.surrogate == name for name in ("gpg", "kl_cov", "clip_cov", "dro"))
+        surrogate = "cispo" if gpg or dro else ("clip" if kl_cov or clip_cov else self.surrogate)
+        beta, ref = 0.0, None
+        if dro:  # the quadratic penalty to old_log_prob: the kernel's k2 KL term
+            beta = _option(_option(config, "policy_loss"), "dro_beta")
+            if beta is None or not float(beta) > 0:
+                raise ValueError(f"policy_loss.dro_beta must be a positive value when using DRO, got {beta}")
+            beta, ref = float(beta), old_log_prob.detach()
         taken_out = 0.0
         if clip_cov:  # the selected tokens' terms are 0 (and still count in the normalisers)
             picked, taken_out = _clip_cov_tokens(log_prob, old_log_prob, advantages, keep, eps_low, eps_high,
                                                  config)
             adv = adv.masked_fill(picked, 0.0)
-        out = policy_loss(log_prob, None if gpg else old_log_prob.detach(), None, adv, mask,
-                          eps_low=eps_low, eps_high=eps_high, beta=0.0, loss_type=loss_type,
+        out = policy_loss(log_prob, None if gpg else old_log_prob.detach(), ref, adv, mask,
+                          eps_low=eps_low, eps_high=eps_high, beta=beta, loss_type=loss_type,
+                          kl_estimator="k2" if dro else "k3",
                           max_completion_length=length, dual_clip=dual_clip, ratio_level=self.ratio_level,
                           surrogate=surrogate, tau_pos=tau_pos, tau_neg=tau_neg, impl=self.impl)
         metrics: dict[str, float] = {}
@@ -330,6 +345,8 @@ class VerlPolicyLoss:
             metrics = {"actor/ppo_kl": float(abs_kl)}
         elif clip_cov:  # verl's pg_clipfrac here: the share of tokens whose term was set to 0
             metrics = {"actor/pg_clipfrac": taken_out, "actor/ppo_kl": -float(out.log_ratio_mean)}
+        elif dro:  # verl's one metric (its clip flags would mean nothing: the range is [1, 1])
+            metrics = {"actor/ppo_kl": -float(out.log_ratio_mean)}
         elif not gpg:  # verl's "gpg" returns no metrics (and so reads nothing back from the device)
             # (GMPO's: clipped above with A > 0, clipped below with A < 0)
             clipfrac, log_ratio, other = torch.stack(

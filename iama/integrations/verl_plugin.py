@@ -1,7 +1,7 @@
 """Registers the ``"iama"`` advantage estimator and the ``"iama"``, ``"iama_gspo"``,
 ``"iama_cispo"``, ``"iama_sapo"``, ``"iama_gpg"``, ``"iama_dppo_tv"``, ``"iama_dppo_kl"``,
-``"iama_geo_mean"``, ``"iama_kl_cov"`` and ``"iama_clip_cov"`` policy losses when verl loads its plugins
-(``import verl``).
+``"iama_geo_mean"``, ``"iama_kl_cov"``, ``"iama_clip_cov"`` and ``"iama_dro"`` policy losses when
+verl loads its plugins (``import verl``).
 
 Named in iama's ``verl.plugins`` entry point, and usable as
 ``VERL_USE_EXTERNAL_MODULES=iama.integrations.verl_plugin`` where entry points are turned off.

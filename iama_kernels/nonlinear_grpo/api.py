@@ -9,9 +9,8 @@ import torch
 from .. import _cpu_backend as _cb
 from .. import _triton_backend as _tb
 from .._checks import (
-    KL_WEIGHTS,
-    check_choice,
     check_dual_clip,
+    check_kl,
     check_ratio_level,
     check_surrogate,
     check_vespo,
@@ -48,6 +47,7 @@ def nonlinear_grpo_loss(
     criterion_weights: torch.Tensor | Sequence[float] | None = None,
     max_completion_length: int | None = None,
     kl_weight: str = "none",
+    kl_estimator: str = "k3",
     dual_clip: float | None = None,
     ratio_level: str = "token",
     surrogate: str = "clip",
@@ -69,8 +69,8 @@ def nonlinear_grpo_loss(
             group-major (row ``b * G + g`` is sample ``g`` of group ``b``).
         rewards: ``[B, G]`` or ``[B, G, m]`` floating rewards, finite.
         objective, estimator, scale, eps, criterion_weights: as in :func:`group_advantages`.
-        eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight, dual_clip,
-        ratio_level, surrogate, tau_pos, tau_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+        eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight, kl_estimator,
+        dual_clip, ratio_level, surrogate, tau_pos, tau_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
         vespo_lambda_neg: as in :func:`policy_loss` (with ``surrogate="vespo"`` each row's gamma
             weight multiplies its non-linear advantage; ``sequence_log_ratio`` holds the rows'
             log weights).
@@ -86,7 +86,7 @@ def nonlinear_grpo_loss(
         logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_type, max_completion_length,
         log_space_clip=surrogate == "gmpo",
     )
-    check_choice("kl_weight", kl_weight, KL_WEIGHTS)
+    check_kl(kl_estimator, kl_weight)
     dual_clip = check_dual_clip(dual_clip)
     tau_pos, tau_neg = check_surrogate(surrogate, tau_pos, tau_neg, dual_clip)
     check_ratio_level(ratio_level, surrogate)
@@ -107,4 +107,5 @@ def nonlinear_grpo_loss(
     backend = choose("nonlinear_grpo_loss", impl, _NONLINEAR_GRPO_BACKENDS, call)
     return backend.run(logp, old_logp, ref_logp, mask, rewards, objective, estimator, scale, eps,
                        eps_low, eps_high, beta, loss_type, criterion_weights, max_completion_length,
-                       kl_weight, dual_clip, ratio_level, surrogate, tau_pos, tau_neg, vespo)
+                       kl_weight, dual_clip, ratio_level, surrogate, tau_pos, tau_neg, vespo,
+                       kl_estimator)

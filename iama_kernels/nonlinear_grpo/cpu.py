@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import ROW_SURROGATES, VESPO_DEFAULTS
+from .._checks import ROW_SURROGATES, VESPO_DEFAULTS, check_kl
 from .._cpu_backend import objective_codes
 from .._types import NonlinearGRPOOutput
 from ..advantages.cpu import resolve_criterion_weights
@@ -40,6 +40,7 @@ def nonlinear_grpo_loss_cpu(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     vespo: tuple[float, float, float, float] = VESPO_DEFAULTS,
+    kl_estimator: str = "k3",
 ) -> NonlinearGRPOOutput:
     """Rewards ``[B, G, m]`` and ``[B * G, T]`` token inputs -> :class:`NonlinearGRPOOutput`."""
     kinds, ns, taus = objective_codes(objective)
@@ -47,8 +48,8 @@ def nonlinear_grpo_loss_cpu(
     loss, advantages, kl, clip_fraction, ratio_mean, values, lratio, dual, high, seq, _ = (
         torch.ops.iama.nonlinear_grpo_fwd(
             logp, old_logp, ref_logp, mask, rewards, lam, kinds, ns, taus, estimator, scale, eps,
-            eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight == "ratio", dual_clip,
-            ratio_level == "sequence", surrogate, tau_pos, tau_neg, *vespo,
+            eps_low, eps_high, beta, loss_type, max_completion_length, check_kl(kl_estimator, kl_weight),
+            dual_clip, ratio_level == "sequence", surrogate, tau_pos, tau_neg, *vespo,
         )
     )
     per_row = ratio_level == "sequence" or surrogate in ROW_SURROGATES

@@ -34,13 +34,14 @@ def nonlinear_grpo_loss_ref(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     vespo: tuple[float, float, float, float] = VESPO_DEFAULTS,
+    kl_estimator: str = "k3",
 ) -> NonlinearGRPOOutput:
     """Reference :func:`iama_kernels.nonlinear_grpo_loss`; rewards ``[B, G, m]``, validated."""
     adv = group_advantages_ref(rewards, objective, estimator, scale, eps, criterion_weights)
     out = policy_loss_ref(
         logp, old_logp, ref_logp, adv.advantages.reshape(-1), mask,
         eps_low, eps_high, beta, loss_type, max_completion_length, kl_weight, dual_clip,
-        ratio_level, surrogate, tau_pos, tau_neg, False, vespo,
+        ratio_level, surrogate, tau_pos, tau_neg, False, vespo, kl_estimator,
     )
     return NonlinearGRPOOutput(
         out.loss, adv.advantages, out.kl, out.clip_fraction, out.ratio_mean,

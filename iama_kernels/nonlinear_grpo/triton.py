@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import ROW_SURROGATES, VESPO_DEFAULTS
+from .._checks import ROW_SURROGATES, VESPO_DEFAULTS, check_kl
 from .._device import launch_device
 from .._types import NonlinearGRPOOutput
 from ..advantages.reference import scale_advantages
@@ -69,7 +69,7 @@ def _nonlinear_grpo_fwd_kernel(
     vk_pos, vl_pos, vk_neg, vl_neg,
     BG: tl.constexpr, M: tl.constexpr, SCALE: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr, RATIO_KL: tl.constexpr = False,
+    WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr, KL_FORM: tl.constexpr = 0,
     DUAL_CLIP: tl.constexpr = False, SEQ_RATIO: tl.constexpr = False, SURROGATE: tl.constexpr = 0,
 ):
     b = tl.program_id(0)
@@ -98,7 +98,7 @@ def _nonlinear_grpo_fwd_kernel(
             a, b * G + j, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr, seq_ptr,
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, 0, 0,
             T, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg, norm, loss, kl, clip, ratio,
-            lratio, dual, high, HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL,
+            lratio, dual, high, HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, KL_FORM,
             DUAL_CLIP, False, SEQ_RATIO, SURROGATE, None, False, vk_pos, vl_pos, vk_neg, vl_neg,
         )
         msum += r_m
@@ -118,7 +118,7 @@ def _nonlinear_grpo_fwd(
     mask: torch.Tensor, rewards: torch.Tensor, lam: torch.Tensor, codes: list[int],
     taus: list[float], estimator: str, eps: float, scale_code: int, eps_low: float,
     eps_high: float, beta: float, loss_type: str, max_completion_length: int, need_grad: bool,
-    ratio_kl: bool = False, dual_clip: float | None = None, seq_ratio: bool = False,
+    kl_form: int = 0, dual_clip: float | None = None, seq_ratio: bool = False,
     surrogate: str = "clip", tau_pos: float = 1.0, tau_neg: float = 1.05,
     vespo: tuple[float, ...] = VESPO_DEFAULTS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,7 +148,7 @@ def _nonlinear_grpo_fwd(
         BG=tables.shape[-1], M=m, SCALE=scale_code,
         HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
         LOSS_TYPE=LOSS_TYPE_CODES[loss_type], WRITE_GRAD=need_grad, BLOCK_T=block_t,
-        NP=N_PARTIALS, RATIO_KL=ratio_kl, DUAL_CLIP=has_dual,
+        NP=N_PARTIALS, KL_FORM=kl_form, DUAL_CLIP=has_dual,
         SEQ_RATIO=seq_ratio and old_logp is not None, SURROGATE=SURROGATE_CODES[surrogate],
         num_warps=max(warps, group_warps(G)),
     )
@@ -161,7 +161,7 @@ def _nonlinear_grpo_op(
     mask: torch.Tensor, rewards: torch.Tensor, lam: torch.Tensor, codes: list[int],
     taus: list[float], estimator: str, eps: float, scale_code: int, eps_low: float,
     eps_high: float, beta: float, loss_type: str, max_completion_length: int, need_grad: bool,
-    ratio_kl: bool = False, dual_clip: float | None = None, seq_ratio: bool = False,
+    kl_form: int = 0, dual_clip: float | None = None, seq_ratio: bool = False,
     surrogate: str = "clip", tau_pos: float = 1.0, tau_neg: float = 1.05,
     vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
     vespo_lambda_neg: float = 2.0,
@@ -169,14 +169,14 @@ def _nonlinear_grpo_op(
     with launch_device(logp.device):
         return _nonlinear_grpo_fwd(logp, old_logp, ref_logp, mask, rewards, lam, codes, taus,
                                    estimator, eps, scale_code, eps_low, eps_high, beta, loss_type,
-                                   max_completion_length, need_grad, ratio_kl, dual_clip,
+                                   max_completion_length, need_grad, kl_form, dual_clip,
                                    seq_ratio, surrogate, tau_pos, tau_neg,
                                    (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg))
 
 
 @_nonlinear_grpo_op.register_fake
 def _(logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps, scale_code,
-      eps_low, eps_high, beta, loss_type, max_completion_length, need_grad, ratio_kl=False,
+      eps_low, eps_high, beta, loss_type, max_completion_length, need_grad, kl_form=0,
       dual_clip=None, seq_ratio=False, surrogate="clip", tau_pos=1.0, tau_neg=1.05, vespo_k_pos=2.0,
       vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
     B, G, m = rewards.shape
@@ -228,9 +228,10 @@ def nonlinear_grpo_loss_triton(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     vespo: tuple[float, float, float, float] = VESPO_DEFAULTS,
+    kl_estimator: str = "k3",
 ) -> NonlinearGRPOOutput:
     """Triton :func:`iama_kernels.nonlinear_grpo_loss`; rewards ``[B, G, m]``, validated."""
-    ratio_kl = kl_weight == "ratio"
+    kl_form = check_kl(kl_estimator, kl_weight)
     seq_ratio = ratio_level == "sequence"
     lam, _ = _lambda(rewards, objective, estimator, criterion_weights, None)
     codes, taus = transform_codes(objective.transforms)
@@ -241,14 +242,14 @@ def nonlinear_grpo_loss_triton(
                                                  0, False)
         adv = scale_advantages(shaped, "batch", eps, None)
         stats, seq, _, _ = _policy_loss_op(logp, old_logp, ref_logp, adv.reshape(-1), mask, eps_low,
-                                           eps_high, beta, loss_type, max_len, need, ratio_kl,
+                                           eps_high, beta, loss_type, max_len, need, kl_form,
                                            dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, False,
                                            *vespo)
     else:
         stats, adv, values, seq, _ = _nonlinear_grpo_op(
             logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps,
             SCALE_CODES[scale],
-            eps_low, eps_high, beta, loss_type, max_len, need, ratio_kl, dual_clip, seq_ratio,
+            eps_low, eps_high, beta, loss_type, max_len, need, kl_form, dual_clip, seq_ratio,
             surrogate, tau_pos, tau_neg, *vespo,
         )
     metrics = stats.detach()

@@ -9,11 +9,11 @@ import torch
 from .. import _cpu_backend as _cb
 from .. import _triton_backend as _tb
 from .._checks import (
-    KL_WEIGHTS,
     LOSS_TYPES,
     check_choice,
     check_dual_clip,
     check_float,
+    check_kl,
     check_positive_float,
     check_ratio_level,
     check_surrogate,
@@ -108,6 +108,7 @@ def policy_loss(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     kl_weight: str = "none",
+    kl_estimator: str = "k3",
     dual_clip: float | None = None,
     ratio_level: str = "token",
     surrogate: str = "clip",
@@ -125,7 +126,7 @@ def policy_loss(
     Per token: ``rho = exp(logp - old_logp)``,
     ``loss_t = -(min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) - beta * kl_t)`` with
     ``kl_t = exp(ref - logp) - (ref - logp) - 1`` (``surrogate`` swaps the first term for
-    CISPO's, SAPO's or VESPO's).
+    CISPO's, SAPO's or VESPO's; ``kl_estimator`` the second for another estimator).
 
     Args:
         logp: ``[S, T]`` log-probs of the sampled tokens under the policy being trained
@@ -150,6 +151,14 @@ def policy_loss(
             by its ratio, ``rho * kl_t`` with ``rho`` not detached (TRL's
             ``use_bias_correction_kl``), whose gradient is ``beta rho (logp - ref)``; the ``kl``
             metric is then the mean of ``rho * kl_t``.
+        kl_estimator: the estimator ``kl_t`` of ``KL(pi || pi_ref)``, with ``x = logp - ref``
+            (value; its gradient in ``logp``): ``"k3"`` (default; ``exp(-x) + x - 1``;
+            ``1 - exp(-x)``; TRL's, verl's ``"low_var_kl"``), ``"k2"`` (``x^2 / 2``; ``x``;
+            verl's ``"mse"``), ``"k1"`` (``x``; ``1``; verl's ``"kl"``), ``"abs"`` (``|x|``;
+            ``sign(x)``). ``"k3+"``, ``"k1+"``, ``"abs+"``: that value (the ``kl`` metric too) with
+            k2's gradient ``x``, verl's straight-through estimators (k2's gradient is the
+            unbiased one of the KL's). Unlike verl's k3, no clamp. ``kl_weight="ratio"`` takes
+            ``"k3"`` only.
         dual_clip: ``None`` or ``c > 1``: dual-clip PPO (Ye et al., 2020; verl's
             ``clip_ratio_c``): a token with ``A < 0`` and ``rho > c`` has the surrogate ``c A``, a
             constant (no surrogate gradient), so a negative advantage cannot push a token whose
@@ -248,14 +257,14 @@ def policy_loss(
         with ``"gmpo"`` (``None`` otherwise), and ``row_clip_weights`` (``None`` unless ``row_stats``).
         ``d loss / d logp_t = w_t (-(rho A if the unclipped term is active and the dual clip
         is not else 0) + beta (1 - exp(ref - logp)))`` (``beta rho (logp - ref)`` in place of
-        the last term with ``kl_weight="ratio"``; the surrogate's own gradient, see
-        ``surrogate``, for the others).
+        the last term with ``kl_weight="ratio"``, ``beta`` times the estimator's gradient with
+        another ``kl_estimator``; the surrogate's own gradient, see ``surrogate``, for the others).
     """
     eps_low, eps_high, beta = check_token_inputs(
         logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_type, max_completion_length,
         log_space_clip=surrogate == "gmpo",
     )
-    check_choice("kl_weight", kl_weight, KL_WEIGHTS)
+    check_kl(kl_estimator, kl_weight)
     dual_clip = check_dual_clip(dual_clip)
     tau_pos, tau_neg = check_surrogate(surrogate, tau_pos, tau_neg, dual_clip)
     check_ratio_level(ratio_level, surrogate)
@@ -279,7 +288,7 @@ def policy_loss(
     backend = choose("policy_loss", impl, _POLICY_LOSS_BACKENDS, call)
     out = backend.run(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta,
                       loss_type, max_completion_length, kl_weight, dual_clip, ratio_level,
-                      surrogate, tau_pos, tau_neg, row_stats, vespo)
+                      surrogate, tau_pos, tau_neg, row_stats, vespo, kl_estimator)
     if per_token and data_checks_enabled():
         _check_token_advantages(out.loss, advantages, mask)
     return out

@@ -179,6 +179,27 @@ def token_surrogate(
     return surr, ~unclipped_active, ~unclipped_active & (A > 0), dual
 
 
+def kl_estimate(x: torch.Tensor, kl_estimator: str) -> torch.Tensor:
+    """The estimate of ``KL(pi || pi_ref)`` per token at ``x = logp - ref`` (differentiable in
+    ``x``): k3 ``exp(-x) + x - 1``, k2 ``x^2 / 2``, k1 ``x``, ``|x|``; with a ``"+"``, that value
+    with k2's gradient (``k2 - sg[k2] + sg[value]``, verl's straight-through form)."""
+    base = kl_estimator.rstrip("+")
+    if base == "k3":
+        value = torch.exp(-x) + x - 1
+    elif base == "k2":
+        value = 0.5 * x.square()
+    elif base == "k1":
+        value = x
+    elif base == "abs":
+        value = x.abs()
+    else:
+        raise ValueError(f"unknown kl_estimator {kl_estimator!r}")
+    if kl_estimator.endswith("+"):
+        k2 = 0.5 * x.square()
+        return k2 - k2.detach() + value.detach()
+    return value
+
+
 def policy_loss_ref(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -198,6 +219,7 @@ def policy_loss_ref(
     tau_neg: float = 1.05,
     row_stats: bool = False,
     vespo: tuple[float, float, float, float] = VESPO_DEFAULTS,
+    kl_estimator: str = "k3",
 ) -> PolicyLossOutput:
     """Reference :func:`iama_kernels.policy_loss`; arguments already validated."""
     dtype = compute_dtype(logp.dtype)
@@ -232,8 +254,7 @@ def policy_loss_ref(
     if ref_logp is None:
         kl = torch.zeros_like(lp)
     else:
-        d = torch.where(keep, ref_logp.to(dtype), zero) - lp
-        kl = torch.exp(d) - d - 1
+        kl = kl_estimate(lp - torch.where(keep, ref_logp.to(dtype), zero), kl_estimator)
         if kl_weight == "ratio":  # rho * k3 with rho not detached: gradient beta rho (logp - ref)
             kl = ratio * kl
     per_token = beta * kl - surrogate_t

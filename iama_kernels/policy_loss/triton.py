@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import ROW_SURROGATES, VESPO_DEFAULTS
+from .._checks import ROW_SURROGATES, VESPO_DEFAULTS, check_kl
 from .._device import launch_device
 from .._types import PolicyLossOutput
 
@@ -85,12 +85,38 @@ def _sum_and_max(a_sum, a_max, b_sum, b_max):
 
 
 @triton.jit
+def _kl_term(x, ratio, KL_FORM: tl.constexpr):
+    """The KL estimator's value and its derivative in logp at ``x = logp - ref`` (``KL_FORM``: an
+    ``iama::KlForm`` code; csrc/include/iama/loss.h): k3 0, TRL's ``ratio * k3`` 1 (the ratio
+    not detached: derivative ``ratio * x``), k2 2, k1 3, ``|x|`` 4; plus 8: k2's derivative ``x``."""
+    if KL_FORM % 8 == 1:
+        kl = ratio * (tl.exp(-x) + x - 1.0)
+        dkl = ratio * x
+    elif KL_FORM % 8 == 2:
+        kl = 0.5 * x * x
+        dkl = x
+    elif KL_FORM % 8 == 3:
+        kl = x
+        dkl = x * 0.0 + 1.0
+    elif KL_FORM % 8 == 4:
+        kl = tl.abs(x)
+        dkl = tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, x * 0.0))  # NaN stays NaN
+    else:
+        ed = tl.exp(-x)
+        kl = ed + x - 1.0
+        dkl = 1.0 - ed
+    if KL_FORM >= 8:
+        dkl = x
+    return kl, dkl
+
+
+@triton.jit
 def _token_row(
     a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr, seq_ptr,
     s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_ar, s_at,
     T, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg, norm, loss_acc, kl_acc, clip_acc, ratio_acc,
     lratio_acc, dual_acc, high_acc, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, RATIO_KL: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, KL_FORM: tl.constexpr,
     DUAL_CLIP: tl.constexpr, TOKEN_ADV: tl.constexpr, SEQ_RATIO: tl.constexpr,
     SURROGATE: tl.constexpr = 0, rows_ptr=None, ROW_STATS: tl.constexpr = False,
     vk_pos=2.0, vl_pos=3.0, vk_neg=3.0, vl_neg=2.0,
@@ -103,8 +129,8 @@ def _token_row(
     block-wide reduction is a shared-memory round trip behind a barrier, and a 1024-token row
     streams in the time of a few of them (benchmarks/gpu/NOTES.md, change 3). The one reduction
     left per row is the pre-pass's (mask total and extent together). ``norm``: ``1/S`` (grpo),
-    ``1/(S L)`` (dr_grpo), unused (token). ``RATIO_KL``: the KL term is ``ratio * k3`` (ratio
-    not detached, TRL's bias correction), with derivative ``ratio * (logp - ref)``.
+    ``1/(S L)`` (dr_grpo), unused (token). ``KL_FORM``: the KL estimator's ``iama::KlForm`` code
+    (``_kl_term``).
     ``DUAL_CLIP``: the dual clip ``c = dual_c`` is on: for ``a < 0`` a token with ``ratio > c``
     has the constant surrogate ``c a`` and no surrogate gradient. ``TOKEN_ADV``: each token's
     advantage is read from ``adv_ptr`` (row stride ``s_ar``, token stride ``s_at``; 0 where the
@@ -342,14 +368,8 @@ def _token_row(
             row_high += high_w
         if HAS_REF:
             ref = tl.load(ref_row + t * s_rt, mask=live, other=0.0).to(tl.float32)
-            d = ref - lp
-            ed = tl.exp(d)
-            kl = ed - d - 1.0
-            if RATIO_KL:
-                kl = ratio * kl
-                g += beta * (-(ratio * d))
-            else:
-                g += beta * (1.0 - ed)
+            kl, dkl = _kl_term(lp - ref, ratio, KL_FORM)
+            g += beta * dkl
             per = beta * kl - surr
             kl_acc += tl.where(keep, m * kl, 0.0)
         else:
@@ -390,7 +410,7 @@ def _policy_loss_fwd_kernel(
     S, T, rows_per_prog, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg, norm,
     vk_pos, vl_pos, vk_neg, vl_neg,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS_TYPE: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr, RATIO_KL: tl.constexpr = False,
+    WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, NP: tl.constexpr, KL_FORM: tl.constexpr = 0,
     DUAL_CLIP: tl.constexpr = False, TOKEN_ADV: tl.constexpr = False, SEQ_RATIO: tl.constexpr = False,
     SURROGATE: tl.constexpr = 0, rows_ptr=None, ROW_STATS: tl.constexpr = False,
 ):
@@ -416,7 +436,7 @@ def _policy_loss_fwd_kernel(
             a, row, logp_ptr, old_ptr, ref_ptr, mask_ptr, grad_ptr, adv_ptr, seq_ptr,
             s_lr, s_lt, s_or, s_ot, s_rr, s_rt, s_mr, s_mt, s_gr, s_gt, s_a, s_at,
             T, eps_low, eps_high, beta, dual_c, tau_pos, tau_neg, norm, loss, kl, clip, ratio,
-            lratio, dual, high, HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, RATIO_KL,
+            lratio, dual, high, HAS_OLD, HAS_REF, LOSS_TYPE, WRITE_GRAD, BLOCK_T, KL_FORM,
             DUAL_CLIP, TOKEN_ADV, SEQ_RATIO, SURROGATE, rows_ptr, ROW_STATS,
             vk_pos, vl_pos, vk_neg, vl_neg,
         )
@@ -510,7 +530,7 @@ def token_args(
 def _policy_loss_fwd(
     logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
     advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
-    loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
+    loss_type: str, max_completion_length: int, need_grad: bool, kl_form: int = 0,
     dual_clip: float | None = None, seq_ratio: bool = False, surrogate: str = "clip",
     tau_pos: float = 1.0, tau_neg: float = 1.05, row_stats: bool = False,
     vespo: tuple[float, ...] = VESPO_DEFAULTS,
@@ -543,7 +563,7 @@ def _policy_loss_fwd(
             row_norm(S, T, loss_type, max_len), *vespo,
             HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
             LOSS_TYPE=LOSS_TYPE_CODES[loss_type], WRITE_GRAD=need_grad, BLOCK_T=block_t,
-            NP=N_PARTIALS, RATIO_KL=ratio_kl, DUAL_CLIP=has_dual, TOKEN_ADV=token_adv,
+            NP=N_PARTIALS, KL_FORM=kl_form, DUAL_CLIP=has_dual, TOKEN_ADV=token_adv,
             SEQ_RATIO=seq_ratio and old_logp is not None,
             SURROGATE=SURROGATE_CODES[surrogate], rows_ptr=rows if row_stats else None,
             ROW_STATS=row_stats, num_warps=warps,
@@ -561,7 +581,7 @@ def sequence_buffer(S: int, seq_ratio: bool, device: torch.device) -> torch.Tens
 def _policy_loss_op(
     logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
     advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float, beta: float,
-    loss_type: str, max_completion_length: int, need_grad: bool, ratio_kl: bool = False,
+    loss_type: str, max_completion_length: int, need_grad: bool, kl_form: int = 0,
     dual_clip: float | None = None, seq_ratio: bool = False, surrogate: str = "clip",
     tau_pos: float = 1.0, tau_neg: float = 1.05, row_stats: bool = False,
     vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
@@ -569,14 +589,14 @@ def _policy_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with launch_device(logp.device):
         return _policy_loss_fwd(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high,
-                                beta, loss_type, max_completion_length, need_grad, ratio_kl,
+                                beta, loss_type, max_completion_length, need_grad, kl_form,
                                 dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, row_stats,
                                 (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg))
 
 
 @_policy_loss_op.register_fake
 def _(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
-      max_completion_length, need_grad, ratio_kl=False, dual_clip=None, seq_ratio=False,
+      max_completion_length, need_grad, kl_form=0, dual_clip=None, seq_ratio=False,
       surrogate="clip", tau_pos=1.0, tau_neg=1.05, row_stats=False, vespo_k_pos=2.0,
       vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
     shape = tuple(logp.shape) if need_grad else (0, 0)
@@ -635,12 +655,13 @@ def policy_loss_triton(
     tau_neg: float = 1.05,
     row_stats: bool = False,
     vespo: tuple[float, float, float, float] = VESPO_DEFAULTS,
+    kl_estimator: str = "k3",
 ) -> PolicyLossOutput:
     """Triton :func:`iama_kernels.policy_loss`; arguments already validated. float32 outputs."""
     stats, seq, rows, _ = _policy_loss_op(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
         0 if max_completion_length is None else int(max_completion_length), needs_grad(logp),
-        kl_weight == "ratio", dual_clip, ratio_level == "sequence", surrogate, tau_pos, tau_neg,
+        check_kl(kl_estimator, kl_weight), dual_clip, ratio_level == "sequence", surrogate, tau_pos, tau_neg,
         row_stats, *vespo,
     )
     metrics = stats.detach()

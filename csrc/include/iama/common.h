@@ -59,6 +59,11 @@ enum SurrogateKind : int {
   kSurrDppoKl = 5,
   kSurrGmpo = 6
 };
+// The KL term's estimator of KL(pi || pi_ref), with x = logp - ref (loss.h): k3 = exp(-x) + x - 1,
+// TRL's ratio * k3 (the ratio not detached), k2 = x^2 / 2, k1 = x, |x|. kKlStraight (a flag
+// added to k3, k1 or |x|): that estimator's value with k2's gradient x (verl's "k3+" straight
+// through; k2's gradient is the unbiased one of the KL).
+enum KlForm : int { kKlK3 = 0, kKlRatioK3 = 1, kKlK2 = 2, kKlK1 = 3, kKlAbs = 4, kKlStraight = 8 };
 
 // One criterion's inference-time transform: Mean, BestOfN(n) or SoftBestOfN(tau).
 struct CriterionSpec {

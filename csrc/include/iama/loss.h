@@ -7,8 +7,13 @@
 //   surr  = c A if dual else (ratio A if active else clip(ratio) A)
 //   loss  = w (beta kl - surr)
 //   grad  = w (-(ratio A if active and not dual else 0) + beta (1 - exp(ref - logp)))  (d loss / d logp)
-// With ratio_kl (TRL's bias-corrected KL) the KL term is ratio * kl, ratio not detached: its
-// derivative is ratio * kl + ratio * (1 - exp(ref - logp)) = ratio * (logp - ref).
+// The KL estimator (KlForm; other_kl with its coefficients KlCoef, else the plain k3), with
+// x = logp - ref, value and derivative in logp:
+//   k3 (above)       exp(-x) + x - 1, 1 - exp(-x)
+//   ratio k3 (TRL's bias-corrected KL, the ratio not detached): ratio * k3, its derivative
+//                    ratio * k3 + ratio * (1 - exp(-x)) = ratio * x
+//   k2               x^2 / 2, x          k1   x, 1          abs   |x|, sign(x) (NaN stays NaN)
+//   + kKlStraight    the value as above, the derivative k2's: x (verl's "k3+", "k1+", "abs+")
 // Two other surrogates replace `surr` and its gradient (the KL term and the weights stay):
 //   CISPO  surr = sg[clip(ratio)] A logp, grad -w clip(ratio) A; clipped: ratio outside the range
 //          (whatever A), clipped above: ratio > 1 + eps_high with A > 0; no dual clip.
@@ -46,6 +51,43 @@
 
 IAMA_NAMESPACE_BEGIN
 
+// A KL estimator other than the plain k3 as coefficients of its pieces, so that the rows reading
+// it at run time stay branch-free (selects on a run-time form kept GCC from vectorising the token
+// loop: 13x slower). With x = logp - ref:
+//   value       (c3 + cr rho) k3 + c2 x^2 / 2 + c1 x + ca |x|
+//   derivative  (er rho + e2) x + e1 + ea sign(x)
+// where k3 and rho are capped at k3_cap and rho_cap: +inf where their coefficients are 1, a large
+// finite value where they are 0, so that an overflowing exp is never multiplied by a 0
+// coefficient (0 * inf = NaN); a NaN stays NaN. (A cap, not a second exp at a zeroed exponent:
+// that cost TRL's ratio k3 40 %.) The plain k3's derivative 1 - exp(-x) is not among them: the
+// plain k3 has rows of its own, and "k3+" takes k2's.
+template <typename acc_t>
+struct KlCoef {
+  acc_t k3_cap, rho_cap, c3, cr, c2, c1, ca, er, e2, e1, ea;
+};
+
+template <typename acc_t>
+IAMA_HD inline KlCoef<acc_t> kl_coefficients(int kl_form) {
+  const acc_t o(1), z(0);
+  const int form = kl_form & ~kKlStraight;
+  const bool k3 = form == kKlK3, ratio = form == kKlRatioK3;
+  KlCoef<acc_t> c;
+  const acc_t huge(3.0e38), inf = static_cast<acc_t>(INFINITY);  // (huge: finite in float32)
+  c.k3_cap = k3 || ratio ? inf : huge;
+  c.rho_cap = ratio ? inf : huge;
+  c.c3 = k3 ? o : z;
+  c.cr = ratio ? o : z;
+  c.c2 = form == kKlK2 ? o : z;
+  c.c1 = form == kKlK1 ? o : z;
+  c.ca = form == kKlAbs ? o : z;
+  const bool straight = (kl_form & kKlStraight) != 0;  // k2's derivative x, whatever the value
+  c.er = ratio ? o : z;
+  c.e2 = form == kKlK2 || straight ? o : z;
+  c.e1 = form == kKlK1 && !straight ? o : z;
+  c.ea = form == kKlAbs && !straight ? o : z;
+  return c;
+}
+
 template <typename acc_t>
 struct TokenTerms {
   acc_t grad;   // d loss / d logp
@@ -64,9 +106,10 @@ struct TokenTerms {
 template <typename acc_t>
 IAMA_HD IAMA_INLINE TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, acc_t ref, acc_t A, acc_t w_scale,
                                              acc_t lo, acc_t hi, acc_t beta, acc_t dual_c,
-                                             bool ratio_kl = false, bool use_dual = true,
+                                             bool other_kl = false, bool use_dual = true,
                                              acc_t lr0 = acc_t(0), int surr = kSurrClip,
-                                             acc_t tau_pos = acc_t(1), acc_t tau_neg = acc_t(1)) {
+                                             acc_t tau_pos = acc_t(1), acc_t tau_neg = acc_t(1),
+                                             const KlCoef<acc_t>& kc = KlCoef<acc_t>{}) {
   const bool keep = m != acc_t(0);
   // old enters only through the log-ratio, which is selected as a whole (one select, as for lp).
   lp = keep ? lp : acc_t(0);
@@ -147,10 +190,21 @@ IAMA_HD IAMA_INLINE TokenTerms<acc_t> token_terms(acc_t m, acc_t lp, acc_t old, 
     high_flag = !active && A > acc_t(0);
   }
   const acc_t d = ref - lp;
-  const acc_t ed = exp_acc(d);
-  const acc_t k3 = k3_from_exp(d, ed);
-  const acc_t kl = ratio_kl ? ratio * k3 : k3;
-  const acc_t dkl = ratio_kl ? -(ratio * d) : acc_t(1) - ed;
+  acc_t kl, dkl;
+  if (!other_kl) {  // the plain k3
+    const acc_t ed = exp_acc(d);
+    kl = k3_from_exp(d, ed);
+    dkl = acc_t(1) - ed;
+  } else {  // any estimator, from its coefficients (KlCoef)
+    const acc_t x = -d;
+    const acc_t k3_raw = k3_from_exp(d, exp_acc(d));
+    const acc_t k3 = kc.k3_cap < k3_raw ? kc.k3_cap : k3_raw;  // (a NaN stays NaN)
+    const acc_t rho = kc.rho_cap < ratio ? kc.rho_cap : ratio;
+    const acc_t abs_x = x < acc_t(0) ? d : x;
+    const acc_t sign_x = x > acc_t(0) ? acc_t(1) : (x < acc_t(0) ? acc_t(-1) : x * acc_t(0));  // NaN stays
+    kl = (kc.c3 + kc.cr * rho) * k3 + kc.c2 * (acc_t(0.5) * x * x) + kc.c1 * x + kc.ca * abs_x;
+    dkl = (kc.er * rho + kc.e2) * x + kc.e1 + kc.ea * sign_x;
+  }
   const acc_t w = m * w_scale;
   TokenTerms<acc_t> t;
   t.loss = keep ? (beta * kl - surrogate) * w : acc_t(0);
@@ -172,8 +226,8 @@ struct RowSums {
 
 // policy_loss_row's flags as run-time values, for a build that takes them so (kRuntimeFlags).
 struct RowFlags {
-  bool ratio_kl = false, token_adv = false, dual = true;
-  int surr = kSurrClip;
+  bool token_adv = false, dual = true;
+  int surr = kSurrClip, kl_form = kKlK3;  // KlForm
 };
 
 // One row of T tokens: writes grad[0..T) and returns the row's sums.
@@ -183,8 +237,8 @@ struct RowFlags {
 // which are added lane by lane to 8 double accumulators, summed pairwise at the end of the row.
 // Summation error per tile is a few ulp of acc_t, and the row sum is in double, so float32 rows
 // of any length keep ~1e-7 relative accuracy.
-// kRatioKL is a template parameter, not an argument: as a run-time flag it kept the token loop
-// from vectorising (the int64-mask row, which takes this path, ran 2x slower). kTokenAdv: the
+// kOtherKl: the KL estimator is kl_form (KlForm), read as KlCoef coefficients; without it the
+// plain k3 (TRL's and verl's default), with no more arithmetic than its own. kTokenAdv: the
 // advantage of token t is A_tok[t] (PPO's per-token advantages, e.g. GAE), not the row's A.
 // kDual = false: the caller knows no token of the row is dual-clipped (a row advantage A >= 0,
 // or no finite c), and the loop leaves the dual clip and its sum out. lr0: added to every token's
@@ -198,15 +252,17 @@ struct RowFlags {
 // (the token loop then keeps its branches and does not vectorise: for float64, where a build per
 // combination would cost a quarter of the CPU extension's compile time for a dtype used to check
 // results rather than to train). The same arithmetic either way: the results are identical.
-template <typename lp_t, typename aux_t, typename mask_t, typename acc_t, bool kRatioKL = false, bool kTokenAdv = false,
+template <typename lp_t, typename aux_t, typename mask_t, typename acc_t, bool kOtherKl = false, bool kTokenAdv = false,
           bool kDual = true, int kSurr = kSurrClip, bool kRuntimeFlags = false>
 IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old, const aux_t* ref,
                                 const mask_t* __restrict__ mask, int64_t T, acc_t A, acc_t w_scale, acc_t lo,
                                 acc_t hi, acc_t beta, acc_t dual_c, lp_t* __restrict__ grad,
                                 const acc_t* __restrict__ A_tok = nullptr, acc_t lr0 = acc_t(0),
-                                acc_t tau_pos = acc_t(1), acc_t tau_neg = acc_t(1), RowFlags flags = {}) {
+                                acc_t tau_pos = acc_t(1), acc_t tau_neg = acc_t(1), RowFlags flags = {},
+                                int kl_form = kKlK3) {
   // Compile-time constants unless kRuntimeFlags (then the branches below stay run-time ones).
-  const bool ratio_kl = kRuntimeFlags ? flags.ratio_kl : kRatioKL;
+  const bool other_kl = kRuntimeFlags ? flags.kl_form != kKlK3 : kOtherKl;
+  const KlCoef<acc_t> kc = kl_coefficients<acc_t>(kRuntimeFlags ? flags.kl_form : kl_form);
   const bool token_adv = kRuntimeFlags ? flags.token_adv : kTokenAdv;
   const bool use_dual = kRuntimeFlags ? flags.dual : kDual;
   const int surr = kRuntimeFlags ? flags.surr : kSurr;
@@ -236,7 +292,7 @@ IAMA_HD RowSums policy_loss_row(const lp_t* __restrict__ logp, const aux_t* old,
       if (token_adv && surr == kSurrVespo) a *= a >= acc_t(0) ? tau_pos : tau_neg;
       const TokenTerms<acc_t> tt = token_terms<acc_t>(m, static_cast<acc_t>(logp[t]), static_cast<acc_t>(old[t]),
                                                       static_cast<acc_t>(ref[t]), a, w_scale, lo, hi, beta, dual_c,
-                                                      ratio_kl, use_dual, lr0, surr, tau_pos, tau_neg);
+                                                      other_kl, use_dual, lr0, surr, tau_pos, tau_neg, kc);
       grad[t] = static_cast<lp_t>(tt.grad);
       t_loss[j] = tt.loss;
       t_kl[j] = tt.kl;
