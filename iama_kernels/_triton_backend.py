@@ -118,3 +118,9 @@ def nonlinear_grpo_loss_triton(*args: Any) -> Any:
     from .nonlinear_grpo.triton import nonlinear_grpo_loss_triton as run
 
     return run(*args)
+
+
+def sequence_log_ratio_triton(*args: Any) -> Any:
+    from .policy_loss.sequence_log_ratio_triton import sequence_log_ratio_triton as run
+
+    return run(*args)

@@ -41,6 +41,7 @@ from triton.compiler import ASTSource
 
 from iama_kernels.advantages.triton import _group_advantages_fwd_kernel, group_warps
 from iama_kernels.nonlinear_grpo.triton import _nonlinear_grpo_fwd_kernel
+from iama_kernels.policy_loss.sequence_log_ratio_triton import _sequence_log_ratio_kernel
 from iama_kernels.policy_loss.triton import _finalize_kernel, _policy_loss_fwd_kernel, token_block
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -50,6 +51,7 @@ TYPES = {
                                   "rows_ptr",
                                   "out_ptr")},
     "logp_ptr": "*bf16", "grad_ptr": "*bf16", "valid_ptr": "*u8", "mask_ptr": "*u8",
+    "sums_ptr": "*fp32", "support_ptr": "*i32", "lo": "fp32", "hi": "fp32",
     **{name: "fp32" for name in ("eps", "eps_low", "eps_high", "beta", "norm", "tau_pos",
                                  "tau_neg", "vk_pos", "vl_pos", "vk_neg", "vl_neg")},
 }
@@ -57,10 +59,12 @@ TYPES = {
 UNIT_STRIDES = {name: 1 for name in ("s_lt", "s_ot", "s_rt", "s_mt", "s_gt")}
 ALIGNED = ("s_lr", "s_or", "s_rr", "s_mr", "s_gr", "T")
 VECTOR_LOAD = "ld.global.v4.b32"
+UNIT_STRIDES_SLR = {name: 1 for name in ("s_lt", "s_ot", "s_mt")}
 
 
 KERNELS = {fn.__name__: fn for fn in (_group_advantages_fwd_kernel, _nonlinear_grpo_fwd_kernel,
-                                       _policy_loss_fwd_kernel, _finalize_kernel)}
+                                       _policy_loss_fwd_kernel, _finalize_kernel,
+                                       _sequence_log_ratio_kernel)}
 # (kernel name, constexprs, warps, argument types, aligned), and what to check in its PTX.
 Job = tuple[str, dict, int, "dict | None", bool]
 JOBS: list[tuple[Job, Callable[[str], None] | None]] = []
@@ -206,6 +210,14 @@ def main() -> None:
     compile_kernel(_policy_loss_fwd_kernel, dict(ratio_kl, KL_FORM=2, SURROGATE=1), 8)
     compile_kernel(_nonlinear_grpo_fwd_kernel, dict(fused_ratio_kl, KL_FORM=2), max(4, group_warps(16)))
     compile_kernel(_finalize_kernel, {"LOSS_TYPE": 1, "NP": 8, "BLOCK_P": 1024}, 4)
+    # sequence_log_ratio: both clamps (TRL's VESPO), none; the contiguous launch reads bf16 logp and
+    # float32 old in 16-byte vectors
+    for clamp_lo, clamp_hi in ((True, True), (False, False)):
+        block_t, warps = token_block(4096, 2)
+        compile_kernel(_sequence_log_ratio_kernel, {"CLAMP_LO": clamp_lo, "CLAMP_HI": clamp_hi,
+                                                    "BLOCK_T": block_t, **UNIT_STRIDES_SLR}, warps,
+                       aligned=True, then=functools.partial(check_vector_loads, loads=2,
+                                                            name=f"sequence_log_ratio clamp={clamp_lo}"))
     for BG, M in [(2, 1), (16, 2), (32, 3), (128, 1)]:
         compile_kernel(_nonlinear_grpo_fwd_kernel, {"BG": BG, "M": M, "SCALE": 1, "HAS_OLD": True,
                                                     "HAS_REF": True, "LOSS_TYPE": 0, "WRITE_GRAD": True,

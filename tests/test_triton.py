@@ -295,6 +295,59 @@ def _triton_loss_against_reference(logp, old, ref, adv, mask, kw: dict, name: st
     return out, oracle, grad
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "int64", "float"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_sequence_log_ratio_matches_reference(lane: Lane, dtype: torch.dtype, mask_kind: str) -> None:
+    """sequence_log_ratio(impl="triton"): rows of two token blocks (the second ragged), NaN padding,
+    an empty row, weighted and integer masks, every clamp; the support exactly."""
+    from iama_kernels import sequence_log_ratio
+    from iama_kernels.policy_loss.sequence_log_ratio_triton import sequence_log_ratio_triton
+
+    S, T = (7, 1100) if lane.device.type == "cpu" else (300, 4100)
+    g = torch.Generator().manual_seed(61)
+    logp = -torch.rand(S, T, generator=g, dtype=torch.float64) * 3
+    old = logp + torch.randn(S, T, generator=g, dtype=torch.float64) * torch.linspace(0.01, 12, S)[:, None]
+    keep = torch.rand(S, T, generator=g) < 0.8
+    keep[1] = False
+    mask = {"bool": keep, "int64": keep.long() * 3, "float": keep.float() * 0.5}[mask_kind].to(lane.device)
+    logp = torch.where(keep, logp, torch.nan).to(dtype).to(lane.device)
+    old = old.to(dtype).to(lane.device)
+    for reduce in ("sum", "mean"):
+        for clamp in (None, (-20.0, 20.0), (-1.0, None), (None, 0.5)):
+            got = sequence_log_ratio(logp, old, mask, reduce=reduce, clamp=clamp, impl="triton")
+            want = sequence_log_ratio(logp, old, mask, reduce=reduce, clamp=clamp, impl="reference")
+            assert got.dtype == torch.float32 and float(got[1]) == 0.0
+            _close(got, want.to(got.device), name=f"sequence_log_ratio {reduce} {clamp}")
+    _, support = sequence_log_ratio_triton(logp, old, mask, None, None)
+    assert torch.equal(support.cpu(), keep.sum(-1).float())
+    mixed = sequence_log_ratio(logp, old.float(), mask, impl="triton")  # old in another dtype
+    _close(mixed, sequence_log_ratio(logp, old.float(), mask, impl="reference").to(mixed.device))
+
+
+def test_sequence_log_ratio_strides_and_nan(lane: Lane) -> None:
+    """Row and token strides (a transposed copy, every other column), a NaN at a counted token
+    (its row NaN, the others not), and the automatic choice on CUDA."""
+    from iama_kernels import sequence_log_ratio
+
+    g = torch.Generator().manual_seed(62)
+    logp = -torch.rand(5, 70, generator=g)
+    old = logp + 0.3 * torch.randn(5, 70, generator=g)
+    mask = torch.rand(5, 70, generator=g) < 0.7
+    wide = torch.full((5, 140), float("nan"))
+    wide[:, ::2] = logp
+    want = sequence_log_ratio(logp.double(), old.double(), mask, impl="reference")
+    for lp, m in ((wide[:, ::2], mask), (logp.t().contiguous().t(), mask.t().contiguous().t())):
+        got = sequence_log_ratio(lp.to(lane.device), old.to(lane.device), m.to(lane.device), impl="triton")
+        _close(got, want.to(got.device))
+    bad = logp.clone()
+    bad[3, int(mask[3].nonzero()[0, 0])] = float("nan")
+    got = sequence_log_ratio(bad.to(lane.device), old.to(lane.device), mask.to(lane.device), impl="triton")
+    assert torch.isnan(got[3]) and torch.isfinite(got[[0, 1, 2, 4]]).all()
+    if lane.device.type == "cuda":
+        auto = sequence_log_ratio(logp.cuda(), old.cuda(), mask.cuda())
+        _close(auto, want.cuda())
+
+
 @pytest.mark.parametrize(("has_old", "has_ref"), [(True, True), (False, True), (True, False), (False, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("loss_type", ["grpo", "token", "dr_grpo"])
@@ -940,6 +993,7 @@ def test_missing_triton_says_how_to_install() -> None:
 def test_custom_ops_pass_opcheck(lane: Lane) -> None:
     from iama_kernels.advantages.triton import _group_advantages_op
     from iama_kernels.nonlinear_grpo.triton import _nonlinear_grpo_op
+    from iama_kernels.policy_loss.sequence_log_ratio_triton import _sequence_log_ratio_op
     from iama_kernels.policy_loss.triton import _policy_loss_op
 
     dev = lane.device
@@ -950,17 +1004,18 @@ def test_custom_ops_pass_opcheck(lane: Lane) -> None:
     lam = torch.ones(1, device=dev)
     torch.library.opcheck(_policy_loss_op, (logp, old, ref, adv, mask, 0.2, 0.2, 0.1, "grpo", 0, True))
     torch.library.opcheck(_policy_loss_op, (logp, old, ref, adv, mask, 0.2, 0.2, 0.1, "token", 0, True,
-                                            False, None, True))
+                                            2, None, True))  # k2
     torch.library.opcheck(_nonlinear_grpo_op, (logp, old, ref, mask, rewards, lam, [2], [1.0], "plugin",
                                                1e-4, 1, 0.2, 0.2, 0.1, "token", 0, True))
     torch.library.opcheck(_nonlinear_grpo_op, (logp, old, ref, mask, rewards, lam, [2], [1.0], "plugin",
-                                               1e-4, 1, 0.2, 0.2, 0.1, "grpo", 0, True, False, None, True))
+                                               1e-4, 1, 0.2, 0.2, 0.1, "grpo", 0, True, 0, None, True))
     torch.library.opcheck(_policy_loss_op, (logp, old, ref, adv, mask, 1.0, 4.0, 0.1, "token", 0, True,
-                                            True, None, False, "cispo", 1.0, 1.05, True))
+                                            1, None, False, "cispo", 1.0, 1.05, True))  # TRL's ratio k3
     torch.library.opcheck(_nonlinear_grpo_op, (logp, old, ref, mask, rewards, lam, [2], [1.0], "plugin",
-                                               1e-4, 1, 0.2, 0.2, 0.1, "grpo", 0, True, False, None, True,
-                                               "sapo", 1.0, 1.5))
+                                               1e-4, 1, 0.2, 0.2, 0.1, "grpo", 0, True, 8, None, True,
+                                               "sapo", 1.0, 1.5))  # k3+
     torch.library.opcheck(_group_advantages_op, (rewards, None, lam, [-1], [0.5], "plugin", 1e-4, 1, False))
+    torch.library.opcheck(_sequence_log_ratio_op, (logp.detach(), old, mask, -1.0, None))
 
 
 def test_torch_compile_traces_around_the_ops(lane: Lane) -> None:

@@ -2,8 +2,9 @@
 
 The pre-pass of sequence-level importance weights that a trainer computes next to the loss:
 TRL's VESPO weight sums each sequence's clamped token log-ratios, GSPO's ratio is the exp of
-their mean. The C++ backend reads ``logp``, ``old_logp`` and ``mask`` once (no ``[S, T]``
-temporaries); the reference is the same in float64 PyTorch.
+their mean. The C++ backend (CPU tensors) and the Triton one (CUDA tensors) read ``logp``,
+``old_logp`` and ``mask`` once (no ``[S, T]`` temporaries); the reference is the same in float64
+PyTorch.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import numbers
 import torch
 
 from .. import _cpu_backend as _cb
+from .. import _triton_backend as _tb
 from .._checks import check_choice, check_float, check_tensor
 from .._dispatch import Backend, Call, choose, reference_check
+from .api import row_span
 
 REDUCTIONS = ("sum", "mean")
 
@@ -37,6 +40,7 @@ def _sequence_log_ratio_cpu(logp: torch.Tensor, old_logp: torch.Tensor, mask: to
 
 _BACKENDS: list[Backend] = [
     Backend("cpu", _cb.cpu_check, _sequence_log_ratio_cpu, _cb.cpu_announce),
+    Backend("triton", _tb.check_triton, _tb.sequence_log_ratio_triton, _tb.announce_triton),
     Backend("reference", reference_check, _sequence_log_ratio_ref),
 ]
 
@@ -73,8 +77,9 @@ def sequence_log_ratio(
             log sequence ratio, :func:`policy_loss`'s ``sequence_log_ratio``).
         clamp: ``None`` or ``(low, high)``, either ``None``: each token's difference is clamped
             before the reduction (TRL's VESPO clamps at ``(-20, 20)``).
-        impl: ``"auto"``, ``"cpu"`` (C++, one pass) or ``"reference"`` (float64 PyTorch; what
-            ``auto`` runs on other devices).
+        impl: ``"auto"``, ``"cpu"`` (C++, one pass), ``"triton"`` (one pass, CUDA tensors; float32
+            sums, no float64 ``logp``) or ``"reference"`` (float64 PyTorch; what ``auto`` runs
+            where neither does).
 
     Returns:
         ``[S]`` in float32 (float64 for float64 ``logp``). A NaN difference at a counted token
@@ -100,7 +105,8 @@ def sequence_log_ratio(
         low, high = _bound("clamp[0]", clamp[0]), _bound("clamp[1]", clamp[1])
         if low is not None and high is not None and low > high:
             raise ValueError(f"clamp must have low <= high, got {clamp!r}")
-    call = Call("sequence_log_ratio", logp.device, impl != "auto", {"dtype": logp.dtype})
+    call = Call("sequence_log_ratio", logp.device, impl != "auto",
+                {"dtype": logp.dtype, "row_span": row_span(logp, old_logp, mask)})
     backend = choose("sequence_log_ratio", impl, _BACKENDS, call)
     sums, support = backend.run(logp, old_logp, mask, low, high)
     out = sums if reduce == "sum" else torch.where(support > 0, sums / support.clamp(min=1), 0.0)
