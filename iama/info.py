@@ -30,6 +30,7 @@ from iama_kernels import (
     group_values,
     nonlinear_grpo_loss,
     policy_loss,
+    sequence_log_ratio,
 )
 from iama_kernels.testing import (
     assert_matches_reference,
@@ -121,6 +122,8 @@ def _cases(x: dict[str, Any]) -> dict[str, tuple[Callable[..., Any], tuple, dict
             policy_loss, (x["logp"], x["old"], x["old"], x["token_advantages"], x["mask"]),
             dict(loss_kw, eps_low=0.0, eps_high=0.0, beta=0.5, surrogate="cispo", kl_estimator="k2",
                  loss_type="dr_grpo"), True),
+        "sequence_log_ratio": (  # VESPO's clamped row sums of the token log-ratios, outside the loss
+            sequence_log_ratio, (x["logp"], x["old"], x["mask"]), {"clamp": (-20.0, 20.0)}, False),
         "nonlinear_grpo_loss": (nonlinear_grpo_loss, (x["logp"], x["old"], x["ref"], x["mask"], x["rewards"],
                                                       _OBJECTIVE), dict(loss_kw, estimator="unbiased"), True),
     }

@@ -30,7 +30,8 @@ class PolicyLossOutput(NamedTuple):
 
     Attributes:
         loss: scalar, differentiable with respect to ``logp``.
-        kl: scalar, mask-weighted mean over tokens of the k3 estimate (0 without ``ref_logp``).
+        kl: scalar, mask-weighted mean over tokens of the KL estimate (``kl_estimator``'s value; 0
+            without ``ref_logp``).
         clip_fraction: scalar, mask-weighted fraction of tokens whose clipped term is active
             (``surrogate="cispo"``: whose importance weight is clipped; ``"sapo"``: 0).
         ratio_mean: scalar, mask-weighted mean of each token's ratio, ``exp(logp - old_logp)``

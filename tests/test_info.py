@@ -27,7 +27,7 @@ def test_every_backend_that_runs_is_right_on_cpu() -> None:
     assert ops == {"first_variation", "group_values", "group_advantages", "policy_loss",
                    "policy_loss ratio kl", "policy_loss ppo", "policy_loss gspo", "policy_loss cispo",
                    "policy_loss sapo", "policy_loss vespo", "policy_loss dppo", "policy_loss gmpo",
-                   "policy_loss k2+dro", "nonlinear_grpo_loss"}
+                   "policy_loss k2+dro", "sequence_log_ratio", "nonlinear_grpo_loss"}
     by = {(o.op, o.impl): o for o in outcomes}
     for op in ops:
         assert by[(op, "reference")].status == "ok"

@@ -1,1 +1,1 @@
-"""The clipped-ratio + k3-KL token loss of one mirror-descent step."""
+"""The clipped-ratio (or another surrogate) + KL token loss of one mirror-descent step."""

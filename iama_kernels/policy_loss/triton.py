@@ -1,4 +1,5 @@
-"""Triton kernels for the clipped-ratio + k3-KL token loss, forward and backward.
+"""Triton kernels for the clipped-ratio + KL token loss (every surrogate and KL estimator),
+forward and backward.
 
 The forward kernel streams each row's tokens once (logp, old_logp, ref_logp, mask), writes the
 per-token gradient ``d loss / d logp`` and per-program partial sums of the loss and the metrics
