@@ -60,7 +60,8 @@ policy_loss_fwd(
   // KlForm: an estimator, plus kKlStraight for k3, k1 and |x| (k2's is its own gradient; the
   // ratio-weighted k3 is TRL's, differentiated as a whole).
   const int64_t kl_base = kl_form & ~int64_t(kKlStraight);
-  TORCH_CHECK_VALUE(kl_form >= 0 && kl_base <= kKlAbs && !((kl_form & kKlStraight) && (kl_base == kKlK2 || kl_base == kKlRatioK3)),
+  const bool straight = (kl_form & kKlStraight) != 0;
+  TORCH_CHECK_VALUE(kl_form >= 0 && kl_base <= kKlAbs && !(straight && (kl_base == kKlK2 || kl_base == kKlRatioK3)),
                     "kl_form must be an iama::KlForm code (0-4, or 8, 11, 12 with the straight-through flag), got ",
                     kl_form);
   TORCH_CHECK_VALUE(tau_pos > 0 && std::isfinite(tau_pos) && tau_neg > 0 && std::isfinite(tau_neg),

@@ -21,9 +21,9 @@ namespace iama::cpu {
 namespace IAMA_ISA_NAMESPACE {
 
 // Whether the hand-vectorised row of an AVX-512 build (token_row_byte_avx512.h) computes a row
-// with these flags: plain k3 (other_kl false), row advantages, every surrogate but DPPO and GMPO (for float32,
-// bfloat16 or float16 log-probs and a byte mask). One rule for the run-time choice and for the
-// templated rows a build leaves out as unreachable.
+// with these flags: the plain k3 (other_kl false), row advantages, every surrogate but DPPO and
+// GMPO (for float32, bfloat16 or float16 log-probs and a byte mask). One rule for the run-time
+// choice and for the templated rows a build leaves out as unreachable.
 constexpr bool hand_row_covers(bool other_kl, bool token_adv, int surr) {
   return !other_kl && !token_adv && surr != kSurrDppoTv && surr != kSurrDppoKl && surr != kSurrGmpo;
 }
