@@ -1005,13 +1005,18 @@ _HAND_ROW_SCRIPT = textwrap.dedent("""
     # non-finite tokens under the mask: NaN and inf gradients, rounded to each dtype's NaN
     logp[2, 5] = float("nan"); logp[3, 7] = float("inf"); old[4, 9] = -float("inf"); ref[5, 11] = float("nan")
     adv = torch.randn(S, generator=g)
+    # per-token advantages of both signs (verl's [bs, T] ones), NaN padding where the mask is 0
+    token_adv = torch.where(mask, torch.randn(S, T, generator=g), float("nan"))
     results = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for surrogate, dual, seq, mk in (("clip", None, False, mask), ("clip", 1.15, False, mask.long()),
-                                         ("clip", None, True, mask), ("cispo", None, False, mask),
-                                         ("sapo", None, False, mask), ("vespo", None, False, mask)):
-            out = torch.ops.iama.policy_loss_fwd(logp.to(dtype), old.to(dtype), ref.to(dtype), adv, mk,
-                                                 0.2, 0.28, 0.05, "grpo", None, False, dual, seq, surrogate,
+        for surrogate, dual, seq, mk, a in (
+                ("clip", None, False, mask, adv), ("clip", 1.15, False, mask.long(), adv),
+                ("clip", None, True, mask, adv), ("cispo", None, False, mask, adv),
+                ("sapo", None, False, mask, adv), ("vespo", None, False, mask, adv),
+                ("clip", 1.15, False, mask, token_adv), ("clip", None, True, mask.long(), token_adv),
+                ("clip", None, False, mask, token_adv), ("cispo", None, False, mask, token_adv)):
+            out = torch.ops.iama.policy_loss_fwd(logp.to(dtype), old.to(dtype), ref.to(dtype), a, mk,
+                                                 0.2, 0.28, 0.05, "grpo", None, 0, dual, seq, surrogate,
                                                  1.2, 0.8, True, 1.5, 2.5, 3.0, 1.2)
             bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # compared as bits: NaN included
             results.append([t.view(bits[t.element_size()]) if t is not None and t.is_floating_point() else t
@@ -1024,16 +1029,17 @@ _HAND_ROW_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs an AVX-512 CPU")
 def test_hand_vectorised_rows_equal_the_templated_rows_bit_for_bit(cpu_ext, tmp_path):
     """The AVX-512 build's hand-written rows (float32, bfloat16 and float16 log-probs, a byte mask
-    or one narrowed to bytes, row advantages; every surrogate but DPPO) compute what the templated
-    rows of the AVX2 build compute, bit for bit: losses, metrics and gradients, NaN and inf tokens
-    included (half-precision gradients compared as bits)."""
+    or one narrowed to bytes; row advantages with every surrogate but DPPO and GMPO, per-token ones
+    with the clipped surrogate, its dual clip and sequence ratio, and CISPO) compute what the
+    templated rows of the AVX2 build compute, bit for bit: losses, metrics and gradients, NaN and
+    inf tokens and NaN advantage padding included (half-precision gradients compared as bits)."""
     per_isa = {}
     for isa in ("avx2", "avx512"):
         path = tmp_path / f"{isa}.pt"
         subprocess.run([sys.executable, "-c", _HAND_ROW_SCRIPT, str(path)], check=True, cwd=REPO, timeout=300,
                        env=dict(os.environ, IAMA_CPU_ISA=isa))
         per_isa[isa] = torch.load(path)
-    assert len(per_isa["avx512"]) == 18
+    assert len(per_isa["avx512"]) == 30
     for k, (a, b) in enumerate(zip(per_isa["avx2"], per_isa["avx512"], strict=True)):
         assert a[-1] and b[-1], k
         for x, y in zip(a[:-1], b[:-1], strict=True):

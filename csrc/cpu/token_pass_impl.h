@@ -21,11 +21,14 @@ namespace iama::cpu {
 namespace IAMA_ISA_NAMESPACE {
 
 // Whether the hand-vectorised row of an AVX-512 build (token_row_byte_avx512.h) computes a row
-// with these flags: the plain k3 (other_kl false), row advantages, every surrogate but DPPO and
-// GMPO (for float32, bfloat16 or float16 log-probs and a byte mask). One rule for the run-time
-// choice and for the templated rows a build leaves out as unreachable.
+// with these flags: the plain k3 (other_kl false); row advantages with every surrogate but DPPO
+// and GMPO, per-token ones with the clipped surrogate and CISPO (for float32, bfloat16 or float16
+// log-probs and a byte mask). One rule for the run-time choice and for the templated rows a build
+// leaves out as unreachable.
 constexpr bool hand_row_covers(bool other_kl, bool token_adv, int surr) {
-  return !other_kl && !token_adv && surr != kSurrDppoTv && surr != kSurrDppoKl && surr != kSurrGmpo;
+  if (other_kl) return false;
+  if (token_adv) return surr == kSurrClip || surr == kSurrCispo;
+  return surr != kSurrDppoTv && surr != kSurrDppoKl && surr != kSurrGmpo;
 }
 
 // One row of the pass: its loss terms and gradient, its sums in out[0 .. kRowFields). `mk` is the
@@ -109,9 +112,12 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
 #ifdef IAMA_TOKEN_ROW_BYTE16
   if constexpr (kHandRow) {
     if (hand_row_covers(other_kl, token_adv, p.surrogate)) {
+      // The dual clip: the row's A < 0 and a finite c, or with per-token advantages a finite c
+      // (each token's sign is tested).
+      const bool row_dual = (token_adv ? has_dual : dual) && p.surrogate == kSurrClip;
       sums = policy_loss_row_byte16<lp_t>(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
-                                          beta, dual_c, dual && p.surrogate == kSurrClip, p.seq_old != nullptr, lr0,
-                                          p.surrogate, tau_pos, tau_neg, grad_row);
+                                          beta, dual_c, row_dual, p.seq_old != nullptr, lr0, p.surrogate, tau_pos,
+                                          tau_neg, grad_row, token_adv ? a_row : nullptr);
       done = true;
     }
   }

@@ -15,7 +15,10 @@
 //   * the 64-token tile's term vectors stay in registers;
 //   * A is the row's constant, so the dual clip, which only acts where A < 0, is compiled into
 //     the loop only for rows with A < 0 and a finite c (kDual), and the clipped-above weight is
-//     the row's clipped weight or 0 (no sum of its own); SAPO's temperature is the row's too;
+//     the row's clipped weight or 0 (no sum of its own); SAPO's temperature is the row's too.
+//     With per-token advantages (kTokenAdv: PPO's, and verl's [bs, T] ones; the clipped surrogate
+//     and CISPO only) each token's A is loaded (0 where the mask is 0, so padding is not read),
+//     the dual clip tests its sign (kDual: a finite c) and the clipped-above weight is summed;
 //   * half-precision tokens are widened to float32 in registers (bfloat16: a shift; float16:
 //     vcvtph2ps) and the gradient rounded back to nearest-even there, as c10's conversions do
 //     (NaN to c10's quiet NaN), where the templated row converts token by token.
@@ -111,15 +114,20 @@ struct Row16 {
 };
 
 // The terms of 16 tokens starting at t; lanes outside `lanes` are not read and give 0. kDual: the
-// row's A is negative and the dual clip c finite (else no token of the row is dual-clipped).
-template <typename lp_t, bool kDual, bool kSeq, int kSurr>
+// row's A is negative and the dual clip c finite (else no token of the row is dual-clipped); with
+// kTokenAdv (each token's A from a_tok): c finite, the sign tested token by token.
+template <typename lp_t, bool kDual, bool kSeq, int kSurr, bool kTokenAdv = false>
 inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref, const uint8_t* mask, lp_t* grad,
-                             int64_t t, __mmask16 lanes, const Row16& c) {
+                             int64_t t, __mmask16 lanes, const Row16& c, const float* a_tok = nullptr) {
   static_assert(!kDual || kSurr == kSurrClip, "the dual clip is the clipped surrogate's alone");
+  static_assert(!kTokenAdv || kSurr == kSurrClip || kSurr == kSurrCispo, "per-token A: clip and CISPO only");
   const __m128i mb = _mm_maskz_loadu_epi8(lanes, mask + t);
   const __mmask16 keep = _mm_test_epi8_mask(mb, mb);
   const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb));
   const __m512 lp = load16(logp + t, keep);
+  const __m512 A = kTokenAdv ? _mm512_maskz_loadu_ps(keep, a_tok + t) : c.A;
+  // A > 0 per token (per-token advantages; the row's sign is applied once, in row_byte16, else).
+  const __mmask16 pos = kTokenAdv ? _mm512_cmp_ps_mask(A, _mm512_setzero_ps(), _CMP_GT_OQ) : __mmask16(0xFFFF);
   // The log-ratio logp - old, or for GSPO's sequence ratio (kSeq) (logp - logp) + lr0, the row's
   // mean (`old` is then logp itself: not loaded; logp - logp is 0, or NaN for a non-finite logp,
   // as in the templated row and the reference), zeroed where the mask is 0.
@@ -133,7 +141,7 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
   const __m512 ratio = exp16(d_old);
   // max(lo, ratio) then min(hi, .): a NaN ratio stays NaN, as in token_terms.
   const __m512 clipped = _mm512_min_ps(c.hi, _mm512_max_ps(c.lo, ratio));
-  const __m512 unclipped_term = _mm512_mul_ps(ratio, c.A);
+  const __m512 unclipped_term = _mm512_mul_ps(ratio, A);
   // The policy term, its derivative in logp, and the clipped / clipped-above / dual flags.
   __m512 surrogate, d_surr;
   __mmask16 clip_flag = 0, high_flag = 0, dual = 0;
@@ -141,10 +149,10 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
     surrogate = _mm512_mul_ps(c.A, lp);
     d_surr = c.A;
   } else if constexpr (kSurr == kSurrCispo) {
-    surrogate = _mm512_mul_ps(_mm512_mul_ps(clipped, c.A), lp);
-    d_surr = _mm512_mul_ps(clipped, c.A);
+    surrogate = _mm512_mul_ps(_mm512_mul_ps(clipped, A), lp);
+    d_surr = _mm512_mul_ps(clipped, A);
     clip_flag = _mm512_cmp_ps_mask(clipped, ratio, _CMP_NEQ_UQ);  // `!=`: true for a NaN ratio
-    high_flag = _mm512_cmp_ps_mask(ratio, c.hi, _CMP_GT_OQ);      // A > 0 is the row's: applied once
+    high_flag = _mm512_cmp_ps_mask(ratio, c.hi, _CMP_GT_OQ) & pos;
   } else if constexpr (kSurr == kSurrSapo) {
     const __m512 one = _mm512_set1_ps(1.0f);
     const __m512 e = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), c.tau), _mm512_sub_ps(ratio, one)));
@@ -158,14 +166,19 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
                                  _mm512_mul_ps(_mm512_set1_ps(4.0f), _mm512_mul_ps(_mm512_mul_ps(e, s), s)),
                                  unclipped_term);
   } else {
-    const __m512 clipped_term = _mm512_mul_ps(clipped, c.A);
+    const __m512 clipped_term = _mm512_mul_ps(clipped, A);
     const __mmask16 active = _mm512_cmp_ps_mask(unclipped_term, clipped_term, _CMP_LE_OQ);
-    // ratio > c (ordered: a NaN ratio is not dual-clipped, as in token_terms).
-    if constexpr (kDual) dual = _mm512_cmp_ps_mask(ratio, c.dual_c, _CMP_GT_OQ);
+    // ratio > c (ordered: a NaN ratio is not dual-clipped, as in token_terms), where A < 0 (the
+    // row's, or each token's).
+    if constexpr (kDual) {
+      dual = _mm512_cmp_ps_mask(ratio, c.dual_c, _CMP_GT_OQ);
+      if constexpr (kTokenAdv) dual &= _mm512_cmp_ps_mask(A, _mm512_setzero_ps(), _CMP_LT_OQ);
+    }
     surrogate = _mm512_mask_blend_ps(active, clipped_term, unclipped_term);
-    if constexpr (kDual) surrogate = _mm512_mask_blend_ps(dual, surrogate, _mm512_mul_ps(c.dual_c, c.A));
+    if constexpr (kDual) surrogate = _mm512_mask_blend_ps(dual, surrogate, _mm512_mul_ps(c.dual_c, A));
     d_surr = _mm512_maskz_mov_ps(active & static_cast<__mmask16>(~dual), unclipped_term);
     clip_flag = static_cast<__mmask16>(~active);
+    high_flag = clip_flag & pos;  // (summed with per-token advantages only)
   }
   const __m512 ed = exp16(d);
   const __m512 kl = k3_16(d, ed);
@@ -180,7 +193,7 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
   s.ratio = _mm512_mul_ps(ratio, m);
   s.lratio = _mm512_mul_ps(d_old, m);
   s.dual = kDual ? _mm512_maskz_mov_ps(dual, m) : _mm512_setzero_ps();
-  s.high = kSurr == kSurrCispo ? _mm512_maskz_mov_ps(high_flag, m) : _mm512_setzero_ps();
+  s.high = kSurr == kSurrCispo || kTokenAdv ? _mm512_maskz_mov_ps(high_flag, m) : _mm512_setzero_ps();
   return s;
 }
 
@@ -201,17 +214,17 @@ inline double lanes_sum(__m512d v) {
   return lane[0];
 }
 
-template <typename lp_t, bool kDual, bool kSeq, int kSurr>
+template <typename lp_t, bool kDual, bool kSeq, int kSurr, bool kTokenAdv = false>
 inline RowSums row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, const uint8_t* mask, int64_t T,
                           float A_, float w_scale_, float lo_, float hi_, float beta_, float dual_c_, float lr0_,
-                          float tau_pos_, float tau_neg_, lp_t* grad) {
+                          float tau_pos_, float tau_neg_, lp_t* grad, const float* a_tok = nullptr) {
   const bool pos = A_ > 0.0f;
   const float tau_ = pos ? tau_pos_ : tau_neg_;
   const float four_over_tau_ = pos ? 4.0f / tau_pos_ : 4.0f / tau_neg_;  // as token_terms rounds it
   const Row16 c{_mm512_set1_ps(A_),   _mm512_set1_ps(w_scale_), _mm512_set1_ps(lo_),
                 _mm512_set1_ps(hi_),  _mm512_set1_ps(beta_),    _mm512_set1_ps(dual_c_),
                 _mm512_set1_ps(lr0_), _mm512_set1_ps(tau_),     _mm512_set1_ps(four_over_tau_)};
-  constexpr bool kHighSum = kSurr == kSurrCispo;
+  constexpr bool kHighSum = kSurr == kSurrCispo || kTokenAdv;
   __m512d acc_loss = _mm512_setzero_pd(), acc_kl = _mm512_setzero_pd(), acc_clip = _mm512_setzero_pd(),
           acc_ratio = _mm512_setzero_pd(), acc_lratio = _mm512_setzero_pd(), acc_dual = _mm512_setzero_pd(),
           acc_high = _mm512_setzero_pd();
@@ -229,7 +242,7 @@ inline RowSums row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, co
     for (int q = 0; q < 4; ++q) {
       const int64_t t = t0 + 16 * q;
       const __mmask16 lanes = full ? static_cast<__mmask16>(0xFFFF) : lanes_from(t);
-      v[q] = token_terms16<lp_t, kDual, kSeq, kSurr>(logp, old, ref, mask, grad, t, lanes, c);
+      v[q] = token_terms16<lp_t, kDual, kSeq, kSurr, kTokenAdv>(logp, old, ref, mask, grad, t, lanes, c, a_tok);
     }
     acc_loss = _mm512_add_pd(acc_loss, tile_sum(v[0].loss, v[1].loss, v[2].loss, v[3].loss));
     acc_kl = _mm512_add_pd(acc_kl, tile_sum(v[0].kl, v[1].kl, v[2].kl, v[3].kl));
@@ -242,9 +255,10 @@ inline RowSums row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, co
     if constexpr (kHighSum) acc_high = _mm512_add_pd(acc_high, tile_sum(v[0].high, v[1].high, v[2].high, v[3].high));
   }
   const double clip = lanes_sum(acc_clip);
-  // The clipped-above weight: CISPO's own sum, the clipped surrogate's clipped weight (one
-  // advantage per row: every clipped token is clipped on the same side), for A > 0 only.
-  const double high = pos ? (kHighSum ? lanes_sum(acc_high) : clip) : 0.0;
+  // The clipped-above weight: its own sum with per-token advantages (their signs tested token by
+  // token); with the row's A, CISPO's own sum or the clipped surrogate's clipped weight (every
+  // clipped token is clipped on the same side), for A > 0 only.
+  const double high = kTokenAdv ? lanes_sum(acc_high) : (pos ? (kHighSum ? lanes_sum(acc_high) : clip) : 0.0);
   return RowSums{lanes_sum(acc_loss),   lanes_sum(acc_kl),   clip, lanes_sum(acc_ratio),
                  lanes_sum(acc_lratio), lanes_sum(acc_dual), high};
 }
@@ -253,12 +267,30 @@ inline RowSums row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, co
 // caller's decision that the dual clip can act in this row (A < 0 and a finite c; the clipped
 // surrogate only); `seq`: GSPO's sequence ratio, lr0 as in policy_loss_row (compiled in only for
 // such rows: adding it to every row cost the per-token rows 3%); `surr`: the surrogate
-// (SurrogateKind).
+// (SurrogateKind); `a_tok`: per-token advantages (the clipped surrogate and CISPO; `dual` then
+// says the dual clip is on, its sign test is per token), or null for the row's A.
 template <typename lp_t>
 inline RowSums policy_loss_row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, const uint8_t* mask,
                                       int64_t T, float A, float w_scale, float lo, float hi, float beta, float dual_c,
                                       bool dual, bool seq, float lr0, int surr, float tau_pos, float tau_neg,
-                                      lp_t* grad) {
+                                      lp_t* grad, const float* a_tok = nullptr) {
+  if (a_tok != nullptr) {  // per-token advantages: the clipped surrogate (verl's PPO) and CISPO
+    auto token_row = [&](auto with_dual, auto with_seq, auto kind) {
+      return row_byte16<lp_t, with_dual(), with_seq(), kind(), true>(logp, old, ref, mask, T, 0.0f, w_scale, lo, hi,
+                                                                     beta, dual_c, lr0, tau_pos, tau_neg, grad, a_tok);
+    };
+    using Clip = std::integral_constant<int, kSurrClip>;
+    if (surr == kSurrCispo) {
+      return seq ? token_row(std::false_type{}, std::true_type{}, std::integral_constant<int, kSurrCispo>{})
+                 : token_row(std::false_type{}, std::false_type{}, std::integral_constant<int, kSurrCispo>{});
+    }
+    if (dual) {
+      return seq ? token_row(std::true_type{}, std::true_type{}, Clip{})
+                 : token_row(std::true_type{}, std::false_type{}, Clip{});
+    }
+    return seq ? token_row(std::false_type{}, std::true_type{}, Clip{})
+               : token_row(std::false_type{}, std::false_type{}, Clip{});
+  }
   auto row = [&](auto with_dual, auto with_seq, auto kind) {
     return row_byte16<lp_t, with_dual(), with_seq(), kind()>(logp, old, ref, mask, T, A, w_scale, lo, hi, beta,
                                                              dual_c, lr0, tau_pos, tau_neg, grad);
