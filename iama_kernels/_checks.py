@@ -58,15 +58,19 @@ VESPO_DEFAULTS = (2.0, 3.0, 3.0, 2.0)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_kl(kl_estimator: object, kl_weight: object) -> int:
-    """``kl_estimator`` and ``kl_weight`` of the policy losses -> the kernels' KL form code
-    (``iama::KlForm``). TRL's ratio weighting is of k3 alone."""
+def check_kl(kl_estimator: object, kl_weight: object) -> None:
+    """``kl_estimator`` and ``kl_weight`` of the policy losses (TRL's ratio weighting is of k3
+    alone)."""
     check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     check_choice("kl_weight", kl_weight, KL_WEIGHTS)
+    if kl_weight == "ratio" and kl_estimator != "k3":
+        raise ValueError(f"kl_weight='ratio' (TRL's bias-corrected k3) takes kl_estimator='k3', "
+                         f"got {kl_estimator!r}")
+
+
+def kl_form(kl_estimator: str, kl_weight: str) -> int:
+    """The kernels' KL form code (``iama::KlForm``) of options already checked by :func:`check_kl`."""
     if kl_weight == "ratio":
-        if kl_estimator != "k3":
-            raise ValueError(f"kl_weight='ratio' (TRL's bias-corrected k3) takes kl_estimator='k3', "
-                             f"got {kl_estimator!r}")
         return KL_RATIO_K3
     straight = kl_estimator.endswith("+")
     return _KL_FORMS[kl_estimator.rstrip("+")] + (KL_STRAIGHT if straight else 0)

@@ -424,6 +424,19 @@ def policy_loss_and_grad(inp: dict[str, torch.Tensor], impl: str = "reference",
     return out, grad
 
 
+def fused_and_separate(inp: dict[str, torch.Tensor], rewards: torch.Tensor, objective: Any, impl: str,
+                       **kw: object) -> tuple[Any, Any]:
+    """:func:`iama_kernels.nonlinear_grpo_loss` on a case (``{"logp", "old_logp", "ref_logp",
+    "mask"}``, rows group-major) and ``rewards``, and :func:`iama_kernels.policy_loss` on the
+    advantages it returns, with the same options: the one-pass op and its two steps."""
+    from . import nonlinear_grpo_loss, policy_loss  # (the package imports this module's users)
+
+    logp, old, ref, mask = inp["logp"], inp["old_logp"], inp["ref_logp"], inp["mask"]
+    fused = nonlinear_grpo_loss(logp, old, ref, mask, rewards, objective, impl=impl, **kw)
+    sep = policy_loss(logp, old, ref, fused.advantages.reshape(-1), mask, impl=impl, **kw)
+    return fused, sep
+
+
 def saturated_sapo_inputs(device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
     """float32 ``(logp, old_logp, advantages, mask)``, 2 x 8, where SAPO's gate saturates: in row 0
     log-ratios of 95 (a ratio past float32's range), in row 1 of -5 (with ``tau = 100`` the gate's

@@ -9,8 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iama_kernels import BestOfN, nonlinear_grpo_loss, policy_loss
-from iama_kernels.testing import assert_matches_reference, policy_loss_by_loops, ragged_rows, random_rewards
+from iama_kernels import BestOfN
+from iama_kernels.testing import (
+    assert_matches_reference,
+    fused_and_separate,
+    policy_loss_by_loops,
+    ragged_rows,
+    random_rewards,
+)
 from iama_kernels.testing import policy_loss_and_grad as _run
 
 FIELDS = ("loss", "kl", "clip_fraction", "ratio_mean", "log_ratio_mean", "dual_clip_fraction",
@@ -129,10 +135,7 @@ def test_nonlinear_grpo_loss_takes_dppo(impl: str, request: pytest.FixtureReques
     rewards = random_rewards(B, G, generator=torch.Generator().manual_seed(1))
     for surrogate in SURROGATES:
         kw = {"beta": 0.05, "surrogate": surrogate, "dual_clip": 1.3, "loss_type": "token"}
-        fused = nonlinear_grpo_loss(inp["logp"], inp["old_logp"], inp["ref_logp"], inp["mask"], rewards,
-                                    BestOfN(2), impl=impl, **kw)
-        sep = policy_loss(inp["logp"], inp["old_logp"], inp["ref_logp"], fused.advantages.reshape(-1),
-                          inp["mask"], impl=impl, **kw)
+        fused, sep = fused_and_separate(inp, rewards, BestOfN(2), impl, **kw)
         assert torch.equal(fused.loss, sep.loss) and torch.equal(fused.clip_fraction, sep.clip_fraction)
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iama_kernels import BestOfN, nonlinear_grpo_loss, policy_loss
+from iama_kernels import BestOfN, policy_loss
 from iama_kernels.testing import (
     assert_matches_reference,
+    fused_and_separate,
     policy_loss_and_grad,
     policy_loss_by_loops,
     ragged_rows,
@@ -196,10 +197,7 @@ def test_nonlinear_grpo_loss_takes_gmpo(impl: str, request: pytest.FixtureReques
     inp = _inputs(S=B * G, T=T, seed=70, dtype=torch.float32)
     rewards = random_rewards(B, G, generator=torch.Generator().manual_seed(1))
     kw = {"beta": 0.05, "surrogate": "gmpo", "eps_low": 0.4, "eps_high": 0.4}
-    fused = nonlinear_grpo_loss(inp["logp"], inp["old_logp"], inp["ref_logp"], inp["mask"], rewards,
-                                BestOfN(2), impl=impl, **kw)
-    sep = policy_loss(inp["logp"], inp["old_logp"], inp["ref_logp"], fused.advantages.reshape(-1),
-                      inp["mask"], impl=impl, **kw)
+    fused, sep = fused_and_separate(inp, rewards, BestOfN(2), impl, **kw)
     assert torch.equal(fused.loss, sep.loss) and torch.equal(fused.clip_fraction, sep.clip_fraction)
     assert torch.equal(fused.sequence_log_ratio, sep.sequence_log_ratio)
 

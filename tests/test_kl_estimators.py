@@ -14,7 +14,13 @@ import torch
 
 from iama_kernels import BestOfN, nonlinear_grpo_loss, policy_loss
 from iama_kernels._checks import KL_ESTIMATORS
-from iama_kernels.testing import assert_matches_reference, policy_loss_by_loops, ragged_rows, random_rewards
+from iama_kernels.testing import (
+    assert_matches_reference,
+    fused_and_separate,
+    policy_loss_by_loops,
+    ragged_rows,
+    random_rewards,
+)
 from iama_kernels.testing import policy_loss_and_grad as _run
 
 FIELDS = ("loss", "kl", "clip_fraction", "ratio_mean", "log_ratio_mean", "dual_clip_fraction",
@@ -170,10 +176,7 @@ def test_nonlinear_grpo_loss_takes_the_estimator(impl: str, request: pytest.Fixt
     rewards = random_rewards(B, G, generator=torch.Generator().manual_seed(1))
     for est in ("k2", "abs+"):
         kw = {"beta": 0.2, "kl_estimator": est}
-        fused = nonlinear_grpo_loss(inp["logp"], inp["old_logp"], inp["ref_logp"], inp["mask"], rewards,
-                                    BestOfN(2), impl=impl, **kw)
-        sep = policy_loss(inp["logp"], inp["old_logp"], inp["ref_logp"], fused.advantages.reshape(-1),
-                          inp["mask"], impl=impl, **kw)
+        fused, sep = fused_and_separate(inp, rewards, BestOfN(2), impl, **kw)
         assert torch.equal(fused.loss, sep.loss) and torch.equal(fused.kl, sep.kl)
 
 

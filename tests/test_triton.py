@@ -35,6 +35,7 @@ from iama_kernels import (
     group_values,
     nonlinear_grpo_loss,
     policy_loss,
+    sequence_log_ratio,
     set_data_checks,
 )
 from iama_kernels._dispatch import Call
@@ -300,7 +301,6 @@ def _triton_loss_against_reference(logp, old, ref, adv, mask, kw: dict, name: st
 def test_sequence_log_ratio_matches_reference(lane: Lane, dtype: torch.dtype, mask_kind: str) -> None:
     """sequence_log_ratio(impl="triton"): rows of two token blocks (the second ragged), NaN padding,
     an empty row, weighted and integer masks, every clamp; the support exactly."""
-    from iama_kernels import sequence_log_ratio
     from iama_kernels.policy_loss.sequence_log_ratio_triton import sequence_log_ratio_triton
 
     S, T = (7, 1100) if lane.device.type == "cpu" else (300, 4100)
@@ -327,8 +327,6 @@ def test_sequence_log_ratio_matches_reference(lane: Lane, dtype: torch.dtype, ma
 def test_sequence_log_ratio_strides_and_nan(lane: Lane) -> None:
     """Row and token strides (a transposed copy, every other column), a NaN at a counted token
     (its row NaN, the others not), and the automatic choice on CUDA."""
-    from iama_kernels import sequence_log_ratio
-
     g = torch.Generator().manual_seed(62)
     logp = -torch.rand(5, 70, generator=g)
     old = logp + 0.3 * torch.randn(5, 70, generator=g)

@@ -15,6 +15,7 @@ import torch
 from iama_kernels import BestOfN, nonlinear_grpo_loss, policy_loss, vespo_phi
 from iama_kernels.testing import (
     assert_matches_reference,
+    fused_and_separate,
     policy_loss_and_grad,
     policy_loss_by_loops,
     ragged_rows,
@@ -219,10 +220,7 @@ def test_nonlinear_grpo_loss_takes_vespo(impl: str, request: pytest.FixtureReque
     inp = _inputs(S=B * G, T=T, seed=70, dtype=torch.float32)
     rewards = random_rewards(B, G, generator=torch.Generator().manual_seed(1))
     kw = {"beta": 0.05, "surrogate": "vespo", "loss_type": "token", **VESPO}
-    fused = nonlinear_grpo_loss(inp["logp"], inp["old_logp"], inp["ref_logp"], inp["mask"], rewards,
-                                BestOfN(2), impl=impl, **kw)
-    sep = policy_loss(inp["logp"], inp["old_logp"], inp["ref_logp"], fused.advantages.reshape(-1),
-                      inp["mask"], impl=impl, **kw)
+    fused, sep = fused_and_separate(inp, rewards, BestOfN(2), impl, **kw)
     assert torch.equal(fused.loss, sep.loss) and torch.equal(fused.sequence_log_ratio, sep.sequence_log_ratio)
     cispo = policy_loss(inp["logp"], inp["old_logp"], inp["ref_logp"], fused.advantages.reshape(-1),
                         inp["mask"], impl=impl, **dict(kw, surrogate="cispo", eps_low=0.0, eps_high=0.0))

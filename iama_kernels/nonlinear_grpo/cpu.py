@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import ROW_SURROGATES, VESPO_DEFAULTS, check_kl
+from .._checks import ROW_SURROGATES, VESPO_DEFAULTS, kl_form
 from .._cpu_backend import objective_codes
 from .._types import NonlinearGRPOOutput
 from ..advantages.cpu import resolve_criterion_weights
@@ -48,7 +48,7 @@ def nonlinear_grpo_loss_cpu(
     loss, advantages, kl, clip_fraction, ratio_mean, values, lratio, dual, high, seq, _ = (
         torch.ops.iama.nonlinear_grpo_fwd(
             logp, old_logp, ref_logp, mask, rewards, lam, kinds, ns, taus, estimator, scale, eps,
-            eps_low, eps_high, beta, loss_type, max_completion_length, check_kl(kl_estimator, kl_weight),
+            eps_low, eps_high, beta, loss_type, max_completion_length, kl_form(kl_estimator, kl_weight),
             dual_clip, ratio_level == "sequence", surrogate, tau_pos, tau_neg, *vespo,
         )
     )

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import ROW_SURROGATES, VESPO_DEFAULTS, check_kl
+from .._checks import ROW_SURROGATES, VESPO_DEFAULTS, kl_form
 from .._device import launch_device
 from .._types import NonlinearGRPOOutput
 from ..advantages.reference import scale_advantages
@@ -231,7 +231,7 @@ def nonlinear_grpo_loss_triton(
     kl_estimator: str = "k3",
 ) -> NonlinearGRPOOutput:
     """Triton :func:`iama_kernels.nonlinear_grpo_loss`; rewards ``[B, G, m]``, validated."""
-    kl_form = check_kl(kl_estimator, kl_weight)
+    form = kl_form(kl_estimator, kl_weight)
     seq_ratio = ratio_level == "sequence"
     lam, _ = _lambda(rewards, objective, estimator, criterion_weights, None)
     codes, taus = transform_codes(objective.transforms)
@@ -242,14 +242,14 @@ def nonlinear_grpo_loss_triton(
                                                  0, False)
         adv = scale_advantages(shaped, "batch", eps, None)
         stats, seq, _, _ = _policy_loss_op(logp, old_logp, ref_logp, adv.reshape(-1), mask, eps_low,
-                                           eps_high, beta, loss_type, max_len, need, kl_form,
+                                           eps_high, beta, loss_type, max_len, need, form,
                                            dual_clip, seq_ratio, surrogate, tau_pos, tau_neg, False,
                                            *vespo)
     else:
         stats, adv, values, seq, _ = _nonlinear_grpo_op(
             logp, old_logp, ref_logp, mask, rewards, lam, codes, taus, estimator, eps,
             SCALE_CODES[scale],
-            eps_low, eps_high, beta, loss_type, max_len, need, kl_form, dual_clip, seq_ratio,
+            eps_low, eps_high, beta, loss_type, max_len, need, form, dual_clip, seq_ratio,
             surrogate, tau_pos, tau_neg, *vespo,
         )
     metrics = stats.detach()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import ROW_SURROGATES, VESPO_DEFAULTS, check_kl
+from .._checks import ROW_SURROGATES, VESPO_DEFAULTS, kl_form
 from .._types import PolicyLossOutput
 
 
@@ -37,7 +37,7 @@ def policy_loss_cpu(
     """``[S, T]`` log-probs, ``[S]`` advantages, ``[S, T]`` mask -> :class:`PolicyLossOutput`."""
     outputs = torch.ops.iama.policy_loss_fwd(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type, max_completion_length,
-        check_kl(kl_estimator, kl_weight), dual_clip, ratio_level == "sequence", surrogate, tau_pos, tau_neg,
+        kl_form(kl_estimator, kl_weight), dual_clip, ratio_level == "sequence", surrogate, tau_pos, tau_neg,
         row_stats, *vespo,
     )
     seq = outputs[7].detach() if ratio_level == "sequence" or surrogate in ROW_SURROGATES else None

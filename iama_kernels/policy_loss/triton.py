@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import ROW_SURROGATES, VESPO_DEFAULTS, check_kl
+from .._checks import ROW_SURROGATES, VESPO_DEFAULTS, kl_form
 from .._device import launch_device
 from .._types import PolicyLossOutput
 
@@ -662,7 +662,7 @@ def policy_loss_triton(
     stats, seq, rows, _ = _policy_loss_op(
         logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_type,
         0 if max_completion_length is None else int(max_completion_length), needs_grad(logp),
-        check_kl(kl_estimator, kl_weight), dual_clip, ratio_level == "sequence", surrogate, tau_pos, tau_neg,
+        kl_form(kl_estimator, kl_weight), dual_clip, ratio_level == "sequence", surrogate, tau_pos, tau_neg,
         row_stats, *vespo,
     )
     metrics = stats.detach()
