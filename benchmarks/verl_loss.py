@@ -18,8 +18,8 @@ the mask read once, the gradient written once). Before timing, the losses and gr
 checked equal.
 
 verl is installed into ``.venv`` by ``make``: ``.venv/bin/python benchmarks/verl_loss.py``.
-Results go to ``benchmarks/results/verl_loss.jsonl`` (device and versions included); the table is
-printed last.
+Results go to ``benchmarks/results/verl_loss.jsonl`` (device and versions included; ``--output``
+names another file, for a partial run); the table is printed last.
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--output", default="verl_loss",
+                        help="results file name in benchmarks/results (a partial run can keep the full one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows: list[Measurement] = []
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                     record_times(rows, f"verl {loss} loss (fwd+bwd)", f"S={S} T={T} {mode}", times,
                                  bytes_moved=moved,
                                  extra={"threads": args.threads, "verl": importlib.metadata.version("verl")})
-    report(rows, "verl_loss", "verl", write=not args.no_write)
+    report(rows, args.output, "verl", write=not args.no_write)
     return 0
 
 

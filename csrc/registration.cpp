@@ -8,6 +8,8 @@
 //                       per-token gradient
 //   nonlinear_grpo_fwd  the one-pass op: rewards and log-probs to loss, metrics and gradient
 //   sequence_log_ratio  each row's (clamped) log-ratio sum and support
+//   covariance_top_k    KL-Cov's tokens: the k largest centred advantage x centred log-prob
+//   covariance_band     Clip-Cov's candidates: that product inside a band, PPO's clip inactive
 #include <torch/library.h>
 
 #include "cpu/ops.h"
@@ -40,6 +42,10 @@ TORCH_LIBRARY(iama, m) {
   m.def(
       "sequence_log_ratio(Tensor logp, Tensor old_logp, Tensor mask, float? clamp_low, float? clamp_high)"
       " -> (Tensor sums, Tensor support)");
+  m.def("covariance_top_k(Tensor advantages, Tensor logp, Tensor mask, int k) -> Tensor");
+  m.def(
+      "covariance_band(Tensor advantages, Tensor logp, Tensor mask, float low, float high, Tensor? old_logp,"
+      " float eps_low, float eps_high) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(iama, CPU, m) {
@@ -48,4 +54,6 @@ TORCH_LIBRARY_IMPL(iama, CPU, m) {
   m.impl("policy_loss_fwd", &iama::cpu::policy_loss_fwd);
   m.impl("nonlinear_grpo_fwd", &iama::cpu::nonlinear_grpo_fwd);
   m.impl("sequence_log_ratio", &iama::cpu::sequence_log_ratio);
+  m.impl("covariance_top_k", &iama::cpu::covariance_top_k);
+  m.impl("covariance_band", &iama::cpu::covariance_band);
 }

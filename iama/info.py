@@ -25,6 +25,8 @@ from iama_kernels import (
     Objective,
     SmoothMin,
     SoftBestOfN,
+    covariance_band,
+    covariance_top_k,
     first_variation,
     group_advantages,
     group_values,
@@ -124,6 +126,11 @@ def _cases(x: dict[str, Any]) -> dict[str, tuple[Callable[..., Any], tuple, dict
                  loss_type="dr_grpo"), True),
         "sequence_log_ratio": (  # VESPO's clamped row sums of the token log-ratios, outside the loss
             sequence_log_ratio, (x["logp"], x["old"], x["mask"]), {"clamp": (-20.0, 20.0)}, False),
+        "covariance_top_k": (  # KL-Cov's tokens: the largest centred advantage x centred log-prob
+            covariance_top_k, (x["token_advantages"], x["logp"], x["mask"], 9), {}, False),
+        "covariance_band": (  # Clip-Cov's candidates, PPO's clip test with old_logp
+            covariance_band, (x["token_advantages"], x["logp"], x["mask"], 0.05, 2.0),
+            {"old_logp": x["old"], "eps_low": 0.2, "eps_high": 0.28}, False),
         "nonlinear_grpo_loss": (nonlinear_grpo_loss, (x["logp"], x["old"], x["ref"], x["mask"], x["rewards"],
                                                       _OBJECTIVE), dict(loss_kw, estimator="unbiased"), True),
     }

@@ -2,7 +2,8 @@
 
 Public functions (each takes ``impl="auto" | "reference" | "cpu" | "cuda" | "triton"``):
 :func:`first_variation`, :func:`group_values`, :func:`group_advantages`, :func:`policy_loss`,
-:func:`nonlinear_grpo_loss`, :func:`sequence_log_ratio` (and :func:`vespo_phi`, plain
+:func:`nonlinear_grpo_loss`, :func:`sequence_log_ratio`, :func:`covariance_top_k` and
+:func:`covariance_band` (KL-Cov's and Clip-Cov's token selections; and :func:`vespo_phi`, plain
 PyTorch). The objective vocabulary lives in
 :mod:`iama_kernels.objectives`.
 """
@@ -22,6 +23,7 @@ from .objectives import (
     WeightedSum,
 )
 from .policy_loss.api import policy_loss
+from .policy_loss.covariance import covariance_band, covariance_top_k
 from .policy_loss.sequence_log_ratio import sequence_log_ratio
 from .policy_loss.vespo import vespo_phi
 
@@ -37,6 +39,8 @@ __all__ = [
     "SmoothMin",
     "SoftBestOfN",
     "WeightedSum",
+    "covariance_band",
+    "covariance_top_k",
     "first_variation",
     "group_advantages",
     "group_values",

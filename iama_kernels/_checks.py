@@ -7,6 +7,7 @@ every ``impl`` reports bad input identically.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -189,6 +190,30 @@ def check_finite_rewards(name: str, rewards: torch.Tensor, valid: torch.Tensor |
         where = f"group {idx[0]}, sample {idx[1]}" + (f", criterion {idx[2]}" if len(idx) > 2 else "")
         value = rewards[tuple(idx)].item()
         raise ValueError(f"{name} must be finite, got {value} at {where}")
+
+
+def check_real(name: str, value: object, *, optional: bool = False) -> float | None:
+    """A real number (not bool, not NaN; infinities allowed) as a float; ``None`` passes through
+    when ``optional``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        kind = "a float or None" if optional else "a float"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return float(value)
+
+
+def check_like_logp(logp: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """Every tensor given (``None`` skipped) has ``logp``'s shape and device."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != tuple(logp.shape):
+            raise ValueError(f"{name} must have the shape of logp {tuple(logp.shape)}, got {tuple(t.shape)}")
+        if t.device != logp.device:
+            raise ValueError(f"{name} is on {t.device} but logp is on {logp.device}")
 
 
 def check_positive_float(name: str, value: object, *, allow_zero: bool = False) -> float:

@@ -82,3 +82,16 @@ def _sequence_log_ratio_fake(logp, old_logp, mask, clamp_low, clamp_high):  # ty
     torch._check(logp.dim() == 2, lambda: "logp must have shape [S, T]")
     S = logp.shape[0]
     return logp.new_empty((S,), dtype=torch.float64), logp.new_empty((S,), dtype=torch.float64)
+
+
+@torch.library.register_fake("iama::covariance_top_k")
+def _covariance_top_k_fake(advantages, logp, mask, k):  # type: ignore[no-untyped-def]
+    torch._check(logp.dim() == 2, lambda: "logp must have shape [S, T]")
+    # min(k, number of masked-in tokens): known only from the data
+    return logp.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.long)
+
+
+@torch.library.register_fake("iama::covariance_band")
+def _covariance_band_fake(advantages, logp, mask, low, high, old_logp, eps_low, eps_high):  # type: ignore[no-untyped-def]
+    torch._check(logp.dim() == 2, lambda: "logp must have shape [S, T]")
+    return logp.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.long)

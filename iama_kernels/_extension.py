@@ -46,6 +46,7 @@ _SOURCES = (
     "cpu/token_pass_avx512.cpp",
     "cpu/nonlinear_grpo.cpp",
     "cpu/sequence_log_ratio.cpp",
+    "cpu/covariance.cpp",
 )
 # -O3 lets GCC vectorise the token loop (csrc/include/iama/loss.h); -fno-trapping-math lets it
 # evaluate both sides of a select (which is what vectorising `mask ? x : 0` needs) and
@@ -56,7 +57,8 @@ _CFLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-DNDEBUG
 _LDFLAGS = ["-fopenmp"]
 
 # The ops that csrc/registration.cpp defines (checked after loading).
-OPS = ("group_stats", "group_advantages", "policy_loss_fwd", "nonlinear_grpo_fwd", "sequence_log_ratio")
+OPS = ("group_stats", "group_advantages", "policy_loss_fwd", "nonlinear_grpo_fwd", "sequence_log_ratio",
+       "covariance_top_k", "covariance_band")
 
 _lock = threading.Lock()
 _loaded = False

@@ -299,6 +299,33 @@ def test_equals_verl_clip_cov(verl_algos, mode: str, info: dict, with_weights: b
         _assert_float32_close(loss32, grad32, want32, want_grad32, impl)
 
 
+@pytest.mark.parametrize("loss_mode", ["kl_cov", "clip_cov"])
+@pytest.mark.parametrize("selection", ["cpu", "device"])
+def test_cov_selections_on_every_path_equal_verl(verl_algos, monkeypatch: pytest.MonkeyPatch, loss_mode: str,
+                                                 selection: str) -> None:
+    """The selections of "kl_cov" and "clip_cov" by the C++ ops in float64 (impl="cpu"), and by
+    verl's arithmetic in PyTorch (the path for tensors off the CPU, forced here): verl's loss and
+    gradient to rounding."""
+    from iama.integrations import verl_loss
+
+    if selection == "device":
+        monkeypatch.setattr(verl_loss, "_selection_impl", lambda impl, device: None)
+    logp, old, adv, mask, _ = _batch(per_token=True, seed=13)
+    if loss_mode == "kl_cov":
+        config = _kl_cov_config(0.05, 0.5, {})
+    else:
+        config = _policy_config({}, loss_mode="clip_cov", clip_cov_ratio=0.1, clip_cov_lb=0.05,
+                                clip_cov_ub=5.0)
+    verl_fn = getattr(verl_algos, f"compute_policy_loss_{loss_mode}")
+    torch.manual_seed(0)
+    want_loss, want_grad, _ = _run(verl_fn, old, logp, adv, mask, "token-mean", config, None)
+    torch.manual_seed(0)
+    loss, grad, _ = _run(VerlPolicyLoss(impl="cpu", surrogate=loss_mode), old, logp, adv, mask, "token-mean",
+                         config, None)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-13, atol=1e-15)
+
+
 def _dro_config(beta, info: dict):
     return _policy_config(info, loss_mode="dro", dro_beta=beta)
 

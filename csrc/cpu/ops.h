@@ -57,4 +57,15 @@ std::tuple<at::Tensor, at::Tensor> sequence_log_ratio(const at::Tensor& logp, co
                                                       const at::Tensor& mask, std::optional<double> clamp_low,
                                                       std::optional<double> clamp_high);
 
+// advantages, logp, mask [S, T] -> int64 flat indices (row-major into [S, T]) of the tokens with a
+// non-zero mask ranked by (A - mean A)(logp - mean logp), the means over those tokens
+// (csrc/cpu/covariance.cpp). covariance_top_k: the min(k, n) largest, largest first (NaN first,
+// ties by index). covariance_band: every token whose product lies strictly between low and high,
+// in row-major order; with old_logp, less those on which PPO's clip with eps_low/eps_high acts.
+at::Tensor covariance_top_k(const at::Tensor& advantages, const at::Tensor& logp, const at::Tensor& mask,
+                            int64_t k);
+at::Tensor covariance_band(const at::Tensor& advantages, const at::Tensor& logp, const at::Tensor& mask,
+                           double low, double high, const std::optional<at::Tensor>& old_logp, double eps_low,
+                           double eps_high);
+
 }  // namespace iama::cpu

@@ -50,17 +50,20 @@ its ``dual_clip``: ``actor/pg_clipfrac`` is the share of tokens outside the regi
 on every token plus ``ppo_kl_coef |log_prob - old_log_prob|`` on the ``kl_cov_ratio`` share of
 response tokens whose centred advantage times centred log-prob is largest; every
 ``loss_agg_mode``, rollout weights): the ratio term on the kernel (the clipped surrogate with the
-range opened to ``[0, 1 + 1e30]``, which only a log-ratio above 69 leaves), the selection and
-its few penalised tokens in PyTorch on the device (verl copies every response token's advantage
-and log-prob to the host for it). Its one metric, ``actor/ppo_kl``, is the mean absolute
-log-ratio, as verl's. Where two tokens tie in that product at the selection's edge, the device's
-``topk`` may pick the other one.
+range opened to ``[0, 1 + 1e30]``, which only a log-ratio above 69 leaves), the selection by
+:func:`iama_kernels.covariance_top_k` on CPU tensors (two reads of the inputs in C++; verl
+gathers the response tokens and sorts out a top-k) and in verl's arithmetic in PyTorch on other
+devices (verl copies every response token's advantage and log-prob to the host for it), its few
+penalised tokens in PyTorch. Its one metric, ``actor/ppo_kl``, is the mean absolute log-ratio, as
+verl's. Where two tokens' products are within rounding of each other at the selection's edge
+(the C++ means are in float64, verl's in float32), the other one may be picked.
 
 ``"iama_clip_cov"`` is verl's ``"clip_cov"`` (Clip-Cov, Cui et al., 2025: PPO's clip, no dual
 clip, with the ``clip_cov_ratio`` share of response tokens, drawn at random among the unclipped
 ones whose centred advantage times centred log-prob lies between ``clip_cov_lb`` and
 ``clip_cov_ub``, taken out of the loss; every ``loss_agg_mode``, rollout weights): the draw as
-verl's (the same ``torch.randperm`` call: the same seed picks the same tokens), the loss on the
+verl's (the same ``torch.randperm`` call over the same candidates, found by
+:func:`iama_kernels.covariance_band` on CPU tensors: the same seed picks the same tokens), the loss on the
 kernel with those tokens' advantages set to 0 (they still count in the normalisers, as in
 verl's). ``actor/pg_clipfrac`` is, as verl's, the share of tokens taken out.
 
@@ -110,7 +113,7 @@ from typing import Any
 
 import torch
 
-from iama_kernels import policy_loss
+from iama_kernels import covariance_band, covariance_top_k, policy_loss
 from iama_kernels._checks import RATIO_LEVELS, check_choice
 from iama_kernels._dispatch import IMPLS
 
@@ -329,7 +332,7 @@ class VerlPolicyLoss:
         taken_out = 0.0
         if clip_cov:  # the selected tokens' terms are 0 (and still count in the normalisers)
             picked, taken_out = _clip_cov_tokens(log_prob, old_log_prob, advantages, keep, eps_low, eps_high,
-                                                 config)
+                                                 config, self.impl)
             adv = adv.masked_fill(picked, 0.0)
         out = policy_loss(log_prob, None if gpg else old_log_prob.detach(), ref, adv, mask,
                           eps_low=eps_low, eps_high=eps_high, beta=beta, loss_type=loss_type,
@@ -340,7 +343,7 @@ class VerlPolicyLoss:
         loss = out.loss
         if kl_cov:  # the KL term of the selected tokens; verl's one metric, the mean |log-ratio|
             penalty, abs_kl = _kl_cov_terms(log_prob, old_log_prob, advantages, keep, mask, loss_type, length,
-                                            config)
+                                            config, self.impl)
             loss = loss + penalty.to(loss.dtype)
             metrics = {"actor/ppo_kl": float(abs_kl)}
         elif clip_cov:  # verl's pg_clipfrac here: the share of tokens whose term was set to 0
@@ -361,14 +364,24 @@ class VerlPolicyLoss:
         return (loss if scale == 1.0 else loss * scale), metrics
 
 
+def _selection_impl(impl: str, device: torch.device) -> str | None:
+    """The ``impl=`` of :func:`covariance_top_k` / :func:`covariance_band` for these tensors, or
+    ``None`` for verl's own arithmetic on the device (in the inputs' dtype, to verl's bits): the
+    ops have a C++ backend on CPU and a float64 reference, no GPU one."""
+    if impl in ("cpu", "reference"):
+        return impl
+    return "auto" if device.type == "cpu" else None
+
+
 def _clip_cov_tokens(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                     keep: torch.Tensor, eps_low: float, eps_high: float, config: Any
+                     keep: torch.Tensor, eps_low: float, eps_high: float, config: Any, impl: str
                      ) -> tuple[torch.Tensor, float]:
     """``[bs, T]`` bool: the tokens verl's ``"clip_cov"`` (Clip-Cov, Cui et al., 2025) takes out
     of the loss, chosen as verl chooses them: among the response tokens PPO's clip does not act on
     whose centred advantage times centred log-prob lies strictly between ``clip_cov_lb`` and
-    ``clip_cov_ub``, ``max(1, int(clip_cov_ratio n))`` at random (``torch.randperm`` on the default
-    generator, as verl: the same seed picks the same tokens); and their share of the ``n``."""
+    ``clip_cov_ub`` (:func:`iama_kernels.covariance_band`), ``max(1, int(clip_cov_ratio n))`` at
+    random (``torch.randperm`` on the default generator, as verl: the same seed picks the same
+    tokens); and their share of the ``n``."""
     policy = _option(config, "policy_loss")
     ratio = float(_option(policy, "clip_cov_ratio", 0.0002))
     lb = float(_option(policy, "clip_cov_lb", 1.0))
@@ -376,38 +389,49 @@ def _clip_cov_tokens(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advanta
     if not ratio > 0:
         raise ValueError(f"policy_loss.clip_cov_ratio must be > 0, got {ratio}")
     with torch.no_grad():
-        zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
-        count = keep.sum()
-        denominator = count + 1e-8  # verl's masked means, to the same bits (the count in float32)
-
-        def masked_mean(x: torch.Tensor) -> torch.Tensor:
-            return (torch.where(keep, x, zero) * keep).sum() / denominator
-
-        adv = advantages.detach()
-        ratio_t = torch.exp(log_prob.detach() - old_log_prob.detach())
-        clipped = (-adv * ratio_t.clamp(1 - eps_low, 1 + eps_high) > -adv * ratio_t) & keep
-        cov = (adv - masked_mean(adv)) * (log_prob.detach() - masked_mean(log_prob.detach()))
-        candidates = ((cov < ub) & (cov > lb) & keep & ~clipped).nonzero()
+        n = int(keep.sum())
+        selection = _selection_impl(impl, log_prob.device)
+        if selection is not None:
+            candidates = covariance_band(advantages, log_prob, keep, lb, ub, old_logp=old_log_prob,
+                                         eps_low=eps_low, eps_high=eps_high, impl=selection)
+        else:
+            candidates = _band_on_device(log_prob, old_log_prob, advantages, keep, eps_low, eps_high, lb, ub)
         picked = torch.zeros_like(keep)
-        n = int(count)
         if len(candidates) == 0:
             return picked, 0.0
         number = min(max(int(ratio * n), 1), len(candidates))
-        chosen = candidates[torch.randperm(len(candidates))[:number]]
-        picked[chosen[:, 0], chosen[:, 1]] = True
+        picked.view(-1)[candidates[torch.randperm(len(candidates))[:number]]] = True
     return picked, number / max(1, n)
+
+
+def _band_on_device(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                    keep: torch.Tensor, eps_low: float, eps_high: float, lb: float, ub: float
+                    ) -> torch.Tensor:
+    """Clip-Cov's candidates (flat indices) in verl's arithmetic, on the inputs' device."""
+    zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
+    denominator = keep.sum() + 1e-8  # verl's masked means, to the same bits (the count in float32)
+
+    def masked_mean(x: torch.Tensor) -> torch.Tensor:
+        return (torch.where(keep, x, zero) * keep).sum() / denominator
+
+    adv = advantages.detach()
+    ratio_t = torch.exp(log_prob.detach() - old_log_prob.detach())
+    clipped = (-adv * ratio_t.clamp(1 - eps_low, 1 + eps_high) > -adv * ratio_t) & keep
+    cov = (adv - masked_mean(adv)) * (log_prob.detach() - masked_mean(log_prob.detach()))
+    return ((cov < ub) & (cov > lb) & keep & ~clipped).reshape(-1).nonzero().squeeze(1)
 
 
 def _kl_cov_terms(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                   keep: torch.Tensor, weights: torch.Tensor, loss_type: str, length: int | None,
-                  config: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                  config: Any, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """verl's ``"kl_cov"`` (KL-Cov, Cui et al., 2025) beyond the ratio term: its penalty
     ``ppo_kl_coef |log_prob - old_log_prob|`` on the ``max(1, int(kl_cov_ratio n))`` response
-    tokens (of ``n``) whose centred advantage times centred log-prob is largest, each with its
-    token weight in the kernel's aggregate (``weights`` the kernel's mask, ``loss_type`` and
-    ``length`` its normaliser; the caller applies the scale), differentiable in ``log_prob``;
-    and the mean ``|log-ratio|`` over the response (verl's ``actor/ppo_kl`` here). The selection
-    runs on the device (verl copies every response token's advantage and log-prob to the host)."""
+    tokens (of ``n``) whose centred advantage times centred log-prob is largest
+    (:func:`iama_kernels.covariance_top_k`), each with its token weight in the kernel's aggregate
+    (``weights`` the kernel's mask, ``loss_type`` and ``length`` its normaliser; the caller
+    applies the scale), differentiable in ``log_prob``; and the mean ``|log-ratio|`` over the
+    response (verl's ``actor/ppo_kl`` here). The selection runs on the device (verl copies every
+    response token's advantage and log-prob to the host)."""
     policy = _option(config, "policy_loss")
     ratio = float(_option(policy, "kl_cov_ratio", 0.0002))
     coef = float(_option(policy, "ppo_kl_coef", 1.0))
@@ -417,16 +441,23 @@ def _kl_cov_terms(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
     old = old_log_prob.detach()
     zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
     abs_lr = torch.where(keep, (log_prob.detach() - old).abs(), zero)
-    abs_kl = abs_lr.sum() / keep.sum().clamp(min=1).to(log_prob.dtype)
-    flat = keep.reshape(-1).nonzero().squeeze(1)
-    if flat.numel() == 0:
+    n = keep.sum()
+    abs_kl = abs_lr.sum() / n.clamp(min=1).to(log_prob.dtype)
+    count = int(n)
+    if count == 0:
         return zero, abs_kl
-    # The response tokens gathered first, as verl does: a top-k over the whole [S, T] with the
-    # padding at -inf took 7x as long as over the gathered ones (its many equal values).
-    adv = advantages.detach().reshape(-1)[flat]
-    lp = log_prob.detach().reshape(-1)[flat]
-    cov = (adv - adv.mean()) * (lp - lp.mean())
-    picked = flat[torch.topk(cov, min(flat.numel(), max(1, int(flat.numel() * ratio)))).indices]
+    k = max(1, int(count * ratio))
+    selection = _selection_impl(impl, log_prob.device)
+    if selection is not None:
+        picked = covariance_top_k(advantages, log_prob, keep, k, impl=selection)
+    else:
+        flat = keep.reshape(-1).nonzero().squeeze(1)
+        # The response tokens gathered first, as verl does: a top-k over the whole [S, T] with the
+        # padding at -inf took 7x as long as over the gathered ones (its many equal values).
+        adv = advantages.detach().reshape(-1)[flat]
+        lp = log_prob.detach().reshape(-1)[flat]
+        cov = (adv - adv.mean()) * (lp - lp.mean())
+        picked = flat[torch.topk(cov, min(count, k)).indices]
     rows, cols = picked // T, picked % T
     # policy_loss.reference.token_weights' rule, for the picked tokens only (not a full [S, T] pass)
     w = weights[rows, cols].to(log_prob.dtype)

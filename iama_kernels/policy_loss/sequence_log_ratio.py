@@ -9,14 +9,11 @@ PyTorch.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
 from .. import _cpu_backend as _cb
 from .. import _triton_backend as _tb
-from .._checks import check_choice, check_float, check_tensor
+from .._checks import check_choice, check_float, check_like_logp, check_real, check_tensor
 from .._dispatch import Backend, Call, choose, reference_check
 from .api import row_span
 
@@ -43,16 +40,6 @@ _BACKENDS: list[Backend] = [
     Backend("triton", _tb.check_triton, _tb.sequence_log_ratio_triton, _tb.announce_triton),
     Backend("reference", reference_check, _sequence_log_ratio_ref),
 ]
-
-
-def _bound(name: str, value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float or None, got {type(value).__name__}")
-    if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN")
-    return float(value)
 
 
 def sequence_log_ratio(
@@ -90,11 +77,7 @@ def sequence_log_ratio(
         raise ValueError(f"logp must have shape [S, T], got {tuple(logp.shape)}")
     old_logp = check_float("old_logp", old_logp)
     mask = check_tensor("mask", mask)
-    for name, t in (("old_logp", old_logp), ("mask", mask)):
-        if tuple(t.shape) != tuple(logp.shape):
-            raise ValueError(f"{name} must have the shape of logp {tuple(logp.shape)}, got {tuple(t.shape)}")
-        if t.device != logp.device:
-            raise ValueError(f"{name} is on {t.device} but logp is on {logp.device}")
+    check_like_logp(logp, old_logp=old_logp, mask=mask)
     if mask.is_complex():
         raise TypeError(f"mask must be bool, integer or floating, got {mask.dtype}")
     check_choice("reduce", reduce, REDUCTIONS)
@@ -102,7 +85,8 @@ def sequence_log_ratio(
     if clamp is not None:
         if not isinstance(clamp, tuple | list) or len(clamp) != 2:
             raise TypeError(f"clamp must be None or a pair (low, high), got {clamp!r}")
-        low, high = _bound("clamp[0]", clamp[0]), _bound("clamp[1]", clamp[1])
+        low = check_real("clamp[0]", clamp[0], optional=True)
+        high = check_real("clamp[1]", clamp[1], optional=True)
         if low is not None and high is not None and low > high:
             raise ValueError(f"clamp must have low <= high, got {clamp!r}")
     call = Call("sequence_log_ratio", logp.device, impl != "auto",
