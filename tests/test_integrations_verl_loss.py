@@ -12,7 +12,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*engine is not available:UserWa
 
 # verl's policy losses the benchmark runs
 LOSSES = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov", "clip_cov",
-          "dro")
+          "dro", "bypass_mode")
 GLOBAL_INFO = {"dp_size": 2, "batch_num_tokens": 300, "global_batch_size": 30, "loss_scale_factor": 64}
 
 
@@ -324,6 +324,61 @@ def test_cov_selections_on_every_path_equal_verl(verl_algos, monkeypatch: pytest
                          config, None)
     torch.testing.assert_close(loss, want_loss, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(grad, want_grad, rtol=1e-13, atol=1e-15)
+
+
+def _bypass_config(loss_type: str, rollout_is, rollout_rs, info: dict):
+    from verl.trainer.config.algorithm import RolloutCorrectionConfig
+
+    thresholds = {None: None, "token_k1": "0.7_1.4", "seq_mean_k3": 0.3, "token_k2,seq_max_k2": "0.5,1.0"}
+    correction = RolloutCorrectionConfig(rollout_is=rollout_is, rollout_is_threshold=1.5,
+                                         rollout_rs=rollout_rs, rollout_rs_threshold=thresholds[rollout_rs],
+                                         loss_type=loss_type)
+    return _policy_config(info, loss_mode="bypass_mode", rollout_correction=correction)
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("info", [{}, GLOBAL_INFO], ids=["local", "global"])
+@pytest.mark.parametrize("loss_type", ["ppo_clip", "reinforce"])
+@pytest.mark.parametrize("rollout_is", [None, "token", "sequence"])
+@pytest.mark.parametrize("rollout_rs", [None, "token_k1", "seq_mean_k3", "token_k2,seq_max_k2"])
+def test_equals_verl_bypass_mode(verl_algos, mode: str, info: dict, loss_type: str, rollout_is,
+                                 rollout_rs) -> None:
+    """"bypass" against verl's own "bypass_mode" in float64 (verl's rollout correction: truncated
+    IS weights at token or sequence level, rejection by token or sequence divergences; then PPO's
+    clip or REINFORCE): loss and gradient to rounding, every metric (verl's rollout_corr/ ones
+    included) to verl's float32 fractions; the correction acts; and the CPU kernel in float32."""
+    logp, old, adv, mask, _ = _batch(per_token=True, seed=17)
+    config = _bypass_config(loss_type, rollout_is, rollout_rs, info)
+    verl_fn = verl_algos.compute_policy_loss_bypass_mode
+    want_loss, want_grad, want_metrics = _run(verl_fn, old, logp, adv, mask, mode, config, None)
+    ours = VerlPolicyLoss(impl="reference", surrogate="bypass")
+    loss, grad, metrics = _run(ours, old, logp, adv, mask, mode, config, None)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-13, atol=1e-15)
+    assert set(metrics) == set(want_metrics) and any(k.startswith("rollout_corr/") for k in metrics)
+    for key, value in want_metrics.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-7, abs=1e-12), key
+    # the rollout correction acts: the plain loss of the same kind differs
+    plain_fn = (verl_algos.compute_policy_loss_vanilla if loss_type == "ppo_clip"
+                else verl_algos.compute_policy_loss_gpg)
+    plain, _, _ = _run(plain_fn, old, logp, adv, mask, mode, _policy_config(info), None)
+    if rollout_rs is not None or (loss_type == "reinforce" and rollout_is is not None):
+        assert abs(float(plain - loss)) > 1e-6
+    want32, want_grad32, _ = _run(verl_fn, old.float(), logp.float(), adv.float(), mask, mode, config, None)
+    loss32, grad32, _ = _run(VerlPolicyLoss(impl="cpu", surrogate="bypass"), old.float(), logp.float(),
+                             adv.float(), mask, mode, config, None)
+    _assert_float32_close(loss32, grad32, want32, want_grad32)
+
+
+def test_bypass_mode_needs_its_config(verl_algos) -> None:
+    logp, old, adv, mask, _ = _batch(seed=2)
+    ours = VerlPolicyLoss(surrogate="bypass")
+    with pytest.raises(ValueError, match=r"rollout_correction\.loss_type must be one of"):
+        _run(ours, old, logp, adv, mask, "token-mean", _bypass_config("ppo", None, None, {}), None)
+    with pytest.raises(ValueError, match=r"policy_loss\.rollout_correction is required"):
+        _run(ours, old, logp, adv, mask, "token-mean", {"policy_loss": {"rollout_correction": None}}, None)
+    with pytest.raises(ValueError, match="token-level ratios"):
+        VerlPolicyLoss(ratio_level="sequence", surrogate="bypass")
 
 
 def _dro_config(beta, info: dict):

@@ -1,6 +1,6 @@
 """verl's PPO actor loss on the fused kernel: the ``"iama"``, ``"iama_gspo"``, ``"iama_cispo"``,
 ``"iama_sapo"``, ``"iama_gpg"``, ``"iama_dppo_tv"``, ``"iama_dppo_kl"``, ``"iama_geo_mean"``,
-``"iama_kl_cov"``, ``"iama_clip_cov"`` and ``"iama_dro"`` policy losses.
+``"iama_kl_cov"``, ``"iama_clip_cov"``, ``"iama_dro"`` and ``"iama_bypass_mode"`` policy losses.
 
 verl computes the actor's clipped-ratio loss through a registered *policy loss*
 (``actor_rollout_ref.actor.policy_loss.loss_mode``, ``"vanilla"`` by default). This module gives
@@ -74,6 +74,15 @@ with ``kl_estimator="k2"`` and ``old_log_prob`` as the reference, ``beta = polic
 (required, > 0, as verl's). Its one metric, ``actor/ppo_kl``, is the mean of ``old_log_prob -
 log_prob``, as verl's.
 
+``"iama_bypass_mode"`` is verl's ``"bypass_mode"`` (training on the rollout policy's log-probs
+as ``old_log_prob``, with verl's rollout correction from ``policy_loss.rollout_correction``):
+verl's own ``compute_rollout_correction_and_rejection_mask`` (truncated importance weights at
+token or sequence level, rejection by token or sequence divergences, and its ``rollout_corr/``
+metrics), then, as verl's, ``loss_type="ppo_clip"``: ``"iama"`` under the rejection mask without
+the weights (the ratio is already the correction), or ``"reinforce"``: ``-w A log_prob`` (the
+kernel's ``gpg`` with the weights) under it, with ``actor/ppo_kl`` the mean of ``old_log_prob -
+log_prob`` over it.
+
 ``"iama_geo_mean"`` is verl's ``"geo_mean"`` (GMPO, Zhao et al., 2025: each response's loss is
 ``-Abar exp(M)``, ``M`` the mean over its tokens of the log-ratios clipped by the sign of their
 advantage to ``clip_ratio_high`` above where ``A > 0`` and ``-clip_ratio_low`` below where
@@ -124,12 +133,16 @@ VERL_LOSSES = {"vanilla": (POLICY_LOSS_NAME, "token", "clip"), "gspo": ("iama_gs
                "gpg": ("iama_gpg", "token", "gpg"), "dppo_tv": ("iama_dppo_tv", "token", "dppo_tv"),
                "dppo_kl": ("iama_dppo_kl", "token", "dppo_kl"),
                "geo_mean": ("iama_geo_mean", "token", "gmpo"), "kl_cov": ("iama_kl_cov", "token", "kl_cov"),
-               "clip_cov": ("iama_clip_cov", "token", "clip_cov"), "dro": ("iama_dro", "token", "dro")}
+               "clip_cov": ("iama_clip_cov", "token", "clip_cov"), "dro": ("iama_dro", "token", "dro"),
+               "bypass_mode": ("iama_bypass_mode", "token", "bypass")}
 # verl's surrogates on the kernel's (gpg: the kernel's "cispo" without old_log_prob; kl_cov: its
 # "clip" with the range opened, plus the KL term of the selected tokens; clip_cov: its "clip"
 # without the dual clip, the selected tokens' advantages set to 0; dro: its "cispo" with the weight
-# held at 1 and the k2 KL term to old_log_prob)
-VERL_SURROGATES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "gmpo", "kl_cov", "clip_cov", "dro")
+# held at 1 and the k2 KL term to old_log_prob; bypass: verl's rollout correction, then "clip" or
+# "gpg" with its weights and rejection mask)
+VERL_SURROGATES = ("clip", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "gmpo", "kl_cov", "clip_cov", "dro",
+                   "bypass")
+BYPASS_LOSS_TYPES = ("ppo_clip", "reinforce")
 # kl_cov's clip range on the kernel: [0, 1 + 1e30], which no finite ratio below e**69 leaves
 _OPEN_RANGE = (1.0, 1e30)
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm",
@@ -205,8 +218,8 @@ class VerlPolicyLoss:
             GSPO-token's sequence ratio, no dual clip).
         surrogate: ``"clip"`` (verl's ``"vanilla"``/``"gspo"``), ``"cispo"``, ``"sapo"``,
             ``"gpg"``, ``"dppo_tv"``, ``"dppo_kl"``, ``"kl_cov"``, ``"clip_cov"``, ``"dro"`` (verl's losses of
-            those names) or ``"gmpo"`` (verl's ``"geo_mean"``); token-level ratios only, as
-            verl's.
+            those names), ``"gmpo"`` (verl's ``"geo_mean"``) or ``"bypass"`` (verl's
+            ``"bypass_mode"``); token-level ratios only, as verl's.
     """
 
     def __init__(self, impl: str = "auto", ratio_level: str = "token", surrogate: str = "clip") -> None:
@@ -258,6 +271,8 @@ class VerlPolicyLoss:
             rollout_is_weights: ``[bs, T]`` importance weights of rollout correction, or None.
         """
         check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
+        if self.surrogate == "bypass":
+            return self._bypass(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config)
         eps_low, eps_high, dual_clip = _clip_range(config, self.surrogate)
         if self.ratio_level == "sequence":
             dual_clip = None  # verl's "gspo" has no dual clip (nor "cispo" and "sapo")
@@ -362,6 +377,46 @@ class VerlPolicyLoss:
         if isinstance(scale, torch.Tensor):
             return loss * scale.to(loss.dtype), metrics
         return (loss if scale == 1.0 else loss * scale), metrics
+
+    def _bypass(self, old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                response_mask: torch.Tensor, loss_agg_mode: str, config: Any
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        """verl's ``"bypass_mode"``: ``old_log_prob`` is the rollout policy's; verl's own rollout
+        correction (its truncated IS weights and rejection mask, with its metrics) from
+        ``policy_loss.rollout_correction``, then PPO's clip (``loss_type="ppo_clip"``, no weights:
+        the ratio already is the rollout correction) or REINFORCE (``"reinforce"``: ``-w A
+        log_prob``, the kernel's ``gpg`` with the weights) under the rejection mask."""
+        from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
+        correction = _option(_option(config, "policy_loss"), "rollout_correction")
+        if correction is None:
+            raise ValueError("policy_loss.rollout_correction is required for bypass_mode (verl's rollout "
+                             "correction config)")
+
+        def get(name: str, default: Any) -> Any:  # as verl reads it: an explicit None stays None
+            return correction.get(name, default) if hasattr(correction, "get") else getattr(correction, name,
+                                                                                             default)
+
+        loss_type = get("loss_type", "ppo_clip")
+        check_choice("policy_loss.rollout_correction.loss_type", loss_type, BYPASS_LOSS_TYPES)
+        with torch.no_grad():
+            weights, effective_mask, rollout_metrics = compute_rollout_correction_and_rejection_mask(
+                old_log_prob=log_prob, rollout_log_prob=old_log_prob, response_mask=response_mask,
+                rollout_is=get("rollout_is", None), rollout_is_threshold=get("rollout_is_threshold", 2.0),
+                rollout_is_batch_normalize=get("rollout_is_batch_normalize", False),
+                rollout_rs=get("rollout_rs", None), rollout_rs_threshold=get("rollout_rs_threshold", None))
+        if loss_type == "ppo_clip":
+            loss, metrics = VerlPolicyLoss(self.impl, "token", "clip")(
+                old_log_prob, log_prob, advantages, effective_mask, loss_agg_mode, config, None)
+        else:
+            w = weights.batch["rollout_is_weights"] if weights else None
+            loss, metrics = VerlPolicyLoss(self.impl, "token", "gpg")(
+                old_log_prob, log_prob, advantages, effective_mask, loss_agg_mode, config, w)
+            # verl's masked mean of old - new over the effective mask
+            keep = effective_mask != 0
+            diff = torch.where(keep, old_log_prob.detach() - log_prob.detach(), 0.0)
+            metrics = {"actor/ppo_kl": float(diff.sum() / (keep.sum() + 1e-8))}
+        return loss, {**metrics, **rollout_metrics}
 
 
 def _selection_impl(impl: str, device: torch.device) -> str | None:
