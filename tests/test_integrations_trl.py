@@ -188,12 +188,25 @@ class _BothLosses(IAMAGRPOTrainer):
 
     records: list[dict[str, Any]]
     token_advantages = False  # give both losses per-token advantages [S, T] (TRL takes them too)
+    # vLLM's importance sampling mode to stand in for: both losses read the same ratios, made up here
+    # (without vLLM there are no sampling log-probs to compute them from), with zeros for the mask modes
+    vllm_is: str | None = None
 
     def _compute_loss(self, model: Any, inputs: dict) -> torch.Tensor:
         if self.token_advantages:
             T = inputs["completion_ids"].shape[1]
             factor = 1 + 0.5 * torch.sin(torch.arange(T, dtype=torch.float32))
             inputs = dict(inputs, advantages=inputs["advantages"][:, None] * factor)
+        if self.vllm_is is not None:
+            S, T = inputs["completion_ids"].shape
+            g = torch.Generator().manual_seed(len(self.records))
+            width = 1 if self.vllm_is.startswith("sequence") else T
+            ratio = torch.exp(0.4 * torch.randn(S, width, generator=g))
+            if self.vllm_is.endswith("mask"):
+                ratio = torch.where((ratio > 0.6) & (ratio < 1.6), ratio, 0.0)
+            inputs = dict(inputs, importance_sampling_ratio=ratio)
+            self.use_vllm, self.vllm_importance_sampling_correction = True, True
+            self.vllm_importance_sampling_mode = self.vllm_is
         params = [p for p in model.parameters() if p.requires_grad]
         metrics = self._metrics["train"]
         before = {k: len(metrics[k]) for k in LOSS_METRICS}
@@ -216,6 +229,7 @@ class _BothLosses(IAMAGRPOTrainer):
             "old": inputs.get("old_per_token_logps") is not None,
             "padded": bool((inputs["completion_mask"] == 0).any()),
         })
+        self.use_vllm = False  # the next generation runs without vLLM again
         return ours
 
 
@@ -293,6 +307,36 @@ def test_iama_loss_equals_trl_loss_on_token_advantages(tmp_path: Path, loss_type
         test_iama_loss_equals_trl_loss(tmp_path, loss_type, 0.1, 2, 2, True, delta, impl)
     finally:
         _BothLosses.token_advantages = False
+
+
+@pytest.mark.parametrize(("loss_type", "extra", "vllm_is"), [
+    ("grpo", {"top_entropy_quantile": 0.5}, None), ("dapo", {"off_policy_mask_threshold": 0.0}, None),
+    ("bnpo", {}, "token_truncate"), ("dapo", {}, "sequence_mask"),
+    ("dr_grpo", {"top_entropy_quantile": 0.6}, "token_mask"),
+    ("cispo", {"epsilon_high": 1.02, "top_entropy_quantile": 0.5}, "token_truncate"),
+    ("sapo", {"off_policy_mask_threshold": 0.0}, "sequence_truncate")])
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_iama_loss_equals_trl_loss_with_policy_weights(tmp_path: Path, loss_type: str, extra: dict,
+                                                       vllm_is: str | None, impl: str) -> None:
+    """TRL's weights of the policy term (the entropy mask, the off-policy sequence mask, vLLM's
+    importance sampling ratio in each mode, alone and together), folded into the advantages:
+    TRL's loss, gradient and metrics (its clip counts taken whatever a token's weight)."""
+    _BothLosses.vllm_is = vllm_is
+    try:
+        test_iama_loss_equals_trl_loss(tmp_path, loss_type, 0.0, 2, 2, False, None, impl, **extra)
+    finally:
+        _BothLosses.vllm_is = None
+
+
+def test_gspo_takes_sequence_weights(tmp_path: Path) -> None:
+    """At the sequence level: the off-policy mask and vLLM's sequence-level ratios (one weight per
+    sequence) are covered."""
+    _BothLosses.vllm_is = "sequence_truncate"
+    try:
+        test_iama_loss_equals_trl_loss(tmp_path, "grpo", 0.0, 1, 1, False, None, "auto", level="sequence",
+                                       off_policy_mask_threshold=0.02)
+    finally:
+        _BothLosses.vllm_is = None
 
 
 @pytest.mark.parametrize(("loss_type", "beta", "accumulation", "steps_per_generation", "delta"), [
@@ -396,13 +440,30 @@ def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
     for overrides, message in [
         ({"loss_type": "cispo"}, "loss_type='cispo' with epsilon_high=0.2 < 1"),
         ({"delta": 1.2}, "delta=1.2 (covered when delta > 1 + epsilon_high = 1.2)"),
-        ({"top_entropy_quantile": 0.5}, "top_entropy_quantile=0.5"),
-        ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold=0.5"),
+        ({"top_entropy_quantile": 0.5, "loss_type": "vespo"},
+         "top_entropy_quantile=0.5 with loss_type='vespo'"),
+        ({"off_policy_mask_threshold": 0.5, "top_entropy_quantile": 0.5,
+          "importance_sampling_level": "sequence"},
+         "top_entropy_quantile=0.5 and off_policy_mask_threshold=0.5 with "
+         "importance_sampling_level='sequence'"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             make(**overrides)
     with pytest.raises(TypeError, match="loss_impl must be None or a str"):
         make(loss_impl=1)
+    # TRL's policy-term weights leave its KL term unweighted: covered with beta = 0 only
+    weighted = make()
+    weighted.beta, weighted.top_entropy_quantile = 0.1, 0.5
+    with pytest.raises(ValueError, match=re.escape("top_entropy_quantile=0.5 with beta=0.1")):
+        weighted._check_loss_settings()
+    weighted.beta = 0.0
+    weighted._check_loss_settings()
+    weighted.use_vllm = weighted.vllm_importance_sampling_correction = True
+    weighted.vllm_importance_sampling_mode = "token_mask"
+    weighted.importance_sampling_level = "sequence"
+    with pytest.raises(ValueError, match=re.escape("vllm_importance_sampling_mode='token_mask' with "
+                                                   "importance_sampling_level='sequence'")):
+        weighted._check_loss_settings()
     assert make(loss_impl=None, top_entropy_quantile=0.5).loss_impl is None  # TRL's loss: anything goes
     later = make()  # a loss type of a later TRL
     later.loss_type = "new_loss"

@@ -89,11 +89,20 @@ class IAMAGRPOTrainer(GRPOTrainer):
             (``importance_sampling_level="sequence"``, the kernel's
             ``ratio_level="sequence"``, with advantages ``[S]``: per-token ones there are a
             ``ValueError`` at the loss), and TRL's two-sided clip ``delta`` when
-            ``delta > 1 + epsilon_high`` (it is then the kernel's ``dual_clip``); a setting it
-            does not cover (a smaller ``delta``, entropy masks or bonus, the off-policy mask,
-            vLLM importance-sampling correction, and at the sequence level a KL term with
-            ``use_bias_correction_kl``, whose sequence weight TRL differentiates through every
-            token of the sequence) is a ``ValueError`` when the trainer is built. With
+            ``delta > 1 + epsilon_high`` (it is then the kernel's ``dual_clip``). With ``beta=0``
+            (TRL's default) it also covers TRL's weights of each token's policy term, folded into
+            the advantages (every surrogate here is linear in them): the entropy mask
+            (``top_entropy_quantile < 1``), the off-policy sequence mask
+            (``off_policy_mask_threshold``) and vLLM's importance sampling correction
+            (``vllm_importance_sampling_correction``, on by default with ``use_vllm``; every
+            ``vllm_importance_sampling_mode``), alone or together, except with VESPO; at the
+            sequence level only the per-sequence ones (the off-policy mask, the ``sequence_*``
+            modes). TRL's clip metrics count a token by its advantage's sign whatever its weight,
+            and so do these. A setting it does not cover (a smaller ``delta``, those weights with
+            ``beta > 0``, whose KL term TRL leaves unweighted, an entropy bonus, and at the
+            sequence level a KL term with ``use_bias_correction_kl``, whose sequence weight TRL
+            differentiates through every token of the sequence) is a ``ValueError`` when the
+            trainer is built. With
             ``use_bias_correction_kl`` (TRL's default) and ``beta > 0`` the KL term is TRL's
             ratio-weighted ``rho * k3``, the kernel's ``kl_weight="ratio"``. It logs TRL's
             ``kl``, ``entropy`` and ``clip_ratio/{low,high,region}_mean`` (``cispo_clip_ratio``
@@ -171,17 +180,62 @@ class IAMAGRPOTrainer(GRPOTrainer):
             # ratios (and TRL's clip metrics, taken after it, would change).
             refused.append(f"delta={args.delta} (covered when delta > 1 + epsilon_high = "
                            f"{1 + self.epsilon_high:g})")
-        if self.off_policy_mask_threshold is not None:
-            refused.append(f"off_policy_mask_threshold={self.off_policy_mask_threshold}")
-        if self.top_entropy_quantile < 1.0:
-            refused.append(f"top_entropy_quantile={self.top_entropy_quantile}")
+        # TRL's per-token weights of the policy term (not of the KL term): folded into the advantages
+        weighting = self._weight_settings()
+        names = " and ".join(name for name, _ in weighting)
+        if weighting and self.beta != 0.0:
+            refused.append(f"{names} with beta={self.beta} (TRL weights the policy term by them but not "
+                           "the KL term; covered with beta=0)")
+        elif weighting and self.loss_type == "vespo":
+            refused.append(f"{names} with loss_type='vespo' (TRL folds the importance sampling ratio into "
+                           "VESPO's weight)")
+        elif self.importance_sampling_level == "sequence" and any(per_token for _, per_token in weighting):
+            refused.append(f"{names} with importance_sampling_level='sequence' (a weight per token against "
+                           "one ratio per sequence)")
         if self._entropy_bonus_enabled:
             refused.append("an entropy bonus (entropy_coef / adaptive entropy)")
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            refused.append("vllm_importance_sampling_correction=True")
         if refused:
             raise ValueError(f"IAMAGRPOTrainer: loss_impl={self.loss_impl!r} does not cover "
                              + "; ".join(refused) + ". Use loss_impl=None for TRL's own loss.")
+
+    def _weight_settings(self) -> list[tuple[str, bool]]:
+        """TRL's settings that multiply each token's policy term, each named with its value and
+        whether its weight is per token (else per sequence): the entropy mask, the off-policy
+        sequence mask and vLLM's importance sampling correction."""
+        found = []
+        if self.top_entropy_quantile < 1.0:
+            found.append((f"top_entropy_quantile={self.top_entropy_quantile}", True))
+        if self.off_policy_mask_threshold is not None:
+            found.append((f"off_policy_mask_threshold={self.off_policy_mask_threshold}", False))
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            mode = self.vllm_importance_sampling_mode
+            found.append((f"vllm_importance_sampling_mode={mode!r}", not mode.startswith("sequence")))
+        return found
+
+    def _policy_weights(self, inputs: dict[str, Any], logps: torch.Tensor, entropies: torch.Tensor,
+                        mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor | None:
+        """The product of TRL's weights of each token's policy term (``[S, 1]`` or ``[S, T]``, all
+        >= 0), computed as TRL computes them, or ``None`` without any: the entropy mask of
+        ``top_entropy_quantile``, the off-policy sequence mask (DeepSeek-V3.2's, from the sampling
+        log-probs) and vLLM's importance sampling ratio."""
+        weights: torch.Tensor | None = None
+
+        def times(w: torch.Tensor) -> torch.Tensor:
+            w = w.to(logps.dtype)
+            return w if weights is None else weights * w
+
+        if self.top_entropy_quantile < 1.0:
+            weights = times(self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile))
+        if self.off_policy_mask_threshold is not None:
+            old = inputs.get("old_per_token_logps")
+            old = logps.detach() if old is None else old
+            weights = times(self.get_off_policy_mask(
+                advantages=advantages.unsqueeze(1) if advantages.dim() == 1 else advantages,
+                per_token_logps=logps, sampling_per_token_logps=inputs.get("sampling_per_token_logps", old),
+                mask=mask, off_policy_threshold=self.off_policy_mask_threshold))
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            weights = times(inputs["importance_sampling_ratio"])
+        return weights
 
     def _calculate_rewards(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         rewards = super()._calculate_rewards(*args, **kwargs)
@@ -248,6 +302,12 @@ class IAMAGRPOTrainer(GRPOTrainer):
             **{key: inputs.get(key) for key in _MODEL_INPUTS},
         )
         advantages = inputs["advantages"]  # [S], or [S, T] per token (policy_loss takes both)
+        weights = self._policy_weights(inputs, logps, entropies, mask, advantages)
+        if weights is not None:  # every surrogate here is linear in A: the weights go into it
+            if advantages.dim() == 1 and weights.shape[1] == 1:
+                advantages = advantages * weights[:, 0]
+            else:
+                advantages = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) * weights
         old = inputs.get("old_per_token_logps")
         ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
         max_length = self.max_completion_length if kind == "dr_grpo" else None
@@ -290,7 +350,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._log_loss_metrics(mode, out, advantages, mask, entropies, tokens, surrogate, eps_low, eps_high)
+        self._log_loss_metrics(mode, out, advantages, mask, entropies, tokens, surrogate, eps_low, eps_high,
+                               None if weights is None else (inputs["advantages"], logps, old))
         return loss
 
     def _kernel_clip_range(self, surrogate: str) -> tuple[float, float]:
@@ -314,12 +375,17 @@ class IAMAGRPOTrainer(GRPOTrainer):
     @torch.no_grad()
     def _log_loss_metrics(self, mode: str, out: Any, advantages: torch.Tensor, mask: torch.Tensor,
                           entropies: torch.Tensor, tokens: torch.Tensor, surrogate: str,
-                          eps_low: float, eps_high: float) -> None:
+                          eps_low: float, eps_high: float,
+                          unweighted: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+                          ) -> None:
         """TRL's loss metrics: means over every process, as TRL reports them, in one reduction.
         The clip metrics are token-weighted, except for sequence ratios, which TRL averages over
         sequences; the extremes over sequences of each one's clipped shares are gathered.
         VESPO's ``phi`` (from the kernel's log weights) is averaged over sequences (advantages
-        ``[S]``) or tokens (``[S, T]``), as TRL."""
+        ``[S]``) or tokens (``[S, T]``), as TRL. With TRL's policy-term weights folded into the
+        advantages, ``unweighted`` holds ``(advantages, logp, old_logp)`` before that: TRL counts a
+        clipped token by its advantage's sign whatever its weight, 0 included, so the token-level
+        clip counts are then taken from those, as TRL takes them."""
         sequence = self.importance_sampling_level == "sequence" and surrogate != "vespo"
         zero = tokens.new_zeros(())
         low_sum = high_sum = phi_sum = phi_count = zero
@@ -333,8 +399,12 @@ class IAMAGRPOTrainer(GRPOTrainer):
             else:
                 phi_sum, phi_count = (phi * mask).sum(), tokens
         elif sequence:
-            low, high = self._sequence_clips(out.sequence_log_ratio, advantages, eps_low, eps_high)
+            signs = advantages if unweighted is None else unweighted[0]
+            low, high = self._sequence_clips(out.sequence_log_ratio, signs, eps_low, eps_high)
             low_sum, high_sum, clip_count = low.sum(), high.sum(), advantages.shape[0]
+        elif unweighted is not None:
+            low_tokens, high_tokens = self._token_clips(*unweighted, mask, eps_low, eps_high)
+            low_sum, high_sum = low_tokens.sum(), high_tokens.sum()
         else:
             high_sum = out.clip_high_fraction * tokens
             low_sum = out.clip_fraction * tokens - high_sum
@@ -359,6 +429,9 @@ class IAMAGRPOTrainer(GRPOTrainer):
             metrics["clip_ratio/region_mean"].append((low_sum + high_sum) / clip_count)
             if sequence:  # each sequence's clipped share is 0 or 1
                 low_share, high_share = low.to(tokens.dtype), high.to(tokens.dtype)
+            elif unweighted is not None:  # each sequence's clipped shares of its tokens, as TRL
+                total = mask.sum(-1).to(tokens.dtype)
+                low_share, high_share = low_tokens.sum(-1) / total, high_tokens.sum(-1) / total
             else:  # each sequence's clipped shares of its tokens; NaN for an empty one, as TRL
                 rows = out.row_clip_weights
                 total = rows[:, 0]
@@ -368,6 +441,17 @@ class IAMAGRPOTrainer(GRPOTrainer):
             shares = self.accelerator.gather(torch.stack([low_share, high_share], dim=-1))
             metrics["clip_ratio/low_min"].append(nanmin(shares[:, 0]).item())
             metrics["clip_ratio/high_max"].append(nanmax(shares[:, 1]).item())
+
+    @staticmethod
+    def _token_clips(advantages: torch.Tensor, logps: torch.Tensor, old: torch.Tensor | None,
+                     mask: torch.Tensor, eps_low: float, eps_high: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[S, T]`` float: the tokens clipped below and above, as TRL counts them (by the ratio and
+        the advantage's sign, under the mask)."""
+        ratio = torch.ones_like(logps) if old is None else torch.exp(logps.detach() - old)
+        a = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        keep = mask.to(logps.dtype)
+        return ((ratio < 1 - eps_low) & (a < 0)) * keep, ((ratio > 1 + eps_high) & (a > 0)) * keep
 
     @staticmethod
     def _sequence_clips(log_ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float,
