@@ -309,21 +309,26 @@ def test_iama_loss_equals_trl_loss_on_token_advantages(tmp_path: Path, loss_type
         _BothLosses.token_advantages = False
 
 
-@pytest.mark.parametrize(("loss_type", "extra", "vllm_is"), [
-    ("grpo", {"top_entropy_quantile": 0.5}, None), ("dapo", {"off_policy_mask_threshold": 0.0}, None),
-    ("bnpo", {}, "token_truncate"), ("dapo", {}, "sequence_mask"),
-    ("dr_grpo", {"top_entropy_quantile": 0.6}, "token_mask"),
-    ("cispo", {"epsilon_high": 1.02, "top_entropy_quantile": 0.5}, "token_truncate"),
-    ("sapo", {"off_policy_mask_threshold": 0.0}, "sequence_truncate")])
+@pytest.mark.parametrize(("loss_type", "beta", "corrected", "extra", "vllm_is"), [
+    ("grpo", 0.0, False, {"top_entropy_quantile": 0.5}, None),
+    ("dapo", 0.0, False, {"off_policy_mask_threshold": 0.0}, None),
+    ("bnpo", 0.0, False, {}, "token_truncate"), ("dapo", 0.0, False, {}, "sequence_mask"),
+    ("dr_grpo", 0.0, False, {"top_entropy_quantile": 0.6}, "token_mask"),
+    ("cispo", 0.0, False, {"epsilon_high": 1.02, "top_entropy_quantile": 0.5}, "token_truncate"),
+    ("sapo", 0.0, False, {"off_policy_mask_threshold": 0.0}, "sequence_truncate"),
+    # with a KL term, which TRL leaves unweighted (plain and ratio-weighted)
+    ("dapo", 0.1, True, {"top_entropy_quantile": 0.5, "off_policy_mask_threshold": 0.0}, "token_mask"),
+    ("grpo", 0.1, False, {}, "sequence_truncate")])
 @pytest.mark.parametrize("impl", ["reference", "auto"])
-def test_iama_loss_equals_trl_loss_with_policy_weights(tmp_path: Path, loss_type: str, extra: dict,
-                                                       vllm_is: str | None, impl: str) -> None:
+def test_iama_loss_equals_trl_loss_with_policy_weights(tmp_path: Path, loss_type: str, beta: float,
+                                                       corrected: bool, extra: dict, vllm_is: str | None,
+                                                       impl: str) -> None:
     """TRL's weights of the policy term (the entropy mask, the off-policy sequence mask, vLLM's
     importance sampling ratio in each mode, alone and together), folded into the advantages:
     TRL's loss, gradient and metrics (its clip counts taken whatever a token's weight)."""
     _BothLosses.vllm_is = vllm_is
     try:
-        test_iama_loss_equals_trl_loss(tmp_path, loss_type, 0.0, 2, 2, False, None, impl, **extra)
+        test_iama_loss_equals_trl_loss(tmp_path, loss_type, beta, 2, 2, corrected, None, impl, **extra)
     finally:
         _BothLosses.vllm_is = None
 
@@ -451,12 +456,9 @@ def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
             make(**overrides)
     with pytest.raises(TypeError, match="loss_impl must be None or a str"):
         make(loss_impl=1)
-    # TRL's policy-term weights leave its KL term unweighted: covered with beta = 0 only
+    # vLLM's per-token ratios against one ratio per sequence
     weighted = make()
-    weighted.beta, weighted.top_entropy_quantile = 0.1, 0.5
-    with pytest.raises(ValueError, match=re.escape("top_entropy_quantile=0.5 with beta=0.1")):
-        weighted._check_loss_settings()
-    weighted.beta = 0.0
+    weighted.top_entropy_quantile = 0.5
     weighted._check_loss_settings()
     weighted.use_vllm = weighted.vllm_importance_sampling_correction = True
     weighted.vllm_importance_sampling_mode = "token_mask"

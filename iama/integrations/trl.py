@@ -89,20 +89,20 @@ class IAMAGRPOTrainer(GRPOTrainer):
             (``importance_sampling_level="sequence"``, the kernel's
             ``ratio_level="sequence"``, with advantages ``[S]``: per-token ones there are a
             ``ValueError`` at the loss), and TRL's two-sided clip ``delta`` when
-            ``delta > 1 + epsilon_high`` (it is then the kernel's ``dual_clip``). With ``beta=0``
-            (TRL's default) it also covers TRL's weights of each token's policy term, folded into
-            the advantages (every surrogate here is linear in them): the entropy mask
+            ``delta > 1 + epsilon_high`` (it is then the kernel's ``dual_clip``). It also covers
+            TRL's weights of each token's policy term, folded into the advantages (every
+            surrogate here is linear in them; the KL term, which TRL leaves unweighted, does not
+            see them): the entropy mask
             (``top_entropy_quantile < 1``), the off-policy sequence mask
             (``off_policy_mask_threshold``) and vLLM's importance sampling correction
             (``vllm_importance_sampling_correction``, on by default with ``use_vllm``; every
             ``vllm_importance_sampling_mode``), alone or together, except with VESPO; at the
             sequence level only the per-sequence ones (the off-policy mask, the ``sequence_*``
-            modes). TRL's clip metrics count a token by its advantage's sign whatever its weight,
-            and so do these. A setting it does not cover (a smaller ``delta``, those weights with
-            ``beta > 0``, whose KL term TRL leaves unweighted, an entropy bonus, and at the
-            sequence level a KL term with ``use_bias_correction_kl``, whose sequence weight TRL
-            differentiates through every token of the sequence) is a ``ValueError`` when the
-            trainer is built. With
+            modes). TRL's clip metrics count a token by its advantage's sign whatever its
+            weight, and so do these. A setting it does not cover (a smaller ``delta``, an entropy
+            bonus, and at the sequence level a KL term with ``use_bias_correction_kl``, whose
+            sequence weight TRL differentiates through every token of the sequence) is a
+            ``ValueError`` when the trainer is built. With
             ``use_bias_correction_kl`` (TRL's default) and ``beta > 0`` the KL term is TRL's
             ratio-weighted ``rho * k3``, the kernel's ``kl_weight="ratio"``. It logs TRL's
             ``kl``, ``entropy`` and ``clip_ratio/{low,high,region}_mean`` (``cispo_clip_ratio``
@@ -180,13 +180,11 @@ class IAMAGRPOTrainer(GRPOTrainer):
             # ratios (and TRL's clip metrics, taken after it, would change).
             refused.append(f"delta={args.delta} (covered when delta > 1 + epsilon_high = "
                            f"{1 + self.epsilon_high:g})")
-        # TRL's per-token weights of the policy term (not of the KL term): folded into the advantages
+        # TRL's per-token weights of the policy term (not of the KL term): folded into the advantages,
+        # which the KL term does not see
         weighting = self._weight_settings()
         names = " and ".join(name for name, _ in weighting)
-        if weighting and self.beta != 0.0:
-            refused.append(f"{names} with beta={self.beta} (TRL weights the policy term by them but not "
-                           "the KL term; covered with beta=0)")
-        elif weighting and self.loss_type == "vespo":
+        if weighting and self.loss_type == "vespo":
             refused.append(f"{names} with loss_type='vespo' (TRL folds the importance sampling ratio into "
                            "VESPO's weight)")
         elif self.importance_sampling_level == "sequence" and any(per_token for _, per_token in weighting):
