@@ -173,7 +173,8 @@ def test_a_trl_that_skips_the_reward_hook_is_an_error(tmp_path: Path,
 CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 SEQUENCE_CLIP_METRICS = ("clip_ratio/low_min", "clip_ratio/high_max")  # extremes over sequences
 LOSS_METRICS = ("kl", "entropy", *CLIP_METRICS, *SEQUENCE_CLIP_METRICS, "cispo_clip_ratio",
-                "vespo/phi_seq_mean")
+                "vespo/phi_seq_mean", "policy_loss", "entropy_coef")
+BONUS_METRICS = {"policy_loss", "entropy_coef"}  # with an entropy bonus (entropy_coef at each optimizer step)
 
 
 def _expected_metrics(loss_type: str, beta: float) -> set[str]:
@@ -210,9 +211,15 @@ class _BothLosses(IAMAGRPOTrainer):
         params = [p for p in model.parameters() if p.requires_grad]
         metrics = self._metrics["train"]
         before = {k: len(metrics[k]) for k in LOSS_METRICS}
+        # the adaptive entropy controller's state: each loss starts from the same and updates it once
+        names = ("entropy_coef", "_last_world_entropy", "_entropy_window_stats")
+        state = [getattr(self, name) for name in names]
         ours = super()._compute_loss(model, inputs)
         ours_grad = torch.autograd.grad(ours, params, retain_graph=True)
         ours_metrics = {k: metrics[k][-1] for k in LOSS_METRICS if len(metrics[k]) > before[k]}
+        ours_state = [getattr(self, name) for name in names]
+        for name, value in zip(names, state, strict=True):
+            setattr(self, name, value)
         impl, self.loss_impl = self.loss_impl, None
         before = {k: len(metrics[k]) for k in LOSS_METRICS}
         try:
@@ -220,6 +227,7 @@ class _BothLosses(IAMAGRPOTrainer):
         finally:
             self.loss_impl = impl
         theirs_metrics = {k: metrics[k][-1] for k in LOSS_METRICS if len(metrics[k]) > before[k]}
+        theirs_state = [getattr(self, name) for name in names]
         theirs_grad = torch.autograd.grad(theirs, params)
         self.records.append({
             "loss": (ours.detach(), theirs.detach()),
@@ -228,6 +236,7 @@ class _BothLosses(IAMAGRPOTrainer):
             "metrics": (ours_metrics, theirs_metrics),  # what each call logged
             "old": inputs.get("old_per_token_logps") is not None,
             "padded": bool((inputs["completion_mask"] == 0).any()),
+            "entropy_state": (ours_state, theirs_state),
         })
         self.use_vllm = False  # the next generation runs without vLLM again
         return ours
@@ -281,8 +290,14 @@ def test_iama_loss_equals_trl_loss(tmp_path: Path, loss_type: str, beta: float, 
         assert g_theirs.abs().max() > 0
         torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-5 * g_theirs.abs().max().item())
         m_ours, m_theirs = record["metrics"]
-        assert set(m_ours) == set(m_theirs) == _expected_metrics(loss_type, beta)
+        assert set(m_ours) == set(m_theirs)
+        assert set(m_ours) - BONUS_METRICS == _expected_metrics(loss_type, beta)
         assert m_ours == pytest.approx(m_theirs, rel=1e-5, abs=1e-7)
+        ours_state, theirs_state = record["entropy_state"]
+        assert ours_state[:2] == pytest.approx(theirs_state[:2], rel=1e-6)
+        assert (ours_state[2] is None) == (theirs_state[2] is None)
+        if ours_state[2] is not None:
+            torch.testing.assert_close(ours_state[2], theirs_state[2], rtol=1e-5, atol=1e-6)
     # The second step's ratio moved off 1: the clip and the KL terms were exercised.
     m_last = records[-1]["metrics"][1]
     no_clip = {"cispo": "cispo_clip_ratio", "sapo": None, "vespo": None}
@@ -331,6 +346,24 @@ def test_iama_loss_equals_trl_loss_with_policy_weights(tmp_path: Path, loss_type
         test_iama_loss_equals_trl_loss(tmp_path, loss_type, beta, 2, 2, corrected, None, impl, **extra)
     finally:
         _BothLosses.vllm_is = None
+
+
+@pytest.mark.parametrize(("loss_type", "extra"), [
+    ("grpo", {"entropy_coef": 0.05}), ("dapo", {"entropy_coef": 0.05, "top_entropy_quantile": 0.5}),
+    # adaptive (Skywork-OR1): a target above the entropy, so the coefficient rises and the bonus acts
+    ("bnpo", {"use_adaptive_entropy": True, "entropy_coef": 0.02, "entropy_target": 10.0}),
+    ("dapo", {"use_adaptive_entropy": True, "entropy_coef": 0.02, "entropy_target": 0.1})])
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_iama_loss_equals_trl_loss_with_an_entropy_bonus(tmp_path: Path, loss_type: str, extra: dict,
+                                                        impl: str) -> None:
+    """TRL's entropy bonus, static and adaptive (its coefficient, gate and window as TRL's): TRL's
+    loss, gradient, metrics (policy_loss, entropy_coef) and controller state."""
+    test_iama_loss_equals_trl_loss(tmp_path, loss_type, 0.0, 2, 2, False, None, impl, **extra)
+    records = _BothLosses.records
+    assert any("entropy_coef" in r["metrics"][0] for r in records)
+    coefs = [r["entropy_state"][1][0] for r in records]
+    if extra.get("use_adaptive_entropy"):  # the controller moved the coefficient
+        assert coefs[-1] != extra["entropy_coef"]
 
 
 def test_gspo_takes_sequence_weights(tmp_path: Path) -> None:

@@ -99,10 +99,11 @@ class IAMAGRPOTrainer(GRPOTrainer):
             ``vllm_importance_sampling_mode``), alone or together, except with VESPO; at the
             sequence level only the per-sequence ones (the off-policy mask, the ``sequence_*``
             modes). TRL's clip metrics count a token by its advantage's sign whatever its
-            weight, and so do these. A setting it does not cover (a smaller ``delta``, an entropy
-            bonus, and at the sequence level a KL term with ``use_bias_correction_kl``, whose
-            sequence weight TRL differentiates through every token of the sequence) is a
-            ``ValueError`` when the trainer is built. With
+            weight, and so do these. TRL's entropy bonus (``entropy_coef``, static or
+            ``use_adaptive_entropy``) is added as TRL adds it. A setting it does not cover (a
+            smaller ``delta``, and at the sequence level a KL term with
+            ``use_bias_correction_kl``, whose sequence weight TRL differentiates through every
+            token of the sequence) is a ``ValueError`` when the trainer is built. With
             ``use_bias_correction_kl`` (TRL's default) and ``beta > 0`` the KL term is TRL's
             ratio-weighted ``rho * k3``, the kernel's ``kl_weight="ratio"``. It logs TRL's
             ``kl``, ``entropy`` and ``clip_ratio/{low,high,region}_mean`` (``cispo_clip_ratio``
@@ -190,8 +191,6 @@ class IAMAGRPOTrainer(GRPOTrainer):
         elif self.importance_sampling_level == "sequence" and any(per_token for _, per_token in weighting):
             refused.append(f"{names} with importance_sampling_level='sequence' (a weight per token against "
                            "one ratio per sequence)")
-        if self._entropy_bonus_enabled:
-            refused.append("an entropy bonus (entropy_coef / adaptive entropy)")
         if refused:
             raise ValueError(f"IAMAGRPOTrainer: loss_impl={self.loss_impl!r} does not cover "
                              + "; ".join(refused) + ". Use loss_impl=None for TRL's own loss.")
@@ -210,7 +209,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
             found.append((f"vllm_importance_sampling_mode={mode!r}", not mode.startswith("sequence")))
         return found
 
-    def _policy_weights(self, inputs: dict[str, Any], logps: torch.Tensor, entropies: torch.Tensor,
+    def _policy_weights(self, inputs: dict[str, Any], logps: torch.Tensor, entropy_mask: torch.Tensor | None,
                         mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor | None:
         """The product of TRL's weights of each token's policy term (``[S, 1]`` or ``[S, T]``, all
         >= 0), computed as TRL computes them, or ``None`` without any: the entropy mask of
@@ -222,8 +221,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
             w = w.to(logps.dtype)
             return w if weights is None else weights * w
 
-        if self.top_entropy_quantile < 1.0:
-            weights = times(self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile))
+        if entropy_mask is not None:
+            weights = times(entropy_mask)
         if self.off_policy_mask_threshold is not None:
             old = inputs.get("old_per_token_logps")
             old = logps.detach() if old is None else old
@@ -300,7 +299,9 @@ class IAMAGRPOTrainer(GRPOTrainer):
             **{key: inputs.get(key) for key in _MODEL_INPUTS},
         )
         advantages = inputs["advantages"]  # [S], or [S, T] per token (policy_loss takes both)
-        weights = self._policy_weights(inputs, logps, entropies, mask, advantages)
+        entropy_mask = (self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+                        if self.top_entropy_quantile < 1.0 else None)
+        weights = self._policy_weights(inputs, logps, entropy_mask, mask, advantages)
         if weights is not None:  # every surrogate here is linear in A: the weights go into it
             if advantages.dim() == 1 and weights.shape[1] == 1:
                 advantages = advantages * weights[:, 0]
@@ -345,12 +346,52 @@ class IAMAGRPOTrainer(GRPOTrainer):
             impl=self.loss_impl,
         )
         loss = out.loss
+        if self._entropy_bonus_enabled:
+            policy = out.loss.detach() * (1.0 if normaliser == "items" else accumulation)
+            loss = loss - self._entropy_bonus(mode, entropies, mask, entropy_mask, accumulation, policy)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_loss_metrics(mode, out, advantages, mask, entropies, tokens, surrogate, eps_low, eps_high,
                                None if weights is None else (inputs["advantages"], logps, old))
         return loss
+
+    def _entropy_bonus(self, mode: str, entropies: torch.Tensor, mask: torch.Tensor,
+                       entropy_mask: torch.Tensor | None, accumulation: float,
+                       policy_loss: torch.Tensor) -> torch.Tensor:
+        """TRL's entropy bonus ``coef * H``, to subtract from the loss (differentiable through the
+        entropies): ``H`` the mean entropy over the tokens the policy term acts on (under the
+        entropy mask too), divided by the accumulation steps only. With ``use_adaptive_entropy``
+        (Skywork-OR1) the coefficient and its gate are those of the previous optimizer step, and
+        this step's window of entropy sums and token counts (over every process) updates them at
+        its boundary, by ``entropy_coef_delta`` within ``[entropy_coef_min, entropy_coef_max]``
+        toward ``entropy_target``, as TRL updates them. Logs TRL's ``policy_loss`` (the loss
+        before the bonus, as TRL reports it) and, at each optimizer step, ``entropy_coef``."""
+        args, metrics = self.args, self._metrics[mode]
+        effective = mask if entropy_mask is None else mask * entropy_mask
+        bonus = (entropies * effective).sum() / effective.sum().clamp(min=1.0) / accumulation
+        if self.use_adaptive_entropy:  # gated by the entropy measured at the previous step
+            coef = self.entropy_coef if self._last_world_entropy <= args.entropy_target else 0.0
+        else:
+            coef = self.entropy_coef
+        metrics["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":
+            window = torch.stack([(entropies * effective).sum(), effective.sum()]).detach()
+            self._entropy_window_stats = (window if self._entropy_window_stats is None
+                                          else self._entropy_window_stats + window)
+            if self.accelerator.sync_gradients:  # the optimizer step's boundary
+                total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                entropy = (total[0] / total[1].clamp(min=1.0)).item()
+                coef_now, delta = self.entropy_coef, args.entropy_coef_delta
+                if entropy <= args.entropy_target:  # too little entropy: more bonus, up to the max
+                    self.entropy_coef = min(coef_now + delta, args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(coef_now - delta, args.entropy_coef_min)
+                self._last_world_entropy = entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            metrics["entropy_coef"].append(self.entropy_coef)
+        return coef * bonus
 
     def _kernel_clip_range(self, surrogate: str) -> tuple[float, float]:
         """The kernel's ``(eps_low, eps_high)``: TRL's, except for CISPO, whose weight TRL clamps
