@@ -333,7 +333,10 @@ def test_iama_loss_equals_trl_loss_on_token_advantages(tmp_path: Path, loss_type
     ("sapo", 0.0, False, {"off_policy_mask_threshold": 0.0}, "sequence_truncate"),
     # with a KL term, which TRL leaves unweighted (plain and ratio-weighted)
     ("dapo", 0.1, True, {"top_entropy_quantile": 0.5, "off_policy_mask_threshold": 0.0}, "token_mask"),
-    ("grpo", 0.1, False, {}, "sequence_truncate")])
+    ("grpo", 0.1, False, {}, "sequence_truncate"),
+    # VESPO: vLLM's ratios go into each sequence's weight (TRL's get_gamma_weights), the masks onto the loss
+    ("vespo", 0.0, False, {}, "token_truncate"), ("vespo", 0.0, False, {"top_entropy_quantile": 0.5}, None),
+    ("vespo", 0.1, True, {"top_entropy_quantile": 0.5}, "token_truncate")])
 @pytest.mark.parametrize("impl", ["reference", "auto"])
 def test_iama_loss_equals_trl_loss_with_policy_weights(tmp_path: Path, loss_type: str, beta: float,
                                                        corrected: bool, extra: dict, vllm_is: str | None,
@@ -478,8 +481,6 @@ def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
     for overrides, message in [
         ({"loss_type": "cispo"}, "loss_type='cispo' with epsilon_high=0.2 < 1"),
         ({"delta": 1.2}, "delta=1.2 (covered when delta > 1 + epsilon_high = 1.2)"),
-        ({"top_entropy_quantile": 0.5, "loss_type": "vespo"},
-         "top_entropy_quantile=0.5 with loss_type='vespo'"),
         ({"off_policy_mask_threshold": 0.5, "top_entropy_quantile": 0.5,
           "importance_sampling_level": "sequence"},
          "top_entropy_quantile=0.5 and off_policy_mask_threshold=0.5 with "

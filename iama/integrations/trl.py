@@ -96,9 +96,11 @@ class IAMAGRPOTrainer(GRPOTrainer):
             (``top_entropy_quantile < 1``), the off-policy sequence mask
             (``off_policy_mask_threshold``) and vLLM's importance sampling correction
             (``vllm_importance_sampling_correction``, on by default with ``use_vllm``; every
-            ``vllm_importance_sampling_mode``), alone or together, except with VESPO; at the
-            sequence level only the per-sequence ones (the off-policy mask, the ``sequence_*``
-            modes). TRL's clip metrics count a token by its advantage's sign whatever its
+            ``vllm_importance_sampling_mode``), alone or together; at the sequence level only
+            the per-sequence ones (the off-policy mask, the ``sequence_*`` modes). With VESPO,
+            vLLM's ratios go into each sequence's weight, as TRL puts them (TRL's
+            ``get_gamma_weights`` computes it; the kernel then runs ``-phi A logp`` as CISPO with
+            its weight held at 1). TRL's clip metrics count a token by its advantage's sign whatever its
             weight, and so do these. TRL's entropy bonus (``entropy_coef``, static or
             ``use_adaptive_entropy``) is added as TRL adds it. A setting it does not cover (a
             smaller ``delta``, and at the sequence level a KL term with
@@ -185,10 +187,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
         # which the KL term does not see
         weighting = self._weight_settings()
         names = " and ".join(name for name, _ in weighting)
-        if weighting and self.loss_type == "vespo":
-            refused.append(f"{names} with loss_type='vespo' (TRL folds the importance sampling ratio into "
-                           "VESPO's weight)")
-        elif self.importance_sampling_level == "sequence" and any(per_token for _, per_token in weighting):
+        if (self.loss_type != "vespo" and self.importance_sampling_level == "sequence"
+                and any(per_token for _, per_token in weighting)):
             refused.append(f"{names} with importance_sampling_level='sequence' (a weight per token against "
                            "one ratio per sequence)")
         if refused:
@@ -210,11 +210,12 @@ class IAMAGRPOTrainer(GRPOTrainer):
         return found
 
     def _policy_weights(self, inputs: dict[str, Any], logps: torch.Tensor, entropy_mask: torch.Tensor | None,
-                        mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor | None:
+                        mask: torch.Tensor, advantages: torch.Tensor, with_is: bool) -> torch.Tensor | None:
         """The product of TRL's weights of each token's policy term (``[S, 1]`` or ``[S, T]``, all
         >= 0), computed as TRL computes them, or ``None`` without any: the entropy mask of
         ``top_entropy_quantile``, the off-policy sequence mask (DeepSeek-V3.2's, from the sampling
-        log-probs) and vLLM's importance sampling ratio."""
+        log-probs) and, ``with_is``, vLLM's importance sampling ratio (VESPO takes it into its
+        weight instead)."""
         weights: torch.Tensor | None = None
 
         def times(w: torch.Tensor) -> torch.Tensor:
@@ -230,7 +231,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
                 advantages=advantages.unsqueeze(1) if advantages.dim() == 1 else advantages,
                 per_token_logps=logps, sampling_per_token_logps=inputs.get("sampling_per_token_logps", old),
                 mask=mask, off_policy_threshold=self.off_policy_mask_threshold))
-        if self.use_vllm and self.vllm_importance_sampling_correction:
+        if with_is and self.use_vllm and self.vllm_importance_sampling_correction:
             weights = times(inputs["importance_sampling_ratio"])
         return weights
 
@@ -301,18 +302,35 @@ class IAMAGRPOTrainer(GRPOTrainer):
         advantages = inputs["advantages"]  # [S], or [S, T] per token (policy_loss takes both)
         entropy_mask = (self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
                         if self.top_entropy_quantile < 1.0 else None)
-        weights = self._policy_weights(inputs, logps, entropy_mask, mask, advantages)
+        old = inputs.get("old_per_token_logps")
+        # VESPO with vLLM's ratios: TRL puts them into each sequence's weight phi, which is then
+        # computed here by TRL's own function and folded into the advantages, and the kernel's
+        # CISPO weight is held at 1 (-phi A logp, phi detached: VESPO's surrogate)
+        vespo_is = surrogate == "vespo" and self.use_vllm and self.vllm_importance_sampling_correction
+        phi = None
+        if vespo_is:
+            log_ratio = logps.detach() - (logps.detach() if old is None else old)
+            phi = self.get_gamma_weights(
+                advantages=advantages.unsqueeze(1) if advantages.dim() == 1 else advantages,
+                log_ratio_per_token=log_ratio, mask=mask,
+                importance_sampling_ratio=inputs["importance_sampling_ratio"],
+                **{k.removeprefix("vespo_"): v for k, v in self._vespo_options().items()})
+            phi = phi[:, 0] if advantages.dim() == 1 else phi
+        weights = self._policy_weights(inputs, logps, entropy_mask, mask, advantages, with_is=not vespo_is)
+        signs = advantages  # TRL's clip metrics and VESPO's phi go by the advantages before any weight
+        if phi is not None:
+            advantages = advantages * phi.to(advantages.dtype)
         if weights is not None:  # every surrogate here is linear in A: the weights go into it
             if advantages.dim() == 1 and weights.shape[1] == 1:
                 advantages = advantages * weights[:, 0]
             else:
                 advantages = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) * weights
-        old = inputs.get("old_per_token_logps")
         ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
         max_length = self.max_completion_length if kind == "dr_grpo" else None
         if kind == "luspo":  # the sum over each sequence's tokens, mean over sequences
             kind, max_length = "dr_grpo", 1
         eps_low, eps_high = self._kernel_clip_range(surrogate)
+        kernel_surrogate = "cispo" if vespo_is else surrogate  # with eps 0, 0: the weight is 1
         # TRL's VESPO: -phi A logp, phi detached, with token-level ratios for the KL weight
         # (use_bias_correction_kl), whatever importance_sampling_level says.
         level = "token" if surrogate == "vespo" else self.importance_sampling_level
@@ -338,7 +356,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
             kl_weight="ratio" if ref is not None and self.args.use_bias_correction_kl else "none",
             # TRL applies delta in the clipped surrogate's branch alone
             dual_clip=self.args.delta if surrogate == "clip" else None,
-            ratio_level=level, surrogate=surrogate,
+            ratio_level=level, surrogate=kernel_surrogate,
             tau_pos=self.args.sapo_temperature_pos, tau_neg=self.args.sapo_temperature_neg,
             **self._vespo_options(),
             # the per-sequence clip extremes TRL logs for its clipped losses, at the token level
@@ -352,8 +370,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._log_loss_metrics(mode, out, advantages, mask, entropies, tokens, surrogate, eps_low, eps_high,
-                               None if weights is None else (inputs["advantages"], logps, old))
+        self._log_loss_metrics(mode, out, signs, mask, entropies, tokens, surrogate, eps_low, eps_high,
+                               None if weights is None else (signs, logps, old), phi)
         return loss
 
     def _entropy_bonus(self, mode: str, entropies: torch.Tensor, mask: torch.Tensor,
@@ -415,8 +433,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
     def _log_loss_metrics(self, mode: str, out: Any, advantages: torch.Tensor, mask: torch.Tensor,
                           entropies: torch.Tensor, tokens: torch.Tensor, surrogate: str,
                           eps_low: float, eps_high: float,
-                          unweighted: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
-                          ) -> None:
+                          unweighted: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+                          phi: torch.Tensor | None = None) -> None:
         """TRL's loss metrics: means over every process, as TRL reports them, in one reduction.
         The clip metrics are token-weighted, except for sequence ratios, which TRL averages over
         sequences; the extremes over sequences of each one's clipped shares are gathered.
@@ -429,10 +447,11 @@ class IAMAGRPOTrainer(GRPOTrainer):
         zero = tokens.new_zeros(())
         low_sum = high_sum = phi_sum = phi_count = zero
         clip_count: Any = tokens
-        if surrogate == "vespo":  # VESPO clips nothing; its metric is phi's mean
+        if surrogate == "vespo" and phi is None:  # VESPO clips nothing; its metric is phi's mean
             options = {k.removeprefix("vespo_"): v for k, v in self._vespo_options().items()}
             log_w = out.sequence_log_ratio.to(tokens.dtype)
             phi = vespo_phi(log_w if advantages.dim() == 1 else log_w[:, None], advantages, **options)
+        if surrogate == "vespo":
             if phi.dim() == 1:  # one weight per sequence: TRL's mean over sequences
                 phi_sum, phi_count = phi.sum(), zero + phi.shape[0]
             else:
