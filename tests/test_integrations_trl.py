@@ -250,8 +250,9 @@ class _BothLosses(IAMAGRPOTrainer):
     # TRL's default use_bias_correction_kl=True: the KL term is rho * k3
     ("grpo", 0.1, 2, 2, True, None), ("bnpo", 0.1, 1, 1, True, None), ("dr_grpo", 0.1, 1, 1, True, None),
     ("dapo", 0.1, 2, 1, True, None),
-    # TRL's two-sided clip (INTELLECT-2's delta), the kernel's dual clip
-    ("dapo", 0.1, 2, 2, True, 1.25)])
+    # TRL's two-sided clip (INTELLECT-2's delta), the kernel's dual clip; at or below 1 + epsilon_high
+    # the kernel's upper clip bound for A > 0 and a dual clip at 1 + epsilon_high for A < 0
+    ("dapo", 0.1, 2, 2, True, 1.25), ("dapo", 0.1, 2, 2, True, 1.1), ("grpo", 0.0, 2, 2, False, 1.2)])
 @pytest.mark.parametrize("impl", ["reference", "auto"])
 def test_iama_loss_equals_trl_loss(tmp_path: Path, loss_type: str, beta: float, accumulation: int,
                                    steps_per_generation: int, corrected: bool, delta: float | None,
@@ -382,7 +383,7 @@ def test_gspo_takes_sequence_weights(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("loss_type", "beta", "accumulation", "steps_per_generation", "delta"), [
     ("grpo", 0.0, 2, 2, None), ("bnpo", 0.1, 1, 1, None), ("dr_grpo", 0.0, 1, 1, 1.25),
-    ("dapo", 0.1, 2, 2, 1.25)])
+    ("dapo", 0.1, 2, 2, 1.25), ("dapo", 0.1, 2, 2, 1.1)])
 @pytest.mark.parametrize("impl", ["reference", "auto"])
 def test_iama_loss_equals_trl_loss_at_the_sequence_level(tmp_path: Path, loss_type: str, beta: float,
                                                          accumulation: int, steps_per_generation: int,
@@ -480,7 +481,7 @@ def test_loss_settings_iama_does_not_cover_are_refused(tmp_path: Path) -> None:
 
     for overrides, message in [
         ({"loss_type": "cispo"}, "loss_type='cispo' with epsilon_high=0.2 < 1"),
-        ({"delta": 1.2}, "delta=1.2 (covered when delta > 1 + epsilon_high = 1.2)"),
+        ({"delta": 1.0}, "delta=1.0 (covered when delta > 1)"),
         ({"off_policy_mask_threshold": 0.5, "top_entropy_quantile": 0.5,
           "importance_sampling_level": "sequence"},
          "top_entropy_quantile=0.5 and off_policy_mask_threshold=0.5 with "

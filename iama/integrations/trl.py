@@ -88,8 +88,9 @@ class IAMAGRPOTrainer(GRPOTrainer):
             ``[S]`` or per token ``[S, T]``) and with GSPO's sequence-level ones
             (``importance_sampling_level="sequence"``, the kernel's
             ``ratio_level="sequence"``, with advantages ``[S]``: per-token ones there are a
-            ``ValueError`` at the loss), and TRL's two-sided clip ``delta`` when
-            ``delta > 1 + epsilon_high`` (it is then the kernel's ``dual_clip``). It also covers
+            ``ValueError`` at the loss), and TRL's two-sided clip ``delta > 1`` (above
+            ``1 + epsilon_high`` the kernel's ``dual_clip``; at or below it the clip's upper bound
+            for ``A > 0`` and a dual clip at ``1 + epsilon_high`` for ``A < 0``). It also covers
             TRL's weights of each token's policy term, folded into the advantages (every
             surrogate here is linear in them; the KL term, which TRL leaves unweighted, does not
             see them): the entropy mask
@@ -102,8 +103,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
             ``get_gamma_weights`` computes it; the kernel then runs ``-phi A logp`` as CISPO with
             its weight held at 1). TRL's clip metrics count a token by its advantage's sign whatever its
             weight, and so do these. TRL's entropy bonus (``entropy_coef``, static or
-            ``use_adaptive_entropy``) is added as TRL adds it. A setting it does not cover (a
-            smaller ``delta``, and at the sequence level a KL term with
+            ``use_adaptive_entropy``) is added as TRL adds it. A setting it does not cover
+            (``delta <= 1``, and at the sequence level a KL term with
             ``use_bias_correction_kl``, whose sequence weight TRL differentiates through every
             token of the sequence) is a ``ValueError`` when the trainer is built. With
             ``use_bias_correction_kl`` (TRL's default) and ``beta > 0`` the KL term is TRL's
@@ -177,12 +178,10 @@ class IAMAGRPOTrainer(GRPOTrainer):
             refused.append("importance_sampling_level='sequence' with use_bias_correction_kl=True and "
                            f"beta={self.beta} (set use_bias_correction_kl=False)")
         if (args.delta is not None and _LOSS_TYPES.get(self.loss_type, ("", "", "clip"))[2] == "clip"
-                and not args.delta > 1 + self.epsilon_high):
-            # Above 1 + epsilon_high TRL's two-sided clip is the dual clip (A < 0, ratio > delta:
-            # the constant delta A); at or below it, it would also cut positive advantages'
-            # ratios (and TRL's clip metrics, taken after it, would change).
-            refused.append(f"delta={args.delta} (covered when delta > 1 + epsilon_high = "
-                           f"{1 + self.epsilon_high:g})")
+                and not (args.delta > 1 and (args.delta > 1 + self.epsilon_high or self.epsilon_high > 0))):
+            # TRL's two-sided clip: above 1 + epsilon_high the dual clip at delta; at or below it
+            # the clip's upper bound delta for A > 0 and a dual clip at 1 + epsilon_high for A < 0
+            refused.append(f"delta={args.delta} (covered when delta > 1)")
         # TRL's per-token weights of the policy term (not of the KL term): folded into the advantages,
         # which the KL term does not see
         weighting = self._weight_settings()
@@ -331,6 +330,13 @@ class IAMAGRPOTrainer(GRPOTrainer):
             kind, max_length = "dr_grpo", 1
         eps_low, eps_high = self._kernel_clip_range(surrogate)
         kernel_surrogate = "cispo" if vespo_is else surrogate  # with eps 0, 0: the weight is 1
+        # TRL applies delta (ratios cut at delta before the min) in the clipped surrogate's branch
+        dual_clip, delta_cap = (self.args.delta if surrogate == "clip" else None), False
+        if dual_clip is not None and not dual_clip > 1 + eps_high:
+            # At or below 1 + epsilon_high: min(rho, delta) cuts A > 0's ratios at delta (the upper
+            # clip bound) and leaves A < 0's max(min(rho, delta), clip(rho)) held at 1 + epsilon_high
+            # above it (a dual clip there). TRL then counts no token as clipped above.
+            eps_high, dual_clip, delta_cap = dual_clip - 1.0, 1.0 + eps_high, True
         # TRL's VESPO: -phi A logp, phi detached, with token-level ratios for the KL weight
         # (use_bias_correction_kl), whatever importance_sampling_level says.
         level = "token" if surrogate == "vespo" else self.importance_sampling_level
@@ -354,8 +360,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
             beta=0.0 if ref is None else self.beta * float(scale), loss_type=kind,
             max_completion_length=max_length,
             kl_weight="ratio" if ref is not None and self.args.use_bias_correction_kl else "none",
-            # TRL applies delta in the clipped surrogate's branch alone
-            dual_clip=self.args.delta if surrogate == "clip" else None,
+            dual_clip=dual_clip,
             ratio_level=level, surrogate=kernel_surrogate,
             tau_pos=self.args.sapo_temperature_pos, tau_neg=self.args.sapo_temperature_neg,
             **self._vespo_options(),
@@ -371,7 +376,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_loss_metrics(mode, out, signs, mask, entropies, tokens, surrogate, eps_low, eps_high,
-                               None if weights is None else (signs, logps, old), phi)
+                               None if weights is None else (signs, logps, old), phi, delta_cap)
         return loss
 
     def _entropy_bonus(self, mode: str, entropies: torch.Tensor, mask: torch.Tensor,
@@ -434,7 +439,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
                           entropies: torch.Tensor, tokens: torch.Tensor, surrogate: str,
                           eps_low: float, eps_high: float,
                           unweighted: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-                          phi: torch.Tensor | None = None) -> None:
+                          phi: torch.Tensor | None = None, none_above: bool = False) -> None:
         """TRL's loss metrics: means over every process, as TRL reports them, in one reduction.
         The clip metrics are token-weighted, except for sequence ratios, which TRL averages over
         sequences; the extremes over sequences of each one's clipped shares are gathered.
@@ -442,7 +447,9 @@ class IAMAGRPOTrainer(GRPOTrainer):
         ``[S]``) or tokens (``[S, T]``), as TRL. With TRL's policy-term weights folded into the
         advantages, ``unweighted`` holds ``(advantages, logp, old_logp)`` before that: TRL counts a
         clipped token by its advantage's sign whatever its weight, 0 included, so the token-level
-        clip counts are then taken from those, as TRL takes them."""
+        clip counts are then taken from those, as TRL takes them. ``none_above``: TRL's delta at or
+        below ``1 + epsilon_high`` cuts the ratios it tests before the test, so no token counts as
+        clipped above (the kernel's clipped-above tokens are then those above delta)."""
         sequence = self.importance_sampling_level == "sequence" and surrogate != "vespo"
         zero = tokens.new_zeros(())
         low_sum = high_sum = phi_sum = phi_count = zero
@@ -466,6 +473,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
         else:
             high_sum = out.clip_high_fraction * tokens
             low_sum = out.clip_fraction * tokens - high_sum
+        if none_above:
+            high_sum = zero
         weighted = torch.stack([out.kl * tokens, low_sum.to(tokens.dtype), high_sum.to(tokens.dtype),
                                 (entropies.detach() * mask).sum().to(tokens.dtype), tokens,
                                 torch.as_tensor(clip_count, dtype=tokens.dtype, device=tokens.device),
@@ -495,6 +504,8 @@ class IAMAGRPOTrainer(GRPOTrainer):
                 total = rows[:, 0]
                 high_share = rows[:, 2] / total
                 low_share = (rows[:, 1] - rows[:, 2]) / total
+            if none_above:
+                high_share = torch.where(torch.isnan(high_share), high_share, 0.0)
             # TRL's extremes over the sequences of every process (one gather for both), skipping NaN
             shares = self.accelerator.gather(torch.stack([low_share, high_share], dim=-1))
             metrics["clip_ratio/low_min"].append(nanmin(shares[:, 0]).item())
