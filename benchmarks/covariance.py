@@ -29,15 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness import Measurement, interleaved, record_times, report
 from verl_loss import _micro_batch
 
-from iama.integrations.verl_loss import _band_on_device
+from iama.integrations.verl_loss import _band_on_device, _top_k_on_device
 from iama_kernels import covariance_band, covariance_top_k
-
-
-def _top_k_torch(adv: torch.Tensor, logp: torch.Tensor, keep: torch.Tensor, k: int) -> torch.Tensor:
-    flat = keep.reshape(-1).nonzero().squeeze(1)
-    a, lp = adv.reshape(-1)[flat], logp.reshape(-1)[flat]
-    cov = (a - a.mean()) * (lp - lp.mean())
-    return flat[torch.topk(cov, min(k, flat.numel())).indices]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         b = _micro_batch(S, T)
         adv, logp, old, keep = b["advantages"], b["log_prob"], b["old_log_prob"], b["response_mask"]
         k = max(1, int(int(keep.sum()) * 0.0002))
-        top_k = {"torch": partial(_top_k_torch, adv, logp, keep, k),
+        top_k = {"torch": partial(_top_k_on_device, adv, logp, keep, k),
                  "cpu": partial(covariance_top_k, adv, logp, keep, k, impl="cpu")}
         band = {"torch": partial(_band_on_device, logp, old, adv, keep, 0.2, 0.28, 1.0, 5.0),
                 "cpu": partial(covariance_band, adv, logp, keep, 1.0, 5.0, old_logp=old, eps_low=0.2,

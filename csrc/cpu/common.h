@@ -77,11 +77,35 @@ inline void check_floating(const at::Tensor& t, const char* name) {
                    " must be float16, bfloat16, float32 or float64, got ", dt);
 }
 
+// A floating CPU tensor of logp's shape (old_logp, ref_logp, per-token advantages).
+inline void check_like_logp(const at::Tensor& t, const char* name, const at::Tensor& logp) {
+  check_cpu(t, name);
+  check_floating(t, name);
+  TORCH_CHECK_VALUE(t.sizes() == logp.sizes(), name, " must have the shape of logp ", logp.sizes(), ", got ",
+                    t.sizes());
+}
+
+// The mask: a CPU tensor of logp's shape, bool, integer or floating.
+inline void check_mask(const at::Tensor& mask, const at::Tensor& logp) {
+  check_cpu(mask, "mask");
+  TORCH_CHECK_VALUE(mask.sizes() == logp.sizes(), "mask must have the shape of logp ", logp.sizes(), ", got ",
+                    mask.sizes());
+  TORCH_CHECK_TYPE(!mask.is_complex(), "mask must be bool, integer or floating, got ", mask.scalar_type());
+}
+
 // A [S, T] view whose rows are contiguous (the row stride may be anything): read in place;
 // other layouts are copied once.
 inline at::Tensor rows_contiguous(const at::Tensor& t) {
   if (t.size(1) <= 1 || t.stride(1) == 1) return t;
   return t.contiguous();
+}
+
+// The mask in a dtype the row kernels read as is (bool/uint8, int64, float64, float32; any other
+// converted to float32), rows contiguous.
+inline at::Tensor readable_mask(const at::Tensor& mask) {
+  const auto dt = mask.scalar_type();
+  const bool native = dt == at::kBool || dt == at::kByte || dt == at::kLong || dt == at::kDouble || dt == at::kFloat;
+  return rows_contiguous(native ? mask : mask.to(at::kFloat));
 }
 
 // float64 stays float64; every other floating dtype computes in float32.

@@ -248,13 +248,6 @@ std::vector<int64_t> band_kernel(const Inputs<scalar_t, mask_t>& in, const Layou
   return out;
 }
 
-void check_pair(const at::Tensor& t, const char* name, const at::Tensor& logp) {
-  check_cpu(t, name);
-  check_floating(t, name);
-  TORCH_CHECK_VALUE(t.sizes() == logp.sizes(), name, " must have the shape of logp ", logp.sizes(), ", got ",
-                    t.sizes());
-}
-
 struct Prepared {
   at::Tensor a, l, o, m;
   at::ScalarType dt;
@@ -265,20 +258,14 @@ Prepared prepare(const at::Tensor& advantages, const at::Tensor& logp, const at:
   check_cpu(logp, "logp");
   check_floating(logp, "logp");
   TORCH_CHECK_VALUE(logp.dim() == 2, "logp must have shape [S, T], got ", logp.sizes());
-  check_pair(advantages, "advantages", logp);
-  if (old_logp.has_value()) check_pair(*old_logp, "old_logp", logp);
-  check_cpu(mask, "mask");
-  TORCH_CHECK_VALUE(mask.sizes() == logp.sizes(), "mask must have the shape of logp ", logp.sizes(), ", got ",
-                    mask.sizes());
-  TORCH_CHECK_TYPE(!mask.is_complex(), "mask must be bool, integer or floating, got ", mask.scalar_type());
+  check_like_logp(advantages, "advantages", logp);
+  if (old_logp.has_value()) check_like_logp(*old_logp, "old_logp", logp);
+  check_mask(mask, logp);
   const at::ScalarType dt = logp.scalar_type() == at::kDouble || advantages.scalar_type() == at::kDouble
                                 ? at::kDouble
                                 : at::kFloat;
-  const auto mdt = mask.scalar_type();
-  const bool mask_native = mdt == at::kBool || mdt == at::kByte || mdt == at::kLong || mdt == at::kDouble ||
-                           mdt == at::kFloat;
-  Prepared p{rows_contiguous(advantages.to(dt)), rows_contiguous(logp.to(dt)), at::Tensor(),
-             rows_contiguous(mask_native ? mask : mask.to(at::kFloat)), dt};
+  Prepared p{rows_contiguous(advantages.to(dt)), rows_contiguous(logp.to(dt)), at::Tensor(), readable_mask(mask),
+             dt};
   if (old_logp.has_value()) p.o = rows_contiguous(old_logp->to(dt));
   return p;
 }

@@ -30,11 +30,7 @@ policy_loss_fwd(
   TORCH_CHECK_VALUE(logp.dim() == 2, "logp must have shape [S, T], got ", logp.sizes());
   const int64_t S = logp.size(0), T = logp.size(1);
   for (const auto& [opt, name] : {std::pair{&old_logp, "old_logp"}, std::pair{&ref_logp, "ref_logp"}}) {
-    if (!opt->has_value()) continue;
-    check_cpu(**opt, name);
-    check_floating(**opt, name);
-    TORCH_CHECK_VALUE((*opt)->sizes() == logp.sizes(), name, " must have the shape of logp ", logp.sizes(), ", got ",
-                      (*opt)->sizes());
+    if (opt->has_value()) check_like_logp(**opt, name, logp);
   }
   check_cpu(advantages, "advantages");
   check_floating(advantages, "advantages");
@@ -42,10 +38,7 @@ policy_loss_fwd(
   TORCH_CHECK_VALUE((advantages.dim() == 1 && advantages.size(0) == S) || (token_adv && advantages.sizes() == logp.sizes()),
                     "advantages must have shape [S] = [", S, "] or the shape of logp ", logp.sizes(), ", got ",
                     advantages.sizes());
-  check_cpu(mask, "mask");
-  TORCH_CHECK_VALUE(mask.sizes() == logp.sizes(), "mask must have the shape of logp ", logp.sizes(), ", got ",
-                    mask.sizes());
-  TORCH_CHECK_TYPE(!mask.is_complex(), "mask must be bool, integer or floating, got ", mask.scalar_type());
+  check_mask(mask, logp);
   const int surr = parse_surrogate(surrogate);
   const bool gmpo = surr == kSurrGmpo;  // GMPO's bounds are on the log-ratio: eps_low may pass 1
   TORCH_CHECK_VALUE(eps_low >= 0 && (gmpo ? std::isfinite(eps_low) : eps_low <= 1),

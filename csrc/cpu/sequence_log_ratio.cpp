@@ -102,14 +102,8 @@ std::tuple<at::Tensor, at::Tensor> sequence_log_ratio(const at::Tensor& logp, co
   check_cpu(logp, "logp");
   check_floating(logp, "logp");
   TORCH_CHECK_VALUE(logp.dim() == 2, "logp must have shape [S, T], got ", logp.sizes());
-  check_cpu(old_logp, "old_logp");
-  check_floating(old_logp, "old_logp");
-  TORCH_CHECK_VALUE(old_logp.sizes() == logp.sizes(), "old_logp must have the shape of logp ", logp.sizes(),
-                    ", got ", old_logp.sizes());
-  check_cpu(mask, "mask");
-  TORCH_CHECK_VALUE(mask.sizes() == logp.sizes(), "mask must have the shape of logp ", logp.sizes(), ", got ",
-                    mask.sizes());
-  TORCH_CHECK_TYPE(!mask.is_complex(), "mask must be bool, integer or floating, got ", mask.scalar_type());
+  check_like_logp(old_logp, "old_logp", logp);
+  check_mask(mask, logp);
   const double inf = std::numeric_limits<double>::infinity();
   const double lo = clamp_low.value_or(-inf), hi = clamp_high.value_or(inf);
   TORCH_CHECK_VALUE(!std::isnan(lo) && !std::isnan(hi) && lo <= hi, "clamp_low must be <= clamp_high, got ", lo,
@@ -120,10 +114,7 @@ std::tuple<at::Tensor, at::Tensor> sequence_log_ratio(const at::Tensor& logp, co
   const at::ScalarType dt = old_logp.scalar_type() == lp_dt ? lp_dt : ct;
   const at::Tensor lp = rows_contiguous(logp.to(dt));
   const at::Tensor old = rows_contiguous(old_logp.to(dt));
-  const auto mdt = mask.scalar_type();
-  const bool mask_native = mdt == at::kBool || mdt == at::kByte || mdt == at::kLong || mdt == at::kDouble ||
-                           mdt == at::kFloat;
-  const at::Tensor mk = rows_contiguous(mask_native ? mask : mask.to(at::kFloat));
+  const at::Tensor mk = readable_mask(mask);
   const int64_t S = logp.size(0);
   at::Tensor sums = at::empty({S}, logp.options().dtype(at::kDouble));
   at::Tensor support = at::empty({S}, logp.options().dtype(at::kDouble));

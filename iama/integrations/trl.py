@@ -313,7 +313,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
                 advantages=advantages.unsqueeze(1) if advantages.dim() == 1 else advantages,
                 log_ratio_per_token=log_ratio, mask=mask,
                 importance_sampling_ratio=inputs["importance_sampling_ratio"],
-                **{k.removeprefix("vespo_"): v for k, v in self._vespo_options().items()})
+                **self._vespo_shapes())
             phi = phi[:, 0] if advantages.dim() == 1 else phi
         weights = self._policy_weights(inputs, logps, entropy_mask, mask, advantages, with_is=not vespo_is)
         signs = advantages  # TRL's clip metrics and VESPO's phi go by the advantages before any weight
@@ -376,7 +376,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_loss_metrics(mode, out, signs, mask, entropies, tokens, surrogate, eps_low, eps_high,
-                               None if weights is None else (signs, logps, old), phi, delta_cap)
+                               None if weights is None else (logps, old), phi, delta_cap)
         return loss
 
     def _entropy_bonus(self, mode: str, entropies: torch.Tensor, mask: torch.Tensor,
@@ -434,20 +434,26 @@ class IAMAGRPOTrainer(GRPOTrainer):
                 "vespo_lambda_pos": max(float(args.vespo_lambda_pos), _VESPO_MIN_LAMBDA),
                 "vespo_lambda_neg": max(float(args.vespo_lambda_neg), _VESPO_MIN_LAMBDA)}
 
+    def _vespo_shapes(self) -> dict[str, float]:
+        """:meth:`_vespo_options` under the names ``vespo_phi`` and TRL's ``get_gamma_weights``
+        take (``k_pos``, ``lambda_pos``, ...)."""
+        return {k.removeprefix("vespo_"): v for k, v in self._vespo_options().items()}
+
     @torch.no_grad()
     def _log_loss_metrics(self, mode: str, out: Any, advantages: torch.Tensor, mask: torch.Tensor,
                           entropies: torch.Tensor, tokens: torch.Tensor, surrogate: str,
                           eps_low: float, eps_high: float,
-                          unweighted: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+                          ratio_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None,
                           phi: torch.Tensor | None = None, none_above: bool = False) -> None:
         """TRL's loss metrics: means over every process, as TRL reports them, in one reduction.
         The clip metrics are token-weighted, except for sequence ratios, which TRL averages over
         sequences; the extremes over sequences of each one's clipped shares are gathered.
         VESPO's ``phi`` (from the kernel's log weights) is averaged over sequences (advantages
-        ``[S]``) or tokens (``[S, T]``), as TRL. With TRL's policy-term weights folded into the
-        advantages, ``unweighted`` holds ``(advantages, logp, old_logp)`` before that: TRL counts a
-        clipped token by its advantage's sign whatever its weight, 0 included, so the token-level
-        clip counts are then taken from those, as TRL takes them. ``none_above``: TRL's delta at or
+        ``[S]``) or tokens (``[S, T]``), as TRL. ``advantages`` are those before TRL's policy-term
+        weights; with the weights folded into the kernel's, ``ratio_inputs`` holds ``(logp,
+        old_logp)``: TRL counts a clipped token by its advantage's sign whatever its weight, 0
+        included, so the token-level clip counts are then taken from those, as TRL takes them.
+        ``none_above``: TRL's delta at or
         below ``1 + epsilon_high`` cuts the ratios it tests before the test, so no token counts as
         clipped above (the kernel's clipped-above tokens are then those above delta)."""
         sequence = self.importance_sampling_level == "sequence" and surrogate != "vespo"
@@ -455,20 +461,19 @@ class IAMAGRPOTrainer(GRPOTrainer):
         low_sum = high_sum = phi_sum = phi_count = zero
         clip_count: Any = tokens
         if surrogate == "vespo" and phi is None:  # VESPO clips nothing; its metric is phi's mean
-            options = {k.removeprefix("vespo_"): v for k, v in self._vespo_options().items()}
             log_w = out.sequence_log_ratio.to(tokens.dtype)
-            phi = vespo_phi(log_w if advantages.dim() == 1 else log_w[:, None], advantages, **options)
+            log_w = log_w if advantages.dim() == 1 else log_w[:, None]
+            phi = vespo_phi(log_w, advantages, **self._vespo_shapes())
         if surrogate == "vespo":
             if phi.dim() == 1:  # one weight per sequence: TRL's mean over sequences
                 phi_sum, phi_count = phi.sum(), zero + phi.shape[0]
             else:
                 phi_sum, phi_count = (phi * mask).sum(), tokens
         elif sequence:
-            signs = advantages if unweighted is None else unweighted[0]
-            low, high = self._sequence_clips(out.sequence_log_ratio, signs, eps_low, eps_high)
+            low, high = self._sequence_clips(out.sequence_log_ratio, advantages, eps_low, eps_high)
             low_sum, high_sum, clip_count = low.sum(), high.sum(), advantages.shape[0]
-        elif unweighted is not None:
-            low_tokens, high_tokens = self._token_clips(*unweighted, mask, eps_low, eps_high)
+        elif ratio_inputs is not None:
+            low_tokens, high_tokens = self._token_clips(advantages, *ratio_inputs, mask, eps_low, eps_high)
             low_sum, high_sum = low_tokens.sum(), high_tokens.sum()
         else:
             high_sum = out.clip_high_fraction * tokens
@@ -496,7 +501,7 @@ class IAMAGRPOTrainer(GRPOTrainer):
             metrics["clip_ratio/region_mean"].append((low_sum + high_sum) / clip_count)
             if sequence:  # each sequence's clipped share is 0 or 1
                 low_share, high_share = low.to(tokens.dtype), high.to(tokens.dtype)
-            elif unweighted is not None:  # each sequence's clipped shares of its tokens, as TRL
+            elif ratio_inputs is not None:  # each sequence's clipped shares of its tokens, as TRL
                 total = mask.sum(-1).to(tokens.dtype)
                 low_share, high_share = low_tokens.sum(-1) / total, high_tokens.sum(-1) / total
             else:  # each sequence's clipped shares of its tokens; NaN for an empty one, as TRL

@@ -476,6 +476,18 @@ def _band_on_device(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantag
     return ((cov < ub) & (cov > lb) & keep & ~clipped).reshape(-1).nonzero().squeeze(1)
 
 
+def _top_k_on_device(advantages: torch.Tensor, log_prob: torch.Tensor, keep: torch.Tensor, k: int
+                     ) -> torch.Tensor:
+    """KL-Cov's ``min(k, n)`` tokens (flat indices) in verl's arithmetic, on the inputs' device.
+    The response tokens are gathered first, as verl does: a top-k over the whole ``[S, T]`` with
+    the padding at -inf took 7x as long as over the gathered ones (its many equal values)."""
+    flat = keep.reshape(-1).nonzero().squeeze(1)
+    adv = advantages.detach().reshape(-1)[flat]
+    lp = log_prob.detach().reshape(-1)[flat]
+    cov = (adv - adv.mean()) * (lp - lp.mean())
+    return flat[torch.topk(cov, min(flat.numel(), k)).indices]
+
+
 def _kl_cov_terms(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                   keep: torch.Tensor, weights: torch.Tensor, loss_type: str, length: int | None,
                   config: Any, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -506,13 +518,7 @@ def _kl_cov_terms(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
     if selection is not None:
         picked = covariance_top_k(advantages, log_prob, keep, k, impl=selection)
     else:
-        flat = keep.reshape(-1).nonzero().squeeze(1)
-        # The response tokens gathered first, as verl does: a top-k over the whole [S, T] with the
-        # padding at -inf took 7x as long as over the gathered ones (its many equal values).
-        adv = advantages.detach().reshape(-1)[flat]
-        lp = log_prob.detach().reshape(-1)[flat]
-        cov = (adv - adv.mean()) * (lp - lp.mean())
-        picked = flat[torch.topk(cov, min(count, k)).indices]
+        picked = _top_k_on_device(advantages, log_prob, keep, k)
     rows, cols = picked // T, picked % T
     # policy_loss.reference.token_weights' rule, for the picked tokens only (not a full [S, T] pass)
     w = weights[rows, cols].to(log_prob.dtype)
