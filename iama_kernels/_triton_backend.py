@@ -124,3 +124,15 @@ def sequence_log_ratio_triton(*args: Any) -> Any:
     from .policy_loss.sequence_log_ratio_triton import sequence_log_ratio_triton as run
 
     return run(*args)
+
+
+def covariance_top_k_triton(*args: Any) -> Any:
+    from .policy_loss.covariance_triton import covariance_top_k_triton as run
+
+    return run(*args)
+
+
+def covariance_band_triton(*args: Any) -> Any:
+    from .policy_loss.covariance_triton import covariance_band_triton as run
+
+    return run(*args)

@@ -41,6 +41,7 @@ from triton.compiler import ASTSource
 
 from iama_kernels.advantages.triton import _group_advantages_fwd_kernel, group_warps
 from iama_kernels.nonlinear_grpo.triton import _nonlinear_grpo_fwd_kernel
+from iama_kernels.policy_loss.covariance_triton import _band_kernel, _row_sums_kernel, _top_k_keys_kernel
 from iama_kernels.policy_loss.sequence_log_ratio_triton import _sequence_log_ratio_kernel
 from iama_kernels.policy_loss.triton import _finalize_kernel, _policy_loss_fwd_kernel, token_block
 
@@ -57,14 +58,19 @@ TYPES = {
 }
 # What the JIT specialises for contiguous [S, T] tensors with T % 16 == 0.
 UNIT_STRIDES = {name: 1 for name in ("s_lt", "s_ot", "s_rt", "s_mt", "s_gt")}
-ALIGNED = ("s_lr", "s_or", "s_rr", "s_mr", "s_gr", "T")
+ALIGNED = ("s_lr", "s_or", "s_rr", "s_mr", "s_gr", "s_ar", "T")
 VECTOR_LOAD = "ld.global.v4.b32"
 UNIT_STRIDES_SLR = {name: 1 for name in ("s_lt", "s_ot", "s_mt")}
+UNIT_STRIDES_COV = {name: 1 for name in ("s_at", "s_lt", "s_ot", "s_mt")}
+COV_TYPES = {"a_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": "*fp32", "m_ptr": "*u8", "sums_ptr": "*fp64",
+             "count_ptr": "*i32", "means_ptr": "*fp32", "keys_ptr": "*i64", "flags_ptr": "*u8",
+             **{name: "fp32" for name in ("low", "high", "ratio_low", "ratio_high")}}
 
 
 KERNELS = {fn.__name__: fn for fn in (_group_advantages_fwd_kernel, _nonlinear_grpo_fwd_kernel,
                                        _policy_loss_fwd_kernel, _finalize_kernel,
-                                       _sequence_log_ratio_kernel)}
+                                       _sequence_log_ratio_kernel, _row_sums_kernel, _top_k_keys_kernel,
+                                       _band_kernel)}
 # (kernel name, constexprs, warps, argument types, aligned), and what to check in its PTX.
 Job = tuple[str, dict, int, "dict | None", bool]
 JOBS: list[tuple[Job, Callable[[str], None] | None]] = []
@@ -218,6 +224,17 @@ def main() -> None:
                                                     "BLOCK_T": block_t, **UNIT_STRIDES_SLR}, warps,
                        aligned=True, then=functools.partial(check_vector_loads, loads=2,
                                                             name=f"sequence_log_ratio clamp={clamp_lo}"))
+    # the covariance selections: the float64 row sums, the 64-bit keys, the band with and without
+    # the clip test; the contiguous launch reads the float32 advantages and log-probs (and old) in
+    # 16-byte vectors
+    block_t, warps = token_block(4096, 4)
+    cov_consts = {"BLOCK_T": block_t, **{k: v for k, v in UNIT_STRIDES_COV.items() if k != "s_ot"}}
+    for kernel, consts, loads in ((_row_sums_kernel, cov_consts, 2), (_top_k_keys_kernel, cov_consts, 2),
+                                  (_band_kernel, dict(cov_consts, CLIP_TEST=False), 2),
+                                  (_band_kernel, dict(cov_consts, CLIP_TEST=True, s_ot=1), 3)):
+        compile_kernel(kernel, consts, warps, COV_TYPES, aligned=True,
+                       then=functools.partial(check_vector_loads, loads=loads,
+                                              name=f"{kernel.__name__} {consts.get('CLIP_TEST', '')}"))
     for BG, M in [(2, 1), (16, 2), (32, 3), (128, 1)]:
         compile_kernel(_nonlinear_grpo_fwd_kernel, {"BG": BG, "M": M, "SCALE": 1, "HAS_OLD": True,
                                                     "HAS_REF": True, "LOSS_TYPE": 0, "WRITE_GRAD": True,

@@ -1,6 +1,8 @@
-"""covariance_top_k / covariance_band (KL-Cov's and Clip-Cov's token selections): the C++ backend
-against the float64 reference and against loops written from the definitions, on odd sizes, ties,
-NaN, every mask kind, strided inputs and several thread counts."""
+"""covariance_top_k / covariance_band (KL-Cov's and Clip-Cov's token selections): the C++ and Triton
+backends against the float64 reference and against loops written from the definitions, on odd
+sizes, ties, NaN, every mask kind, strided inputs and several thread counts. The Triton tests run
+in two lanes: CPU tensors through the interpreter (and exactly the C++ backend's result there) and
+CUDA tensors at larger sizes (``gpu``)."""
 
 from __future__ import annotations
 
@@ -262,8 +264,8 @@ def test_bad_arguments_are_named(cpu_ext) -> None:
         covariance_band(adv, logp, mask, 0.0, float("nan"))
     with pytest.raises(TypeError, match="eps_low must be a float"):
         covariance_band(adv, logp, mask, 0.0, 1.0, eps_low="0.2")
-    with pytest.raises(ValueError, match="not implemented for covariance_top_k"):
-        covariance_top_k(adv, logp, mask, 2, impl="triton")
+    with pytest.raises(ValueError, match="impl='triton' cannot run covariance_top_k"):
+        covariance_top_k(adv.double(), logp, mask, 2, impl="triton")  # float64: refused, never cast
     with pytest.raises(ValueError, match="impl must be one of"):
         covariance_band(adv, logp, mask, 0.0, 1.0, impl="fast")
     # the op itself names its arguments too
@@ -289,3 +291,164 @@ def test_device_path_of_verl_clip_cov_agrees(cpu_ext) -> None:
     adv, logp, old = (torch.where(keep, t, 0.0) for t in (adv, logp, old))
     assert torch.equal(_band_on_device(logp, old, adv, keep, 0.2, 0.28, 0.05, 0.9),
                        covariance_band(adv, logp, keep, 0.05, 0.9, old_logp=old, eps_low=0.2, eps_high=0.28))
+
+
+# ---- the Triton backend ----------------------------------------------------------------------
+
+@pytest.fixture(params=[pytest.param("interpreter", marks=pytest.mark.interpreter),
+                        pytest.param("gpu", marks=pytest.mark.gpu)])
+def lane(request: pytest.FixtureRequest) -> tuple[torch.device, tuple[int, int]]:
+    """``(device, (S, T))``: CPU tensors through the interpreter at a small size (rows of two
+    blocks, the second ragged, as the C++ backend's result is also checked there), or CUDA."""
+    pytest.importorskip("triton")
+    from iama_kernels._triton_backend import interpreter_enabled
+
+    if request.param == "interpreter":
+        if not interpreter_enabled():
+            pytest.skip("TRITON_INTERPRET is not set (machines with CUDA run the gpu lane)")
+        request.getfixturevalue("cpu_ext")
+        return torch.device("cpu"), (11, 1100)
+    return torch.device("cuda"), (200, 2100)
+
+
+def _on(device: torch.device, *tensors: torch.Tensor | None):
+    return tuple(None if t is None else t.to(device) for t in tensors)
+
+
+TRITON_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("row_adv", [True, False])
+def test_triton_top_k_and_band(lane, dtype: torch.dtype, mask_kind: str, row_adv: bool) -> None:
+    """A valid top k and the band (up to rounding at its edges) against the loops; on the
+    interpreter lane exactly the C++ backend's indices (the same float32 arithmetic and order)."""
+    device, (S, T) = lane
+    adv, logp, old, mask = _inputs(S, T, dtype, mask_kind, row_adv, seed=21)
+    keep = mask != 0
+    cov = _products(adv, logp, keep)
+    tol = _tolerance(dtype, cov)
+    n = int(keep.sum())
+    d_adv, d_logp, d_old, d_mask = _on(device, adv, logp, old, mask)
+    for k in (1, 37, 2000, n + 3):
+        picked = covariance_top_k(d_adv, d_logp, d_mask, k, impl="triton")
+        assert picked.device.type == device.type
+        _assert_top_k(picked.cpu(), cov, keep, k, tol)
+        if device.type == "cpu":
+            assert torch.equal(picked, covariance_top_k(adv, logp, mask, k, impl="cpu"))
+    for clip in (False, True):
+        expected, band_cov = _band_by_loops(adv, logp, old if clip else None, mask, 0.05, 0.9, 0.2, 0.28)
+        rho = torch.exp(logp.double() - old.double()).reshape(-1)
+        near_edge = ((band_cov - 0.05).abs() < tol) | ((band_cov - 0.9).abs() < tol)
+        near_edge |= ((rho - 1.28).abs() < 1e-6) | ((rho - 0.8).abs() < 1e-6)
+        got = covariance_band(d_adv, d_logp, d_mask, 0.05, 0.9, old_logp=d_old if clip else None,
+                              eps_low=0.2, eps_high=0.28, impl="triton").cpu()
+        assert got.dtype == torch.long and bool((got[1:] > got[:-1]).all())
+        chosen = torch.zeros_like(expected)
+        chosen[got] = True
+        assert int(expected.sum()) > 50 and not bool(((chosen != expected) & ~near_edge).any())
+        if device.type == "cpu" and not clip:  # with the clip test exp() may round differently
+            assert torch.equal(got, covariance_band(adv, logp, mask, 0.05, 0.9, impl="cpu"))
+
+
+def test_triton_order_ties_nan_signed_zero_and_infinity(lane) -> None:
+    """The key's order is the C++ backend's total order: equal products by index (+0 and -0
+    equal), NaN first, -inf below every finite product yet above the padding."""
+    device, _ = lane
+    mask = torch.rand(9, 50, generator=torch.Generator().manual_seed(3)) < 0.6
+    flat = mask.reshape(-1).nonzero().squeeze(1)
+    # A = its mean exactly: every product is 0, +0 or -0 by the sign of logp - mean logp
+    adv, logp = torch.full((9, 50), 0.5), -torch.rand(9, 50)
+    assert torch.equal(covariance_top_k(*_on(device, adv, logp, mask), 40, impl="triton").cpu(), flat[:40])
+    adv = torch.tensor([1.0, -1.0, 2.0]).unsqueeze(1).expand(3, 4)
+    logp = torch.tensor([-1.0, -3.0, -1.0]).unsqueeze(1).expand(3, 4)
+    full = torch.ones(3, 4, dtype=torch.bool)
+    assert torch.equal(covariance_top_k(*_on(device, adv, logp, full), 10, impl="triton").cpu(),
+                       torch.tensor([4, 5, 6, 7, 8, 9, 10, 11, 0, 1]))
+    # a NaN product from a float32 overflow ranks first; -inf products last
+    S, T = 40, 64
+    adv = torch.full((S, T), -1e38)
+    adv[-1, 0] = 3e38
+    logp = torch.full((S, T), -1.0)
+    logp[: S // 2] = -3.0
+    logp[-1, 0] = logp[0, 1] = -2.0
+    full = torch.ones(S, T, dtype=torch.bool)
+    assert torch.equal(covariance_top_k(*_on(device, adv, logp, full), 3, impl="triton").cpu(),
+                       torch.tensor([(S - 1) * T, 0, 2]))
+    adv = torch.tensor([[3e38, -3e38, 0.0, 1.0, 5.0]])
+    logp = torch.tensor([[-3e38, -3e38, -1.0, -2.0, 0.0]])
+    part = torch.tensor([[True, True, True, True, False]])
+    # means over the 4: A 0.25, logp -1.5e38: products -inf, +inf, then two finite; the padding
+    # (its key the lowest) is not picked even with k > n
+    got = covariance_top_k(*_on(device, adv, logp, part), 10, impl="triton").cpu()
+    assert torch.equal(got, covariance_top_k(adv, logp, part, 10, impl="reference"))
+    assert torch.equal(got, torch.tensor([1, 3, 2, 0]))
+
+
+def test_triton_strides_mixed_dtypes_empty_and_nan_padding(lane) -> None:
+    device, _ = lane
+    adv, logp, old, mask = _inputs(21, 65, torch.float32, "bool", False, seed=2)
+    want_k = covariance_top_k(adv, logp, mask, 50, impl="reference")
+    want_band = covariance_band(adv, logp, mask, 0.05, 0.8, impl="reference")
+    adv, logp, old, mask = _on(device, adv, logp, old, mask)
+    wide = torch.zeros(21, 130, device=device)
+    wide[:, ::2] = logp
+    adv_t = adv.t().contiguous().t()
+    for a, lp, m in ((adv_t, wide[:, ::2], mask), (adv, logp, mask.t().contiguous().t())):
+        assert torch.equal(covariance_top_k(a, lp, m, 50, impl="triton").cpu(), want_k)
+    assert torch.equal(covariance_band(adv_t, wide[:, ::2], mask, 0.05, 0.8, impl="triton").cpu(), want_band)
+    # advantages in bfloat16 with float32 log-probs
+    got = covariance_top_k(adv.bfloat16(), logp, mask, 50, impl="triton").cpu()
+    assert torch.equal(got, covariance_top_k(adv.bfloat16().cpu(), logp.cpu(), mask.cpu(), 50,
+                                             impl="reference"))
+    # NaN padding is never read: zeros there give the same selections
+    zeros = torch.where(mask, adv, 0.0), torch.where(mask, logp, 0.0)
+    assert torch.equal(covariance_top_k(*zeros, mask, 30, impl="triton"),
+                       covariance_top_k(adv, logp, mask, 30, impl="triton"))
+    nothing = torch.zeros_like(mask)
+    assert covariance_top_k(adv, logp, nothing, 3, impl="triton").shape == (0,)
+    assert covariance_band(adv, logp, nothing, -1.0, 1.0, old_logp=old, impl="triton").shape == (0,)
+    none = torch.zeros(0, 5, device=device)
+    assert covariance_top_k(none, none, none, 1, impl="triton").shape == (0,)
+    assert covariance_band(none, none, none, 0.0, 1.0, impl="triton").shape == (0,)
+    # the clip test's cases, one by one
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, 0.0, 1.0]])
+    logp = torch.tensor([[-1.0, -2.0, -1.0, -2.0, -1.0, -1.5]])
+    old = logp - torch.tensor([[0.5, 0.0, -0.5, 0.0, 0.5, -0.5]])
+    kept = covariance_band(*_on(device, adv, logp, torch.ones(1, 6)), -1e9, 1e9,
+                           old_logp=old.to(device), eps_low=0.2, eps_high=0.28, impl="triton")
+    assert torch.equal(kept.cpu(), torch.tensor([1, 3, 4, 5]))
+
+
+def test_triton_refusals_and_choice() -> None:
+    """float64 and index overflow are refused with the reason; ``auto`` never takes the interpreter."""
+    pytest.importorskip("triton")
+    from iama_kernels._dispatch import Call
+    from iama_kernels.policy_loss.covariance import TRITON_MAX_TOKENS, _triton_check
+
+    adv, logp, _, mask = _inputs(4, 9, torch.float32, "bool", False)
+    big = Call("covariance_top_k", torch.device("cuda"), True,
+               {"dtype": torch.float32, "row_span": 8, "tokens": TRITON_MAX_TOKENS})
+    assert "32 bits" in _triton_check(big)
+    with pytest.raises(ValueError, match="float64 inputs are not supported"):
+        covariance_band(adv, logp.double(), mask, 0.0, 1.0, impl="triton")
+    from iama_kernels._dispatch import choose
+    from iama_kernels.policy_loss.covariance import _BAND_BACKENDS, _TOP_K_BACKENDS
+
+    on_cpu = Call("covariance_top_k", torch.device("cpu"), False,
+                  {"dtype": torch.float32, "row_span": 8, "tokens": 36})
+    for backends in (_TOP_K_BACKENDS, _BAND_BACKENDS):
+        assert choose("covariance_top_k", "auto", backends, on_cpu).name in ("cpu", "reference")
+
+
+def test_triton_ops_pass_opcheck(lane) -> None:
+    from iama_kernels.policy_loss import covariance_triton  # noqa: F401  (registers the ops)
+
+    device, _ = lane
+    adv, logp, old, mask = _inputs(6, 11, torch.float32, "bool", False)
+    adv, logp, old = (torch.nan_to_num(t) for t in (adv, logp, old))
+    adv, logp, old, mask = _on(device, adv, logp, old, mask)
+    torch.library.opcheck(torch.ops.iama_triton.covariance_top_k.default, (adv, logp, mask, 5))
+    torch.library.opcheck(torch.ops.iama_triton.covariance_band.default,
+                          (adv, logp, mask, 0.0, 1.0, old, 0.2, 0.28))

@@ -309,7 +309,7 @@ def test_cov_selections_on_every_path_equal_verl(verl_algos, monkeypatch: pytest
     from iama.integrations import verl_loss
 
     if selection == "device":
-        monkeypatch.setattr(verl_loss, "_selection_impl", lambda impl, device: None)
+        monkeypatch.setattr(verl_loss, "_selection_impl", lambda impl, log_prob: None)
     logp, old, adv, mask, _ = _batch(per_token=True, seed=13)
     if loss_mode == "kl_cov":
         config = _kl_cov_config(0.05, 0.5, {})
@@ -324,6 +324,48 @@ def test_cov_selections_on_every_path_equal_verl(verl_algos, monkeypatch: pytest
                          config, None)
     torch.testing.assert_close(loss, want_loss, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(grad, want_grad, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("loss_mode", ["kl_cov", "clip_cov"])
+def test_cov_selections_by_triton_equal_verl_in_float32(verl_algos, monkeypatch: pytest.MonkeyPatch,
+                                                         loss_mode: str) -> None:
+    """The selections by the Triton ops (what ``auto`` runs on CUDA; the interpreter here) in
+    float32: verl's own float32 loss and gradient to float32 rounding (the same tokens)."""
+    pytest.importorskip("triton")
+    from iama.integrations import verl_loss
+    from iama_kernels._triton_backend import interpreter_enabled
+
+    if not interpreter_enabled():
+        pytest.skip("TRITON_INTERPRET is not set")
+    monkeypatch.setattr(verl_loss, "_selection_impl", lambda impl, log_prob: "triton")
+    logp, old, adv, mask, _ = (t.float() for t in _batch(per_token=True, seed=13))
+    mask = mask.bool()
+    if loss_mode == "kl_cov":
+        config = _kl_cov_config(0.05, 0.5, {})
+    else:
+        config = _policy_config({}, loss_mode="clip_cov", clip_cov_ratio=0.1, clip_cov_lb=0.05,
+                                clip_cov_ub=5.0)
+    torch.manual_seed(0)
+    want_loss, want_grad, _ = _run(getattr(verl_algos, f"compute_policy_loss_{loss_mode}"), old, logp, adv,
+                                   mask, "token-mean", config, None)
+    torch.manual_seed(0)
+    loss, grad, _ = _run(VerlPolicyLoss(impl="reference", surrogate=loss_mode), old, logp, adv, mask,
+                         "token-mean", config, None)
+    _assert_float32_close(loss, grad, want_loss, want_grad, loss_mode)
+    torch.manual_seed(1)  # another draw of Clip-Cov's tokens (KL-Cov: the same tokens)
+    other, _, _ = _run(VerlPolicyLoss(impl="reference", surrogate=loss_mode), old, logp, adv, mask,
+                       "token-mean", config, None)
+    assert (abs(float(other - loss)) > 1e-6) == (loss_mode == "clip_cov")
+
+
+def test_selection_impl_follows_the_kernels_impl() -> None:
+    from iama.integrations.verl_loss import _selection_impl
+
+    x = torch.zeros(2, 3)
+    assert _selection_impl("auto", x) == "auto" and _selection_impl("reference", x) == "reference"
+    assert _selection_impl("triton", x) == "triton"
+    assert _selection_impl("auto", x.to("meta")) is None  # verl's arithmetic off CPU and CUDA
 
 
 def _bypass_config(loss_type: str, rollout_is, rollout_rs, info: dict):

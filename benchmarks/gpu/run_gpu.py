@@ -32,7 +32,8 @@ Measures, on the current CUDA device:
    ``sapo policy_loss fwd+bwd`` as ``"iama_cispo"`` and ``"iama_sapo"`` run them, and
    ``vespo policy_loss fwd+bwd`` (TRL's ``"vespo"``: each row's weight from a pre-pass) and
    ``gmpo policy_loss fwd+bwd`` as ``"iama_geo_mean"`` runs it (GMPO: each row's objective from a
-   pre-pass);
+   pre-pass); and ``covariance_top_k`` / ``covariance_band``, KL-Cov's and Clip-Cov's token
+   selections, against verl's arithmetic in PyTorch (:func:`bench_covariance`);
    with GB/s computed from the fewest bytes the op must move (:func:`floor_bytes`: the mask and
    the gradient for every token, logp/old/ref up to each row's last valid token; rewards are
    negligible) and the ratio to the copy bandwidth, to eager and to compiled. The backward of
@@ -353,6 +354,67 @@ def bench_ppo(timer: Timer, device: torch.device, tokens: int, T: int,
             row(f"{loss} policy_loss fwd+bwd", "eager", shape, eager_ms, nbytes)]
 
 
+def bench_covariance(timer: Timer, device: torch.device, tokens: int, T: int) -> list[Measurement]:
+    """KL-Cov's and Clip-Cov's token selections (``covariance_top_k`` / ``covariance_band``) as
+    ``"iama_kl_cov"`` and ``"iama_clip_cov"`` run them on CUDA (Triton), against verl's own
+    arithmetic in PyTorch (``torch``: the functions the verl losses fall back to), on verl's
+    micro-batch: float32 log-probs, one advantage per response over a prefix mask, verl's
+    defaults ``kl_cov_ratio = 0.0002``, band ``(1, 5)``, clip 0.2 / 0.28. GB/s over the fewest
+    bytes a selection reads (advantages and log-probs, the mask; the band's old log-probs too).
+    Checked first against the float64 reference (a valid top k, the band up to its edges)."""
+    from iama.integrations.verl_loss import _band_on_device, _top_k_on_device
+    from iama_kernels import covariance_band, covariance_top_k
+
+    logp, old, _, mask, _ = token_inputs(tokens, 8, T, device, torch.float32, seed=9)
+    g = torch.Generator(device="cpu").manual_seed(10)
+    adv = torch.randn(logp.shape[0], 1, generator=g).to(device) * mask
+    k = max(1, int(int(mask.sum()) * 0.0002))
+    shape = f"N={tokens} T={T} k={k} float32"
+    runs = {
+        "covariance_top_k": (lambda: covariance_top_k(adv, logp, mask, k, impl="triton"),
+                             lambda: _top_k_on_device(adv, logp, mask, k), 9),
+        "covariance_band": (lambda: covariance_band(adv, logp, mask, 1.0, 5.0, old_logp=old, eps_low=0.2,
+                                                    eps_high=0.28, impl="triton"),
+                            lambda: _band_on_device(logp, old, adv, mask, 0.2, 0.28, 1.0, 5.0), 13),
+    }
+    a64, l64, keep = adv.double(), logp.double(), mask.reshape(-1)
+    rows = []
+    for name, (ours, verls, per_token) in runs.items():
+        def check(name: str = name, ours: Callable[[], torch.Tensor] = ours) -> dict[str, Any]:
+            got = ours()
+            if name == "covariance_top_k":
+                want = covariance_top_k(a64, l64, mask, k, impl="reference")
+            else:
+                want = covariance_band(a64, l64, mask, 1.0, 5.0, old_logp=old.double(), eps_low=0.2,
+                                       eps_high=0.28, impl="reference")
+            n = keep.sum()
+            cov = ((a64 - (a64 * mask).sum() / n) * (l64 - (l64 * mask).sum() / n)).reshape(-1)
+            tol = 16 * 2.0 ** -23 * (1 + float(cov[keep].abs().max()))
+            if name == "covariance_top_k":  # a valid top k: nothing left out above the cut
+                left = keep.clone()
+                left[got] = False
+                ok = got.numel() == want.numel() and bool(keep[got].all()) and (
+                    float(cov[left].max()) <= float(cov[got].min()) + tol)
+            else:  # the band: a token on one side only where it lies within rounding of an edge
+                rho = torch.exp(l64 - old.double()).reshape(-1)
+                one = torch.zeros_like(keep)
+                one[got] = True
+                other = torch.zeros_like(keep)
+                other[want] = True
+                differ = one != other
+                edge = ((cov - 1.0).abs() < tol) | ((cov - 5.0).abs() < tol)
+                edge |= ((rho - 1.28).abs() < 1e-6) | ((rho - 0.8).abs() < 1e-6)
+                ok = not bool((differ & ~edge).any())
+            return {"selected": int(got.numel()), "check_ok": ok}
+
+        errors = timer.attempt(check, {"selected": -1, "check_ok": False})
+        ours_ms, verls_ms = timer(ours), timer(verls)
+        nbytes = per_token * logp.numel()
+        rows += [row(name, "triton", shape, ours_ms, nbytes, x_torch=verls_ms / ours_ms, **errors),
+                 row(name, "torch", shape, verls_ms, nbytes)]
+    return rows
+
+
 def bench_group_advantages(timer: Timer, device: torch.device, samples: int, G: int) -> list[Measurement]:
     from iama_kernels.advantages.triton import _group_advantages_fwd, group_warps, transform_codes
 
@@ -395,7 +457,14 @@ def targets(rows: list[Measurement]) -> list[str]:
     """The H100 targets, as lines (informational: they are checked by reading, not asserted)."""
     out = []
     for r in rows:
-        if "check_ok" in r.extra:
+        if "check_ok" in r.extra and r.benchmark.startswith("covariance"):
+            ok = r.extra["check_ok"]
+            out.append(f"check {r.shape}: {r.benchmark} selects {r.extra['selected']} tokens, "
+                       f"against float64 ({'ok' if ok else 'FAIL'})")
+            out.append(f"{r.benchmark} {r.shape}: {r.median_ms:.3f} ms, "
+                       f"{r.extra.get('x_torch', 0):.1f}x verl's torch, "
+                       f"{100 * r.extra.get('frac_copy_bw', 0):.0f}% of copy bandwidth")
+        elif "check_ok" in r.extra:
             ok = r.extra["check_ok"]
             out.append(f"check {r.shape}: loss rel err {r.extra['loss_rel_err']:.1e}, grad rel err "
                        f"{r.extra['grad_rel_err']:.1e} vs float64 ({'ok' if ok else 'FAIL'})")
@@ -496,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
         for tokens in token_sizes:
             rows += bench_ppo(timer, device, tokens, T, loss)
             save(rows, copy_gbps, out)
+    for tokens in token_sizes:  # KL-Cov's and Clip-Cov's selections
+        rows += bench_covariance(timer, device, tokens, T)
+        save(rows, copy_gbps, out)
     summary = save(rows, copy_gbps, out)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (interpreter)'}; "
           f"copy bandwidth {copy_gbps:.0f} GB/s; total {time.perf_counter() - start:.0f}s; "

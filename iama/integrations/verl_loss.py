@@ -124,7 +124,8 @@ import torch
 
 from iama_kernels import covariance_band, covariance_top_k, policy_loss
 from iama_kernels._checks import RATIO_LEVELS, check_choice
-from iama_kernels._dispatch import IMPLS
+from iama_kernels._dispatch import IMPLS, Call
+from iama_kernels._triton_backend import check_triton
 
 POLICY_LOSS_NAME = "iama"
 # verl's loss -> (the name iama's registers, ratio_level, surrogate of VerlPolicyLoss)
@@ -419,13 +420,15 @@ class VerlPolicyLoss:
         return loss, {**metrics, **rollout_metrics}
 
 
-def _selection_impl(impl: str, device: torch.device) -> str | None:
+def _selection_impl(impl: str, log_prob: torch.Tensor) -> str | None:
     """The ``impl=`` of :func:`covariance_top_k` / :func:`covariance_band` for these tensors, or
-    ``None`` for verl's own arithmetic on the device (in the inputs' dtype, to verl's bits): the
-    ops have a C++ backend on CPU and a float64 reference, no GPU one."""
-    if impl in ("cpu", "reference"):
+    ``None`` for verl's own arithmetic on the device (in the inputs' dtype, to verl's bits): an
+    explicit ``impl`` is the ops' too; ``auto`` runs the C++ backend on CPU and the Triton one on
+    CUDA (not in float64, which it refuses), else verl's arithmetic."""
+    if impl != "auto" or log_prob.device.type == "cpu":
         return impl
-    return "auto" if device.type == "cpu" else None
+    on_device = Call("covariance_top_k", log_prob.device, False, {"dtype": log_prob.dtype})
+    return "triton" if log_prob.device.type == "cuda" and check_triton(on_device) is None else None
 
 
 def _clip_cov_tokens(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -445,7 +448,7 @@ def _clip_cov_tokens(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advanta
         raise ValueError(f"policy_loss.clip_cov_ratio must be > 0, got {ratio}")
     with torch.no_grad():
         n = int(keep.sum())
-        selection = _selection_impl(impl, log_prob.device)
+        selection = _selection_impl(impl, log_prob)
         if selection is not None:
             candidates = covariance_band(advantages, log_prob, keep, lb, ub, old_logp=old_log_prob,
                                          eps_low=eps_low, eps_high=eps_high, impl=selection)
@@ -514,7 +517,7 @@ def _kl_cov_terms(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
     if count == 0:
         return zero, abs_kl
     k = max(1, int(count * ratio))
-    selection = _selection_impl(impl, log_prob.device)
+    selection = _selection_impl(impl, log_prob)
     if selection is not None:
         picked = covariance_top_k(advantages, log_prob, keep, k, impl=selection)
     else:

@@ -9,7 +9,9 @@ change). KL-Cov puts its KL penalty on the ``k`` tokens with the largest ``cov_t
 a random share of the tokens whose ``cov_t`` lies in a band (and on which PPO's clip does not act)
 out of the loss. verl's ``"kl_cov"`` and ``"clip_cov"`` losses compute these selections on
 ``[S, T]`` temporaries and gathers of the response tokens; the C++ backend reads ``advantages``,
-``logp`` and ``mask`` twice (the means, then the selection) and writes only the indices.
+``logp`` and ``mask`` twice (the means, then the selection) and writes only the indices; the Triton
+backend (CUDA) reads them twice too and writes one key or flag per token for ``torch.topk`` or
+``torch.nonzero`` (``covariance_triton.py``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ import numbers
 import torch
 
 from .. import _cpu_backend as _cb
+from .. import _triton_backend as _tb
 from .._checks import check_float, check_like_logp, check_real, check_tensor
 from .._dispatch import Backend, Call, choose, reference_check
+from .api import row_span
+
+# The Triton backend packs a flat index into 32 bits of a 64-bit key (covariance_triton.py).
+TRITON_MAX_TOKENS = 2**32 - 1
 
 
 def _keep_and_inputs(advantages: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor
@@ -67,14 +74,32 @@ def _band_cpu(advantages: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, 
                                           eps_low, eps_high)
 
 
+def _triton_check(call: Call) -> str | None:
+    if call.details["tokens"] >= TRITON_MAX_TOKENS:
+        return (f"S * T = {call.details['tokens']} tokens: the kernels index them in 32 bits "
+                f"(at most {TRITON_MAX_TOKENS - 1}); use impl='reference'")
+    return _tb.check_triton(call)
+
+
 _TOP_K_BACKENDS: list[Backend] = [
     Backend("cpu", _cb.cpu_check, _top_k_cpu, _cb.cpu_announce),
+    Backend("triton", _triton_check, _tb.covariance_top_k_triton, _tb.announce_triton),
     Backend("reference", reference_check, _top_k_ref),
 ]
 _BAND_BACKENDS: list[Backend] = [
     Backend("cpu", _cb.cpu_check, _band_cpu, _cb.cpu_announce),
+    Backend("triton", _triton_check, _tb.covariance_band_triton, _tb.announce_triton),
     Backend("reference", reference_check, _band_ref),
 ]
+
+
+def _call(op: str, advantages: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor,
+          old_logp: torch.Tensor | None, impl: str) -> Call:
+    # a float64 input makes the C++ backend compute in float64; the Triton one refuses it
+    dtype = torch.float64 if torch.float64 in (logp.dtype, advantages.dtype) else logp.dtype
+    return Call(op, logp.device, impl != "auto",
+                {"dtype": dtype, "row_span": row_span(advantages, logp, mask, old_logp),
+                 "tokens": logp.numel()})
 
 
 def _check_inputs(advantages: object, logp: object, mask: object, old_logp: object = None
@@ -111,8 +136,9 @@ def covariance_top_k(
             never read (NaN padding is fine).
         k: how many to pick, ``>= 1``; ``min(k, n)`` are returned.
         impl: ``"auto"``, ``"cpu"`` (C++: two reads of the inputs, the means in float64, the
-            products in float32, or float64 for float64 inputs) or ``"reference"`` (float64
-            PyTorch; what ``auto`` runs on other devices).
+            products in float32, or float64 for float64 inputs), ``"triton"`` (CUDA: the C++
+            backend's arithmetic and order; no float64) or ``"reference"`` (float64 PyTorch;
+            what ``auto`` runs where neither applies).
 
     Returns:
         ``[min(k, n)]`` int64 flat indices into the row-major ``[S, T]`` (``row = i // T``,
@@ -125,7 +151,7 @@ def covariance_top_k(
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    call = Call("covariance_top_k", logp.device, impl != "auto", {"dtype": logp.dtype})
+    call = _call("covariance_top_k", advantages, logp, mask, None, impl)
     return choose("covariance_top_k", impl, _TOP_K_BACKENDS, call).run(advantages, logp, mask, int(k))
 
 
@@ -154,8 +180,9 @@ def covariance_band(
             which PPO's clip acts are left out, those where ``-A clamp(rho, 1 - eps_low,
             1 + eps_high) > -A rho`` with ``rho = exp(logp - old_logp)`` (verl's test).
         eps_low, eps_high: PPO's clip range (read with ``old_logp`` only).
-        impl: ``"auto"``, ``"cpu"`` (C++; the exponential only for the tokens inside the band) or
-            ``"reference"`` (float64 PyTorch; what ``auto`` runs on other devices).
+        impl: ``"auto"``, ``"cpu"`` (C++; the exponential only for the tokens inside the band),
+            ``"triton"`` (CUDA; no float64) or ``"reference"`` (float64 PyTorch; what ``auto``
+            runs where neither applies).
 
     Returns:
         ``[c]`` int64 flat indices into the row-major ``[S, T]``, in increasing order (the order
@@ -168,6 +195,6 @@ def covariance_band(
     if low > high:
         raise ValueError(f"low must be <= high, got {low} and {high}")
     eps_low, eps_high = check_real("eps_low", eps_low), check_real("eps_high", eps_high)
-    call = Call("covariance_band", logp.device, impl != "auto", {"dtype": logp.dtype})
+    call = _call("covariance_band", advantages, logp, mask, old_logp, impl)
     backend = choose("covariance_band", impl, _BAND_BACKENDS, call)
     return backend.run(advantages, logp, mask, low, high, old_logp, eps_low, eps_high)
