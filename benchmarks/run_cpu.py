@@ -20,8 +20,9 @@ Measures, with every torch thread of this machine:
    and with CISPO's, SAPO's, VESPO's and GMPO's surrogates (``surrogate="cispo"``/``"sapo"``/
    ``"vespo"``/``"gmpo"``: the same bytes; CISPO and SAPO on the hand-vectorised row where the
    CPU has AVX-512, VESPO and GMPO on the templated row after their pre-pass over each row's logp
-   and old), and with the k2 KL estimator (``kl_estimator="k2"``, the same bytes: the templated
-   row that reads the estimator at run time).
+   and old), and with the k2 KL estimator (``kl_estimator="k2"``, the same bytes: the hand-vectorised row
+   with the estimator's coefficients where the CPU has AVX-512, else the templated row that reads
+   them at run time; ``benchmarks/kl_estimators.py`` times every estimator).
 3. ``nonlinear_grpo_loss`` forward + backward at the same token count (B = 32, G = 16, T = 2048):
    the one-pass op vs ``group_advantages`` + ``policy_loss`` run separately (timed in alternation,
    call by call) vs the reference.
@@ -167,7 +168,7 @@ def bench(timing: dict) -> tuple[list[Measurement], list[str]]:
     # bytes row by row in the kernel), bfloat16 log-probs, GSPO's sequence ratio (each row's mean
     # log-ratio first, the row then in cache), and the CISPO, SAPO, VESPO and GMPO surrogates
     # (VESPO's weight and GMPO's objective, like GSPO's ratio, from a pre-pass over the row), and
-    # the k2 KL estimator (the rows that read the estimator at run time).
+    # the k2 KL estimator (the estimator's coefficients read at run time).
     bf16 = {name: t[name].to(torch.bfloat16) for name in ("logp", "old", "ref")}
     for label, src, mask, moved, options in (
             ("cpu, int64 mask", t, t["mask"].long(), nbytes + 7 * S * T, {}),

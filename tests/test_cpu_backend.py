@@ -993,7 +993,7 @@ def test_every_instruction_set_build_agrees(cpu_ext):
 
 
 _HAND_ROW_SCRIPT = textwrap.dedent("""
-    import sys, torch
+    import itertools, sys, torch
     from iama_kernels import _extension
     _extension.load()
     g = torch.Generator().manual_seed(0)
@@ -1002,26 +1002,45 @@ _HAND_ROW_SCRIPT = textwrap.dedent("""
     old = logp + 0.3 * torch.randn(S, T, generator=g, dtype=torch.float64)
     ref = logp + 0.3 * torch.randn(S, T, generator=g, dtype=torch.float64)
     mask = torch.rand(S, T, generator=g) < 0.9
-    # non-finite tokens under the mask: NaN and inf gradients, rounded to each dtype's NaN
+    # finite inputs (every sum compared), then non-finite tokens under the mask: NaN and inf
+    # gradients, rounded to each dtype's NaN (and NaN sums)
+    inputs = [(logp, old, ref, False)]
+    logp, old, ref = logp.clone(), old.clone(), ref.clone()
     logp[2, 5] = float("nan"); logp[3, 7] = float("inf"); old[4, 9] = -float("inf"); ref[5, 11] = float("nan")
+    inputs.append((logp, old, ref, True))
     adv = torch.randn(S, generator=g)
     # per-token advantages of both signs (verl's [bs, T] ones), NaN padding where the mask is 0
     token_adv = torch.where(mask, torch.randn(S, T, generator=g), float("nan"))
     results = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for surrogate, dual, seq, mk, a in (
-                ("clip", None, False, mask, adv), ("clip", 1.15, False, mask.long(), adv),
-                ("clip", None, True, mask, adv), ("cispo", None, False, mask, adv),
-                ("sapo", None, False, mask, adv), ("vespo", None, False, mask, adv),
-                ("clip", 1.15, False, mask, token_adv), ("clip", None, True, mask.long(), token_adv),
-                ("clip", None, False, mask, token_adv), ("cispo", None, False, mask, token_adv)):
-            out = torch.ops.iama.policy_loss_fwd(logp.to(dtype), old.to(dtype), ref.to(dtype), a, mk,
-                                                 0.2, 0.28, 0.05, "grpo", None, 0, dual, seq, surrogate,
-                                                 1.2, 0.8, True, 1.5, 2.5, 3.0, 1.2)
-            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # compared as bits: NaN included
-            results.append([t.view(bits[t.element_size()]) if t is not None and t.is_floating_point() else t
-                            for t in out])
-            results[-1].append(bool(torch.isnan(out[-1]).any()))  # the NaN tokens reach the gradient
+    # the plain k3 with every case; every other KL estimator (KlForm codes: TRL's ratio k3, k2, k1,
+    # |x|, and k3+, k1+, |x|+ with k2's derivative) with a few
+    plain = [("clip", None, False, mask, adv), ("clip", 1.15, False, mask.long(), adv),
+             ("clip", None, True, mask, adv), ("cispo", None, False, mask, adv),
+             ("sapo", None, False, mask, adv), ("vespo", None, False, mask, adv),
+             ("clip", 1.15, False, mask, token_adv), ("clip", None, True, mask.long(), token_adv),
+             ("clip", None, False, mask, token_adv), ("cispo", None, False, mask, token_adv)]
+    others = [("clip", 1.15, False, mask, adv), ("clip", None, True, mask, adv),
+              ("sapo", None, False, mask, adv), ("clip", 1.15, False, mask, token_adv),
+              ("cispo", None, False, mask, token_adv)]
+
+    def as_bits(t, canonical_nan):
+        if t is None or not t.is_floating_point():
+            return t
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+        return (torch.where(t.isnan(), float("nan"), t) if canonical_nan else t).view(bits)
+    cases = [(*case, 0) for case in plain]
+    cases += [(*case, form) for form in (1, 2, 3, 4, 8, 11, 12) for case in others]
+    for (logp, old, ref, poisoned), dtype, (surrogate, dual, seq, mk, a, kl_form) in itertools.product(
+            inputs, (torch.float32, torch.bfloat16, torch.float16), cases):
+        out = torch.ops.iama.policy_loss_fwd(logp.to(dtype), old.to(dtype), ref.to(dtype), a, mk,
+                                             0.2, 0.28, 0.05, "grpo", None, kl_form, dual, seq, surrogate,
+                                             1.2, 0.8, True, 1.5, 2.5, 3.0, 1.2)
+        # compared as bits, NaN included; but a NaN's sign with the other estimators: where a
+        # NaN logp's -d meets its NaN ratio, each build's operand order of a fused multiply-add
+        # picks one of them
+        results.append([as_bits(t, canonical_nan=kl_form != 0) for t in out])
+        # the NaN tokens reach the gradient (and only they)
+        results[-1].append(bool(torch.isnan(out[-1]).any()) == poisoned)
     torch.save(results, sys.argv[1])
 """)
 
@@ -1030,7 +1049,8 @@ _HAND_ROW_SCRIPT = textwrap.dedent("""
 def test_hand_vectorised_rows_equal_the_templated_rows_bit_for_bit(cpu_ext, tmp_path):
     """The AVX-512 build's hand-written rows (float32, bfloat16 and float16 log-probs, a byte mask
     or one narrowed to bytes; row advantages with every surrogate but DPPO and GMPO, per-token ones
-    with the clipped surrogate, its dual clip and sequence ratio, and CISPO) compute what the
+    with the clipped surrogate, its dual clip and sequence ratio, and CISPO; the plain k3 and every
+    other KL estimator, NaN signs aside) compute what the
     templated rows of the AVX2 build compute, bit for bit: losses, metrics and gradients, NaN and
     inf tokens and NaN advantage padding included (half-precision gradients compared as bits)."""
     per_isa = {}
@@ -1039,7 +1059,7 @@ def test_hand_vectorised_rows_equal_the_templated_rows_bit_for_bit(cpu_ext, tmp_
         subprocess.run([sys.executable, "-c", _HAND_ROW_SCRIPT, str(path)], check=True, cwd=REPO, timeout=300,
                        env=dict(os.environ, IAMA_CPU_ISA=isa))
         per_isa[isa] = torch.load(path)
-    assert len(per_isa["avx512"]) == 30
+    assert len(per_isa["avx512"]) == 2 * 3 * (10 + 7 * 5)
     for k, (a, b) in enumerate(zip(per_isa["avx2"], per_isa["avx512"], strict=True)):
         assert a[-1] and b[-1], k
         for x, y in zip(a[:-1], b[:-1], strict=True):

@@ -21,12 +21,12 @@ namespace iama::cpu {
 namespace IAMA_ISA_NAMESPACE {
 
 // Whether the hand-vectorised row of an AVX-512 build (token_row_byte_avx512.h) computes a row
-// with these flags: the plain k3 (other_kl false); row advantages with every surrogate but DPPO
-// and GMPO, per-token ones with the clipped surrogate and CISPO (for float32, bfloat16 or float16
+// with these flags: every KL estimator (other_kl or not); row advantages with every surrogate but
+// DPPO and GMPO, per-token ones with the clipped surrogate and CISPO (for float32, bfloat16 or float16
 // log-probs and a byte mask). One rule for the run-time choice and for the templated rows a build
 // leaves out as unreachable.
 constexpr bool hand_row_covers(bool other_kl, bool token_adv, int surr) {
-  if (other_kl) return false;
+  (void)other_kl;  // every KL estimator (kl_terms16)
   if (token_adv) return surr == kSurrClip || surr == kSurrCispo;
   return surr != kSurrDppoTv && surr != kSurrDppoKl && surr != kSurrGmpo;
 }
@@ -115,9 +115,10 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
       // The dual clip: the row's A < 0 and a finite c, or with per-token advantages a finite c
       // (each token's sign is tested).
       const bool row_dual = (token_adv ? has_dual : dual) && p.surrogate == kSurrClip;
+      const KlCoef<float> kc = kl_coefficients<float>(p.kl_form);
       sums = policy_loss_row_byte16<lp_t>(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
                                           beta, dual_c, row_dual, p.seq_old != nullptr, lr0, p.surrogate, tau_pos,
-                                          tau_neg, grad_row, token_adv ? a_row : nullptr);
+                                          tau_neg, grad_row, token_adv ? a_row : nullptr, other_kl ? &kc : nullptr);
       done = true;
     }
   }

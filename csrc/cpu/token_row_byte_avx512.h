@@ -24,6 +24,7 @@
 //     (NaN to c10's quiet NaN), where the templated row converts token by token.
 // kSurr: the surrogate (SurrogateKind), with token_terms' formulas for CISPO, SAPO and VESPO (CISPO
 // keeps a clipped-above sum: its clipped weight counts both sides; VESPO's A is the row's A * phi).
+// Every KL estimator: the plain k3, or the others from their coefficients (kl_terms16).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -111,7 +112,50 @@ struct Terms16 {
 struct Row16 {
   __m512 A, w_scale, lo, hi, beta, dual_c, lr0;
   __m512 tau, four_over_tau;  // SAPO's temperature for the row's sign of A, and 4 / it
+  // A KL estimator other than the plain k3 (other_kl): KlCoef's coefficients, and whether its
+  // k3 piece is used at all (c3 or cr non-zero: k3+, TRL's ratio k3). Run-time branches, uniform
+  // over the row: they cost nothing here, where the templated row needs its loop branch-free.
+  bool other_kl, need_k3;
+  __m512 k3_cap, rho_cap, c3, cr, c2, c1, ca, er, e2, e1, ea;
 };
+
+// The KL term's value and derivative in logp for 16 tokens at d = ref - logp (0 where the mask is
+// 0), as token_terms computes them: the plain k3, or from the coefficients in the order GCC
+// contracts the templated row's expressions into fused multiply-adds. Without a k3 piece (k2, k1,
+// |x|) the exponential and the series are skipped: their product with the zero coefficient
+// (c3 + cr rho) is +-0 or NaN (a NaN ratio) whatever the finite, capped k3, and adding it leaves
+// the other pieces' sum as it is (+0 where that sum is zero). Every bit equals the templated row's
+// but a NaN's sign where two NaN operands meet (a NaN logp: -d and the ratio), which depends on
+// the operand order the compiler gives each fused multiply-add.
+inline void kl_terms16(__m512 d, __m512 ratio, const Row16& c, __m512& kl, __m512& dkl) {
+  if (!c.other_kl) {
+    const __m512 ed = exp16(d);
+    kl = k3_16(d, ed);
+    dkl = _mm512_sub_ps(_mm512_set1_ps(1.0f), ed);
+    return;
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 x = _mm512_xor_ps(d, _mm512_set1_ps(-0.0f));  // -d, signed zeros included
+  __m512 k3 = zero;
+  if (c.need_k3) {  // min(cap, k3) as `cap < k3 ? cap : k3`: a NaN k3 stays NaN
+    const __m512 raw = k3_16(d, exp16(d));
+    k3 = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(c.k3_cap, raw, _CMP_LT_OQ), raw, c.k3_cap);
+  }
+  const __m512 rho = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(c.rho_cap, ratio, _CMP_LT_OQ), ratio, c.rho_cap);
+  const __mmask16 neg = _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ);
+  const __mmask16 pos = _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ);
+  const __m512 abs_x = _mm512_mask_blend_ps(neg, x, d);
+  // 1, -1, or x * 0 (a signed zero, or NaN)
+  const __m512 sign_x = _mm512_mask_blend_ps(pos, _mm512_mask_blend_ps(neg, _mm512_mul_ps(x, zero),
+                                                                         _mm512_set1_ps(-1.0f)),
+                                             _mm512_set1_ps(1.0f));
+  const __m512 half_x2 = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), x);
+  kl = _mm512_fmadd_ps(_mm512_fmadd_ps(c.cr, rho, c.c3), k3, _mm512_mul_ps(c.c2, half_x2));
+  kl = _mm512_fmadd_ps(c.c1, x, kl);
+  kl = _mm512_fmadd_ps(c.ca, abs_x, kl);
+  dkl = _mm512_fmadd_ps(_mm512_fmadd_ps(c.er, rho, c.e2), x, c.e1);
+  dkl = _mm512_fmadd_ps(c.ea, sign_x, dkl);
+}
 
 // The terms of 16 tokens starting at t; lanes outside `lanes` are not read and give 0. kDual: the
 // row's A is negative and the dual clip c finite (else no token of the row is dual-clipped); with
@@ -180,13 +224,12 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
     clip_flag = static_cast<__mmask16>(~active);
     high_flag = clip_flag & pos;  // (summed with per-token advantages only)
   }
-  const __m512 ed = exp16(d);
-  const __m512 kl = k3_16(d, ed);
+  __m512 kl, dkl;
+  kl_terms16(d, ratio, c, kl, dkl);
   const __m512 w = _mm512_mul_ps(m, c.w_scale);
   Terms16 s;
   s.loss = _mm512_maskz_mul_ps(keep, _mm512_fmsub_ps(c.beta, kl, surrogate), w);
-  const __m512 g =
-      _mm512_maskz_mul_ps(keep, w, _mm512_fmsub_ps(c.beta, _mm512_sub_ps(_mm512_set1_ps(1.0f), ed), d_surr));
+  const __m512 g = _mm512_maskz_mul_ps(keep, w, _mm512_fmsub_ps(c.beta, dkl, d_surr));
   store16(grad + t, lanes, g);
   s.kl = _mm512_mul_ps(kl, m);
   s.clip = _mm512_maskz_mov_ps(clip_flag, m);
@@ -217,13 +260,20 @@ inline double lanes_sum(__m512d v) {
 template <typename lp_t, bool kDual, bool kSeq, int kSurr, bool kTokenAdv = false>
 inline RowSums row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, const uint8_t* mask, int64_t T,
                           float A_, float w_scale_, float lo_, float hi_, float beta_, float dual_c_, float lr0_,
-                          float tau_pos_, float tau_neg_, lp_t* grad, const float* a_tok = nullptr) {
+                          float tau_pos_, float tau_neg_, lp_t* grad, const float* a_tok,
+                          const KlCoef<float>* kc) {
   const bool pos = A_ > 0.0f;
   const float tau_ = pos ? tau_pos_ : tau_neg_;
   const float four_over_tau_ = pos ? 4.0f / tau_pos_ : 4.0f / tau_neg_;  // as token_terms rounds it
+  const KlCoef<float> k = kc != nullptr ? *kc : KlCoef<float>{};
   const Row16 c{_mm512_set1_ps(A_),   _mm512_set1_ps(w_scale_), _mm512_set1_ps(lo_),
                 _mm512_set1_ps(hi_),  _mm512_set1_ps(beta_),    _mm512_set1_ps(dual_c_),
-                _mm512_set1_ps(lr0_), _mm512_set1_ps(tau_),     _mm512_set1_ps(four_over_tau_)};
+                _mm512_set1_ps(lr0_), _mm512_set1_ps(tau_),     _mm512_set1_ps(four_over_tau_),
+                kc != nullptr,        k.c3 != 0.0f || k.cr != 0.0f,
+                _mm512_set1_ps(k.k3_cap), _mm512_set1_ps(k.rho_cap), _mm512_set1_ps(k.c3),
+                _mm512_set1_ps(k.cr), _mm512_set1_ps(k.c2), _mm512_set1_ps(k.c1),
+                _mm512_set1_ps(k.ca), _mm512_set1_ps(k.er), _mm512_set1_ps(k.e2),
+                _mm512_set1_ps(k.e1), _mm512_set1_ps(k.ea)};
   constexpr bool kHighSum = kSurr == kSurrCispo || kTokenAdv;
   __m512d acc_loss = _mm512_setzero_pd(), acc_kl = _mm512_setzero_pd(), acc_clip = _mm512_setzero_pd(),
           acc_ratio = _mm512_setzero_pd(), acc_lratio = _mm512_setzero_pd(), acc_dual = _mm512_setzero_pd(),
@@ -268,16 +318,19 @@ inline RowSums row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, co
 // surrogate only); `seq`: GSPO's sequence ratio, lr0 as in policy_loss_row (compiled in only for
 // such rows: adding it to every row cost the per-token rows 3%); `surr`: the surrogate
 // (SurrogateKind); `a_tok`: per-token advantages (the clipped surrogate and CISPO; `dual` then
-// says the dual clip is on, its sign test is per token), or null for the row's A.
+// says the dual clip is on, its sign test is per token), or null for the row's A; `kc`: the
+// coefficients of a KL estimator other than the plain k3 (kl_coefficients), or null for k3.
 template <typename lp_t>
 inline RowSums policy_loss_row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, const uint8_t* mask,
                                       int64_t T, float A, float w_scale, float lo, float hi, float beta, float dual_c,
                                       bool dual, bool seq, float lr0, int surr, float tau_pos, float tau_neg,
-                                      lp_t* grad, const float* a_tok = nullptr) {
+                                      lp_t* grad, const float* a_tok = nullptr,
+                                      const KlCoef<float>* kc = nullptr) {
   if (a_tok != nullptr) {  // per-token advantages: the clipped surrogate (verl's PPO) and CISPO
     auto token_row = [&](auto with_dual, auto with_seq, auto kind) {
       return row_byte16<lp_t, with_dual(), with_seq(), kind(), true>(logp, old, ref, mask, T, 0.0f, w_scale, lo, hi,
-                                                                     beta, dual_c, lr0, tau_pos, tau_neg, grad, a_tok);
+                                                                     beta, dual_c, lr0, tau_pos, tau_neg, grad, a_tok,
+                                                                     kc);
     };
     using Clip = std::integral_constant<int, kSurrClip>;
     if (surr == kSurrCispo) {
@@ -293,7 +346,8 @@ inline RowSums policy_loss_row_byte16(const lp_t* logp, const lp_t* old, const l
   }
   auto row = [&](auto with_dual, auto with_seq, auto kind) {
     return row_byte16<lp_t, with_dual(), with_seq(), kind()>(logp, old, ref, mask, T, A, w_scale, lo, hi, beta,
-                                                             dual_c, lr0, tau_pos, tau_neg, grad);
+                                                             dual_c, lr0, tau_pos, tau_neg, grad, nullptr,
+                                                             kc);
   };
   auto with_surr = [&](auto with_seq) {
     switch (surr) {
