@@ -1018,10 +1018,11 @@ _HAND_ROW_SCRIPT = textwrap.dedent("""
              ("clip", None, True, mask, adv), ("cispo", None, False, mask, adv),
              ("sapo", None, False, mask, adv), ("vespo", None, False, mask, adv),
              ("clip", 1.15, False, mask, token_adv), ("clip", None, True, mask.long(), token_adv),
-             ("clip", None, False, mask, token_adv), ("cispo", None, False, mask, token_adv)]
+             ("clip", None, False, mask, token_adv), ("cispo", None, False, mask, token_adv),
+             ("sapo", None, False, mask, token_adv), ("sapo", None, True, mask.long(), token_adv)]
     others = [("clip", 1.15, False, mask, adv), ("clip", None, True, mask, adv),
               ("sapo", None, False, mask, adv), ("clip", 1.15, False, mask, token_adv),
-              ("cispo", None, False, mask, token_adv)]
+              ("cispo", None, False, mask, token_adv), ("sapo", None, False, mask, token_adv)]
 
     def as_bits(t, canonical_nan):
         if t is None or not t.is_floating_point():
@@ -1049,7 +1050,8 @@ _HAND_ROW_SCRIPT = textwrap.dedent("""
 def test_hand_vectorised_rows_equal_the_templated_rows_bit_for_bit(cpu_ext, tmp_path):
     """The AVX-512 build's hand-written rows (float32, bfloat16 and float16 log-probs, a byte mask
     or one narrowed to bytes; row advantages with every surrogate but DPPO and GMPO, per-token ones
-    with the clipped surrogate, its dual clip and sequence ratio, and CISPO; the plain k3 and every
+    with the clipped surrogate, its dual clip and sequence ratio, CISPO and SAPO (its temperature
+    by each token's sign); the plain k3 and every
     other KL estimator, NaN signs aside) compute what the
     templated rows of the AVX2 build compute, bit for bit: losses, metrics and gradients, NaN and
     inf tokens and NaN advantage padding included (half-precision gradients compared as bits)."""
@@ -1059,7 +1061,7 @@ def test_hand_vectorised_rows_equal_the_templated_rows_bit_for_bit(cpu_ext, tmp_
         subprocess.run([sys.executable, "-c", _HAND_ROW_SCRIPT, str(path)], check=True, cwd=REPO, timeout=300,
                        env=dict(os.environ, IAMA_CPU_ISA=isa))
         per_isa[isa] = torch.load(path)
-    assert len(per_isa["avx512"]) == 2 * 3 * (10 + 7 * 5)
+    assert len(per_isa["avx512"]) == 2 * 3 * (12 + 7 * 6)
     for k, (a, b) in enumerate(zip(per_isa["avx2"], per_isa["avx512"], strict=True)):
         assert a[-1] and b[-1], k
         for x, y in zip(a[:-1], b[:-1], strict=True):
@@ -1100,3 +1102,27 @@ def test_headers_compile_with_nvcc(tmp_path):
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("script", ["surrogates", "kl_estimators"])
+def test_the_op_benchmarks_run(cpu_ext, script: str, capsys) -> None:
+    """benchmarks/surrogates.py and benchmarks/kl_estimators.py at a tiny size: every case of the
+    script has a row in its table."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{script}_bench", REPO / "benchmarks" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        args = ["--shape", "3x37", "--rounds", "2", "--threads", "1", "--no-write"]
+        assert module.main(args + (["--op"] if script == "kl_estimators" else [])) == 0
+    finally:
+        torch.set_num_threads(threads)
+    table = capsys.readouterr().out.split("x base")[-1]
+    rows = [line for line in table.splitlines() if line.startswith("policy_loss fwd (op)")]
+    if script == "surrogates":  # 7 surrogates with row advantages, 5 with per-token ones, 2 dtypes
+        assert len(rows) == 2 * (7 + 5)
+        assert {line.split()[3] for line in rows} == set(module.SURROGATES)
+    else:  # 8 estimators and verl's dro, 2 dtypes
+        assert len(rows) == 2 * (len(module.ESTIMATORS) + 1)

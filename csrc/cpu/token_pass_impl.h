@@ -22,12 +22,12 @@ namespace IAMA_ISA_NAMESPACE {
 
 // Whether the hand-vectorised row of an AVX-512 build (token_row_byte_avx512.h) computes a row
 // with these flags: every KL estimator (other_kl or not); row advantages with every surrogate but
-// DPPO and GMPO, per-token ones with the clipped surrogate and CISPO (for float32, bfloat16 or float16
-// log-probs and a byte mask). One rule for the run-time choice and for the templated rows a build
+// DPPO and GMPO, per-token ones with the clipped surrogate, CISPO and SAPO (for float32, bfloat16
+// or float16 log-probs and a byte mask). One rule for the run-time choice and for the templated rows a build
 // leaves out as unreachable.
 constexpr bool hand_row_covers(bool other_kl, bool token_adv, int surr) {
   (void)other_kl;  // every KL estimator (kl_terms16)
-  if (token_adv) return surr == kSurrClip || surr == kSurrCispo;
+  if (token_adv) return surr == kSurrClip || surr == kSurrCispo || surr == kSurrSapo;
   return surr != kSurrDppoTv && surr != kSurrDppoKl && surr != kSurrGmpo;
 }
 

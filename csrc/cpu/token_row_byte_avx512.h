@@ -16,9 +16,10 @@
 //   * A is the row's constant, so the dual clip, which only acts where A < 0, is compiled into
 //     the loop only for rows with A < 0 and a finite c (kDual), and the clipped-above weight is
 //     the row's clipped weight or 0 (no sum of its own); SAPO's temperature is the row's too.
-//     With per-token advantages (kTokenAdv: PPO's, and verl's [bs, T] ones; the clipped surrogate
-//     and CISPO only) each token's A is loaded (0 where the mask is 0, so padding is not read),
-//     the dual clip tests its sign (kDual: a finite c) and the clipped-above weight is summed;
+//     With per-token advantages (kTokenAdv: PPO's, and verl's [bs, T] ones; the clipped surrogate,
+//     CISPO and SAPO) each token's A is loaded (0 where the mask is 0, so padding is not read),
+//     the dual clip tests its sign (kDual: a finite c), SAPO's temperature is picked by it and
+//     the clipped-above weight is summed;
 //   * half-precision tokens are widened to float32 in registers (bfloat16: a shift; float16:
 //     vcvtph2ps) and the gradient rounded back to nearest-even there, as c10's conversions do
 //     (NaN to c10's quiet NaN), where the templated row converts token by token.
@@ -111,7 +112,9 @@ struct Terms16 {
 // The row's constants of token_terms16.
 struct Row16 {
   __m512 A, w_scale, lo, hi, beta, dual_c, lr0;
-  __m512 tau, four_over_tau;  // SAPO's temperature for the row's sign of A, and 4 / it
+  // SAPO's temperature for the row's sign of A, and 4 / it; with per-token advantages (kTokenAdv)
+  // those of A > 0, and tau_neg, four_over_tau_neg those of the other tokens.
+  __m512 tau, four_over_tau, tau_neg, four_over_tau_neg;
   // A KL estimator other than the plain k3 (other_kl): KlCoef's coefficients, and whether its
   // k3 piece is used at all (c3 or cr non-zero: k3+, TRL's ratio k3). Run-time branches, uniform
   // over the row: they cost nothing here, where the templated row needs its loop branch-free.
@@ -164,7 +167,8 @@ template <typename lp_t, bool kDual, bool kSeq, int kSurr, bool kTokenAdv = fals
 inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref, const uint8_t* mask, lp_t* grad,
                              int64_t t, __mmask16 lanes, const Row16& c, const float* a_tok = nullptr) {
   static_assert(!kDual || kSurr == kSurrClip, "the dual clip is the clipped surrogate's alone");
-  static_assert(!kTokenAdv || kSurr == kSurrClip || kSurr == kSurrCispo, "per-token A: clip and CISPO only");
+  static_assert(!kTokenAdv || kSurr == kSurrClip || kSurr == kSurrCispo || kSurr == kSurrSapo,
+                "per-token A: clip, CISPO and SAPO only");
   const __m128i mb = _mm_maskz_loadu_epi8(lanes, mask + t);
   const __mmask16 keep = _mm_test_epi8_mask(mb, mb);
   const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb));
@@ -199,9 +203,13 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
     high_flag = _mm512_cmp_ps_mask(ratio, c.hi, _CMP_GT_OQ) & pos;
   } else if constexpr (kSurr == kSurrSapo) {
     const __m512 one = _mm512_set1_ps(1.0f);
-    const __m512 e = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), c.tau), _mm512_sub_ps(ratio, one)));
+    // The temperature of the token's sign of A (per-token advantages), else of the row's.
+    const __m512 tau = kTokenAdv ? _mm512_mask_blend_ps(pos, c.tau_neg, c.tau) : c.tau;
+    const __m512 four_over_tau = kTokenAdv ? _mm512_mask_blend_ps(pos, c.four_over_tau_neg, c.four_over_tau)
+                                           : c.four_over_tau;
+    const __m512 e = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), tau), _mm512_sub_ps(ratio, one)));
     const __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, e));
-    surrogate = _mm512_mul_ps(_mm512_mul_ps(c.four_over_tau, s), c.A);
+    surrogate = _mm512_mul_ps(_mm512_mul_ps(four_over_tau, s), A);
     // The saturated gate (e = 0 or inf, where the product is 0 * inf) has derivative 0: live
     // where 0 < e < inf, ordered compares, so a NaN e is not live either (as in token_terms).
     const __mmask16 live = _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_GT_OQ) &
@@ -263,12 +271,13 @@ inline RowSums row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, co
                           float tau_pos_, float tau_neg_, lp_t* grad, const float* a_tok,
                           const KlCoef<float>* kc) {
   const bool pos = A_ > 0.0f;
-  const float tau_ = pos ? tau_pos_ : tau_neg_;
-  const float four_over_tau_ = pos ? 4.0f / tau_pos_ : 4.0f / tau_neg_;  // as token_terms rounds it
+  const float tau_ = kTokenAdv || pos ? tau_pos_ : tau_neg_;  // (per-token: A > 0's, see Row16)
+  const float four_over_tau_ = kTokenAdv || pos ? 4.0f / tau_pos_ : 4.0f / tau_neg_;  // as token_terms rounds it
   const KlCoef<float> k = kc != nullptr ? *kc : KlCoef<float>{};
   const Row16 c{_mm512_set1_ps(A_),   _mm512_set1_ps(w_scale_), _mm512_set1_ps(lo_),
                 _mm512_set1_ps(hi_),  _mm512_set1_ps(beta_),    _mm512_set1_ps(dual_c_),
                 _mm512_set1_ps(lr0_), _mm512_set1_ps(tau_),     _mm512_set1_ps(four_over_tau_),
+                _mm512_set1_ps(tau_neg_), _mm512_set1_ps(4.0f / tau_neg_),
                 kc != nullptr,        k.c3 != 0.0f || k.cr != 0.0f,
                 _mm512_set1_ps(k.k3_cap), _mm512_set1_ps(k.rho_cap), _mm512_set1_ps(k.c3),
                 _mm512_set1_ps(k.cr), _mm512_set1_ps(k.c2), _mm512_set1_ps(k.c1),
@@ -317,7 +326,7 @@ inline RowSums row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, co
 // caller's decision that the dual clip can act in this row (A < 0 and a finite c; the clipped
 // surrogate only); `seq`: GSPO's sequence ratio, lr0 as in policy_loss_row (compiled in only for
 // such rows: adding it to every row cost the per-token rows 3%); `surr`: the surrogate
-// (SurrogateKind); `a_tok`: per-token advantages (the clipped surrogate and CISPO; `dual` then
+// (SurrogateKind); `a_tok`: per-token advantages (the clipped surrogate, CISPO and SAPO; `dual` then
 // says the dual clip is on, its sign test is per token), or null for the row's A; `kc`: the
 // coefficients of a KL estimator other than the plain k3 (kl_coefficients), or null for k3.
 template <typename lp_t>
@@ -326,7 +335,7 @@ inline RowSums policy_loss_row_byte16(const lp_t* logp, const lp_t* old, const l
                                       bool dual, bool seq, float lr0, int surr, float tau_pos, float tau_neg,
                                       lp_t* grad, const float* a_tok = nullptr,
                                       const KlCoef<float>* kc = nullptr) {
-  if (a_tok != nullptr) {  // per-token advantages: the clipped surrogate (verl's PPO) and CISPO
+  if (a_tok != nullptr) {  // per-token advantages: the clipped surrogate (verl's PPO), CISPO and SAPO
     auto token_row = [&](auto with_dual, auto with_seq, auto kind) {
       return row_byte16<lp_t, with_dual(), with_seq(), kind(), true>(logp, old, ref, mask, T, 0.0f, w_scale, lo, hi,
                                                                      beta, dual_c, lr0, tau_pos, tau_neg, grad, a_tok,
@@ -336,6 +345,10 @@ inline RowSums policy_loss_row_byte16(const lp_t* logp, const lp_t* old, const l
     if (surr == kSurrCispo) {
       return seq ? token_row(std::false_type{}, std::true_type{}, std::integral_constant<int, kSurrCispo>{})
                  : token_row(std::false_type{}, std::false_type{}, std::integral_constant<int, kSurrCispo>{});
+    }
+    if (surr == kSurrSapo) {
+      return seq ? token_row(std::false_type{}, std::true_type{}, std::integral_constant<int, kSurrSapo>{})
+                 : token_row(std::false_type{}, std::false_type{}, std::integral_constant<int, kSurrSapo>{});
     }
     if (dual) {
       return seq ? token_row(std::true_type{}, std::true_type{}, Clip{})
