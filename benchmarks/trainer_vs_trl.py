@@ -48,6 +48,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the checkout's own packages first (a copy of this script in another worktree measures that one)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness import Measurement, format_table, write_results
 
 from iama import BestOfN, Criterion, Mean, Objective, WeightedSum

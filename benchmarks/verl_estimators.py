@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the checkout's own packages first (a copy of this script in another worktree measures that one)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import Measurement, interleaved, record_times, report
 

@@ -17,7 +17,9 @@ log-probs. The rows take
 turns call by call in shuffled order; the median of ``--rounds`` each is reported, with GB/s over
 the bytes the loss must move (log-probs, old log-probs and the token-level advantages read once,
 the mask read once, the gradient written once). Before timing, the losses and gradients are
-checked equal.
+checked equal. Each iama call follows a verl call, which leaves the caches and the allocator cold
+(a verl loss takes 10-20x as long and allocates its temporaries); ``--alone`` also times iama's
+call by itself (the row ``iama alone``), which is what a change to iama's side is best judged by.
 
 verl is installed into ``.venv`` by ``make``: ``.venv/bin/python benchmarks/verl_loss.py``.
 Results go to ``benchmarks/results/verl_loss.jsonl`` (device and versions included; ``--output``
@@ -37,6 +39,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the checkout's own packages first (a copy of this script in another worktree measures that one)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import Measurement, interleaved, record_times, report
 
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="verl policy losses")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--alone", action="store_true", help="also time iama's call without verl's between")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--output", default="verl_loss",
                         help="results file name in benchmarks/results (a partial run can keep the full one)")
@@ -116,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                     torch.testing.assert_close(grads["iama"], grads["verl"], rtol=1e-4,
                                                atol=1e-6 * float(grads["verl"].abs().max()))
                     times = interleaved(calls, args.rounds)
+                    if args.alone:
+                        times["iama alone"] = interleaved({"iama": calls["iama"]}, args.rounds)["iama"]
                     moved = 4 * S * T * 4 + S * T  # float32 logp, old, advantages, gradient; bool mask
                     record_times(rows, f"verl {loss} loss (fwd+bwd)", f"S={S} T={T} {mode}", times,
                                  bytes_moved=moved,

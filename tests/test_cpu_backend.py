@@ -1019,10 +1019,13 @@ _HAND_ROW_SCRIPT = textwrap.dedent("""
              ("sapo", None, False, mask, adv), ("vespo", None, False, mask, adv),
              ("clip", 1.15, False, mask, token_adv), ("clip", None, True, mask.long(), token_adv),
              ("clip", None, False, mask, token_adv), ("cispo", None, False, mask, token_adv),
-             ("sapo", None, False, mask, token_adv), ("sapo", None, True, mask.long(), token_adv)]
+             ("sapo", None, False, mask, token_adv), ("sapo", None, True, mask.long(), token_adv),
+             ("dppo_tv", None, False, mask, adv), ("dppo_kl", 1.15, False, mask.long(), adv),
+             ("dppo_tv", 1.15, False, mask, token_adv), ("dppo_kl", None, False, mask, token_adv)]
     others = [("clip", 1.15, False, mask, adv), ("clip", None, True, mask, adv),
               ("sapo", None, False, mask, adv), ("clip", 1.15, False, mask, token_adv),
-              ("cispo", None, False, mask, token_adv), ("sapo", None, False, mask, token_adv)]
+              ("cispo", None, False, mask, token_adv), ("sapo", None, False, mask, token_adv),
+              ("dppo_kl", 1.15, False, mask, token_adv)]
 
     def as_bits(t, canonical_nan):
         if t is None or not t.is_floating_point():
@@ -1049,9 +1052,10 @@ _HAND_ROW_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs an AVX-512 CPU")
 def test_hand_vectorised_rows_equal_the_templated_rows_bit_for_bit(cpu_ext, tmp_path):
     """The AVX-512 build's hand-written rows (float32, bfloat16 and float16 log-probs, a byte mask
-    or one narrowed to bytes; row advantages with every surrogate but DPPO and GMPO, per-token ones
-    with the clipped surrogate, its dual clip and sequence ratio, CISPO and SAPO (its temperature
-    by each token's sign); the plain k3 and every
+    or one narrowed to bytes; row advantages with every surrogate but GMPO, per-token ones with the
+    clipped surrogate, its dual clip and sequence ratio, CISPO, SAPO (its temperature by each
+    token's sign) and DPPO (its bound by each token's sign, with and without its weight cap); the
+    plain k3 and every
     other KL estimator, NaN signs aside) compute what the
     templated rows of the AVX2 build compute, bit for bit: losses, metrics and gradients, NaN and
     inf tokens and NaN advantage padding included (half-precision gradients compared as bits)."""
@@ -1061,12 +1065,35 @@ def test_hand_vectorised_rows_equal_the_templated_rows_bit_for_bit(cpu_ext, tmp_
         subprocess.run([sys.executable, "-c", _HAND_ROW_SCRIPT, str(path)], check=True, cwd=REPO, timeout=300,
                        env=dict(os.environ, IAMA_CPU_ISA=isa))
         per_isa[isa] = torch.load(path)
-    assert len(per_isa["avx512"]) == 2 * 3 * (12 + 7 * 6)
+    assert len(per_isa["avx512"]) == 2 * 3 * (16 + 7 * 7)
     for k, (a, b) in enumerate(zip(per_isa["avx2"], per_isa["avx512"], strict=True)):
         assert a[-1] and b[-1], k
         for x, y in zip(a[:-1], b[:-1], strict=True):
             assert (x is None and y is None) or torch.equal(x, y), k
 
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs an AVX-512 CPU")
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs a C++ compiler")
+def test_hand_row_log_and_dppo_kl_equal_the_scalar_ones_bit_for_bit(tmp_path):
+    """The hand row's log16 and DPPO-KL's divergence (which reaches the row only through compares
+    with its bounds, so the row test rarely sees its last bits) equal log_acc and the templated
+    row's divergence compiled for AVX2 + FMA, bit for bit, on a million inputs: random, special
+    values, every pair of specials, and arbitrary bit patterns (csrc/tests/hand_math_check.cpp)."""
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = os.environ.get("CXX", "g++")
+    flags = ["-O2", "-std=c++17", f"-I{REPO / 'csrc' / 'include'}", f"-I{REPO / 'csrc' / 'cpu'}"]
+    flags += [f"-I{path}" for path in include_paths()]
+    objects = []
+    for name in ("hand_math_scalar", "hand_math_check"):
+        objects.append(str(tmp_path / f"{name}.o"))
+        subprocess.run([cxx, *flags, "-c", str(REPO / "csrc" / "tests" / f"{name}.cpp"), "-o", objects[-1]],
+                       check=True, timeout=300)
+    subprocess.run([cxx, *objects, "-o", str(tmp_path / "check")], check=True, timeout=300)
+    done = subprocess.run([str(tmp_path / "check")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count(" 0 of 1048576 differ") == 2, done.stdout
 
 def test_missing_compiler_is_reported_and_auto_falls_back(tmp_path):
     """Without a compiler: importing works, impl='cpu' says what to install, impl='auto' runs the

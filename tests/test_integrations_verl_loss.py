@@ -630,3 +630,9 @@ def test_the_loss_benchmark_runs(verl_algos, capsys) -> None:
     for loss in LOSSES:  # verl and iama rows
         rows = [line.split() for line in table.splitlines() if line.startswith(f"verl {loss} loss")]
         assert sorted(row[4] for row in rows) == ["iama", "iama", "verl", "verl"], rows
+    # --alone: a third row per shape, iama's call timed without verl's between
+    assert module.main(["--shapes", "5x9", "--modes", "token-mean", "--rounds", "2", "--no-write",
+                        "--losses", "dppo_tv", "--alone"]) == 0
+    table = capsys.readouterr().out.split("x base")[-1]
+    rows = [line.split() for line in table.splitlines() if line.startswith("verl dppo_tv loss")]
+    assert sorted(" ".join(row[4:6]) for row in rows) == ["iama S=5", "iama alone", "verl S=5"], rows

@@ -22,13 +22,14 @@ namespace IAMA_ISA_NAMESPACE {
 
 // Whether the hand-vectorised row of an AVX-512 build (token_row_byte_avx512.h) computes a row
 // with these flags: every KL estimator (other_kl or not); row advantages with every surrogate but
-// DPPO and GMPO, per-token ones with the clipped surrogate, CISPO and SAPO (for float32, bfloat16
-// or float16 log-probs and a byte mask). One rule for the run-time choice and for the templated rows a build
+// GMPO, per-token ones with the clipped surrogate, CISPO, SAPO and DPPO (for float32, bfloat16 or
+// float16 log-probs and a byte mask). One rule for the run-time choice and for the templated rows a build
 // leaves out as unreachable.
 constexpr bool hand_row_covers(bool other_kl, bool token_adv, int surr) {
   (void)other_kl;  // every KL estimator (kl_terms16)
-  if (token_adv) return surr == kSurrClip || surr == kSurrCispo || surr == kSurrSapo;
-  return surr != kSurrDppoTv && surr != kSurrDppoKl && surr != kSurrGmpo;
+  const bool dppo = surr == kSurrDppoTv || surr == kSurrDppoKl;
+  if (token_adv) return surr == kSurrClip || surr == kSurrCispo || surr == kSurrSapo || dppo;
+  return surr != kSurrGmpo;
 }
 
 // One row of the pass: its loss terms and gradient, its sums in out[0 .. kRowFields). `mk` is the
@@ -116,9 +117,11 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
       // (each token's sign is tested).
       const bool row_dual = (token_adv ? has_dual : dual) && p.surrogate == kSurrClip;
       const KlCoef<float> kc = kl_coefficients<float>(p.kl_form);
+      // (sign_pos / sign_neg: SAPO's temperatures or DPPO's divergence bounds; VESPO's row weights
+      // are already in A)
       sums = policy_loss_row_byte16<lp_t>(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
-                                          beta, dual_c, row_dual, p.seq_old != nullptr, lr0, p.surrogate, tau_pos,
-                                          tau_neg, grad_row, token_adv ? a_row : nullptr, other_kl ? &kc : nullptr);
+                                          beta, dual_c, row_dual, p.seq_old != nullptr, lr0, p.surrogate, sign_pos,
+                                          sign_neg, grad_row, token_adv ? a_row : nullptr, other_kl ? &kc : nullptr);
       done = true;
     }
   }

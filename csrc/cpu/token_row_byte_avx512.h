@@ -17,14 +17,16 @@
 //     the loop only for rows with A < 0 and a finite c (kDual), and the clipped-above weight is
 //     the row's clipped weight or 0 (no sum of its own); SAPO's temperature is the row's too.
 //     With per-token advantages (kTokenAdv: PPO's, and verl's [bs, T] ones; the clipped surrogate,
-//     CISPO and SAPO) each token's A is loaded (0 where the mask is 0, so padding is not read),
-//     the dual clip tests its sign (kDual: a finite c), SAPO's temperature is picked by it and
-//     the clipped-above weight is summed;
+//     CISPO, SAPO and DPPO) each token's A is loaded (0 where the mask is 0, so padding is not
+//     read), the dual clip tests its sign (kDual: a finite c), SAPO's temperature and DPPO's
+//     bound are picked by it and the clipped-above weight is summed;
 //   * half-precision tokens are widened to float32 in registers (bfloat16: a shift; float16:
 //     vcvtph2ps) and the gradient rounded back to nearest-even there, as c10's conversions do
 //     (NaN to c10's quiet NaN), where the templated row converts token by token.
-// kSurr: the surrogate (SurrogateKind), with token_terms' formulas for CISPO, SAPO and VESPO (CISPO
-// keeps a clipped-above sum: its clipped weight counts both sides; VESPO's A is the row's A * phi).
+// kSurr: the surrogate (SurrogateKind), with token_terms' formulas for CISPO, SAPO, VESPO and DPPO
+// (CISPO keeps a clipped-above sum: its clipped weight counts both sides; VESPO's A is the row's
+// A * phi; DPPO's weight cap is kDual's c, its dual sum the capped tokens, and its binary KL takes
+// log16, log_acc's steps).
 // Every KL estimator: the plain k3, or the others from their coefficients (kl_terms16).
 #pragma once
 
@@ -77,6 +79,40 @@ inline __m512 k3_16(__m512 d, __m512 ed) {
   return _mm512_mask_blend_ps(small, direct, series);
 }
 
+// log_acc(float) on 16 lanes, the same steps: a denormal scaled by 2^23, x = 2^e m with m in
+// [sqrt(1/2), sqrt(2)), 2 atanh((m - 1) / (m + 1)) by its odd series, e ln 2 in two parts, with
+// the fused multiply-adds where GCC contracts log_acc's expressions; 0 gives -inf, +inf +inf, a
+// negative x NaN, and a NaN x itself.
+inline __m512 log16(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(1.17549435e-38f), _CMP_LT_OQ);
+  const __m512 xs = _mm512_mask_mul_ps(x, tiny, x, _mm512_set1_ps(8388608.0f));
+  const __m512i bits = _mm512_castps_si512(xs);
+  const __m512i biased = _mm512_and_si512(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(0xff));
+  __m512 m = _mm512_castsi512_ps(
+      _mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffff)), _mm512_set1_epi32(0x3f800000)));
+  const __mmask16 upper = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
+  m = _mm512_mask_mul_ps(m, upper, m, _mm512_set1_ps(0.5f));
+  __m512i e = _mm512_sub_epi32(biased, _mm512_set1_epi32(127));
+  e = _mm512_mask_add_epi32(e, upper, e, _mm512_set1_epi32(1));
+  e = _mm512_mask_sub_epi32(e, tiny, e, _mm512_set1_epi32(23));
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 sv = _mm512_div_ps(_mm512_sub_ps(m, one), _mm512_add_ps(m, one));
+  const __m512 s2 = _mm512_mul_ps(sv, sv);
+  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 11.0f), s2, _mm512_set1_ps(1.0f / 9.0f));
+  q = _mm512_fmadd_ps(q, s2, _mm512_set1_ps(1.0f / 7.0f));
+  q = _mm512_fmadd_ps(q, s2, _mm512_set1_ps(1.0f / 5.0f));
+  q = _mm512_fmadd_ps(q, s2, _mm512_set1_ps(1.0f / 3.0f));
+  q = _mm512_fmadd_ps(q, s2, one);
+  const __m512 ef = _mm512_cvtepi32_ps(e);
+  const __m512 low = _mm512_fmadd_ps(ef, _mm512_set1_ps(1.42860682030941723212e-6f),
+                                     _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(2.0f), sv), q));
+  __m512 r = _mm512_fmadd_ps(ef, _mm512_set1_ps(0.693145751953125f), low);
+  r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_EQ_OQ), r, _mm512_set1_ps(-INFINITY));
+  r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), r, _mm512_set1_ps(NAN));
+  r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ), r, x);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, x);
+}
+
 // 16 tokens as float32 (lanes outside k read as 0; their memory is not touched).
 inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
 inline __m512 load16(const c10::BFloat16* p, __mmask16 k) {  // bfloat16 is float32's upper half
@@ -114,7 +150,9 @@ struct Row16 {
   __m512 A, w_scale, lo, hi, beta, dual_c, lr0;
   // SAPO's temperature for the row's sign of A, and 4 / it; with per-token advantages (kTokenAdv)
   // those of A > 0, and tau_neg, four_over_tau_neg those of the other tokens.
+  // DPPO's divergence bounds: tau for A > 0, tau_neg for the other tokens (rows).
   __m512 tau, four_over_tau, tau_neg, four_over_tau_neg;
+  bool pos;  // the row's A > 0 (with one advantage per row)
   // A KL estimator other than the plain k3 (other_kl): KlCoef's coefficients, and whether its
   // k3 piece is used at all (c3 or cr non-zero: k3+, TRL's ratio k3). Run-time branches, uniform
   // over the row: they cost nothing here, where the templated row needs its loop branch-free.
@@ -166,9 +204,12 @@ inline void kl_terms16(__m512 d, __m512 ratio, const Row16& c, __m512& kl, __m51
 template <typename lp_t, bool kDual, bool kSeq, int kSurr, bool kTokenAdv = false>
 inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref, const uint8_t* mask, lp_t* grad,
                              int64_t t, __mmask16 lanes, const Row16& c, const float* a_tok = nullptr) {
-  static_assert(!kDual || kSurr == kSurrClip, "the dual clip is the clipped surrogate's alone");
-  static_assert(!kTokenAdv || kSurr == kSurrClip || kSurr == kSurrCispo || kSurr == kSurrSapo,
-                "per-token A: clip, CISPO and SAPO only");
+  constexpr bool kDppo = kSurr == kSurrDppoTv || kSurr == kSurrDppoKl;
+  static_assert(!kDual || kSurr == kSurrClip || kDppo, "the dual clip is the clipped surrogate's (DPPO's cap)");
+  static_assert(kDual || !kDppo, "DPPO's weight cap is its dual clip");
+  static_assert(!kTokenAdv || kSurr == kSurrClip || kSurr == kSurrCispo || kSurr == kSurrSapo || kDppo,
+                "per-token A: clip, CISPO, SAPO and DPPO only");
+  static_assert(!kSeq || !kDppo, "DPPO takes token-level ratios");
   const __m128i mb = _mm_maskz_loadu_epi8(lanes, mask + t);
   const __mmask16 keep = _mm_test_epi8_mask(mb, mb);
   const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb));
@@ -179,11 +220,12 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
   // The log-ratio logp - old, or for GSPO's sequence ratio (kSeq) (logp - logp) + lr0, the row's
   // mean (`old` is then logp itself: not loaded; logp - logp is 0, or NaN for a non-finite logp,
   // as in the templated row and the reference), zeroed where the mask is 0.
-  __m512 d_old;
+  __m512 d_old, old_v = _mm512_setzero_ps();  // (old_v: old, 0 where the mask is 0)
   if constexpr (kSeq) {
     d_old = _mm512_maskz_add_ps(keep, _mm512_sub_ps(lp, lp), c.lr0);
   } else {
-    d_old = _mm512_maskz_sub_ps(keep, lp, load16(old + t, keep));
+    old_v = load16(old + t, keep);
+    d_old = _mm512_maskz_sub_ps(keep, lp, old_v);
   }
   const __m512 d = _mm512_maskz_sub_ps(keep, load16(ref + t, keep), lp);
   const __m512 ratio = exp16(d_old);
@@ -196,6 +238,35 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
   if constexpr (kSurr == kSurrVespo) {  // REINFORCE on A * phi: nothing clipped
     surrogate = _mm512_mul_ps(c.A, lp);
     d_surr = c.A;
+  } else if constexpr (kDppo) {
+    // The ratio's weight exp(lr clamped to [-20, 20]) (max then min: a NaN stays NaN) capped at
+    // c, where the sampled token's probabilities p = exp(logp) and q = exp(old) keep within the
+    // bound on the side of A's sign (total variation p - q, or the binary KL of q to p where the
+    // ratio moves away from 1), else 0.
+    const __m512 bound = _mm512_set1_ps(20.0f);
+    const __m512 rho = exp16(_mm512_min_ps(bound, _mm512_max_ps(_mm512_set1_ps(-20.0f), d_old)));
+    const __m512 p = exp16(lp), q = exp16(old_v);
+    __mmask16 held_pos, held_neg;
+    if constexpr (kSurr == kSurrDppoTv) {
+      const __m512 diff = _mm512_sub_ps(p, q);
+      held_pos = _mm512_cmp_ps_mask(diff, c.tau, _CMP_LE_OQ);
+      held_neg = _mm512_cmp_ps_mask(diff, _mm512_xor_ps(c.tau_neg, _mm512_set1_ps(-0.0f)), _CMP_GE_OQ);
+    } else {
+      const __m512 one = _mm512_set1_ps(1.0f), eps = _mm512_set1_ps(1e-8f);
+      const __m512 one_q = _mm512_sub_ps(one, q);
+      const __m512 lg = log16(_mm512_div_ps(_mm512_add_ps(one_q, eps), _mm512_add_ps(_mm512_sub_ps(one, p), eps)));
+      const __m512 k = _mm512_fmadd_ps(one_q, lg, _mm512_mul_ps(q, _mm512_sub_ps(old_v, lp)));
+      held_pos = _mm512_cmp_ps_mask(k, c.tau, _CMP_LE_OQ) | _mm512_cmp_ps_mask(p, q, _CMP_LE_OQ);
+      held_neg = _mm512_cmp_ps_mask(k, c.tau_neg, _CMP_LE_OQ) | _mm512_cmp_ps_mask(p, q, _CMP_GE_OQ);
+    }
+    const __mmask16 a_pos = kTokenAdv ? pos : static_cast<__mmask16>(c.pos ? 0xFFFF : 0);
+    const __mmask16 valid = (a_pos & held_pos) | (static_cast<__mmask16>(~a_pos) & held_neg);
+    const __m512 wa = _mm512_mul_ps(_mm512_maskz_mov_ps(valid, _mm512_min_ps(rho, c.dual_c)), A);
+    surrogate = _mm512_mul_ps(wa, lp);
+    d_surr = wa;
+    clip_flag = static_cast<__mmask16>(~valid);
+    high_flag = clip_flag & a_pos;  // (summed with per-token advantages only)
+    dual = valid & _mm512_cmp_ps_mask(rho, c.dual_c, _CMP_GT_OQ);
   } else if constexpr (kSurr == kSurrCispo) {
     surrogate = _mm512_mul_ps(_mm512_mul_ps(clipped, A), lp);
     d_surr = _mm512_mul_ps(clipped, A);
@@ -271,13 +342,15 @@ inline RowSums row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, co
                           float tau_pos_, float tau_neg_, lp_t* grad, const float* a_tok,
                           const KlCoef<float>* kc) {
   const bool pos = A_ > 0.0f;
-  const float tau_ = kTokenAdv || pos ? tau_pos_ : tau_neg_;  // (per-token: A > 0's, see Row16)
-  const float four_over_tau_ = kTokenAdv || pos ? 4.0f / tau_pos_ : 4.0f / tau_neg_;  // as token_terms rounds it
+  // (per-token advantages, or DPPO's bounds: A > 0's, see Row16)
+  constexpr bool kBothSigns = kTokenAdv || kSurr == kSurrDppoTv || kSurr == kSurrDppoKl;
+  const float tau_ = kBothSigns || pos ? tau_pos_ : tau_neg_;
+  const float four_over_tau_ = kBothSigns || pos ? 4.0f / tau_pos_ : 4.0f / tau_neg_;  // as token_terms rounds it
   const KlCoef<float> k = kc != nullptr ? *kc : KlCoef<float>{};
   const Row16 c{_mm512_set1_ps(A_),   _mm512_set1_ps(w_scale_), _mm512_set1_ps(lo_),
                 _mm512_set1_ps(hi_),  _mm512_set1_ps(beta_),    _mm512_set1_ps(dual_c_),
                 _mm512_set1_ps(lr0_), _mm512_set1_ps(tau_),     _mm512_set1_ps(four_over_tau_),
-                _mm512_set1_ps(tau_neg_), _mm512_set1_ps(4.0f / tau_neg_),
+                _mm512_set1_ps(tau_neg_), _mm512_set1_ps(4.0f / tau_neg_), pos,
                 kc != nullptr,        k.c3 != 0.0f || k.cr != 0.0f,
                 _mm512_set1_ps(k.k3_cap), _mm512_set1_ps(k.rho_cap), _mm512_set1_ps(k.c3),
                 _mm512_set1_ps(k.cr), _mm512_set1_ps(k.c2), _mm512_set1_ps(k.c1),
@@ -326,8 +399,9 @@ inline RowSums row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, co
 // caller's decision that the dual clip can act in this row (A < 0 and a finite c; the clipped
 // surrogate only); `seq`: GSPO's sequence ratio, lr0 as in policy_loss_row (compiled in only for
 // such rows: adding it to every row cost the per-token rows 3%); `surr`: the surrogate
-// (SurrogateKind); `a_tok`: per-token advantages (the clipped surrogate, CISPO and SAPO; `dual` then
-// says the dual clip is on, its sign test is per token), or null for the row's A; `kc`: the
+// (SurrogateKind); `tau_pos` / `tau_neg`: SAPO's temperatures or DPPO's divergence bounds (for
+// A > 0 and otherwise); `a_tok`: per-token advantages (the clipped surrogate, CISPO, SAPO and DPPO;
+// `dual` then says the dual clip is on, its sign test is per token), or null for the row's A; `kc`: the
 // coefficients of a KL estimator other than the plain k3 (kl_coefficients), or null for k3.
 template <typename lp_t>
 inline RowSums policy_loss_row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, const uint8_t* mask,
@@ -335,7 +409,7 @@ inline RowSums policy_loss_row_byte16(const lp_t* logp, const lp_t* old, const l
                                       bool dual, bool seq, float lr0, int surr, float tau_pos, float tau_neg,
                                       lp_t* grad, const float* a_tok = nullptr,
                                       const KlCoef<float>* kc = nullptr) {
-  if (a_tok != nullptr) {  // per-token advantages: the clipped surrogate (verl's PPO), CISPO and SAPO
+  if (a_tok != nullptr) {  // per-token advantages: the clipped surrogate (verl's PPO), CISPO, SAPO, DPPO
     auto token_row = [&](auto with_dual, auto with_seq, auto kind) {
       return row_byte16<lp_t, with_dual(), with_seq(), kind(), true>(logp, old, ref, mask, T, 0.0f, w_scale, lo, hi,
                                                                      beta, dual_c, lr0, tau_pos, tau_neg, grad, a_tok,
@@ -349,6 +423,13 @@ inline RowSums policy_loss_row_byte16(const lp_t* logp, const lp_t* old, const l
     if (surr == kSurrSapo) {
       return seq ? token_row(std::false_type{}, std::true_type{}, std::integral_constant<int, kSurrSapo>{})
                  : token_row(std::false_type{}, std::false_type{}, std::integral_constant<int, kSurrSapo>{});
+    }
+    // DPPO: token-level ratios only; its weight cap is dual_c (+inf for none)
+    if (surr == kSurrDppoTv) {
+      return token_row(std::true_type{}, std::false_type{}, std::integral_constant<int, kSurrDppoTv>{});
+    }
+    if (surr == kSurrDppoKl) {
+      return token_row(std::true_type{}, std::false_type{}, std::integral_constant<int, kSurrDppoKl>{});
     }
     if (dual) {
       return seq ? token_row(std::true_type{}, std::true_type{}, Clip{})
@@ -370,6 +451,10 @@ inline RowSums policy_loss_row_byte16(const lp_t* logp, const lp_t* old, const l
         return row(std::false_type{}, with_seq, std::integral_constant<int, kSurrSapo>{});
       case kSurrVespo:  // token-level ratios only: the with_seq build is never called
         return row(std::false_type{}, std::false_type{}, std::integral_constant<int, kSurrVespo>{});
+      case kSurrDppoTv:  // token-level ratios too; the weight cap dual_c
+        return row(std::true_type{}, std::false_type{}, std::integral_constant<int, kSurrDppoTv>{});
+      case kSurrDppoKl:
+        return row(std::true_type{}, std::false_type{}, std::integral_constant<int, kSurrDppoKl>{});
       default:
         using Clip = std::integral_constant<int, kSurrClip>;
         return dual ? row(std::true_type{}, with_seq, Clip{}) : row(std::false_type{}, with_seq, Clip{});
