@@ -9,8 +9,8 @@ prefix mask, beta = 0.04 with the plain k3, ``loss_type="grpo"``; the clip range
 (``torch.ops.iama.policy_loss_fwd``, which writes the gradient too): at 64 x 2048 the inputs stay
 in the caches and the row's compute shows; at 512 x 4096 they stream from main memory. GB/s over
 the bytes the op must move (logp, old, ref and the mask read, the gradient written; the per-token
-advantages' 4 bytes a token where they are read). Where the CPU has AVX-512 the cases that
-``hand_row_covers`` (csrc/cpu/token_pass_impl.h) names run on the hand-vectorised row.
+advantages' 4 bytes a token where they are read). Where the CPU has AVX-512 every case runs on
+the hand-vectorised row (csrc/cpu/token_row_byte_avx512.h).
 ``--label`` is recorded with each row (to tell builds apart).
 
 ``.venv/bin/python benchmarks/surrogates.py [--shape SxT] [--threads N] [--output NAME]``; results
@@ -32,10 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import Measurement, interleaved, record_times, report
 
-# surrogate -> (dual_clip, whether per-token advantages are taken: GMPO's and VESPO's are per row)
-SURROGATES: dict[str, tuple[float | None, bool]] = {
-    "clip": (None, True), "cispo": (None, True), "sapo": (None, True), "dppo_tv": (3.0, True),
-    "dppo_kl": (3.0, True), "gmpo": (None, False), "vespo": (None, False)}
+# surrogate -> dual_clip (DPPO's weight cap)
+SURROGATES: dict[str, float | None] = {"clip": None, "cispo": None, "sapo": None, "dppo_tv": 3.0,
+                                       "dppo_kl": 3.0, "gmpo": None, "vespo": None}
 
 
 def _inputs(S: int, T: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         moved = S * T * (4 * t["logp"].element_size() + 1)  # logp, old, ref, the gradient, the mask
         for advantages in ("row", "token"):
             cases = {name: _op_step(t, t["adv"] if advantages == "row" else t["token_adv"], name, dual)
-                     for name, (dual, per_token) in SURROGATES.items() if advantages == "row" or per_token}
+                     for name, dual in SURROGATES.items()}
             times = interleaved(cases, args.rounds)
             shape = f"S={S} T={T} {dtype_name} {advantages} A"
             record_times(rows, "policy_loss fwd (op)", shape, times,

@@ -1021,11 +1021,14 @@ _HAND_ROW_SCRIPT = textwrap.dedent("""
              ("clip", None, False, mask, token_adv), ("cispo", None, False, mask, token_adv),
              ("sapo", None, False, mask, token_adv), ("sapo", None, True, mask.long(), token_adv),
              ("dppo_tv", None, False, mask, adv), ("dppo_kl", 1.15, False, mask.long(), adv),
-             ("dppo_tv", 1.15, False, mask, token_adv), ("dppo_kl", None, False, mask, token_adv)]
+             ("dppo_tv", 1.15, False, mask, token_adv), ("dppo_kl", None, False, mask, token_adv),
+             ("gmpo", None, False, mask, adv), ("gmpo", None, False, mask.long(), token_adv),
+             ("vespo", None, False, mask, token_adv)]
     others = [("clip", 1.15, False, mask, adv), ("clip", None, True, mask, adv),
               ("sapo", None, False, mask, adv), ("clip", 1.15, False, mask, token_adv),
               ("cispo", None, False, mask, token_adv), ("sapo", None, False, mask, token_adv),
-              ("dppo_kl", 1.15, False, mask, token_adv)]
+              ("dppo_kl", 1.15, False, mask, token_adv), ("gmpo", None, False, mask, token_adv),
+              ("vespo", None, False, mask, token_adv)]
 
     def as_bits(t, canonical_nan):
         if t is None or not t.is_floating_point():
@@ -1052,10 +1055,10 @@ _HAND_ROW_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs an AVX-512 CPU")
 def test_hand_vectorised_rows_equal_the_templated_rows_bit_for_bit(cpu_ext, tmp_path):
     """The AVX-512 build's hand-written rows (float32, bfloat16 and float16 log-probs, a byte mask
-    or one narrowed to bytes; row advantages with every surrogate but GMPO, per-token ones with the
-    clipped surrogate, its dual clip and sequence ratio, CISPO, SAPO (its temperature by each
-    token's sign) and DPPO (its bound by each token's sign, with and without its weight cap); the
-    plain k3 and every
+    or one narrowed to bytes; row advantages with every surrogate, per-token ones with the clipped
+    surrogate, its dual clip and sequence ratio, CISPO, SAPO (its temperature by each token's
+    sign), DPPO (its bound by each token's sign, with and without its weight cap), GMPO and VESPO
+    (its weight by each token's sign): every case of these dtypes and masks; the plain k3 and every
     other KL estimator, NaN signs aside) compute what the
     templated rows of the AVX2 build compute, bit for bit: losses, metrics and gradients, NaN and
     inf tokens and NaN advantage padding included (half-precision gradients compared as bits)."""
@@ -1065,7 +1068,7 @@ def test_hand_vectorised_rows_equal_the_templated_rows_bit_for_bit(cpu_ext, tmp_
         subprocess.run([sys.executable, "-c", _HAND_ROW_SCRIPT, str(path)], check=True, cwd=REPO, timeout=300,
                        env=dict(os.environ, IAMA_CPU_ISA=isa))
         per_isa[isa] = torch.load(path)
-    assert len(per_isa["avx512"]) == 2 * 3 * (16 + 7 * 7)
+    assert len(per_isa["avx512"]) == 2 * 3 * (19 + 7 * 9)
     for k, (a, b) in enumerate(zip(per_isa["avx2"], per_isa["avx512"], strict=True)):
         assert a[-1] and b[-1], k
         for x, y in zip(a[:-1], b[:-1], strict=True):
@@ -1148,8 +1151,8 @@ def test_the_op_benchmarks_run(cpu_ext, script: str, capsys) -> None:
         torch.set_num_threads(threads)
     table = capsys.readouterr().out.split("x base")[-1]
     rows = [line for line in table.splitlines() if line.startswith("policy_loss fwd (op)")]
-    if script == "surrogates":  # 7 surrogates with row advantages, 5 with per-token ones, 2 dtypes
-        assert len(rows) == 2 * (7 + 5)
+    if script == "surrogates":  # 7 surrogates with row advantages and with per-token ones, 2 dtypes
+        assert len(rows) == 2 * 2 * 7
         assert {line.split()[3] for line in rows} == set(module.SURROGATES)
     else:  # 8 estimators and verl's dro, 2 dtypes
         assert len(rows) == 2 * (len(module.ESTIMATORS) + 1)

@@ -20,18 +20,6 @@
 namespace iama::cpu {
 namespace IAMA_ISA_NAMESPACE {
 
-// Whether the hand-vectorised row of an AVX-512 build (token_row_byte_avx512.h) computes a row
-// with these flags: every KL estimator (other_kl or not); row advantages with every surrogate but
-// GMPO, per-token ones with the clipped surrogate, CISPO, SAPO and DPPO (for float32, bfloat16 or
-// float16 log-probs and a byte mask). One rule for the run-time choice and for the templated rows a build
-// leaves out as unreachable.
-constexpr bool hand_row_covers(bool other_kl, bool token_adv, int surr) {
-  (void)other_kl;  // every KL estimator (kl_terms16)
-  const bool dppo = surr == kSurrDppoTv || surr == kSurrDppoKl;
-  if (token_adv) return surr == kSurrClip || surr == kSurrCispo || surr == kSurrSapo || dppo;
-  return surr != kSurrGmpo;
-}
-
 // One row of the pass: its loss terms and gradient, its sums in out[0 .. kRowFields). `mk` is the
 // row's mask as the row loops read it (bytes, or weights in the compute dtype; see
 // token_kernel), msum its sum.
@@ -99,11 +87,11 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
   const bool dual = has_dual && A < acc_t(0);
   const bool other_kl = p.kl_form != kKlK3;
   RowSums sums;
-  [[maybe_unused]] bool done = false;
 #ifdef IAMA_TOKEN_ROW_BYTE16
-  // A build with a hand-vectorised row for the most common cases (float32, bfloat16 or float16
-  // log-probs, a byte mask, the cases of hand_row_covers) uses it; the other cases take the
-  // templated row.
+  // A build with the hand-vectorised row (token_row_byte_avx512.h) takes it for float32, bfloat16
+  // and float16 log-probs (old and ref alike) with a byte mask, every surrogate, KL estimator and
+  // kind of advantage; other dtypes and masks take the templated row, which such a build then
+  // compiles for those types only.
   constexpr bool kHandRow = std::is_same_v<lp_t, aux_t> && std::is_same_v<mask_t, uint8_t> &&
                             (std::is_same_v<lp_t, float> || std::is_same_v<lp_t, c10::BFloat16> ||
                              std::is_same_v<lp_t, c10::Half>);
@@ -112,19 +100,16 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
 #endif
 #ifdef IAMA_TOKEN_ROW_BYTE16
   if constexpr (kHandRow) {
-    if (hand_row_covers(other_kl, token_adv, p.surrogate)) {
-      // The dual clip: the row's A < 0 and a finite c, or with per-token advantages a finite c
-      // (each token's sign is tested).
-      const bool row_dual = (token_adv ? has_dual : dual) && p.surrogate == kSurrClip;
-      const KlCoef<float> kc = kl_coefficients<float>(p.kl_form);
-      // (sign_pos / sign_neg: SAPO's temperatures or DPPO's divergence bounds; VESPO's row weights
-      // are already in A)
-      sums = policy_loss_row_byte16<lp_t>(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
-                                          beta, dual_c, row_dual, p.seq_old != nullptr, lr0, p.surrogate, sign_pos,
-                                          sign_neg, grad_row, token_adv ? a_row : nullptr, other_kl ? &kc : nullptr);
-      done = true;
-    }
-  }
+    // The dual clip: the row's A < 0 and a finite c, or with per-token advantages a finite c
+    // (each token's sign is tested).
+    const bool row_dual = (token_adv ? has_dual : dual) && p.surrogate == kSurrClip;
+    const KlCoef<float> kc = kl_coefficients<float>(p.kl_form);
+    // (sign_pos / sign_neg: SAPO's temperatures, DPPO's divergence bounds, GMPO's row objective
+    // and ratio, or VESPO's row weights, which with row advantages are already in A)
+    sums = policy_loss_row_byte16<lp_t>(lp_row, old_row, ref_row, mk, p.T, A, static_cast<float>(w_scale), lo, hi,
+                                        beta, dual_c, row_dual, p.seq_old != nullptr, lr0, p.surrogate, sign_pos,
+                                        sign_neg, grad_row, token_adv ? a_row : nullptr, other_kl ? &kc : nullptr);
+  } else  // (the templated rows below are then not compiled for these types)
 #endif
   if constexpr (std::is_same_v<lp_t, double>) {
     // float64: one build with run-time flags (see policy_loss_row's kRuntimeFlags).
@@ -136,19 +121,15 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
     sums = policy_loss_row<lp_t, aux_t, mask_t, acc_t, false, false, true, kSurrClip, true>(
         lp_row, old_row, ref_row, mk, p.T, A, static_cast<acc_t>(w_scale), lo, hi, beta, dual_c, grad_row, a_row,
         lr0, sign_pos, sign_neg, flags);
-  } else if (!done) {
+  } else {
     const acc_t ws = static_cast<acc_t>(w_scale);
     // The run-time flags as template arguments (each a bool_constant or integral_constant):
     // see policy_loss_row.
     using Clip = std::integral_constant<int, kSurrClip>;
     auto row = [&](auto other_kl, auto per_token, auto with_dual, auto surr) -> RowSums {
-      if constexpr (kHandRow && hand_row_covers(other_kl(), per_token(), surr())) {
-        return RowSums{};  // unreachable (the hand row took the row): not compiled
-      } else {
-        return policy_loss_row<lp_t, aux_t, mask_t, acc_t, other_kl(), per_token(), with_dual(), surr()>(
-            lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row, a_row, lr0, sign_pos,
-            sign_neg, RowFlags{}, p.kl_form);
-      }
+      return policy_loss_row<lp_t, aux_t, mask_t, acc_t, other_kl(), per_token(), with_dual(), surr()>(
+          lp_row, old_row, ref_row, mk, p.T, A, ws, lo, hi, beta, dual_c, grad_row, a_row, lr0, sign_pos, sign_neg,
+          RowFlags{}, p.kl_form);
     };
     auto with_dual = [&](auto other_kl, auto per_token) {
       if constexpr (per_token()) {  // one build: the dual clip is tested token by token

@@ -150,9 +150,11 @@ struct Row16 {
   __m512 A, w_scale, lo, hi, beta, dual_c, lr0;
   // SAPO's temperature for the row's sign of A, and 4 / it; with per-token advantages (kTokenAdv)
   // those of A > 0, and tau_neg, four_over_tau_neg those of the other tokens.
-  // DPPO's divergence bounds: tau for A > 0, tau_neg for the other tokens (rows).
+  // DPPO's divergence bounds: tau for A > 0, tau_neg for the other tokens (rows). GMPO: tau the
+  // row's objective G, tau_neg its geometric-mean ratio exp(M). VESPO with per-token advantages:
+  // the row's weights phi for A >= 0 (tau) and A < 0 (tau_neg).
   __m512 tau, four_over_tau, tau_neg, four_over_tau_neg;
-  bool pos;  // the row's A > 0 (with one advantage per row)
+  bool pos, neg;  // the row's A > 0, A < 0 (with one advantage per row)
   // A KL estimator other than the plain k3 (other_kl): KlCoef's coefficients, and whether its
   // k3 piece is used at all (c3 or cr non-zero: k3+, TRL's ratio k3). Run-time branches, uniform
   // over the row: they cost nothing here, where the templated row needs its loop branch-free.
@@ -207,9 +209,8 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
   constexpr bool kDppo = kSurr == kSurrDppoTv || kSurr == kSurrDppoKl;
   static_assert(!kDual || kSurr == kSurrClip || kDppo, "the dual clip is the clipped surrogate's (DPPO's cap)");
   static_assert(kDual || !kDppo, "DPPO's weight cap is its dual clip");
-  static_assert(!kTokenAdv || kSurr == kSurrClip || kSurr == kSurrCispo || kSurr == kSurrSapo || kDppo,
-                "per-token A: clip, CISPO, SAPO and DPPO only");
-  static_assert(!kSeq || !kDppo, "DPPO takes token-level ratios");
+  constexpr bool kGmpo = kSurr == kSurrGmpo;
+  static_assert(!kSeq || !(kDppo || kGmpo || kSurr == kSurrVespo), "DPPO, GMPO and VESPO take token-level ratios");
   const __m128i mb = _mm_maskz_loadu_epi8(lanes, mask + t);
   const __mmask16 keep = _mm_test_epi8_mask(mb, mb);
   const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb));
@@ -228,7 +229,9 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
     d_old = _mm512_maskz_sub_ps(keep, lp, old_v);
   }
   const __m512 d = _mm512_maskz_sub_ps(keep, load16(ref + t, keep), lp);
-  const __m512 ratio = exp16(d_old);
+  // (GMPO's metric is the row's ratio, so its tokens' ratios are needed only by a KL estimator
+  // other than the plain k3, which reads them; a run-time branch, uniform over the row.)
+  const __m512 ratio = kGmpo && !c.other_kl ? _mm512_setzero_ps() : exp16(d_old);
   // max(lo, ratio) then min(hi, .): a NaN ratio stays NaN, as in token_terms.
   const __m512 clipped = _mm512_min_ps(c.hi, _mm512_max_ps(c.lo, ratio));
   const __m512 unclipped_term = _mm512_mul_ps(ratio, A);
@@ -236,8 +239,13 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
   __m512 surrogate, d_surr;
   __mmask16 clip_flag = 0, high_flag = 0, dual = 0;
   if constexpr (kSurr == kSurrVespo) {  // REINFORCE on A * phi: nothing clipped
-    surrogate = _mm512_mul_ps(c.A, lp);
-    d_surr = c.A;
+    // The row's A * phi, or each token's A times the weight of its sign (phi_pos for A >= 0).
+    const __m512 a_phi =
+        kTokenAdv ? _mm512_mul_ps(A, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(A, _mm512_setzero_ps(), _CMP_GE_OQ),
+                                                          c.tau_neg, c.tau))
+                  : c.A;
+    surrogate = _mm512_mul_ps(a_phi, lp);
+    d_surr = a_phi;
   } else if constexpr (kDppo) {
     // The ratio's weight exp(lr clamped to [-20, 20]) (max then min: a NaN stays NaN) capped at
     // c, where the sampled token's probabilities p = exp(logp) and q = exp(old) keep within the
@@ -267,6 +275,22 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
     clip_flag = static_cast<__mmask16>(~valid);
     high_flag = clip_flag & a_pos;  // (summed with per-token advantages only)
     dual = valid & _mm512_cmp_ps_mask(rho, c.dual_c, _CMP_GT_OQ);
+  } else if constexpr (kGmpo) {
+    // The row's objective G, whose derivative (G, or 0) reaches the tokens not clipped: those with
+    // lr > hi where A > 0, -lr > -lo where A < 0, none where A = 0 (lo, hi the log-space bounds);
+    // a NaN log-ratio is never clipped, as in token_terms.
+    const __mmask16 a_pos = kTokenAdv ? pos : static_cast<__mmask16>(c.pos ? 0xFFFF : 0);
+    const __mmask16 a_neg = kTokenAdv ? _mm512_cmp_ps_mask(A, _mm512_setzero_ps(), _CMP_LT_OQ)
+                                      : static_cast<__mmask16>(c.neg ? 0xFFFF : 0);
+    const __m512 neg_zero = _mm512_set1_ps(-0.0f);
+    const __m512 bound = _mm512_mask_blend_ps(
+        a_pos, _mm512_mask_blend_ps(a_neg, _mm512_set1_ps(INFINITY), _mm512_xor_ps(c.lo, neg_zero)), c.hi);
+    clip_flag = _mm512_cmp_ps_mask(_mm512_mask_blend_ps(a_pos, _mm512_xor_ps(d_old, neg_zero), d_old), bound,
+                                   _CMP_GT_OQ);
+    high_flag = _mm512_cmp_ps_mask(_mm512_mask_blend_ps(a_pos, c.hi, d_old), c.hi, _CMP_GT_OQ);
+    surrogate = c.tau;
+    d_surr = _mm512_maskz_mov_ps(
+        static_cast<__mmask16>(~clip_flag) & _mm512_cmp_ps_mask(A, _mm512_setzero_ps(), _CMP_NEQ_UQ), c.tau);
   } else if constexpr (kSurr == kSurrCispo) {
     surrogate = _mm512_mul_ps(_mm512_mul_ps(clipped, A), lp);
     d_surr = _mm512_mul_ps(clipped, A);
@@ -312,7 +336,7 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
   store16(grad + t, lanes, g);
   s.kl = _mm512_mul_ps(kl, m);
   s.clip = _mm512_maskz_mov_ps(clip_flag, m);
-  s.ratio = _mm512_mul_ps(ratio, m);
+  s.ratio = _mm512_mul_ps(kGmpo ? c.tau_neg : ratio, m);  // GMPO: the row's geometric-mean ratio
   s.lratio = _mm512_mul_ps(d_old, m);
   s.dual = kDual ? _mm512_maskz_mov_ps(dual, m) : _mm512_setzero_ps();
   s.high = kSurr == kSurrCispo || kTokenAdv ? _mm512_maskz_mov_ps(high_flag, m) : _mm512_setzero_ps();
@@ -343,14 +367,14 @@ inline RowSums row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, co
                           const KlCoef<float>* kc) {
   const bool pos = A_ > 0.0f;
   // (per-token advantages, or DPPO's bounds: A > 0's, see Row16)
-  constexpr bool kBothSigns = kTokenAdv || kSurr == kSurrDppoTv || kSurr == kSurrDppoKl;
+  constexpr bool kBothSigns = kTokenAdv || kSurr == kSurrDppoTv || kSurr == kSurrDppoKl || kSurr == kSurrGmpo;
   const float tau_ = kBothSigns || pos ? tau_pos_ : tau_neg_;
   const float four_over_tau_ = kBothSigns || pos ? 4.0f / tau_pos_ : 4.0f / tau_neg_;  // as token_terms rounds it
   const KlCoef<float> k = kc != nullptr ? *kc : KlCoef<float>{};
   const Row16 c{_mm512_set1_ps(A_),   _mm512_set1_ps(w_scale_), _mm512_set1_ps(lo_),
                 _mm512_set1_ps(hi_),  _mm512_set1_ps(beta_),    _mm512_set1_ps(dual_c_),
                 _mm512_set1_ps(lr0_), _mm512_set1_ps(tau_),     _mm512_set1_ps(four_over_tau_),
-                _mm512_set1_ps(tau_neg_), _mm512_set1_ps(4.0f / tau_neg_), pos,
+                _mm512_set1_ps(tau_neg_), _mm512_set1_ps(4.0f / tau_neg_), pos, A_ < 0.0f,
                 kc != nullptr,        k.c3 != 0.0f || k.cr != 0.0f,
                 _mm512_set1_ps(k.k3_cap), _mm512_set1_ps(k.rho_cap), _mm512_set1_ps(k.c3),
                 _mm512_set1_ps(k.cr), _mm512_set1_ps(k.c2), _mm512_set1_ps(k.c1),
@@ -431,6 +455,12 @@ inline RowSums policy_loss_row_byte16(const lp_t* logp, const lp_t* old, const l
     if (surr == kSurrDppoKl) {
       return token_row(std::true_type{}, std::false_type{}, std::integral_constant<int, kSurrDppoKl>{});
     }
+    if (surr == kSurrGmpo) {  // token-level ratios
+      return token_row(std::false_type{}, std::false_type{}, std::integral_constant<int, kSurrGmpo>{});
+    }
+    if (surr == kSurrVespo) {  // token-level ratios
+      return token_row(std::false_type{}, std::false_type{}, std::integral_constant<int, kSurrVespo>{});
+    }
     if (dual) {
       return seq ? token_row(std::true_type{}, std::true_type{}, Clip{})
                  : token_row(std::true_type{}, std::false_type{}, Clip{});
@@ -455,6 +485,8 @@ inline RowSums policy_loss_row_byte16(const lp_t* logp, const lp_t* old, const l
         return row(std::true_type{}, std::false_type{}, std::integral_constant<int, kSurrDppoTv>{});
       case kSurrDppoKl:
         return row(std::true_type{}, std::false_type{}, std::integral_constant<int, kSurrDppoKl>{});
+      case kSurrGmpo:  // token-level ratios
+        return row(std::false_type{}, std::false_type{}, std::integral_constant<int, kSurrGmpo>{});
       default:
         using Clip = std::integral_constant<int, kSurrClip>;
         return dual ? row(std::true_type{}, with_seq, Clip{}) : row(std::false_type{}, with_seq, Clip{});
