@@ -252,13 +252,14 @@ void dispatch_mask(const TokenProblem& p, std::vector<double>& rows) {
 }
 
 // logp dtype (old and ref in the same one) x the mask the rows read (bytes or compute-dtype
-// weights) x (plain or ratio KL x row advantages with or without the dual clip, or per-token
+// weights) x (the plain k3 or another KL estimator x row advantages with or without the dual clip, or per-token
 // advantages, for the clipped surrogate, and row or per-token advantages for each of CISPO, SAPO,
 // VESPO, the two DPPOs and GMPO; float64 in one build with run-time flags): 8 token rows, 182 row
-// instantiations (167 in the AVX-512 build, whose hand row makes 15 of them unreachable). Each
-// costs about half a second of compilation per instruction set, the bulk of the extension's
-// build; a new dimension multiplies it (the mask's source type does not: it is narrowed or
-// converted before the row).
+// instantiations, about half a second of compilation each per instruction set, the bulk of the
+// extension's build; a new dimension multiplies it (the mask's source type does not: it is
+// narrowed or converted before the row). The AVX-512 build compiles 92 of them: its hand row
+// takes every byte-mask row of float32, bfloat16 and float16, in 24 builds per dtype (surrogate,
+// kind of advantage, dual clip, sequence ratio).
 inline void dispatch_token_pass(const TokenProblem& p, std::vector<double>& rows) {
   switch (p.logp_dtype) {
     case TokenDtype::kFloat32:
