@@ -13,8 +13,10 @@ advantages' 4 bytes a token where they are read). Where the CPU has AVX-512 ever
 the hand-vectorised row (csrc/cpu/token_row_byte_avx512.h).
 ``--label`` is recorded with each row (to tell builds apart).
 
-``.venv/bin/python benchmarks/surrogates.py [--shape SxT] [--threads N] [--output NAME]``; results
-go to ``benchmarks/results/<NAME>.jsonl`` (default ``surrogates``), the table is printed last.
+``--weights`` passes float32 token weights for the mask (verl's rollout importance weights on it).
+
+``.venv/bin/python benchmarks/surrogates.py [--shape SxT] [--threads N] [--weights] [--output NAME]``;
+results go to ``benchmarks/results/<NAME>.jsonl`` (default ``surrogates``), the table is printed last.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--weights", action="store_true",
+                        help="float32 token weights for the mask (it times U(0.5, 1.5))")
     parser.add_argument("--output", default="surrogates")
     parser.add_argument("--label", default="", help="recorded with each row")
     parser.add_argument("--no-write", action="store_true")
@@ -75,12 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         t = _inputs(S, T, dtype)
-        moved = S * T * (4 * t["logp"].element_size() + 1)  # logp, old, ref, the gradient, the mask
+        if args.weights:
+            g = torch.Generator().manual_seed(1)
+            t["mask"] = t["mask"] * (0.5 + torch.rand(S, T, generator=g))
+        # logp, old, ref, the gradient, the mask (a byte, or a float32 weight)
+        moved = S * T * (4 * t["logp"].element_size() + t["mask"].element_size())
         for advantages in ("row", "token"):
             cases = {name: _op_step(t, t["adv"] if advantages == "row" else t["token_adv"], name, dual)
                      for name, dual in SURROGATES.items()}
             times = interleaved(cases, args.rounds)
-            shape = f"S={S} T={T} {dtype_name} {advantages} A"
+            shape = f"S={S} T={T} {dtype_name} {advantages} A" + (" weights" if args.weights else "")
             record_times(rows, "policy_loss fwd (op)", shape, times,
                          bytes_moved=moved + (4 * S * T if advantages == "token" else 0), extra=extra)
     report(rows, args.output, "clip", write=not args.no_write)

@@ -1011,6 +1011,9 @@ _HAND_ROW_SCRIPT = textwrap.dedent("""
     adv = torch.randn(S, generator=g)
     # per-token advantages of both signs (verl's [bs, T] ones), NaN padding where the mask is 0
     token_adv = torch.where(mask, torch.randn(S, T, generator=g), float("nan"))
+    # token weights (verl's rollout IS weights on the mask), a -0.0 among the masked-out ones
+    weights = torch.where(mask, 0.5 + torch.rand(S, T, generator=g), 0.0)
+    weights[~mask] = -0.0
     results = []
     # the plain k3 with every case; every other KL estimator (KlForm codes: TRL's ratio k3, k2, k1,
     # |x|, and k3+, k1+, |x|+ with k2's derivative) with a few
@@ -1023,12 +1026,15 @@ _HAND_ROW_SCRIPT = textwrap.dedent("""
              ("dppo_tv", None, False, mask, adv), ("dppo_kl", 1.15, False, mask.long(), adv),
              ("dppo_tv", 1.15, False, mask, token_adv), ("dppo_kl", None, False, mask, token_adv),
              ("gmpo", None, False, mask, adv), ("gmpo", None, False, mask.long(), token_adv),
-             ("vespo", None, False, mask, token_adv)]
+             ("vespo", None, False, mask, token_adv),
+             ("clip", None, False, weights, adv), ("clip", 1.15, False, weights, token_adv),
+             ("clip", None, True, weights, adv), ("gmpo", None, False, weights, adv),
+             ("dppo_kl", None, False, weights, token_adv), ("vespo", None, False, weights, adv)]
     others = [("clip", 1.15, False, mask, adv), ("clip", None, True, mask, adv),
               ("sapo", None, False, mask, adv), ("clip", 1.15, False, mask, token_adv),
               ("cispo", None, False, mask, token_adv), ("sapo", None, False, mask, token_adv),
               ("dppo_kl", 1.15, False, mask, token_adv), ("gmpo", None, False, mask, token_adv),
-              ("vespo", None, False, mask, token_adv)]
+              ("vespo", None, False, mask, token_adv), ("clip", 1.15, False, weights, token_adv)]
 
     def as_bits(t, canonical_nan):
         if t is None or not t.is_floating_point():
@@ -1058,7 +1064,8 @@ def test_hand_vectorised_rows_equal_the_templated_rows_bit_for_bit(cpu_ext, tmp_
     or one narrowed to bytes; row advantages with every surrogate, per-token ones with the clipped
     surrogate, its dual clip and sequence ratio, CISPO, SAPO (its temperature by each token's
     sign), DPPO (its bound by each token's sign, with and without its weight cap), GMPO and VESPO
-    (its weight by each token's sign): every case of these dtypes and masks; the plain k3 and every
+    (its weight by each token's sign): every case of these dtypes, with a byte mask or float32
+    token weights; the plain k3 and every
     other KL estimator, NaN signs aside) compute what the
     templated rows of the AVX2 build compute, bit for bit: losses, metrics and gradients, NaN and
     inf tokens and NaN advantage padding included (half-precision gradients compared as bits)."""
@@ -1068,7 +1075,7 @@ def test_hand_vectorised_rows_equal_the_templated_rows_bit_for_bit(cpu_ext, tmp_
         subprocess.run([sys.executable, "-c", _HAND_ROW_SCRIPT, str(path)], check=True, cwd=REPO, timeout=300,
                        env=dict(os.environ, IAMA_CPU_ISA=isa))
         per_isa[isa] = torch.load(path)
-    assert len(per_isa["avx512"]) == 2 * 3 * (19 + 7 * 9)
+    assert len(per_isa["avx512"]) == 2 * 3 * (25 + 7 * 10)
     for k, (a, b) in enumerate(zip(per_isa["avx2"], per_isa["avx512"], strict=True)):
         assert a[-1] and b[-1], k
         for x, y in zip(a[:-1], b[:-1], strict=True):

@@ -89,10 +89,11 @@ void token_row(const TokenProblem& p, int64_t r, const mask_t* mk, double msum, 
   RowSums sums;
 #ifdef IAMA_TOKEN_ROW_BYTE16
   // A build with the hand-vectorised row (token_row_byte_avx512.h) takes it for float32, bfloat16
-  // and float16 log-probs (old and ref alike) with a byte mask, every surrogate, KL estimator and
-  // kind of advantage; other dtypes and masks take the templated row, which such a build then
-  // compiles for those types only.
-  constexpr bool kHandRow = std::is_same_v<lp_t, aux_t> && std::is_same_v<mask_t, uint8_t> &&
+  // and float16 log-probs (old and ref alike) with a byte mask or float32 weights, every
+  // surrogate, KL estimator and kind of advantage; float64 takes the templated row, which such a
+  // build then compiles for it only.
+  constexpr bool kHandRow = std::is_same_v<lp_t, aux_t> &&
+                            (std::is_same_v<mask_t, uint8_t> || std::is_same_v<mask_t, float>) &&
                             (std::is_same_v<lp_t, float> || std::is_same_v<lp_t, c10::BFloat16> ||
                              std::is_same_v<lp_t, c10::Half>);
 #else
@@ -257,9 +258,9 @@ void dispatch_mask(const TokenProblem& p, std::vector<double>& rows) {
 // VESPO, the two DPPOs and GMPO; float64 in one build with run-time flags): 8 token rows, 182 row
 // instantiations, about half a second of compilation each per instruction set, the bulk of the
 // extension's build; a new dimension multiplies it (the mask's source type does not: it is
-// narrowed or converted before the row). The AVX-512 build compiles 92 of them: its hand row
-// takes every byte-mask row of float32, bfloat16 and float16, in 24 builds per dtype (surrogate,
-// kind of advantage, dual clip, sequence ratio).
+// narrowed or converted before the row). The AVX-512 build compiles only float64's 2 of them: its
+// hand row takes the other dtypes, in 24 builds per dtype and mask (surrogate, kind of
+// advantage, dual clip, sequence ratio).
 inline void dispatch_token_pass(const TokenProblem& p, std::vector<double>& rows) {
   switch (p.logp_dtype) {
     case TokenDtype::kFloat32:

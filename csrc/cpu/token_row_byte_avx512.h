@@ -1,8 +1,10 @@
 // One row of the policy-loss token pass for float32, bfloat16 or float16 log-probs (old and ref in
-// the same dtype) and a byte (bool / uint8) mask, written with AVX-512 intrinsics. Included only
-// by token_pass_avx512.cpp, after its target pragma.
+// the same dtype) and a byte (bool / uint8) mask or float32 token weights (verl's rollout
+// importance weights, a per-response normaliser), written with AVX-512 intrinsics. Included only
+// by token_pass_avx512.cpp, after its target pragma. (The `byte16` of its names: 16 tokens a
+// vector, and the byte mask it was first written for.)
 //
-// It computes what iama::policy_loss_row<lp_t, lp_t, uint8_t, float> (csrc/include/iama/loss.h)
+// It computes what iama::policy_loss_row<lp_t, lp_t, mask_t, float> (csrc/include/iama/loss.h)
 // computes, in the same order of operations and the same summation tree (tiles of 64 tokens,
 // pairwise down to 8 lanes, 8 double accumulators), but leaves less to the auto-vectoriser, which
 // on this loop spills its per-tile arrays and turns every clamp and select into a compare and a
@@ -141,6 +143,11 @@ inline void store16(c10::Half* p, __mmask16 k, __m512 v) {
   _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(h));
 }
 
+// a * b rounded to nearest, never fused with a later add (see token_terms16's sums).
+inline __m512 mul_rounded(__m512 a, __m512 b) {
+  return _mm512_mul_round_ps(a, b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
 struct Terms16 {
   __m512 loss, kl, clip, ratio, lratio, dual, high;
 };
@@ -203,17 +210,25 @@ inline void kl_terms16(__m512 d, __m512 ratio, const Row16& c, __m512& kl, __m51
 // The terms of 16 tokens starting at t; lanes outside `lanes` are not read and give 0. kDual: the
 // row's A is negative and the dual clip c finite (else no token of the row is dual-clipped); with
 // kTokenAdv (each token's A from a_tok): c finite, the sign tested token by token.
-template <typename lp_t, bool kDual, bool kSeq, int kSurr, bool kTokenAdv = false>
-inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref, const uint8_t* mask, lp_t* grad,
+template <typename lp_t, bool kDual, bool kSeq, int kSurr, bool kTokenAdv = false, typename mask_t = uint8_t>
+inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref, const mask_t* mask, lp_t* grad,
                              int64_t t, __mmask16 lanes, const Row16& c, const float* a_tok = nullptr) {
+  static_assert(std::is_same_v<mask_t, uint8_t> || std::is_same_v<mask_t, float>, "a byte mask or float weights");
   constexpr bool kDppo = kSurr == kSurrDppoTv || kSurr == kSurrDppoKl;
   static_assert(!kDual || kSurr == kSurrClip || kDppo, "the dual clip is the clipped surrogate's (DPPO's cap)");
   static_assert(kDual || !kDppo, "DPPO's weight cap is its dual clip");
   constexpr bool kGmpo = kSurr == kSurrGmpo;
   static_assert(!kSeq || !(kDppo || kGmpo || kSurr == kSurrVespo), "DPPO, GMPO and VESPO take token-level ratios");
-  const __m128i mb = _mm_maskz_loadu_epi8(lanes, mask + t);
-  const __mmask16 keep = _mm_test_epi8_mask(mb, mb);
-  const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb));
+  __mmask16 keep;
+  __m512 m;
+  if constexpr (std::is_same_v<mask_t, uint8_t>) {
+    const __m128i mb = _mm_maskz_loadu_epi8(lanes, mask + t);
+    keep = _mm_test_epi8_mask(mb, mb);
+    m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb));
+  } else {  // weights: a token is kept where its weight is not 0 (`!=`: a NaN weight too), as in token_terms
+    m = _mm512_maskz_loadu_ps(lanes, mask + t);
+    keep = _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+  }
   const __m512 lp = load16(logp + t, keep);
   const __m512 A = kTokenAdv ? _mm512_maskz_loadu_ps(keep, a_tok + t) : c.A;
   // A > 0 per token (per-token advantages; the row's sign is applied once, in row_byte16, else).
@@ -334,10 +349,14 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
   s.loss = _mm512_maskz_mul_ps(keep, _mm512_fmsub_ps(c.beta, kl, surrogate), w);
   const __m512 g = _mm512_maskz_mul_ps(keep, w, _mm512_fmsub_ps(c.beta, dkl, d_surr));
   store16(grad + t, lanes, g);
-  s.kl = _mm512_mul_ps(kl, m);
+  // The weighted terms that tile_sum adds: multiplies with an explicit rounding, which GCC does
+  // not contract with that add into a fused multiply-add (a plain _mm512_mul_ps it does, which
+  // rounds once where the templated row, which stores the terms first, rounds twice; with a byte
+  // mask the product is exact and either way is the same).
+  s.kl = mul_rounded(kl, m);
   s.clip = _mm512_maskz_mov_ps(clip_flag, m);
-  s.ratio = _mm512_mul_ps(kGmpo ? c.tau_neg : ratio, m);  // GMPO: the row's geometric-mean ratio
-  s.lratio = _mm512_mul_ps(d_old, m);
+  s.ratio = mul_rounded(kGmpo ? c.tau_neg : ratio, m);  // GMPO: the row's geometric-mean ratio
+  s.lratio = mul_rounded(d_old, m);
   s.dual = kDual ? _mm512_maskz_mov_ps(dual, m) : _mm512_setzero_ps();
   s.high = kSurr == kSurrCispo || kTokenAdv ? _mm512_maskz_mov_ps(high_flag, m) : _mm512_setzero_ps();
   return s;
@@ -360,8 +379,8 @@ inline double lanes_sum(__m512d v) {
   return lane[0];
 }
 
-template <typename lp_t, bool kDual, bool kSeq, int kSurr, bool kTokenAdv = false>
-inline RowSums row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, const uint8_t* mask, int64_t T,
+template <typename lp_t, bool kDual, bool kSeq, int kSurr, bool kTokenAdv = false, typename mask_t = uint8_t>
+inline RowSums row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, const mask_t* mask, int64_t T,
                           float A_, float w_scale_, float lo_, float hi_, float beta_, float dual_c_, float lr0_,
                           float tau_pos_, float tau_neg_, lp_t* grad, const float* a_tok,
                           const KlCoef<float>* kc) {
@@ -419,7 +438,8 @@ inline RowSums row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, co
                  lanes_sum(acc_lratio), lanes_sum(acc_dual), high};
 }
 
-// policy_loss_row for float32, bfloat16 or float16 logp/old/ref and a byte mask; `dual`: the
+// policy_loss_row for float32, bfloat16 or float16 logp/old/ref and a byte mask or float32
+// weights (mask_t: uint8_t or float); `dual`: the
 // caller's decision that the dual clip can act in this row (A < 0 and a finite c; the clipped
 // surrogate only); `seq`: GSPO's sequence ratio, lr0 as in policy_loss_row (compiled in only for
 // such rows: adding it to every row cost the per-token rows 3%); `surr`: the surrogate
@@ -427,8 +447,8 @@ inline RowSums row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, co
 // A > 0 and otherwise); `a_tok`: per-token advantages (the clipped surrogate, CISPO, SAPO and DPPO;
 // `dual` then says the dual clip is on, its sign test is per token), or null for the row's A; `kc`: the
 // coefficients of a KL estimator other than the plain k3 (kl_coefficients), or null for k3.
-template <typename lp_t>
-inline RowSums policy_loss_row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, const uint8_t* mask,
+template <typename lp_t, typename mask_t>
+inline RowSums policy_loss_row_byte16(const lp_t* logp, const lp_t* old, const lp_t* ref, const mask_t* mask,
                                       int64_t T, float A, float w_scale, float lo, float hi, float beta, float dual_c,
                                       bool dual, bool seq, float lr0, int surr, float tau_pos, float tau_neg,
                                       lp_t* grad, const float* a_tok = nullptr,
