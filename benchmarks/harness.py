@@ -147,6 +147,19 @@ def report(rows: list[Measurement], name: str, baseline_impl: str, write: bool =
     print(format_table(rows, baseline_impl=baseline_impl))
 
 
+def token_pass_inputs(S: int, T: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A policy-loss batch for the op benchmarks: S x T logp / old / ref in ``dtype`` (old and ref
+    within 0.1 of logp), a bool prefix mask of random lengths, one advantage per row (``adv``) and
+    per-token ones (``token_adv``, 0 where the mask is 0); seeded."""
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(S, T, generator=g) * 3
+    lengths = torch.randint(T // 4, T + 1, (S, 1), generator=g)
+    mask = torch.arange(T) < lengths
+    return {"logp": logp.to(dtype), "old": (logp + 0.1 * torch.randn(S, T, generator=g)).to(dtype),
+            "ref": (logp + 0.1 * torch.randn(S, T, generator=g)).to(dtype), "mask": mask,
+            "adv": torch.randn(S, generator=g), "token_adv": torch.randn(S, T, generator=g) * mask}
+
+
 def environment() -> dict[str, Any]:
     """Machine and versions, recorded with every results file."""
     info: dict[str, Any] = {

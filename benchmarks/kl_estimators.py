@@ -31,23 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import Measurement, interleaved, record_times, report
+from harness import Measurement, interleaved, record_times, report, token_pass_inputs
 
 from iama_kernels import policy_loss
 
 ESTIMATORS = {"k3": {}, "ratio k3": {"kl_weight": "ratio"}, "k2": {"kl_estimator": "k2"},
               "k1": {"kl_estimator": "k1"}, "abs": {"kl_estimator": "abs"}, "k3+": {"kl_estimator": "k3+"},
               "k1+": {"kl_estimator": "k1+"}, "abs+": {"kl_estimator": "abs+"}}
-
-
-def _inputs(S: int, T: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    logp = -torch.rand(S, T, generator=g) * 3
-    lengths = torch.randint(T // 4, T + 1, (S, 1), generator=g)
-    mask = torch.arange(T) < lengths
-    return {"logp": logp.to(dtype), "old": (logp + 0.1 * torch.randn(S, T, generator=g)).to(dtype),
-            "ref": (logp + 0.1 * torch.randn(S, T, generator=g)).to(dtype), "mask": mask,
-            "adv": torch.randn(S, generator=g), "token_adv": torch.randn(S, T, generator=g) * mask}
 
 
 # the op's KlForm codes (csrc/include/iama/common.h) and kl_weight="ratio"
@@ -91,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     S, T = (int(v) for v in args.shape.split("x"))
     rows: list[Measurement] = []
     for dtype in (torch.float32, torch.bfloat16):
-        t = _inputs(S, T, dtype)
+        t = token_pass_inputs(S, T, dtype)
         x = t["logp"].clone().requires_grad_(True)
         dro = {"beta": 0.5, "kl_estimator": "k2", "surrogate": "cispo", "eps_low": 0.0, "eps_high": 0.0,
                "loss_type": "dr_grpo"}

@@ -2,15 +2,16 @@
 surrogate's, with one advantage per row and with per-token advantages (verl's ``[bs, T]`` ones),
 in one run, the cases taking turns call by call.
 
-Inputs as ``benchmarks/kl_estimators.py``'s: S x T float32 (or bfloat16) logp / old / ref, a bool
-prefix mask, beta = 0.04 with the plain k3, ``loss_type="grpo"``; the clip range 0.2 / 0.28
-(GMPO's log-space bounds too), SAPO's temperatures 1.0 / 1.05, DPPO's divergence bounds the same
-0.2 / 0.28 with the weight cap 3 (verl's ``clip_ratio_c``). Times are of the forward op alone
-(``torch.ops.iama.policy_loss_fwd``, which writes the gradient too): at 64 x 2048 the inputs stay
-in the caches and the row's compute shows; at 512 x 4096 they stream from main memory. GB/s over
-the bytes the op must move (logp, old, ref and the mask read, the gradient written; the per-token
-advantages' 4 bytes a token where they are read). Where the CPU has AVX-512 every case runs on
-the hand-vectorised row (csrc/cpu/token_row_byte_avx512.h).
+Inputs from ``harness.token_pass_inputs`` (as ``benchmarks/kl_estimators.py``'s): S x T float32
+(or bfloat16) logp / old / ref, a bool prefix mask, beta = 0.04 with the plain k3,
+``loss_type="grpo"``; the clip range 0.2 / 0.28 (GMPO's log-space bounds too), SAPO's
+temperatures 1.0 / 1.05, DPPO's divergence bounds the same 0.2 / 0.28 with the weight cap 3
+(verl's ``clip_ratio_c``). Times are of the forward op alone
+(``torch.ops.iama.policy_loss_fwd``, which writes the gradient too): at 64 x 2048 the inputs
+stay in the caches and the row's compute shows; at 512 x 4096 they stream from main memory. GB/s
+over the bytes the op must move (logp, old, ref and the mask read, the gradient written; the
+per-token advantages' 4 bytes a token where they are read). Where the CPU has AVX-512 every case
+runs on the hand-vectorised row (csrc/cpu/token_row_byte_avx512.h).
 ``--label`` is recorded with each row (to tell builds apart).
 
 ``--weights`` passes float32 token weights for the mask (verl's rollout importance weights on it).
@@ -32,21 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import Measurement, interleaved, record_times, report
+from harness import Measurement, interleaved, record_times, report, token_pass_inputs
 
 # surrogate -> dual_clip (DPPO's weight cap)
 SURROGATES: dict[str, float | None] = {"clip": None, "cispo": None, "sapo": None, "dppo_tv": 3.0,
                                        "dppo_kl": 3.0, "gmpo": None, "vespo": None}
-
-
-def _inputs(S: int, T: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    logp = -torch.rand(S, T, generator=g) * 3
-    lengths = torch.randint(T // 4, T + 1, (S, 1), generator=g)
-    mask = torch.arange(T) < lengths
-    return {"logp": logp.to(dtype), "old": (logp + 0.1 * torch.randn(S, T, generator=g)).to(dtype),
-            "ref": (logp + 0.1 * torch.randn(S, T, generator=g)).to(dtype), "mask": mask,
-            "adv": torch.randn(S, generator=g), "token_adv": torch.randn(S, T, generator=g) * mask}
 
 
 def _op_step(t: dict[str, torch.Tensor], adv: torch.Tensor, surrogate: str, dual_clip: float | None
@@ -78,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict[str, Any] = {"threads": args.threads, "label": args.label}
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        t = _inputs(S, T, dtype)
+        t = token_pass_inputs(S, T, dtype)
         if args.weights:
             g = torch.Generator().manual_seed(1)
             t["mask"] = t["mask"] * (0.5 + torch.rand(S, T, generator=g))

@@ -1082,7 +1082,6 @@ def test_hand_vectorised_rows_equal_the_templated_rows_bit_for_bit(cpu_ext, tmp_
             assert (x is None and y is None) or torch.equal(x, y), k
 
 
-
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs an AVX-512 CPU")
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs a C++ compiler")
 def test_hand_row_log_and_dppo_kl_equal_the_scalar_ones_bit_for_bit(tmp_path):
@@ -1104,6 +1103,7 @@ def test_hand_row_log_and_dppo_kl_equal_the_scalar_ones_bit_for_bit(tmp_path):
     done = subprocess.run([str(tmp_path / "check")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count(" 0 of 1048576 differ") == 2, done.stdout
+
 
 def test_missing_compiler_is_reported_and_auto_falls_back(tmp_path):
     """Without a compiler: importing works, impl='cpu' says what to install, impl='auto' runs the

@@ -253,10 +253,10 @@ void dispatch_mask(const TokenProblem& p, std::vector<double>& rows) {
 }
 
 // logp dtype (old and ref in the same one) x the mask the rows read (bytes or compute-dtype
-// weights) x (the plain k3 or another KL estimator x row advantages with or without the dual clip, or per-token
-// advantages, for the clipped surrogate, and row or per-token advantages for each of CISPO, SAPO,
-// VESPO, the two DPPOs and GMPO; float64 in one build with run-time flags): 8 token rows, 182 row
-// instantiations, about half a second of compilation each per instruction set, the bulk of the
+// weights) x (the plain k3 or another KL estimator x row advantages with or without the dual
+// clip, or per-token advantages, for the clipped surrogate, and row or per-token advantages for
+// each of CISPO, SAPO, VESPO, the two DPPOs and GMPO; float64 in one build with run-time flags):
+// 8 token rows, 182 row instantiations, about half a second of compilation each per instruction set, the bulk of the
 // extension's build; a new dimension multiplies it (the mask's source type does not: it is
 // narrowed or converted before the row). The AVX-512 build compiles only float64's 2 of them: its
 // hand row takes the other dtypes, in 24 builds per dtype and mask (surrogate, kind of

@@ -115,6 +115,16 @@ inline __m512 log16(__m512 x) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, x);
 }
 
+// DPPO-KL's binary KL of the sampled token, q (q_log - logp) + (1 - q) log((1 - q + eps) /
+// (1 - p + eps)) with p = exp(logp), q = exp(q_log), as token_terms computes it (GCC fuses the
+// second product there: fma((1 - q), log, q (q_log - logp))).
+inline __m512 binary_kl16(__m512 lp, __m512 q_log, __m512 p, __m512 q) {
+  const __m512 one = _mm512_set1_ps(1.0f), eps = _mm512_set1_ps(1e-8f);
+  const __m512 one_q = _mm512_sub_ps(one, q);
+  const __m512 lg = log16(_mm512_div_ps(_mm512_add_ps(one_q, eps), _mm512_add_ps(_mm512_sub_ps(one, p), eps)));
+  return _mm512_fmadd_ps(one_q, lg, _mm512_mul_ps(q, _mm512_sub_ps(q_log, lp)));
+}
+
 // 16 tokens as float32 (lanes outside k read as 0; their memory is not touched).
 inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
 inline __m512 load16(const c10::BFloat16* p, __mmask16 k) {  // bfloat16 is float32's upper half
@@ -250,6 +260,8 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
   // max(lo, ratio) then min(hi, .): a NaN ratio stays NaN, as in token_terms.
   const __m512 clipped = _mm512_min_ps(c.hi, _mm512_max_ps(c.lo, ratio));
   const __m512 unclipped_term = _mm512_mul_ps(ratio, A);
+  // A > 0 per token, or the row's sign in every lane (DPPO's bound and GMPO's clip side).
+  const __mmask16 a_pos = kTokenAdv ? pos : static_cast<__mmask16>(c.pos ? 0xFFFF : 0);
   // The policy term, its derivative in logp, and the clipped / clipped-above / dual flags.
   __m512 surrogate, d_surr;
   __mmask16 clip_flag = 0, high_flag = 0, dual = 0;
@@ -275,14 +287,10 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
       held_pos = _mm512_cmp_ps_mask(diff, c.tau, _CMP_LE_OQ);
       held_neg = _mm512_cmp_ps_mask(diff, _mm512_xor_ps(c.tau_neg, _mm512_set1_ps(-0.0f)), _CMP_GE_OQ);
     } else {
-      const __m512 one = _mm512_set1_ps(1.0f), eps = _mm512_set1_ps(1e-8f);
-      const __m512 one_q = _mm512_sub_ps(one, q);
-      const __m512 lg = log16(_mm512_div_ps(_mm512_add_ps(one_q, eps), _mm512_add_ps(_mm512_sub_ps(one, p), eps)));
-      const __m512 k = _mm512_fmadd_ps(one_q, lg, _mm512_mul_ps(q, _mm512_sub_ps(old_v, lp)));
+      const __m512 k = binary_kl16(lp, old_v, p, q);
       held_pos = _mm512_cmp_ps_mask(k, c.tau, _CMP_LE_OQ) | _mm512_cmp_ps_mask(p, q, _CMP_LE_OQ);
       held_neg = _mm512_cmp_ps_mask(k, c.tau_neg, _CMP_LE_OQ) | _mm512_cmp_ps_mask(p, q, _CMP_GE_OQ);
     }
-    const __mmask16 a_pos = kTokenAdv ? pos : static_cast<__mmask16>(c.pos ? 0xFFFF : 0);
     const __mmask16 valid = (a_pos & held_pos) | (static_cast<__mmask16>(~a_pos) & held_neg);
     const __m512 wa = _mm512_mul_ps(_mm512_maskz_mov_ps(valid, _mm512_min_ps(rho, c.dual_c)), A);
     surrogate = _mm512_mul_ps(wa, lp);
@@ -294,7 +302,6 @@ inline Terms16 token_terms16(const lp_t* logp, const lp_t* old, const lp_t* ref,
     // The row's objective G, whose derivative (G, or 0) reaches the tokens not clipped: those with
     // lr > hi where A > 0, -lr > -lo where A < 0, none where A = 0 (lo, hi the log-space bounds);
     // a NaN log-ratio is never clipped, as in token_terms.
-    const __mmask16 a_pos = kTokenAdv ? pos : static_cast<__mmask16>(c.pos ? 0xFFFF : 0);
     const __mmask16 a_neg = kTokenAdv ? _mm512_cmp_ps_mask(A, _mm512_setzero_ps(), _CMP_LT_OQ)
                                       : static_cast<__mmask16>(c.neg ? 0xFFFF : 0);
     const __m512 neg_zero = _mm512_set1_ps(-0.0f);
@@ -453,7 +460,7 @@ inline RowSums policy_loss_row_byte16(const lp_t* logp, const lp_t* old, const l
                                       bool dual, bool seq, float lr0, int surr, float tau_pos, float tau_neg,
                                       lp_t* grad, const float* a_tok = nullptr,
                                       const KlCoef<float>* kc = nullptr) {
-  if (a_tok != nullptr) {  // per-token advantages: the clipped surrogate (verl's PPO), CISPO, SAPO, DPPO
+  if (a_tok != nullptr) {  // per-token advantages (verl's [bs, T] ones), every surrogate
     auto token_row = [&](auto with_dual, auto with_seq, auto kind) {
       return row_byte16<lp_t, with_dual(), with_seq(), kind(), true>(logp, old, ref, mask, T, 0.0f, w_scale, lo, hi,
                                                                      beta, dual_c, lr0, tau_pos, tau_neg, grad, a_tok,

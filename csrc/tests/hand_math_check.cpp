@@ -1,5 +1,6 @@
-// The hand-vectorised row's log16 and DPPO-KL's k (csrc/cpu/token_row_byte_avx512.h) against
-// hand_math_scalar.cpp's log_acc and k, bit for bit, on random, special and arbitrary-bit inputs.
+// The hand-vectorised row's log16 and DPPO-KL's k, binary_kl16 (csrc/cpu/token_row_byte_avx512.h),
+// against hand_math_scalar.cpp's log_acc and k, bit for bit, on random, special and arbitrary-bit
+// inputs.
 // DPPO's k only enters the row through compares with its bounds, so the row test rarely sees its
 // last bits: this check does. Built and run by tests/test_cpu_backend.py on an AVX-512 CPU; prints
 // one line per check and exits non-zero on a mismatch.
@@ -61,12 +62,9 @@ int main() {
   for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(got.data() + i, log16(_mm512_loadu_ps(x.data() + i)));
   const int64_t bad_log = mismatches(want, got);
   scalar_dppo_k(lp.data(), old.data(), want.data(), n);
-  const __m512 one = _mm512_set1_ps(1.0f), eps = _mm512_set1_ps(1e-8f);
   for (int64_t i = 0; i < n; i += 16) {  // token_terms16's DPPO-KL k
     const __m512 l = _mm512_loadu_ps(lp.data() + i), o = _mm512_loadu_ps(old.data() + i);
-    const __m512 p = exp16(l), q = exp16(o), one_q = _mm512_sub_ps(one, q);
-    const __m512 lg = log16(_mm512_div_ps(_mm512_add_ps(one_q, eps), _mm512_add_ps(_mm512_sub_ps(one, p), eps)));
-    _mm512_storeu_ps(got.data() + i, _mm512_fmadd_ps(one_q, lg, _mm512_mul_ps(q, _mm512_sub_ps(o, l))));
+    _mm512_storeu_ps(got.data() + i, binary_kl16(l, o, exp16(l), exp16(o)));
   }
   const int64_t bad_k = mismatches(want, got);
   std::printf("log16: %lld of %lld differ\ndppo_kl k: %lld of %lld differ\n", static_cast<long long>(bad_log),
