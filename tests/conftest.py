@@ -7,8 +7,12 @@ CUDA device is present; ``interpreter`` tests run Triton kernels on CPU tensors 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
+import types
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,3 +65,18 @@ def _seed() -> None:
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if _has_cuda() else "cpu")
+
+
+@pytest.fixture
+def benchmark_script() -> Callable[[str], types.ModuleType]:
+    """Loads ``benchmarks/<name>.py`` as a module (its ``main(argv)`` runs it), for the tests that
+    run a benchmark at a tiny size."""
+
+    def load(name: str) -> types.ModuleType:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

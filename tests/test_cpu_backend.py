@@ -1142,14 +1142,10 @@ def test_headers_compile_with_nvcc(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["surrogates", "kl_estimators"])
-def test_the_op_benchmarks_run(cpu_ext, script: str, capsys) -> None:
+def test_the_op_benchmarks_run(cpu_ext, script: str, capsys, benchmark_script) -> None:
     """benchmarks/surrogates.py and benchmarks/kl_estimators.py at a tiny size: every case of the
     script has a row in its table."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"{script}_bench", REPO / "benchmarks" / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script(script)
     threads = torch.get_num_threads()
     try:
         args = ["--shape", "3x37", "--rounds", "2", "--threads", "1", "--no-write"]

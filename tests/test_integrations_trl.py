@@ -583,14 +583,9 @@ def test_completions_no_reward_function_scored(tmp_path: Path) -> None:
                                                                rel=1e-5)
 
 
-def test_the_loss_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_loss_benchmark_runs(capsys: pytest.CaptureFixture[str], benchmark_script) -> None:
     """benchmarks/trl_loss.py at a tiny size (it checks iama's gradient against TRL's first)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "trl_loss.py"
-    spec = importlib.util.spec_from_file_location("trl_loss", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script("trl_loss")
     configs = "grpo:0:sequence,dapo:0.1:corrected,cispo:0,sapo:0.1,vespo:0.1:corrected"
     assert module.main(["--shapes", "6x5", "--configs", configs, "--rounds", "2", "--no-write"]) == 0
     out = capsys.readouterr().out

@@ -251,15 +251,9 @@ def test_a_fresh_verl_process_finds_the_estimator(verl_algos, env: dict, registe
     assert done.stdout.split()[-2:] == want
 
 
-def test_the_estimator_benchmark_runs(verl_algos, capsys) -> None:
+def test_the_estimator_benchmark_runs(verl_algos, capsys, benchmark_script) -> None:
     """benchmarks/verl_estimators.py at a tiny size (it checks iama's Mean against verl's GRPO)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "verl_estimators.py"
-    spec = importlib.util.spec_from_file_location("verl_estimators", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script("verl_estimators")
     assert module.main(["--shapes", "5x4x4,2x7x9", "--rounds", "3", "--no-write"]) == 0
     table = capsys.readouterr().out
     assert table.count("iama BestOfN(4) unbiased") == 4  # two progress lines and two table rows

@@ -615,15 +615,9 @@ def test_called_through_the_registry_as_verl_calls_it(verl_algos) -> None:
     assert results["iama"][2] == results["vanilla"][2]
 
 
-def test_the_loss_benchmark_runs(verl_algos, capsys) -> None:
+def test_the_loss_benchmark_runs(verl_algos, capsys, benchmark_script) -> None:
     """benchmarks/verl_loss.py at a tiny size (it checks iama's gradient against verl's)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "verl_loss.py"
-    spec = importlib.util.spec_from_file_location("verl_loss_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script("verl_loss")
     assert module.main(["--shapes", "5x9,3x16", "--modes", "token-mean", "--rounds", "3", "--no-write",
                         "--losses", ",".join(LOSSES)]) == 0
     table = capsys.readouterr().out.split("x base")[-1]

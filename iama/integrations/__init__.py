@@ -10,6 +10,9 @@
 * :mod:`iama.integrations.verl_loss`: the ``"iama"`` policy loss for verl's actor
   (``actor_rollout_ref.actor.policy_loss.loss_mode=iama``): verl's PPO loss on the fused kernel,
   registered with the estimator.
+* :mod:`iama.integrations.openrlhf`: :class:`~iama.integrations.openrlhf.PolicyLoss`, a drop-in
+  for OpenRLHF's actor loss (``PolicyLoss``: PPO and GSPO, the dual clip, its train/rollout
+  correction) on the fused kernel.
 
-The submodules are imported on demand, so ``import iama.integrations`` never imports TRL or verl.
+The submodules are imported on demand, so ``import iama.integrations`` never imports TRL, verl or OpenRLHF.
 """
