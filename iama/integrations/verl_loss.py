@@ -117,7 +117,7 @@ Metrics (as ``"vanilla"``): ``actor/pg_clipfrac``, ``actor/ppo_kl``,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -196,12 +196,12 @@ def _require_global(name: str, dp_size: float) -> None:
                          f"dp_size > 1 (got dp_size={dp_size:g})")
 
 
-def _count(value: Any, fallback: torch.Tensor, name: str, dp_size: float) -> torch.Tensor | float:
-    """A global count from verl's ``global_batch_info`` (int or tensor), else the local one,
-    at least 1."""
+def _count(value: Any, local: Callable[[], torch.Tensor], name: str, dp_size: float) -> torch.Tensor | float:
+    """A global count from verl's ``global_batch_info`` (int or tensor), else the local one (a
+    pass over the mask, made only then), at least 1."""
     if value is None:
         _require_global(name, dp_size)
-        return fallback.clamp(min=1)
+        return local().clamp(min=1)
     if isinstance(value, torch.Tensor):
         return value.to(torch.float64).clamp(min=1)
     return float(max(value, 1))
@@ -300,6 +300,7 @@ class VerlPolicyLoss:
         # GPU the backward multiplies the saved gradient by the incoming one anyway).
         mask: torch.Tensor = keep
         loss_type, length = "dr_grpo", 1
+        count_rows = False
         gmpo = self.surrogate == "gmpo"
         if gmpo:  # verl's geo_mean: the local mean of the responses' losses, whatever the mode
             loss_type, length, scale = "grpo", None, 1.0
@@ -309,13 +310,20 @@ class VerlPolicyLoss:
                 _require_global("batch_num_tokens", dp_size)
                 loss_type, length, scale = "token", None, 1.0  # the kernel counts the tokens
             else:
-                scale = S / _count(tokens, keep.sum().double(), "batch_num_tokens", dp_size)
+                scale = S / _count(tokens, lambda: keep.sum().double(), "batch_num_tokens", dp_size)
         elif loss_agg_mode == "token-sum":
             scale = float(S)
         else:
-            sequences = _count(info.get("global_batch_size"), keep.any(dim=1).sum().double(),
-                               "global_batch_size", dp_size)
-            scale = S / sequences
+            sequences = info.get("global_batch_size")
+            # Without verl's count, that of the responses with a token comes from the kernel's
+            # row totals when it reads the mask itself (no second pass over it).
+            count_rows = sequences is None and rollout_is_weights is None
+            if count_rows:
+                _require_global("global_batch_size", dp_size)
+                scale = float(S)
+            else:
+                scale = S / _count(sequences, lambda: keep.any(dim=1).sum().double(), "global_batch_size",
+                                   dp_size)
             if loss_agg_mode == "seq-mean-token-sum-norm":
                 factor = info.get("loss_scale_factor") or T
                 scale = scale / float(factor)
@@ -354,7 +362,10 @@ class VerlPolicyLoss:
                           eps_low=eps_low, eps_high=eps_high, beta=beta, loss_type=loss_type,
                           kl_estimator="k2" if dro else "k3",
                           max_completion_length=length, dual_clip=dual_clip, ratio_level=self.ratio_level,
-                          surrogate=surrogate, tau_pos=tau_pos, tau_neg=tau_neg, impl=self.impl)
+                          surrogate=surrogate, tau_pos=tau_pos, tau_neg=tau_neg, row_stats=count_rows,
+                          impl=self.impl)
+        if count_rows:
+            scale = scale / (out.row_clip_weights[:, 0] > 0).sum().clamp(min=1).double()
         metrics: dict[str, float] = {}
         loss = out.loss
         if kl_cov:  # the KL term of the selected tokens; verl's one metric, the mean |log-ratio|
