@@ -311,23 +311,27 @@ def objective_value(
 
 
 def _criterion_constants(r: torch.Tensor, transform: Transform) -> tuple[float, float]:
-    """``(L_i, Lip_i)``: relative smoothness of ``R_i`` and a bound on ``|R_i(q) - R_i(p)| / TV(q, p)``."""
+    """``(L_i, D_i)``: relative smoothness of ``R_i`` and a bound on
+    ``(R_i(q) - R_i(p))^2 / KL(q || p)``; ``Lip^2 / 2`` from ``|R_i(q) - R_i(p)| <= Lip TV(q, p)``
+    and Pinsker's ``TV^2 <= KL / 2``."""
     spread = float(r.max() - r.min())
     if isinstance(transform, Mean) or (isinstance(transform, BestOfN) and transform.n == 1):
-        return 0.0, spread  # linear: R(q) = R(p) + <r, q - p> exactly
+        return 0.0, spread**2 / 2.0  # linear: R(q) = R(p) + <r, q - p> exactly; Lip = spread
     if isinstance(transform, BestOfN):
         n = transform.n
         # R'' along q - p is -int n(n-1) C^{n-2} (C_q - C_p)^2 dt >= -n(n-1) spread TV^2, and
         # Pinsker (TV^2 <= KL/2) turns the Taylor remainder into -n(n-1) spread KL / 4.
-        return n * (n - 1) * spread / 4.0, n * spread
+        return n * (n - 1) * spread / 4.0, (n * spread) ** 2 / 2.0
     # SoftBestOfN: R(q) - R(p) - <s_p, q - p> = -(R_q - R_p)(Z_q - Z_p)/Z_p exactly. Two bounds,
     # each valid for every p, q (docs/math.md has both proofs), x = spread / tau:
     # * |Z_q - Z_p| <= TV, |R_q - R_p| <= spread e^x TV, Z_p >= e^{-x} and Pinsker: spread e^{2x} / 2;
     # * Bernstein's inequality through the Donsker-Varadhan formula on both factors:
     #   _SOFT_BERNSTEIN spread e^x, smaller once e^x > 2 _SOFT_BERNSTEIN (x > 2.23).
+    # D: Lip = spread e^x, or the same steps' (R_q - R_p)^2 <= 2 _SOFT_BERNSTEIN spread^2 e^x KL.
     x = spread / transform.tau
-    lip = _exp_or_inf(x) * spread
-    return min(_exp_or_inf(2 * x) * spread / 2.0, _SOFT_BERNSTEIN * lip), lip
+    e_x, e_2x = _exp_or_inf(x), _exp_or_inf(2 * x)
+    return (min(e_2x * spread / 2.0, _SOFT_BERNSTEIN * spread * e_x),
+            min(e_2x * spread**2 / 2.0, 2 * _SOFT_BERNSTEIN * spread**2 * e_x))
 
 
 # SoftBestOfN's second bound is psi(a(y)) <= C y with y = e^x KL, a(y) = sqrt(2y) + y/3 and psi
@@ -358,10 +362,11 @@ def smoothness_constant(rewards: torch.Tensor, objective: object) -> float:
       concave, so only monotone ascent is guaranteed).
 
     Aggregation: ``WeightedSum(w)``: ``sum_i w_i L_i``. ``SmoothMin(w, gamma)``:
-    ``max_i L_i + gamma max_i Lip_i^2 / 4`` (``lambda`` sums to 1, the Hessian of ``g`` is bounded
-    by ``gamma``, and ``|R_i(q) - R_i(p)| <= Lip_i TV`` with ``Lip_i`` = range, ``n`` range,
-    range ``e^{range/tau}``). ``Min()``: ``max_i L_i`` (``min`` is not smooth: a step-size scale,
-    not a guarantee).
+    ``max_i L_i + (gamma / 2) max_i D_i`` (``lambda`` sums to 1, the Hessian of ``g`` is bounded
+    by ``gamma``, and ``(R_i(q) - R_i(p))^2 <= D_i KL``: ``D_i = Lip_i^2 / 2`` from
+    ``|R_i(q) - R_i(p)| <= Lip_i TV`` with ``Lip_i`` = range, ``n`` range, and for
+    ``SoftBestOfN`` ``range^2 min(e^{2x} / 2, 9.3 e^x)``). ``Min()``: ``max_i L_i`` (``min`` is
+    not smooth: a step-size scale, not a guarantee).
 
     When this is 0 (a linear objective, for which any ``L >= 0`` is valid and any step size
     converges) the scale of the rewards is returned instead, ``sum_i w_i range_i`` for
@@ -382,7 +387,7 @@ def smoothness_constant(rewards: torch.Tensor, objective: object) -> float:
         L = sum(w * c[0] for w, c in zip(agg.weights, consts, strict=True))
         scale = sum(w * d for w, d in zip(agg.weights, spreads, strict=True))
     elif isinstance(agg, SmoothMin):
-        L = max(c[0] for c in consts) + agg.gamma * max(c[1] for c in consts) ** 2 / 4.0
+        L = max(c[0] for c in consts) + agg.gamma * max(c[1] for c in consts) / 2.0
         scale = max(spreads)
     elif isinstance(agg, Min):
         L = max(c[0] for c in consts)
