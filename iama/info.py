@@ -43,7 +43,7 @@ from iama_kernels.testing import (
 )
 
 IMPLS = ("reference", "cpu", "triton")
-_PACKAGES = ("iama", "torch", "triton", "numpy", "transformers", "trl", "verl")
+_PACKAGES = ("iama", "torch", "triton", "numpy", "transformers", "trl", "verl", "openrlhf")
 _OBJECTIVE = Objective([Criterion("a", BestOfN(3)), Criterion("b", SoftBestOfN(0.5))],
                        SmoothMin([0.5, 0.5], 2.0))
 

@@ -295,10 +295,15 @@ class PolicyLoss(torch.nn.Module):
         (``mf``: the mask as floats)."""
         low, high = self.is_correction_threshold
         per_sequence = self.is_correction_level == "seq"
-        log_is = old - rollout  # log(pi_old / pi_rollout), the token's importance ratio's log
-        ratio = log_is.exp()
+        # One [bs, T] float buffer: the log-ratio, then (in place) the ratio, the coefficient and
+        # the weight: each fresh [bs, T] tensor costs as much as the op that fills it on the CPU
+        # (its pages are faulted in on first touch).
+        buffer = old - rollout  # log(pi_old / pi_rollout), the token's importance ratio's log
+        vllm_kl = -_mean(buffer, mf)
+        stat: torch.Tensor | None = None
         if self.is_correction_gating == "ratio":
-            stat = _row_mean(log_is, mf).exp() if per_sequence else ratio
+            if per_sequence:
+                stat = _row_mean(buffer, mf).exp()
         else:
             p = rollout.exp().clamp(_PROB_BOUND, 1 - _PROB_BOUND)
             q = old.exp().clamp(_PROB_BOUND, 1 - _PROB_BOUND)
@@ -308,16 +313,17 @@ class PolicyLoss(torch.nn.Module):
                 stat = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
             if per_sequence:
                 stat = _row_mean(stat, mf)
-        if self.is_correction_mode == "clip":
-            coef = stat.clamp(min=low, max=high)
-            dropped = (stat < low) | (stat > high)
+        ratio = buffer.exp_()
+        stat = ratio if stat is None else stat
+        if self.is_correction_mode == "clip":  # token level, ratio gate: the stat is the ratio
+            dropped = (stat < low) | (stat > high)  # (a NaN ratio is neither, and stays NaN)
+            coef = ratio.clamp_(min=low, max=high)
         else:
-            inside = (stat >= low) & (stat <= high)
-            coef = torch.where(inside, ratio, torch.zeros((), dtype=ratio.dtype, device=ratio.device))
-            dropped = ~inside
+            dropped = ~((stat >= low) & (stat <= high))  # (a NaN statistic drops its unit)
+            coef = ratio.masked_fill_(dropped, 0.0)
         # The filtered share per unit: of the sequences (every row), or of the masked tokens.
         filtered = dropped.to(mf.dtype).mean() if per_sequence else _mean(dropped, mf)
-        return coef * mf, -_mean(log_is, mf), filtered
+        return coef.mul_(mf), vllm_kl, filtered
 
 
 def openrlhf_loss_module() -> types.ModuleType:
