@@ -310,7 +310,8 @@ class VerlPolicyLoss:
                 _require_global("batch_num_tokens", dp_size)
                 loss_type, length, scale = "token", None, 1.0  # the kernel counts the tokens
             else:
-                scale = S / _count(tokens, lambda: keep.sum().double(), "batch_num_tokens", dp_size)
+                scale = S / _count(tokens, lambda: torch.count_nonzero(keep).double(), "batch_num_tokens",
+                                   dp_size)
         elif loss_agg_mode == "token-sum":
             scale = float(S)
         else:
@@ -331,8 +332,11 @@ class VerlPolicyLoss:
                 if rollout_is_weights is None:  # grpo: each response over its count, then / S
                     loss_type, length = "grpo", None
                 else:
-                    # verl adds 1e-8 to the integer count in float32, where it vanishes.
-                    mask = keep / keep.sum(dim=1, keepdim=True).clamp(min=1).to(log_prob.dtype)
+                    # verl adds 1e-8 to the integer count in float32, where it vanishes. (The
+                    # bool mask through its bytes: a bool sum or product converts it inside.)
+                    ones = keep.view(torch.uint8)
+                    counts = ones.sum(dim=1, keepdim=True, dtype=torch.int32).clamp(min=1)
+                    mask = ones.to(log_prob.dtype) / counts
         if rollout_is_weights is not None and rollout_is_weights.shape != log_prob.shape:
             raise ValueError(f"rollout_is_weights must be [bs, T] like log_prob, got "
                              f"{tuple(rollout_is_weights.shape)}")
@@ -427,7 +431,7 @@ class VerlPolicyLoss:
             # verl's masked mean of old - new over the effective mask
             keep = effective_mask != 0
             diff = torch.where(keep, old_log_prob.detach() - log_prob.detach(), 0.0)
-            metrics = {"actor/ppo_kl": float(diff.sum() / (keep.sum() + 1e-8))}
+            metrics = {"actor/ppo_kl": float(diff.sum() / (torch.count_nonzero(keep) + 1e-8))}
         return loss, {**metrics, **rollout_metrics}
 
 
@@ -458,7 +462,7 @@ def _clip_cov_tokens(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advanta
     if not ratio > 0:
         raise ValueError(f"policy_loss.clip_cov_ratio must be > 0, got {ratio}")
     with torch.no_grad():
-        n = int(keep.sum())
+        n = int(torch.count_nonzero(keep))
         selection = _selection_impl(impl, log_prob)
         if selection is not None:
             candidates = covariance_band(advantages, log_prob, keep, lb, ub, old_logp=old_log_prob,
@@ -478,7 +482,8 @@ def _band_on_device(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantag
                     ) -> torch.Tensor:
     """Clip-Cov's candidates (flat indices) in verl's arithmetic, on the inputs' device."""
     zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
-    denominator = keep.sum() + 1e-8  # verl's masked means, to the same bits (the count in float32)
+    # verl's masked means, to the same bits (the count in float32)
+    denominator = torch.count_nonzero(keep) + 1e-8
 
     def masked_mean(x: torch.Tensor) -> torch.Tensor:
         return (torch.where(keep, x, zero) * keep).sum() / denominator
@@ -522,7 +527,7 @@ def _kl_cov_terms(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
     old = old_log_prob.detach()
     zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
     abs_lr = torch.where(keep, (log_prob.detach() - old).abs(), zero)
-    n = keep.sum()
+    n = torch.count_nonzero(keep)
     abs_kl = abs_lr.sum() / n.clamp(min=1).to(log_prob.dtype)
     count = int(n)
     if count == 0:
