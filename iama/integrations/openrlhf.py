@@ -33,10 +33,11 @@ What differs from OpenRLHF's:
 * ``gspo``: the kernel is given each response's mean advantage (over its mask), whose loss and
   gradient are OpenRLHF's exactly when a response's advantages share one sign (always for outcome
   advantages: ``group_norm``, ``rloo``, ``reinforce_baseline``, ``dr_grpo``); with mixed signs
-  (GAE's, or a KL penalty in the reward) OpenRLHF clips each token by its own sign. The
-  sequence's mean log-ratio is over the mask's support (OpenRLHF weights it by the mask: the
-  same for a bool or 0/1 mask, which OpenRLHF's is).
-* With the rollout correction on, ``clip_ratio`` and ``ppo_kl`` are means weighted by each
+  (GAE's, or a KL penalty in the reward) OpenRLHF clips each token by its own sign (and its
+  ``clip_ratio`` never counts a token whose own advantage is 0). The sequence's mean log-ratio
+  is over the mask's support (OpenRLHF weights it by the mask: the same for a bool or 0/1 mask,
+  which OpenRLHF's is).
+* With ``ppo``'s rollout correction on, ``clip_ratio`` and ``ppo_kl`` are means weighted by each
   token's weight in the loss (the correction's coefficient times the mask); OpenRLHF's are plain
   means over the mask. ``vllm_kl`` and ``is_filter_ratio`` are OpenRLHF's.
 * An empty batch (no token under the mask) gives a loss of 0, not OpenRLHF's 0/0; a sequence
