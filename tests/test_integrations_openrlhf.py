@@ -59,11 +59,11 @@ def _run(loss_fn, batch: dict[str, torch.Tensor], **kwargs) -> tuple[list, torch
     return list(out), grad
 
 
-def _compare(theirs_fn, ours_fn, batch, exact_metrics: bool = True, **kwargs) -> None:
+def _compare(theirs_fn, ours_fn, batch, exact_metrics: bool = True, rtol: float = 1e-12, **kwargs) -> None:
     theirs, grad_theirs = _run(theirs_fn, batch, **kwargs)
     ours, grad_ours = _run(ours_fn, batch, **kwargs)
-    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=rtol, atol=1e-14)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=rtol, atol=1e-14)
     # OpenRLHF takes its shares (clip_ratio, is_filter_ratio) of float32 flags: to float32's rounding.
     share = {"rtol": 3e-7, "atol": 0.0}
     if exact_metrics:
@@ -272,3 +272,23 @@ def test_the_benchmark_runs(openrlhf_loss, capsys, benchmark_script) -> None:
     assert module.main(["--shapes", "3x5,4x9", "--rounds", "2", "--no-write"]) == 0
     table = capsys.readouterr().out
     assert table.count("openrlhf gspo (fwd+bwd)") == 4  # both rows at both shapes
+
+
+@pytest.mark.parametrize("correction", [None, ("token", "mask", "ratio", (0.75, 1.3)),
+                                        ("seq", "mask", "tv", (0.0, 0.05))],
+                         ids=["plain", "token-correction", "seq-correction"])
+@pytest.mark.parametrize("token_level_loss", [True, False])
+def test_ppo_with_a_float_mask_matches_openrlhf(openrlhf_loss, token_level_loss, correction) -> None:
+    """OpenRLHF multiplies by the mask's values (a weight per token): so does the kernel."""
+    kwargs: dict = {"dual_clip": 3.0, "token_level_loss": token_level_loss}
+    if correction is not None:
+        level, mode, gating, threshold = correction
+        kwargs.update(is_correction_level=level, is_correction_mode=mode, is_correction_gating=gating,
+                      is_correction_threshold=threshold)
+    batch = _batch(100, spread=0.8)
+    g = torch.Generator().manual_seed(101)
+    mask = batch["action_mask"]
+    batch["action_mask"] = mask * (0.1 + 0.9 * torch.rand(mask.shape, generator=g, dtype=F64))
+    # A sequence's total plus OpenRLHF's 1e-8 (which a float64 total keeps): 1e-8 / total, total >= 0.1.
+    _compare(openrlhf_loss.PolicyLoss(**kwargs), PolicyLoss(**kwargs, impl="cpu"), batch,
+             exact_metrics=correction is None, rtol=1e-12 if token_level_loss else 2e-7)
