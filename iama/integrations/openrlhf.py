@@ -232,9 +232,8 @@ class PolicyLoss(torch.nn.Module):
         S = log_probs.shape[0]
         m = action_mask  # the kernel reads it as it is (a bool mask as bytes)
         # The mask as floats, for the sums outside the kernel (made only where one is needed).
-        mf = _float_mask(m, torch.promote_types(log_probs.dtype, torch.float32)) if (
-            correcting or self.policy_loss_type == "gspo"
-            or (self.token_level_loss and batch_num_tokens is None and m.dtype != torch.bool)) else None
+        needs_sums = correcting or self.policy_loss_type == "gspo"
+        mf = _float_mask(m, torch.promote_types(log_probs.dtype, torch.float32)) if needs_sums else None
 
         adv = advantages.detach()
         old = old_log_probs.detach()
@@ -246,7 +245,9 @@ class PolicyLoss(torch.nn.Module):
             if adv.ndim == 2:  # each response's mean advantage (see the module's note)
                 if adv.shape != log_probs.shape:
                     raise ValueError(f"advantages must be [bs, T] or [bs], got {tuple(adv.shape)}")
-                adv = torch.nan_to_num(_row_mean(adv, mf), nan=0.0).squeeze(-1)  # 0/0: an empty row
+                totals = mf.sum(-1)
+                mean = (adv * mf).sum(-1) / totals.clamp(min=torch.finfo(mf.dtype).tiny)
+                adv = torch.where(totals > 0, mean, 0.0)  # an empty row: 0 (no token reads it)
         elif correcting:
             weights, vllm_kl, is_filter_ratio = self._correction(old, rollout_log_probs.detach(), mf)
 
