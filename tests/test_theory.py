@@ -410,6 +410,64 @@ def test_soft_best_of_n_default_step_makes_progress_at_a_low_temperature() -> No
     assert gain > 1000 * float(first_bound.values[-1] - first_bound.values[0]) > 0
 
 
+def _step_inequality_gap(rewards, objective, p: torch.Tensor, q: torch.Tensor, eta: float) -> float:
+    """``g(R[q]) - g(R[p]) - <s_p, q - p> + KL(q || p) / eta`` by the library's exact functions."""
+    s = population_first_variation(p, rewards, objective)
+    return (objective_value(q, rewards, objective) - objective_value(p, rewards, objective)
+            - float((s * (q - p)).sum()) + kl_divergence(q, p) / eta)
+
+
+def test_backtracking_steps_reach_the_optimum_at_a_low_temperature() -> None:
+    g = torch.Generator().manual_seed(19)
+    rewards = torch.rand(20, generator=g, dtype=F64)
+    rewards = (rewards - rewards.min()) / (rewards.max() - rewards.min())
+    fixed = mirror_descent(rewards, SoftBestOfN(0.1), steps=300)
+    result = mirror_descent(rewards, SoftBestOfN(0.1), eta="backtracking", steps=300)
+    assert fixed.etas is None and result.etas.shape == (300,)
+    assert torch.all(result.values.diff() >= -1e-13)  # every step an ascent
+    assert torch.all(result.etas >= 1 / result.L) and result.eta == float(result.etas[-1])
+    assert 1.0 - float(result.values[-1]) < 1e-6 < 0.05 < 1.0 - float(fixed.values[-1])
+    assert float(result.etas.max()) > 1e6 / result.L  # far longer than the worst case's steps
+    # The first steps, rebuilt one at a time: each satisfies the inequality it was accepted on.
+    previous = mirror_descent(rewards, SoftBestOfN(0.1), eta="backtracking", steps=0).pi
+    for t in range(1, 6):
+        now = mirror_descent(rewards, SoftBestOfN(0.1), eta="backtracking", steps=t)
+        eta_t = float(now.etas[-1])
+        assert eta_t >= 1 / result.L
+        assert _step_inequality_gap(rewards, SoftBestOfN(0.1), previous, now.pi, eta_t) >= -1e-12
+        previous = now.pi
+
+
+def test_backtracking_rejects_the_steps_that_would_descend() -> None:
+    # The paper's toy with BestOfN(4): long steps overshoot to the two ends, y = 0 and 1 (worth
+    # 15/16, below the optimum's 0.954), so ascent rests on the trial's test (accepting every
+    # trial fails it); it finds steps up to hundreds of times 1/L and ends above the fixed run.
+    rewards, objective, _ = _toy(51, 4)
+    fixed = mirror_descent(rewards, objective, steps=300)
+    result = mirror_descent(rewards, objective, eta="backtracking", steps=300)
+    assert torch.all(result.values.diff() >= -1e-13)
+    assert float(result.etas.max()) >= 64 / fixed.L and float(result.values[-1]) > float(fixed.values[-1])
+
+
+def test_backtracking_converges_to_the_gibbs_optimum_and_runs_where_the_bound_overflows() -> None:
+    K, beta = 7, 0.5
+    g = torch.Generator().manual_seed(16)
+    rewards = torch.rand(K, generator=g, dtype=F64)
+    ref = _random_pi(K, seed=17)
+    star = torch.softmax(ref.log() + rewards / beta, 0)
+    result = mirror_descent(rewards, Mean(), beta=beta, pi_ref=ref, eta="backtracking", steps=100)
+    torch.testing.assert_close(result.pi, star, rtol=1e-12, atol=1e-14)
+    assert torch.all(result.values.diff() >= -1e-13)
+    # SoftBestOfN(1) over a range of 1000: L overflows; the trial steps start at 1.
+    huge = torch.tensor([0.0, 1000.0, 400.0], dtype=F64)
+    with pytest.raises(ValueError, match="pass eta"):
+        mirror_descent(huge, SoftBestOfN(1.0), steps=5)
+    out = mirror_descent(huge, SoftBestOfN(1.0), eta="backtracking", steps=20)
+    assert math.isinf(out.L) and torch.all(out.values.diff() >= -1e-9) and torch.isfinite(out.log_pi[1])
+    with pytest.raises(ValueError, match="'backtracking'"):
+        mirror_descent(rewards, Mean(), eta="adaptive")
+
+
 def test_no_underflow_to_nan_when_probabilities_vanish() -> None:
     rewards = torch.linspace(0, 1, 50, dtype=F64)
     result = mirror_descent(rewards, Mean(), eta=50.0, steps=100)  # odds change by e^50 per step
