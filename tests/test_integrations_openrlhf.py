@@ -76,11 +76,14 @@ def _compare(theirs_fn, ours_fn, batch, exact_metrics: bool = True, rtol: float 
         torch.testing.assert_close(ours[4].to(F64), theirs[4].to(F64), **share)
 
 
-NORMALISERS = [{}, {"dp_size": 2, "batch_num_tokens": 75.0, "global_batch_size": 11.0}]
+# Local counts; global ones as numbers; and as OpenRLHF's actor passes them, 0-dim float32 tensors.
+NORMALISERS = [{}, {"dp_size": 2, "batch_num_tokens": 75.0, "global_batch_size": 11.0},
+               {"dp_size": 3, "batch_num_tokens": torch.tensor(91.0),
+                "global_batch_size": torch.tensor(13.0)}]
 
 
 @pytest.mark.parametrize("impl", ["cpu", "reference"])
-@pytest.mark.parametrize("normalisers", NORMALISERS, ids=["local", "global"])
+@pytest.mark.parametrize("normalisers", NORMALISERS, ids=["local", "global", "global-tensors"])
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
 @pytest.mark.parametrize("token_level_loss", [True, False])
 def test_ppo_matches_openrlhf(openrlhf_loss, impl, normalisers, dual_clip, token_level_loss) -> None:
@@ -104,7 +107,7 @@ CORRECTIONS = [
 ]
 
 
-@pytest.mark.parametrize("normalisers", NORMALISERS, ids=["local", "global"])
+@pytest.mark.parametrize("normalisers", NORMALISERS, ids=["local", "global", "global-tensors"])
 @pytest.mark.parametrize("token_level_loss", [True, False])
 @pytest.mark.parametrize("correction", CORRECTIONS, ids=lambda c: "-".join(map(str, c[:3])))
 def test_ppo_rollout_correction_matches_openrlhf(openrlhf_loss, correction, token_level_loss,
@@ -140,7 +143,7 @@ def test_rollout_correction_metrics_are_weighted_by_the_coefficients(openrlhf_lo
     torch.testing.assert_close(out[2], -(lr * w).sum() / w.sum(), rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("normalisers", NORMALISERS, ids=["local", "global"])
+@pytest.mark.parametrize("normalisers", NORMALISERS, ids=["local", "global", "global-tensors"])
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
 @pytest.mark.parametrize("advantages", ["outcome", "per_token_one_sign"])
 @pytest.mark.parametrize("correcting", [False, True])

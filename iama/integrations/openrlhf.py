@@ -87,10 +87,11 @@ def _mean(x: torch.Tensor, mf: torch.Tensor) -> torch.Tensor:
     return torch.dot(x.to(mf.dtype).reshape(-1), mf.reshape(-1)) / mf.sum()
 
 
-def _ratio_or_zero(S: int, count: torch.Tensor | float) -> torch.Tensor | float:
-    """``S / count``, 0 for a local count of 0 (an empty batch, whose kernel loss is 0)."""
+def _ratio_or_zero(S: float, count: torch.Tensor | float) -> torch.Tensor | float:
+    """``S / count`` in float64, 0 for a local count of 0 (an empty batch, whose kernel loss is 0)."""
     if isinstance(count, torch.Tensor):
-        return torch.where(count > 0, S / count.to(torch.float64).clamp(min=1e-300), 0.0)
+        count = count.to(torch.float64)
+        return torch.where(count > 0, S / count.clamp(min=1e-300), 0.0)
     return S / float(count)
 
 
@@ -197,7 +198,9 @@ class PolicyLoss(torch.nn.Module):
                 correction (and then GSPO's ratio is taken against them, as OpenRLHF's).
             dp_size, batch_num_tokens, global_batch_size: OpenRLHF's global normalisers: the
                 loss is ``sum / batch_num_tokens * dp_size`` (token level) or ``sum of sequence
-                means / global_batch_size * dp_size``; ``None``: the local count.
+                means / global_batch_size * dp_size``; ``None``: the local count. OpenRLHF's
+                actor passes the two counts as 0-dim tensors on the device, always: they are
+                used there, never read back.
 
         Returns:
             ``loss`` (0-dim, differentiable in ``log_probs``), ``clip_ratio`` (the share of
@@ -227,7 +230,9 @@ class PolicyLoss(torch.nn.Module):
         if not dp > 0:
             raise ValueError(f"dp_size must be > 0, got {dp_size!r}")
         for name, total in (("batch_num_tokens", batch_num_tokens), ("global_batch_size", global_batch_size)):
-            if total is not None and not float(total) > 0:
+            # (A tensor, as OpenRLHF passes them, is taken as given: reading it would wait for
+            # the device.)
+            if total is not None and not isinstance(total, torch.Tensor) and not float(total) > 0:
                 raise ValueError(f"{name} must be > 0 (a global count) or None, got {total!r}")
         S = log_probs.shape[0]
         m = action_mask  # the kernel reads it as it is (a bool mask as bytes)
@@ -261,11 +266,12 @@ class PolicyLoss(torch.nn.Module):
             if batch_num_tokens is None and weights is None:
                 loss_type, length = "token", None
             elif batch_num_tokens is not None:
-                scale = _ratio_or_zero(S, batch_num_tokens / dp)
+                scale = _ratio_or_zero(S * dp, batch_num_tokens)  # sum / batch_num_tokens * dp
             else:
                 scale = _ratio_or_zero(S, mf.sum())
         else:
-            sequences = None if global_batch_size is None else global_batch_size / dp
+            # sum of sequence means / global_batch_size * dp (with the local count: times 1)
+            sequences, numerator = global_batch_size, (float(S) if global_batch_size is None else S * dp)
             if weights is None:
                 loss_type, length = "grpo", None
                 count_rows = sequences is None
@@ -275,7 +281,7 @@ class PolicyLoss(torch.nn.Module):
                 if sequences is None:
                     sequences = (totals > 0).sum()
             if sequences is not None:
-                scale = _ratio_or_zero(S, sequences)
+                scale = _ratio_or_zero(numerator, sequences)
         level = "sequence" if self.policy_loss_type == "gspo" else "token"
         out = policy_loss(log_probs, old, None, adv, mask, eps_low=self.clip_eps_low,
                           eps_high=self.clip_eps_high, loss_type=loss_type, max_completion_length=length,
