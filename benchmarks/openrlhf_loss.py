@@ -1,7 +1,9 @@
 """OpenRLHF's ``PolicyLoss`` against iama's drop-in (:mod:`iama.integrations.openrlhf`).
 
 Both rows are called as OpenRLHF's PPO actor calls its loss (positional log-probs, old log-probs,
-advantages, then ``action_mask`` and ``rollout_log_probs``), on the same float32 micro-batch:
+advantages, then ``action_mask``, ``rollout_log_probs`` and the normalisers of OpenRLHF's
+``get_loss_batch_info``: ``dp_size`` 1 and the token and sequence counts as 0-dim float32
+tensors), on the same float32 micro-batch:
 log-probs, old log-probs, rollout log-probs, per-response advantages broadcast over the tokens
 (OpenRLHF's are ``[bs, T]``) and a bool action mask. A call is the loss and its backward into the
 log-probs; the metrics stay tensors on the device, as OpenRLHF keeps them. Cases: PPO with the
@@ -53,7 +55,10 @@ def _micro_batch(S: int, T: int, seed: int = 0) -> dict[str, torch.Tensor]:
     adv = (torch.randn(S, 1, generator=g) * mask).contiguous()
     return {"log_probs": old + 0.3 * torch.randn(S, T, generator=g), "old_log_probs": old,
             "advantages": adv, "action_mask": mask,
-            "rollout_log_probs": old + 0.1 * torch.randn(S, T, generator=g)}
+            "rollout_log_probs": old + 0.1 * torch.randn(S, T, generator=g),
+            # what OpenRLHF's get_loss_batch_info gives on one process
+            "batch_num_tokens": mask.sum().to(torch.float32),
+            "global_batch_size": (mask.sum(-1) > 0).sum().to(torch.float32)}
 
 
 def _loss_call(fn: Callable[..., Any], batch: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -62,7 +67,9 @@ def _loss_call(fn: Callable[..., Any], batch: dict[str, torch.Tensor]) -> Callab
     def call() -> torch.Tensor:
         leaf.grad = None
         loss, *_ = fn(leaf, batch["old_log_probs"], batch["advantages"], action_mask=batch["action_mask"],
-                      rollout_log_probs=batch["rollout_log_probs"])
+                      rollout_log_probs=batch["rollout_log_probs"], dp_size=1,
+                      batch_num_tokens=batch["batch_num_tokens"],
+                      global_batch_size=batch["global_batch_size"])
         loss.backward()
         return leaf.grad
 

@@ -262,9 +262,14 @@ class PolicyLoss(torch.nn.Module):
         loss_type, length, scale = "dr_grpo", 1, None
         mask = m if weights is None else weights
         count_rows = False  # the responses with a token counted from the kernel's row totals
+        count_tokens = False  # the local tokens likewise
         if self.token_level_loss:
             if batch_num_tokens is None and weights is None:
                 loss_type, length = "token", None
+            elif weights is None:
+                # The kernel's token mean times local / global tokens: exactly 1 where they agree
+                # (one micro-batch a step on one process), which spares the backward a multiply.
+                loss_type, length, count_tokens = "token", None, True
             elif batch_num_tokens is not None:
                 scale = _ratio_or_zero(S * dp, batch_num_tokens)  # sum / batch_num_tokens * dp
             else:
@@ -285,10 +290,14 @@ class PolicyLoss(torch.nn.Module):
         level = "sequence" if self.policy_loss_type == "gspo" else "token"
         out = policy_loss(log_probs, old, None, adv, mask, eps_low=self.clip_eps_low,
                           eps_high=self.clip_eps_high, loss_type=loss_type, max_completion_length=length,
-                          dual_clip=self.dual_clip, ratio_level=level, row_stats=count_rows, impl=self.impl)
+                          dual_clip=self.dual_clip, ratio_level=level, row_stats=count_rows or count_tokens,
+                          impl=self.impl)
         loss = out.loss
         if count_rows:
             scale = _ratio_or_zero(S, (out.row_clip_weights[:, 0] > 0).sum())
+        elif count_tokens:
+            local = out.row_clip_weights[:, 0].sum(dtype=torch.float64)
+            scale = local * dp / torch.as_tensor(batch_num_tokens, dtype=torch.float64, device=local.device)
         if scale is not None:
             loss = loss * torch.as_tensor(scale, dtype=torch.float64, device=loss.device).to(loss.dtype)
         if self.policy_loss_type == "gspo" and correcting:  # the ratio was against the rollout's
