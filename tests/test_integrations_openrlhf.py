@@ -295,3 +295,18 @@ def test_ppo_with_a_float_mask_matches_openrlhf(openrlhf_loss, token_level_loss,
     # A sequence's total plus OpenRLHF's 1e-8 (which a float64 total keeps): 1e-8 / total, total >= 0.1.
     _compare(openrlhf_loss.PolicyLoss(**kwargs), PolicyLoss(**kwargs, impl="cpu"), batch,
              exact_metrics=correction is None, rtol=1e-12 if token_level_loss else 2e-7)
+
+
+@pytest.mark.parametrize("kwargs", [{"token_level_loss": True}, {"token_level_loss": False},
+                                    {"is_correction_level": "seq", "is_correction_threshold": (0.9, 1.1)},
+                                    {"policy_loss_type": "gspo", "clip_eps_low": 3e-4,
+                                     "clip_eps_high": 4e-4}],
+                         ids=["token", "sequence", "seq-correction", "gspo"])
+def test_non_contiguous_inputs_match_openrlhf(openrlhf_loss, kwargs) -> None:
+    """Every [bs, T] input a strided view (every other column of a wider batch)."""
+    wide = _batch(110, T=26, spread=0.002 if kwargs.get("policy_loss_type") == "gspo" else 0.8,
+                  one_sign=True)
+    batch = {k: v[:, ::2] for k, v in wide.items()}
+    assert not batch["log_probs"].is_contiguous() and not batch["action_mask"].is_contiguous()
+    _compare(openrlhf_loss.PolicyLoss(**kwargs), PolicyLoss(**kwargs, impl="cpu"), batch,
+             exact_metrics="is_correction_level" not in kwargs)
