@@ -310,3 +310,49 @@ def test_non_contiguous_inputs_match_openrlhf(openrlhf_loss, kwargs) -> None:
     assert not batch["log_probs"].is_contiguous() and not batch["action_mask"].is_contiguous()
     _compare(openrlhf_loss.PolicyLoss(**kwargs), PolicyLoss(**kwargs, impl="cpu"), batch,
              exact_metrics="is_correction_level" not in kwargs)
+
+
+GPU_CASES = [{"dual_clip": 3.0, "token_level_loss": True}, {"dual_clip": 3.0, "token_level_loss": False},
+             {"is_correction_level": "token", "is_correction_threshold": (0.75, 1.3)},
+             {"is_correction_level": "seq", "is_correction_gating": "binary_kl",
+              "is_correction_threshold": (0.0, 0.01), "token_level_loss": False},
+             {"policy_loss_type": "gspo", "clip_eps_low": 3e-4, "clip_eps_high": 4e-4, "dual_clip": 3.0}]
+
+
+def _float32_against_the_float64_reference(kwargs: dict, device: torch.device, impl: str) -> None:
+    """float32 inputs on ``device`` (OpenRLHF's count tensors there too) against the same class in
+    float64 on the CPU's reference backend: the loss to float32 rounding, the gradient to 1e-6 of
+    its scale, the metrics to 1e-6."""
+    gspo = kwargs.get("policy_loss_type") == "gspo"
+    batch = _batch(120, S=64, T=301, per_token=not gspo, one_sign=True, spread=0.002 if gspo else 0.8)
+    tokens = float(batch["action_mask"].sum()) * 1.5
+    normalisers = {"dp_size": 2, "batch_num_tokens": tokens, "global_batch_size": 80.0}
+    low = {k: (v.float() if v.is_floating_point() else v).to(device) for k, v in batch.items()}
+    on_device = {**normalisers, "batch_num_tokens": torch.tensor(tokens, device=device),
+                 "global_batch_size": torch.tensor(80.0, device=device)}
+    ours, grad = _run(PolicyLoss(**kwargs, impl=impl), low, **on_device)
+    high = {k: v.cpu().double() if v.is_floating_point() else v.cpu() for k, v in low.items()}
+    want, want_grad = _run(PolicyLoss(**kwargs, impl="reference"), high, **normalisers)
+    torch.testing.assert_close(ours[0].double().cpu(), want[0], rtol=2e-5, atol=1e-7)
+    scale = float(want_grad.abs().max())
+    torch.testing.assert_close(grad.double().cpu(), want_grad, rtol=1e-4, atol=1e-6 * scale)
+    for k in (1, 2, 3, 4):
+        if want[k] is None:
+            assert ours[k] is None
+        else:
+            torch.testing.assert_close(ours[k].double().cpu(), want[k].double(), rtol=1e-4, atol=1e-6)
+
+
+GPU_IDS = ["ppo-token", "ppo-sequence", "token-correction", "seq-correction", "gspo"]
+
+
+@pytest.mark.parametrize("kwargs", GPU_CASES, ids=GPU_IDS)
+def test_float32_on_the_cpu_matches_the_float64_reference(kwargs) -> None:
+    _float32_against_the_float64_reference(kwargs, torch.device("cpu"), "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kwargs", GPU_CASES, ids=GPU_IDS)
+def test_on_cuda_matches_the_float64_reference(kwargs) -> None:
+    """What OpenRLHF runs: the Triton kernel on a CUDA device (OpenRLHF need not be installed)."""
+    _float32_against_the_float64_reference(kwargs, torch.device("cuda"), "auto")
