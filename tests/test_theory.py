@@ -359,13 +359,19 @@ def test_smooth_min_of_soft_best_of_n_against_a_search_for_the_worst_pair(x: flo
 # Mirror descent
 
 
-def test_linear_objective_converges_to_the_gibbs_optimum() -> None:
-    # For Mean the regularised optimum is pi* ∝ pi_ref exp(r / beta) in closed form.
+def _gibbs_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """``(rewards, pi_ref, pi*, beta)``: for Mean the regularised optimum is
+    ``pi* ∝ pi_ref exp(r / beta)`` in closed form."""
     K, beta = 7, 0.5
     g = torch.Generator().manual_seed(16)
     rewards = torch.rand(K, generator=g, dtype=F64)
     ref = _random_pi(K, seed=17)
-    star = torch.softmax(ref.log() + rewards / beta, 0)
+    return rewards, ref, torch.softmax(ref.log() + rewards / beta, 0), beta
+
+
+def test_linear_objective_converges_to_the_gibbs_optimum() -> None:
+    rewards, ref, star, beta = _gibbs_problem()
+    K = rewards.shape[0]
     result = mirror_descent(rewards, Mean(), beta=beta, pi_ref=ref, steps=300)
     torch.testing.assert_close(result.pi, star, rtol=1e-12, atol=1e-14)
     f_star = objective_value(star, rewards, Mean(), beta=beta, pi_ref=ref)
@@ -450,11 +456,7 @@ def test_backtracking_rejects_the_steps_that_would_descend() -> None:
 
 
 def test_backtracking_converges_to_the_gibbs_optimum_and_runs_where_the_bound_overflows() -> None:
-    K, beta = 7, 0.5
-    g = torch.Generator().manual_seed(16)
-    rewards = torch.rand(K, generator=g, dtype=F64)
-    ref = _random_pi(K, seed=17)
-    star = torch.softmax(ref.log() + rewards / beta, 0)
+    rewards, ref, star, beta = _gibbs_problem()
     result = mirror_descent(rewards, Mean(), beta=beta, pi_ref=ref, eta="backtracking", steps=100)
     torch.testing.assert_close(result.pi, star, rtol=1e-12, atol=1e-14)
     assert torch.all(result.values.diff() >= -1e-13)
