@@ -89,6 +89,22 @@ def test_toy_demo_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "bound holds at every T: True" in printed
 
 
+def test_toy_demo_with_backtracking_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fixed = cli.main(["demo", "toy", "--out", str(tmp_path / "fixed"), "--grid", "101", "--steps", "150",
+                      "--no-progress"])
+    trial = cli.main(["demo", "toy", "--out", str(tmp_path / "trial"), "--grid", "101", "--steps", "150",
+                      "--no-progress", "--eta", "backtracking"])
+    assert fixed == trial == 0
+    assert "150 exact mirror steps of backtracking sizes" in capsys.readouterr().out
+    runs = {name: json.loads((tmp_path / name / "results.json").read_text())["runs"]
+            for name in ("fixed", "trial")}
+    for n in ("2", "4", "8"):  # every step an ascent, and closer to the optimum than eta = 2
+        assert runs["trial"][n]["monotone"]
+        assert runs["trial"][n]["reached"] >= runs["fixed"][n]["reached"] - 1e-12
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "toy", "--eta", "fast"])
+
+
 def test_import_iama_is_light_and_lazy_names_resolve() -> None:
     code = (
         "import sys, iama; assert 'transformers' not in sys.modules, 'import iama pulled transformers'; "

@@ -42,14 +42,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mirror steps per run (default: %(default)s)")
     parser.add_argument("--grid", type=int, default=1001,
                         help="number of grid points on [0, 1] (default: %(default)s)")
-    parser.add_argument("--eta", type=float, default=2.0,
-                        help="step size of the beta = 0 runs (default: %(default)s; the theory's 1/L "
-                             "= 4/(n(n-1)) is safe but slow for n = 8, and the ascent stays monotone "
-                             "at 2.0)")
+    parser.add_argument("--eta", type=_eta, default=2.0,
+                        help="step size of the beta = 0 runs, or 'backtracking' (each step's size by "
+                             "trial, see iama.theory.mirror_descent) (default: %(default)s; the "
+                             "theory's 1/L = 4/(n(n-1)) is safe but slow for n = 8, and the ascent "
+                             "stays monotone at 2.0)")
     parser.add_argument("--beta", type=float, default=0.05,
                         help=f"KL coefficient of the linear-rate run, n = {RATE_N}, eta = 1/L "
                              "(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _eta(text: str) -> float | str:
+    """``--eta``: a number, or ``backtracking``."""
+    if text == "backtracking":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'backtracking', got {text!r}") from None
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -57,7 +68,7 @@ def _check(args: argparse.Namespace) -> None:
         raise SystemExit(f"--steps must be >= 1, got {args.steps}")
     if args.grid < 3:
         raise SystemExit(f"--grid must be >= 3, got {args.grid}")
-    if not (math.isfinite(args.eta) and args.eta > 0):
+    if not isinstance(args.eta, str) and not (math.isfinite(args.eta) and args.eta > 0):
         raise SystemExit(f"--eta must be > 0, got {args.eta}")
     if not (math.isfinite(args.beta) and args.beta > 0):
         raise SystemExit(f"--beta must be > 0, got {args.beta}")
@@ -120,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         bound = args.beta * kl_divergence(star.pi, pi0) / torch.expm1(T * math.log1p(args.beta / rate.L))
 
+    step_size = "backtracking sizes" if isinstance(args.eta, str) else f"eta = {args.eta:g}"
     print(f"Prop. 3.1 toy: y on {grid} grid points, r1 = 1 - y^2, r2 = 1 - (1-y)^2, weights (1/2, 1/2),"
-          f" beta = 0, {steps} exact mirror steps of eta = {args.eta:g} from the uniform policy")
+          f" beta = 0, {steps} exact mirror steps of {step_size} from the uniform policy")
     print(f"{'n':>3} {'reached':>12} {'closed form':>12} {'rel. gap':>10} {'point mass 1/2':>15}"
           f" {'mass y<.2 or y>.8':>18}")
     for n, r in runs.items():
