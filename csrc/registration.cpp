@@ -10,6 +10,7 @@
 //   sequence_log_ratio  each row's (clamped) log-ratio sum and support
 //   covariance_top_k    KL-Cov's tokens: the k largest centred advantage x centred log-prob
 //   covariance_band     Clip-Cov's candidates: that product inside a band, PPO's clip inactive
+//   rollout_correction  the train/rollout correction: token weights and per-row sums
 #include <torch/library.h>
 
 #include "cpu/ops.h"
@@ -42,6 +43,9 @@ TORCH_LIBRARY(iama, m) {
   m.def(
       "sequence_log_ratio(Tensor logp, Tensor old_logp, Tensor mask, float? clamp_low, float? clamp_high)"
       " -> (Tensor sums, Tensor support)");
+  m.def(
+      "rollout_correction(Tensor old_logp, Tensor rollout_logp, Tensor mask, bool sequence, str gate, bool clip,"
+      " float low, float high) -> (Tensor weights, Tensor rows)");
   m.def("covariance_top_k(Tensor advantages, Tensor logp, Tensor mask, int k) -> Tensor");
   m.def(
       "covariance_band(Tensor advantages, Tensor logp, Tensor mask, float low, float high, Tensor? old_logp,"
@@ -54,6 +58,7 @@ TORCH_LIBRARY_IMPL(iama, CPU, m) {
   m.impl("policy_loss_fwd", &iama::cpu::policy_loss_fwd);
   m.impl("nonlinear_grpo_fwd", &iama::cpu::nonlinear_grpo_fwd);
   m.impl("sequence_log_ratio", &iama::cpu::sequence_log_ratio);
+  m.impl("rollout_correction", &iama::cpu::rollout_correction);
   m.impl("covariance_top_k", &iama::cpu::covariance_top_k);
   m.impl("covariance_band", &iama::cpu::covariance_band);
 }

@@ -205,15 +205,17 @@ def check_real(name: str, value: object, *, optional: bool = False) -> float | N
     return float(value)
 
 
-def check_like_logp(logp: torch.Tensor, **tensors: torch.Tensor | None) -> None:
-    """Every tensor given (``None`` skipped) has ``logp``'s shape and device."""
+def check_like_logp(logp: torch.Tensor, *, like: str = "logp", **tensors: torch.Tensor | None) -> None:
+    """Every tensor given (``None`` skipped) has ``logp``'s shape and device (``like``: the name
+    ``logp`` goes by in the messages)."""
     for name, t in tensors.items():
         if t is None:
             continue
         if tuple(t.shape) != tuple(logp.shape):
-            raise ValueError(f"{name} must have the shape of logp {tuple(logp.shape)}, got {tuple(t.shape)}")
+            shape = tuple(logp.shape)
+            raise ValueError(f"{name} must have the shape of {like} {shape}, got {tuple(t.shape)}")
         if t.device != logp.device:
-            raise ValueError(f"{name} is on {t.device} but logp is on {logp.device}")
+            raise ValueError(f"{name} is on {t.device} but {like} is on {logp.device}")
 
 
 def check_positive_float(name: str, value: object, *, allow_zero: bool = False) -> float:

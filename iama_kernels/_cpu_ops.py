@@ -84,6 +84,14 @@ def _sequence_log_ratio_fake(logp, old_logp, mask, clamp_low, clamp_high):  # ty
     return logp.new_empty((S,), dtype=torch.float64), logp.new_empty((S,), dtype=torch.float64)
 
 
+@torch.library.register_fake("iama::rollout_correction")
+def _rollout_correction_fake(old_logp, rollout_logp, mask, sequence, gate, clip, low, high):  # type: ignore[no-untyped-def]
+    torch._check(old_logp.dim() == 2, lambda: "old_logp must have shape [S, T]")
+    wide = torch.float64 in (old_logp.dtype, rollout_logp.dtype)
+    weights = old_logp.new_empty(old_logp.shape, dtype=torch.float64 if wide else torch.float32)
+    return weights, old_logp.new_empty((old_logp.shape[0], 4), dtype=torch.float64)
+
+
 @torch.library.register_fake("iama::covariance_top_k")
 def _covariance_top_k_fake(advantages, logp, mask, k):  # type: ignore[no-untyped-def]
     torch._check(logp.dim() == 2, lambda: "logp must have shape [S, T]")

@@ -47,6 +47,8 @@ _SOURCES = (
     "cpu/nonlinear_grpo.cpp",
     "cpu/sequence_log_ratio.cpp",
     "cpu/covariance.cpp",
+    "cpu/rollout_correction.cpp",
+    "cpu/rollout_correction_avx512.cpp",
 )
 # -O3 lets GCC vectorise the token loop (csrc/include/iama/loss.h); -fno-trapping-math lets it
 # evaluate both sides of a select (which is what vectorising `mask ? x : 0` needs) and
@@ -58,7 +60,7 @@ _LDFLAGS = ["-fopenmp"]
 
 # The ops that csrc/registration.cpp defines (checked after loading).
 OPS = ("group_stats", "group_advantages", "policy_loss_fwd", "nonlinear_grpo_fwd", "sequence_log_ratio",
-       "covariance_top_k", "covariance_band")
+       "covariance_top_k", "covariance_band", "rollout_correction")
 
 _lock = threading.Lock()
 _loaded = False

@@ -136,3 +136,9 @@ def covariance_band_triton(*args: Any) -> Any:
     from .policy_loss.covariance_triton import covariance_band_triton as run
 
     return run(*args)
+
+
+def rollout_correction_triton(*args: Any) -> Any:
+    from .policy_loss.rollout_correction_triton import rollout_correction_triton as run
+
+    return run(*args)

@@ -83,3 +83,25 @@ class NonlinearGRPOOutput(NamedTuple):
     dual_clip_fraction: torch.Tensor
     clip_high_fraction: torch.Tensor
     sequence_log_ratio: torch.Tensor | None
+
+
+class RolloutCorrectionOutput(NamedTuple):
+    """Result of :func:`iama_kernels.rollout_correction` (in float32, float64 for float64 inputs).
+
+    Attributes:
+        weights: ``[S, T]`` each token's weight in the loss: the correction's coefficient times
+            the mask's value (0 where the mask is 0); :func:`iama_kernels.policy_loss`'s ``mask``.
+        log_ratio_mean: scalar, mask-weighted mean of ``old_logp - rollout_logp`` (0 for an
+            all-zero mask).
+        filtered_fraction: scalar: token level, the mask-weighted share of the tokens dropped
+            (clip mode: clipped); sequence level, the share of the rows dropped.
+        mask_sums: ``[S]`` each row's mask total.
+        row_statistic: ``[S]`` each row's gate statistic at sequence level (NaN for an empty
+            row), else ``None``.
+    """
+
+    weights: torch.Tensor
+    log_ratio_mean: torch.Tensor
+    filtered_fraction: torch.Tensor
+    mask_sums: torch.Tensor
+    row_statistic: torch.Tensor | None

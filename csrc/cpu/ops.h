@@ -68,4 +68,12 @@ at::Tensor covariance_band(const at::Tensor& advantages, const at::Tensor& logp,
                            double low, double high, const std::optional<at::Tensor>& old_logp, double eps_low,
                            double eps_high);
 
+// old_logp, rollout_logp, mask [S, T] -> (weights [S, T] in the compute dtype, rows [S, 4] float64:
+// each row's sum of m d, sum of m, dropped share and statistic): the train/rollout correction
+// (csrc/include/iama/correction.h; csrc/cpu/rollout_correction.cpp). gate: "ratio", "tv" or
+// "binary_kl"; sequence: the row is the unit; clip: clip mode (token level, ratio gate).
+std::tuple<at::Tensor, at::Tensor> rollout_correction(const at::Tensor& old_logp, const at::Tensor& rollout_logp,
+                                                      const at::Tensor& mask, bool sequence, c10::string_view gate,
+                                                      bool clip, double low, double high);
+
 }  // namespace iama::cpu

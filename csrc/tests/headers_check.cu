@@ -1,6 +1,7 @@
 // Compile check: the kernel headers build as CUDA device code (nvcc -c, no torch needed).
 // Each kernel instantiates the header functions in __global__ code the way a CUDA backend would
 // (one thread per group, one thread per row); nothing here is launched.
+#include "iama/correction.h"
 #include "iama/group.h"
 #include "iama/loss.h"
 #include "iama/sort.h"
@@ -101,4 +102,18 @@ __global__ void loss_kernel_f64(const double* logp, const double* mask, double* 
   const iama::TokenTerms<double> t = iama::token_terms<double>(mask[0], logp[0], logp[1], logp[2], 1.0, 1.0, 0.8,
                                                                1.2, 0.1, 3.0);
   out[0] = t.grad + t.loss + t.kl + t.clip + t.ratio + t.lratio + t.dual + t.high;
+}
+
+// The train/rollout correction's rows (binary-KL gate, token level; ratio gate, sequence level).
+__global__ void correction_kernel(const float* old, const float* rollout, const unsigned char* mask, int S, int T,
+                                  float* weights, iama::CorrectionRow* rows) {
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= S) return;
+  rows[r] = iama::correction_row<float, unsigned char, float, float>(old + r * T, rollout + r * T, mask + r * T, T,
+                                                                     false, iama::kGateBinaryKl, false, 0.0f, 0.01f,
+                                                                     weights + r * T);
+  rows[r].statistic += iama::correction_row<float, unsigned char, float, float>(
+                           old + r * T, rollout + r * T, mask + r * T, T, true, iama::kGateRatio, false, 0.5f,
+                           2.0f, weights + r * T)
+                           .statistic;
 }
