@@ -48,6 +48,7 @@ _SOURCES = (
     "cpu/sequence_log_ratio.cpp",
     "cpu/covariance.cpp",
     "cpu/rollout_correction.cpp",
+    "cpu/rollout_correction_avx2.cpp",
     "cpu/rollout_correction_avx512.cpp",
 )
 # -O3 lets GCC vectorise the token loop (csrc/include/iama/loss.h); -fno-trapping-math lets it

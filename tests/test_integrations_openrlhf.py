@@ -356,3 +356,18 @@ def test_float32_on_the_cpu_matches_the_float64_reference(kwargs) -> None:
 def test_on_cuda_matches_the_float64_reference(kwargs) -> None:
     """What OpenRLHF runs: the Triton kernel on a CUDA device (OpenRLHF need not be installed)."""
     _float32_against_the_float64_reference(kwargs, torch.device("cuda"), "auto")
+
+
+def test_binary_kl_keeps_the_tokens_openrlhf_rounds_below_zero(openrlhf_loss) -> None:
+    """float32 log-probs of nearly equal policies: OpenRLHF's binary KL falls below its lower
+    bound of 0 for a share of the tokens and drops them; ours holds it at 0 and keeps them (the
+    module's note)."""
+    batch = _batch(130, S=16, T=64, spread=0.3)
+    batch = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
+    batch["rollout_log_probs"] = batch["old_log_probs"] + 1e-4 * torch.randn(
+        batch["old_log_probs"].shape, generator=torch.Generator().manual_seed(131))
+    kwargs = {"is_correction_level": "token", "is_correction_gating": "binary_kl",
+              "is_correction_threshold": (0.0, 0.01)}
+    theirs, _ = _run(openrlhf_loss.PolicyLoss(**kwargs), batch)
+    ours, _ = _run(PolicyLoss(**kwargs, impl="cpu"), batch)
+    assert float(theirs[4]) > 0.1 and float(ours[4]) == 0.0

@@ -1,5 +1,5 @@
 """rollout_correction (the train/rollout correction's token weights and metrics): the C++ backend
-(its AVX-512 row and its baseline row) and the Triton kernel (interpreter lane, gpu lane) against
+(its AVX-512, AVX2 and baseline rows) and the Triton kernel (interpreter lane, gpu lane) against
 the float64 reference, and the reference against a token-by-token float64 loop; every level,
 gate and mode, every dtype and mask kind, odd sizes, strided rows, NaN padding, empty rows and
 bad arguments. Decisions at a threshold are compared where the float64 statistic is farther from
@@ -8,11 +8,16 @@ it than the same-dtype PyTorch formula's error at that token."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
-from iama_kernels import rollout_correction
+from iama_kernels import RolloutCorrectionOutput, rollout_correction
 from iama_kernels.policy_loss.rollout_correction import PROB_BOUND
 
 CASES = [  # (level, gate, mode, threshold)
@@ -25,6 +30,7 @@ CASES = [  # (level, gate, mode, threshold)
     ("sequence", "binary_kl", "mask", (0.0, 0.03)),
 ]
 MASKS = ["bool", "uint8", "int64", "float", "float64", "float16"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _inputs(S: int, T: int, dtype: torch.dtype, mask_kind: str, seed: int = 0):
@@ -251,8 +257,9 @@ def test_cpu_matches_reference(cpu_ext, level, gate, mode, threshold, dtype, mas
 
 @pytest.mark.parametrize(("level", "gate", "mode", "threshold"), CASES)
 def test_avx512_and_baseline_rows_agree(cpu_ext, level, gate, mode, threshold) -> None:
-    """A bool mask takes the AVX-512 row (where the CPU has it), the same mask as int64 the
-    baseline row: exp16/log16 are exp_acc/log_acc's steps, so they agree to the sums' rounding."""
+    """A bool mask takes the AVX-512 or AVX2 row (where the CPU has it), the same mask as int64
+    the baseline row: exp16/log16 are exp_acc/log_acc's steps, so they agree to the sums'
+    rounding."""
     old, rollout, mask = _inputs(11, 301, torch.float32, "bool", seed=3)
     a = rollout_correction(
         old, rollout, mask, level=level, gate=gate, mode=mode, threshold=threshold, impl="cpu"
@@ -263,6 +270,32 @@ def test_avx512_and_baseline_rows_agree(cpu_ext, level, gate, mode, threshold) -
     torch.testing.assert_close(a.weights, b.weights, rtol=2e-7, atol=0)
     for field in ("log_ratio_mean", "filtered_fraction", "mask_sums"):
         torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-6, atol=1e-7)
+
+
+def test_every_instruction_set_build_matches_reference(cpu_ext, tmp_path) -> None:
+    """float32 rows with a bool mask take the AVX-512 build, the AVX2 one or the baseline one,
+    whichever the CPU runs; IAMA_CPU_ISA caps the choice (a subprocess each), so every build this
+    machine can run is checked against the float64 reference."""
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, "tests")
+        from iama_kernels import _extension, rollout_correction
+        from test_rollout_correction import CASES, _inputs
+        _extension.load()
+        old, rollout, mask = _inputs(9, 203, torch.float32, "bool", seed=12)
+        outs = [tuple(rollout_correction(old, rollout, mask, level=level, gate=gate, mode=mode,
+                                         threshold=threshold, impl="cpu"))
+                for level, gate, mode, threshold in CASES]
+        torch.save(outs, sys.argv[1])
+    """)
+    old, rollout, mask = _inputs(9, 203, torch.float32, "bool", seed=12)
+    for isa in ("generic", "avx2", "avx512"):
+        path = tmp_path / f"{isa}.pt"
+        env = dict(os.environ, IAMA_CPU_ISA=isa)
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, cwd=REPO, timeout=300)
+        for fields, (level, gate, mode, threshold) in zip(torch.load(path), CASES, strict=True):
+            _check_against_reference(RolloutCorrectionOutput(*fields), old, rollout, mask, level, gate, mode,
+                                     threshold, f"{isa} {level} {gate} {mode}")
 
 
 def test_strided_and_mixed_dtypes(cpu_ext) -> None:
@@ -447,3 +480,25 @@ def test_triton_op_passes_opcheck(lane) -> None:
         torch.ops.iama_triton.rollout_correction.default,
         (old, rollout, mask.to(device), True, "tv", False, 0.0, 0.08),
     )
+
+
+def test_float64_bounds_are_not_rounded_to_float32(cpu_ext) -> None:
+    """A float64 ratio between 1.1 and float32(1.1) = 1.1000000238: above the bound, dropped (or
+    clamped) by every float64 backend, at token and at sequence level."""
+    d = math.log(1.1 + 1e-8)
+    old = torch.full((2, 3), -1.0, dtype=torch.float64)
+    rollout = old - d
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    for impl in ("cpu", "reference"):
+        for level in ("token", "sequence"):
+            out = rollout_correction(old, rollout, mask, level=level, threshold=(0.5, 1.1), impl=impl)
+            assert float(out.filtered_fraction) == 1.0 and not out.weights.any(), (impl, level)
+        out = rollout_correction(old, rollout, mask, mode="clip", threshold=(0.5, 1.1), impl=impl)
+        assert torch.equal(out.weights, torch.full((2, 3), 1.1, dtype=torch.float64)), impl
+
+
+def test_the_benchmark_runs(cpu_ext, capsys, benchmark_script) -> None:
+    """benchmarks/rollout_correction.py at a tiny size (it checks the kernel against eager PyTorch)."""
+    module = benchmark_script("rollout_correction")
+    assert module.main(["--shapes", "3x50,5x70", "--rounds", "2", "--no-write"]) == 0
+    assert capsys.readouterr().out.count("iama cpu") == 2 * len(module.CASES) * 2  # progress and table

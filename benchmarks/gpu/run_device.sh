@@ -30,7 +30,7 @@ if [ "$WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "
 echo "== gpu tests (timeout ${TEST_TIMEOUT}s, ${XDIST[*]:-one process})"
 # -v: one line per result as it happens, so a run stopped by the timeout (which leaves no junit
 # file and no summary) still shows what passed and what failed.
-timeout "$TEST_TIMEOUT" "$PY" -m pytest -v -m gpu tests/test_triton.py tests/test_covariance.py tests/test_trainer.py tests/test_integrations_openrlhf.py -p no:cacheprovider "${XDIST[@]}" \
+timeout "$TEST_TIMEOUT" "$PY" -m pytest -v -m gpu tests/test_triton.py tests/test_covariance.py tests/test_trainer.py tests/test_integrations_openrlhf.py tests/test_rollout_correction.py -p no:cacheprovider "${XDIST[@]}" \
     --durations=10 --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
 test_rc=$?
 grep -E "^(FAILED|ERROR) " "$OUT/gpu_tests.log" | head -n 20

@@ -1,9 +1,10 @@
 // CPU glue for iama::rollout_correction: the train/rollout correction's token weights and per-row
 // sums in one pass over old_logp, rollout_logp and the mask (two for sequence-level units: the
-// row's statistic, then its weights, while the row is in cache). Rows in parallel; the AVX-512
-// build (rollout_correction_avx512.cpp) for float32/bfloat16/float16 log-probs with a byte mask
-// or float32 weights on CPUs that have it, iama::correction_row (csrc/include/iama/correction.h)
-// otherwise.
+// row's statistic, then its weights, while the row is in cache). Rows in parallel; for
+// float32/bfloat16/float16 log-probs with a byte mask or float32 weights the AVX-512 build
+// (rollout_correction_avx512.cpp, hand-vectorised) or the AVX2 one (rollout_correction_avx2.cpp,
+// iama::correction_row vectorised by GCC) where the CPU has it, iama::correction_row
+// (csrc/include/iama/correction.h) in the baseline build otherwise.
 #include "rollout_correction.h"
 
 #include <ATen/Parallel.h>
@@ -36,7 +37,7 @@ void rows_kernel(const at::Tensor& old, const at::Tensor& rollout, const at::Ten
     for (int64_t r = begin; r < end; ++r) {
       const CorrectionRow row = correction_row<in_t, mask_t, acc_t, acc_t>(
           old_ptr + r * p.s_old, ro_ptr + r * p.s_rollout, mk_ptr + r * p.s_mask, p.T, p.sequence, p.gate, p.clip,
-          static_cast<acc_t>(p.low), static_cast<acc_t>(p.high), w_ptr + r * p.T);
+          p.low, p.high, w_ptr + r * p.T);
       double* out = p.rows + r * kCorrectionFields;
       out[0] = row.log_ratio_sum;
       out[1] = row.mask_sum;
@@ -104,8 +105,8 @@ std::tuple<at::Tensor, at::Tensor> rollout_correction(const at::Tensor& old_logp
   const at::Tensor mk = readable_mask(mask);
   p.S = old.size(0);
   p.T = old.size(1);
-  p.low = static_cast<float>(low);
-  p.high = static_cast<float>(high);
+  p.low = low;
+  p.high = high;
   p.old = old.const_data_ptr();
   p.rollout = rollout.const_data_ptr();
   p.mask = mk.const_data_ptr();
@@ -125,14 +126,16 @@ std::tuple<at::Tensor, at::Tensor> rollout_correction(const at::Tensor& old_logp
   }
   const at::ScalarType mdt = mk.scalar_type();
   const bool wide_row = dt != at::kDouble && (mdt == at::kBool || mdt == at::kByte || mdt == at::kFloat);
-  if (wide_row && cpu_isa_level() >= 2) {
+  const int isa = cpu_isa_level();
+  if (wide_row && isa >= 1) {
     p.dtype = dt == at::kFloat ? 0 : (dt == at::kBFloat16 ? 1 : 2);
     p.byte_mask = mdt != at::kFloat;
     p.weights = weights.mutable_data_ptr<float>();
+    const auto build = isa >= 2 ? rollout_correction_avx512 : rollout_correction_avx2;
     const int64_t grain = std::max<int64_t>(1, 32768 / p.T);
     bool done = true;
     at::parallel_for(0, p.S, grain, [&](int64_t begin, int64_t end) {
-      if (!rollout_correction_avx512(p, begin, end)) done = false;
+      if (!build(p, begin, end)) done = false;
     });
     if (done) return {weights, rows};
   }

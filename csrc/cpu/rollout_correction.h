@@ -1,6 +1,6 @@
 // The train/rollout correction's row pass: interface between the torch glue
-// (rollout_correction.cpp, which also holds the baseline build) and its AVX-512 build
-// (rollout_correction_avx512.cpp), chosen at run time.
+// (rollout_correction.cpp, which also holds the baseline build) and its AVX-512 and AVX2 builds
+// (rollout_correction_avx512.cpp, rollout_correction_avx2.cpp), chosen at run time.
 #pragma once
 
 #include <cstdint>
@@ -24,10 +24,12 @@ struct CorrectionProblem {
   bool sequence = false;
   int gate = 0;                    // iama::CorrectionGate
   bool clip = false;
-  float low = 0.0f, high = 0.0f;
+  double low = 0.0, high = 0.0;    // the threshold (rounded to the compute dtype per token)
 };
 
-// Runs the AVX-512 build over rows [begin, end); false when it is not compiled in (non-x86).
+// Run the AVX-512 or the AVX2 build over rows [begin, end); false when it is not compiled in
+// (non-x86).
 bool rollout_correction_avx512(const CorrectionProblem& p, int64_t begin, int64_t end);
+bool rollout_correction_avx2(const CorrectionProblem& p, int64_t begin, int64_t end);
 
 }  // namespace iama::cpu

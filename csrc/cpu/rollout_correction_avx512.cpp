@@ -15,6 +15,7 @@
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
 #define IAMA_ISA_NAMESPACE avx512
 #include "iama/correction.h"
+#include "rollout_correction_rows.h"
 #include "token_row_byte_avx512.h"
 
 namespace iama::cpu {
@@ -69,7 +70,7 @@ inline __m512 load_mask16(const mask_t* mask, __mmask16 lanes, __mmask16& keep) 
 template <typename in_t, typename mask_t>
 CorrectionRow row16(const in_t* old, const in_t* rollout, const mask_t* mask, int64_t T, const CorrectionProblem& p,
                     float* w) {
-  const __m512 low = _mm512_set1_ps(p.low), high = _mm512_set1_ps(p.high);
+  const __m512 low = _mm512_set1_ps(static_cast<float>(p.low)), high = _mm512_set1_ps(static_cast<float>(p.high));
   __m512d d_lo = _mm512_setzero_pd(), d_hi = d_lo, m_lo = d_lo, m_hi = d_lo, x_lo = d_lo, x_hi = d_lo;
   for (int64_t t = 0; t < T; t += 16) {
     const __mmask16 lanes = tail_lanes(T - t);
@@ -108,7 +109,7 @@ CorrectionRow row16(const in_t* old, const in_t* rollout, const mask_t* mask, in
   }
   const double mean = (p.gate == kGateRatio ? row.log_ratio_sum : wide_sum(x_lo, x_hi)) / row.mask_sum;
   row.statistic = p.gate == kGateRatio ? ::exp(mean) : mean;
-  const bool kept = row.statistic >= static_cast<double>(p.low) && row.statistic <= static_cast<double>(p.high);
+  const bool kept = row.statistic >= p.low && row.statistic <= p.high;
   row.dropped = kept ? 0.0 : 1.0;
   for (int64_t t = 0; t < T; t += 16) {
     const __mmask16 lanes = tail_lanes(T - t);
@@ -124,42 +125,13 @@ CorrectionRow row16(const in_t* old, const in_t* rollout, const mask_t* mask, in
   return row;
 }
 
-template <typename in_t, typename mask_t>
-void rows(const CorrectionProblem& p, int64_t begin, int64_t end) {
-  const in_t* old = static_cast<const in_t*>(p.old);
-  const in_t* rollout = static_cast<const in_t*>(p.rollout);
-  const mask_t* mask = static_cast<const mask_t*>(p.mask);
-  for (int64_t r = begin; r < end; ++r) {
-    const CorrectionRow row = row16<in_t, mask_t>(old + r * p.s_old, rollout + r * p.s_rollout,
-                                                  mask + r * p.s_mask, p.T, p, p.weights + r * p.T);
-    double* out = p.rows + r * kCorrectionFields;
-    out[0] = row.log_ratio_sum;
-    out[1] = row.mask_sum;
-    out[2] = row.dropped;
-    out[3] = row.statistic;
-  }
-}
-
-template <typename in_t>
-void by_mask(const CorrectionProblem& p, int64_t begin, int64_t end) {
-  if (p.byte_mask) {
-    rows<in_t, uint8_t>(p, begin, end);
-  } else {
-    rows<in_t, float>(p, begin, end);
-  }
-}
-
 }  // namespace
 }  // namespace avx512
 
 bool rollout_correction_avx512(const CorrectionProblem& p, int64_t begin, int64_t end) {
-  if (p.dtype == 0) {
-    avx512::by_mask<float>(p, begin, end);
-  } else if (p.dtype == 1) {
-    avx512::by_mask<c10::BFloat16>(p, begin, end);
-  } else {
-    avx512::by_mask<c10::Half>(p, begin, end);
-  }
+  avx512::correction_rows(p, begin, end, [&](const auto* old, const auto* rollout, const auto* mask, float* w) {
+    return avx512::row16(old, rollout, mask, p.T, p, w);
+  });
   return true;
 }
 

@@ -110,10 +110,10 @@ __global__ void correction_kernel(const float* old, const float* rollout, const 
   const int r = blockIdx.x * blockDim.x + threadIdx.x;
   if (r >= S) return;
   rows[r] = iama::correction_row<float, unsigned char, float, float>(old + r * T, rollout + r * T, mask + r * T, T,
-                                                                     false, iama::kGateBinaryKl, false, 0.0f, 0.01f,
+                                                                     false, iama::kGateBinaryKl, false, 0.0, 0.01,
                                                                      weights + r * T);
   rows[r].statistic += iama::correction_row<float, unsigned char, float, float>(
-                           old + r * T, rollout + r * T, mask + r * T, T, true, iama::kGateRatio, false, 0.5f,
-                           2.0f, weights + r * T)
+                           old + r * T, rollout + r * T, mask + r * T, T, true, iama::kGateRatio, false, 0.5,
+                           2.0, weights + r * T)
                            .statistic;
 }

@@ -17,8 +17,9 @@ aggregated per sequence); ``token_level_loss`` (the token mean) or the mean of t
 token means, with OpenRLHF's global normalisers (``batch_num_tokens``, ``global_batch_size``,
 ``dp_size``); the train/rollout correction of ``ppo`` (``is_correction_level`` ``"token"`` or
 ``"seq"``, ``is_correction_mode`` ``"mask"`` or ``"clip"``, ``is_correction_gating`` ``"ratio"``,
-``"binary_kl"`` or ``"tv"``, ``is_correction_threshold``), computed as OpenRLHF computes it in a
-few detached elementwise passes and given to the kernel as token weights. OpenRLHF's KL loss
+``"binary_kl"`` or ``"tv"``, ``is_correction_threshold``), computed by
+:func:`iama_kernels.rollout_correction` in one read of the log-probs (OpenRLHF: about ten
+elementwise passes) and given to the kernel as token weights. OpenRLHF's KL loss
 (``compute_approx_kl``) and entropy bonus stay OpenRLHF's. The advantages come from OpenRLHF (or,
 for IAMA's non-linear ones, from :func:`iama.integrations.flat.flat_group_advantages` on the
 ``[n_prompts * n_samples_per_prompt, m]`` rewards).
@@ -39,9 +40,17 @@ What differs from OpenRLHF's:
   which OpenRLHF's is).
 * With ``ppo``'s rollout correction on, ``clip_ratio`` and ``ppo_kl`` are means weighted by each
   token's weight in the loss (the correction's coefficient times the mask); OpenRLHF's are plain
-  means over the mask. ``vllm_kl`` and ``is_filter_ratio`` are OpenRLHF's.
-* An empty batch (no token under the mask) gives a loss of 0, not OpenRLHF's 0/0; a sequence
-  is divided by its token count (OpenRLHF's count plus 1e-8, which vanishes in float32).
+  means over the mask. ``vllm_kl`` and ``is_filter_ratio`` are OpenRLHF's (their sums in
+  float64).
+* ``binary_kl`` gate: the statistic is held at ``>= 0`` and ``1 - p`` is ``-expm1(log p)``.
+  OpenRLHF's float32 ``p log(p/q) + (1-p) log((1-p)/(1-q))`` falls below 0 for about one token
+  in ten at a log-prob mismatch of 1e-3 (four in ten at 1e-4), and its default lower bound of 0
+  drops those tokens: the ones on which trainer and rollout engine agree best. ``1 - p`` in
+  float32 keeps no digit for a probability within 1e-6 of 1. In float64 both agree with
+  OpenRLHF's to rounding.
+* An empty batch (no token under the mask) gives a loss of 0, not OpenRLHF's 0/0 (and a
+  ``vllm_kl`` and token-level ``is_filter_ratio`` of 0); a sequence is divided by its token
+  count (OpenRLHF's count plus 1e-8, which vanishes in float32).
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ from typing import Any
 
 import torch
 
-from iama_kernels import policy_loss
+from iama_kernels import policy_loss, rollout_correction
 from iama_kernels._checks import check_choice
 from iama_kernels._dispatch import IMPLS
 
@@ -63,8 +72,6 @@ POLICY_LOSS_TYPES = ("ppo", "gspo")
 IS_CORRECTION_LEVELS = ("off", "token", "seq")
 IS_CORRECTION_MODES = ("mask", "clip")
 IS_CORRECTION_GATINGS = ("ratio", "binary_kl", "tv")
-# OpenRLHF's clamp of the token probabilities in the divergence gates (keeps the logs finite)
-_PROB_BOUND = 1e-6
 
 
 # Masked sums take the mask as floats (``mf``), converted once per call: a product with a bool
@@ -75,11 +82,6 @@ _PROB_BOUND = 1e-6
 def _float_mask(m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The mask's values in ``dtype`` (a bool mask through its bytes: 3x faster than from bool)."""
     return (m.view(torch.uint8) if m.dtype == torch.bool else m).to(dtype)
-
-
-def _row_mean(x: torch.Tensor, mf: torch.Tensor) -> torch.Tensor:
-    """``[bs, 1]`` mask-weighted mean of each row (0/0 for an empty row, as OpenRLHF's)."""
-    return ((x * mf).sum(-1) / mf.sum(-1)).unsqueeze(-1)
 
 
 def _mean(x: torch.Tensor, mf: torch.Tensor) -> torch.Tensor:
@@ -237,13 +239,13 @@ class PolicyLoss(torch.nn.Module):
         S = log_probs.shape[0]
         m = action_mask  # the kernel reads it as it is (a bool mask as bytes)
         # The mask as floats, for the sums outside the kernel (made only where one is needed).
-        needs_sums = correcting or self.policy_loss_type == "gspo"
-        mf = _float_mask(m, torch.promote_types(log_probs.dtype, torch.float32)) if needs_sums else None
+        gspo = self.policy_loss_type == "gspo"
+        mf = _float_mask(m, torch.promote_types(log_probs.dtype, torch.float32)) if gspo else None
 
         adv = advantages.detach()
         old = old_log_probs.detach()
         vllm_kl = is_filter_ratio = None
-        weights: torch.Tensor | None = None
+        weights = row_totals = None  # the correction's token weights and each row's mask total
         if self.policy_loss_type == "gspo":
             if correcting:
                 old = rollout_log_probs.detach()
@@ -254,7 +256,8 @@ class PolicyLoss(torch.nn.Module):
                 mean = (adv * mf).sum(-1) / totals.clamp(min=torch.finfo(mf.dtype).tiny)
                 adv = torch.where(totals > 0, mean, 0.0)  # an empty row: 0 (no token reads it)
         elif correcting:
-            weights, vllm_kl, is_filter_ratio = self._correction(old, rollout_log_probs.detach(), mf)
+            rollout = rollout_log_probs.detach()
+            weights, vllm_kl, is_filter_ratio, row_totals = self._correction(old, rollout, m)
 
         # The kernel's "token" (sum over the mask's total) and "grpo" (each row over its own
         # total, then / S) are OpenRLHF's local means; "dr_grpo" with length 1 (sum / S), which
@@ -273,7 +276,7 @@ class PolicyLoss(torch.nn.Module):
             elif batch_num_tokens is not None:
                 scale = _ratio_or_zero(S * dp, batch_num_tokens)  # sum / batch_num_tokens * dp
             else:
-                scale = _ratio_or_zero(S, mf.sum())
+                scale = _ratio_or_zero(S, row_totals.sum())
         else:
             # sum of sequence means / global_batch_size * dp (with the local count: times 1)
             sequences, numerator = global_batch_size, (float(S) if global_batch_size is None else S * dp)
@@ -281,8 +284,8 @@ class PolicyLoss(torch.nn.Module):
                 loss_type, length = "grpo", None
                 count_rows = sequences is None
             else:  # each sequence over its own mask total (weight 0 in an empty row anyway)
-                totals = mf.sum(-1, keepdim=True)
-                mask = weights / totals.clamp(min=torch.finfo(mf.dtype).tiny)
+                totals = row_totals.unsqueeze(-1)
+                mask = weights / totals.clamp(min=torch.finfo(totals.dtype).tiny)
                 if sequences is None:
                     sequences = (totals > 0).sum()
             if sequences is not None:
@@ -306,41 +309,16 @@ class PolicyLoss(torch.nn.Module):
             ppo_kl = -out.log_ratio_mean
         return loss, out.clip_fraction, ppo_kl, vllm_kl, is_filter_ratio
 
-    def _correction(self, old: torch.Tensor, rollout: torch.Tensor, mf: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The correction's token weights (coefficient times mask), ``vllm_kl``, ``is_filter_ratio``
-        (``mf``: the mask as floats)."""
-        low, high = self.is_correction_threshold
-        per_sequence = self.is_correction_level == "seq"
-        # One [bs, T] float buffer: the log-ratio, then (in place) the ratio, the coefficient and
-        # the weight: each fresh [bs, T] tensor costs as much as the op that fills it on the CPU
-        # (its pages are faulted in on first touch).
-        buffer = old - rollout  # log(pi_old / pi_rollout), the token's importance ratio's log
-        vllm_kl = -_mean(buffer, mf)
-        stat: torch.Tensor | None = None
-        if self.is_correction_gating == "ratio":
-            if per_sequence:
-                stat = _row_mean(buffer, mf).exp()
-        else:
-            p = rollout.exp().clamp(_PROB_BOUND, 1 - _PROB_BOUND)
-            q = old.exp().clamp(_PROB_BOUND, 1 - _PROB_BOUND)
-            if self.is_correction_gating == "tv":
-                stat = (p - q).abs()
-            else:  # the sampled token's binary KL(rollout || old)
-                stat = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
-            if per_sequence:
-                stat = _row_mean(stat, mf)
-        ratio = buffer.exp_()
-        stat = ratio if stat is None else stat
-        if self.is_correction_mode == "clip":  # token level, ratio gate: the stat is the ratio
-            dropped = (stat < low) | (stat > high)  # (a NaN ratio is neither, and stays NaN)
-            coef = ratio.clamp_(min=low, max=high)
-        else:
-            dropped = ~((stat >= low) & (stat <= high))  # (a NaN statistic drops its unit)
-            coef = ratio.masked_fill_(dropped, 0.0)
-        # The filtered share per unit: of the sequences (every row), or of the masked tokens.
-        filtered = dropped.to(mf.dtype).mean() if per_sequence else _mean(dropped, mf)
-        return coef.mul_(mf), vllm_kl, filtered
+    def _correction(self, old: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The correction's token weights (coefficient times mask), ``vllm_kl``,
+        ``is_filter_ratio`` and each row's mask total, by :func:`iama_kernels.rollout_correction`
+        (one read of the inputs instead of about ten elementwise passes)."""
+        level = "sequence" if self.is_correction_level == "seq" else "token"
+        out = rollout_correction(old, rollout, mask, level=level, gate=self.is_correction_gating,
+                                 mode=self.is_correction_mode, threshold=self.is_correction_threshold,
+                                 impl=self.impl)
+        return out.weights, -out.log_ratio_mean, out.filtered_fraction, out.mask_sums
 
 
 def openrlhf_loss_module() -> types.ModuleType:
