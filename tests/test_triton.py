@@ -1057,8 +1057,8 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert "fused" in proc.stdout
     checks = [line for line in proc.stdout.splitlines() if line.startswith("check N=")]
     # One token size in the smoke run: 3 fused cases (float32 G=8, G=16, bfloat16) + 6 losses + the
-    # 2 covariance selections.
-    assert len(checks) == 11 and all(line.endswith("(ok)") for line in checks), checks
+    # 2 covariance selections + the 2 rollout corrections.
+    assert len(checks) == 13 and all(line.endswith("(ok)") for line in checks), checks
 
 
 def test_kernels_compile_for_sm90() -> None:

@@ -33,7 +33,9 @@ Measures, on the current CUDA device:
    ``vespo policy_loss fwd+bwd`` (TRL's ``"vespo"``: each row's weight from a pre-pass) and
    ``gmpo policy_loss fwd+bwd`` as ``"iama_geo_mean"`` runs it (GMPO: each row's objective from a
    pre-pass); and ``covariance_top_k`` / ``covariance_band``, KL-Cov's and Clip-Cov's token
-   selections, against verl's arithmetic in PyTorch (:func:`bench_covariance`);
+   selections, against verl's arithmetic in PyTorch (:func:`bench_covariance`); and
+   ``rollout_correction``, the train/rollout correction, against its eager PyTorch arithmetic
+   (:func:`bench_rollout_correction`);
    with GB/s computed from the fewest bytes the op must move (:func:`floor_bytes`: the mask and
    the gradient for every token, logp/old/ref up to each row's last valid token; rewards are
    negligible) and the ratio to the copy bandwidth, to eager and to compiled. The backward of
@@ -415,6 +417,54 @@ def bench_covariance(timer: Timer, device: torch.device, tokens: int, T: int) ->
     return rows
 
 
+# rollout_correction's cases on the GPU: (name, settings); float32 log-probs 0.02 apart
+CORRECTION_CASES = (
+    ("token ratio", {"level": "token", "gate": "ratio", "mode": "mask", "threshold": (0.5, 5.0)}),
+    ("sequence binary_kl", {"level": "sequence", "gate": "binary_kl", "mode": "mask",
+                            "threshold": (0.0, 4e-4)}),  # (rows' statistics 2e-4 to 5e-4: some kept)
+)
+
+
+def bench_rollout_correction(timer: Timer, device: torch.device, tokens: int, T: int) -> list[Measurement]:
+    """The train/rollout correction (``rollout_correction(impl="triton")``) against the same
+    arithmetic in eager PyTorch (``benchmarks/rollout_correction.py``'s ``eager``: OpenRLHF's), on
+    float32 old and rollout log-probs 0.02 apart and the benchmark's bool prefix mask. GB/s over
+    the 13 bytes a token moves (both log-probs and the mask read, the float32 weight written).
+    Checked first against the float64 reference: the weights equal to float32 rounding except
+    for tokens (rows) whose statistic lies within rounding of a bound (at most 1 in 1000)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from rollout_correction import eager
+
+    from iama_kernels import rollout_correction
+
+    old, _, _, mask, _ = token_inputs(tokens, 8, T, device, torch.float32, seed=11)
+    g = torch.Generator(device="cpu").manual_seed(12)
+    rollout = old + 0.02 * torch.randn(old.shape, generator=g).to(device)
+    rows = []
+    for name, settings in CORRECTION_CASES:
+        shape = f"N={tokens} T={T} {name} float32"
+
+        def ours(settings: dict[str, Any] = settings) -> Any:
+            return rollout_correction(old, rollout, mask, impl="triton", **settings)
+
+        def check(settings: dict[str, Any] = settings) -> dict[str, Any]:
+            got = ours().weights.double()
+            want = rollout_correction(old.double(), rollout.double(), mask, impl="reference",
+                                      **settings).weights
+            close = torch.isclose(got, want, rtol=1e-5, atol=1e-7)
+            share = float(close.double().mean())
+            return {"close_share": share, "check_ok": share >= 0.999}
+
+        errors = timer.attempt(check, {"close_share": 0.0, "check_ok": False})
+        ours_ms = timer(ours)
+        eager_ms = timer(lambda settings=settings: eager(old, rollout, mask, **settings))
+        nbytes = 13 * old.numel()
+        rows += [row("rollout_correction", "triton", shape, ours_ms, nbytes, x_eager=eager_ms / ours_ms,
+                     **errors),
+                 row("rollout_correction", "eager", shape, eager_ms, nbytes)]
+    return rows
+
+
 def bench_group_advantages(timer: Timer, device: torch.device, samples: int, G: int) -> list[Measurement]:
     from iama_kernels.advantages.triton import _group_advantages_fwd, group_warps, transform_codes
 
@@ -457,7 +507,14 @@ def targets(rows: list[Measurement]) -> list[str]:
     """The H100 targets, as lines (informational: they are checked by reading, not asserted)."""
     out = []
     for r in rows:
-        if "check_ok" in r.extra and r.benchmark.startswith("covariance"):
+        if "check_ok" in r.extra and r.benchmark == "rollout_correction":
+            ok = r.extra["check_ok"]
+            out.append(f"check {r.shape}: rollout_correction weights, "
+                       f"{100 * r.extra['close_share']:.2f}% equal to float64's ({'ok' if ok else 'FAIL'})")
+            out.append(f"rollout_correction {r.shape}: {r.median_ms:.3f} ms, "
+                       f"{r.extra.get('x_eager', 0):.1f}x eager, "
+                       f"{100 * r.extra.get('frac_copy_bw', 0):.0f}% of copy bandwidth")
+        elif "check_ok" in r.extra and r.benchmark.startswith("covariance"):
             ok = r.extra["check_ok"]
             out.append(f"check {r.shape}: {r.benchmark} selects {r.extra['selected']} tokens, "
                        f"against float64 ({'ok' if ok else 'FAIL'})")
@@ -567,6 +624,9 @@ def main(argv: list[str] | None = None) -> int:
             save(rows, copy_gbps, out)
     for tokens in token_sizes:  # KL-Cov's and Clip-Cov's selections
         rows += bench_covariance(timer, device, tokens, T)
+        save(rows, copy_gbps, out)
+    for tokens in token_sizes:  # the train/rollout correction
+        rows += bench_rollout_correction(timer, device, tokens, T)
         save(rows, copy_gbps, out)
     summary = save(rows, copy_gbps, out)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (interpreter)'}; "
