@@ -45,8 +45,9 @@ What differs from OpenRLHF's:
 * ``binary_kl`` gate: the statistic is held at ``>= 0`` and ``1 - p`` is ``-expm1(log p)``.
   OpenRLHF's float32 ``p log(p/q) + (1-p) log((1-p)/(1-q))`` falls below 0 for about one token
   in ten at a log-prob mismatch of 1e-3 (four in ten at 1e-4), and its default lower bound of 0
-  drops those tokens: the ones on which trainer and rollout engine agree best. ``1 - p`` in
-  float32 keeps no digit for a probability within 1e-6 of 1. In float64 both agree with
+  drops those tokens: the ones on which trainer and rollout engine agree best. ``1 - p`` of a
+  clamped float32 ``p`` is 1.0133e-6, not 1e-6 (``1 - 1e-6`` is not a float32), which puts the
+  KL of a token whose other probability is not clamped about 1e-5 off. In float64 both agree with
   OpenRLHF's to rounding.
 * An empty batch (no token under the mask) gives a loss of 0, not OpenRLHF's 0/0 (and a
   ``vllm_kl`` and token-level ``is_filter_ratio`` of 0); a sequence is divided by its token

@@ -127,18 +127,18 @@ def rollout_correction(
     ``exp`` of its mask-weighted mean ``d``); with ``"tv"`` the sampled token's probability gap
     ``|p - q|``, with ``"binary_kl"`` its binary KL ``p log(p/q) + (1-p) log((1-p)/(1-q))``
     (``p = e^rollout``, ``q = e^old``, both clamped to ``[1e-6, 1 - 1e-6]``, and ``1 - p`` as
-    ``-expm1(rollout)``, ``1 - q`` likewise, clamped alike: ``1 - e^x`` in float32 keeps no digit
-    of a probability within ``1e-6`` of 1; a row: their mask-weighted mean). The binary KL is
-    held at ``>= 0``: it is non-negative, but in float32 the rounding of its two terms leaves it
-    below 0 for about one token in ten at a log-prob mismatch of ``1e-3`` (four in ten at
-    ``1e-4``), which a lower bound of 0 (OpenRLHF's default for the divergence gates) would drop:
-    the tokens on which the two policies agree best. ``mode="mask"`` keeps the units whose
-    statistic lies in
-    ``[low, high]`` (a NaN statistic, an empty row's included, drops its unit) and gives their
-    tokens the weight ``e^d``, the others 0 (rejection plus importance weights: OpenRLHF's
-    ``is_correction_mode="mask"``); ``mode="clip"`` (token level, ratio gate) gives every token
-    ``clamp(e^d, low, high)`` (truncated importance sampling, two-sided). A token's weight is
-    that coefficient times ``m``.
+    ``-expm1(rollout)``, ``1 - q`` likewise, clamped alike: the clamp's own bound ``1 - 1e-6`` is
+    not a float32, and ``1 - p`` of a clamped float32 ``p`` is ``1.0133e-6``, which puts the KL of a
+    token whose other probability is not clamped about ``1e-5`` off; a row: their mask-weighted
+    mean). The binary KL is held at ``>= 0``: it is non-negative, but in float32 the rounding of its
+    two terms leaves it below 0 for about one token in ten at a log-prob mismatch of ``1e-3`` (four
+    in ten at ``1e-4``), which a lower bound of 0 (OpenRLHF's default for the divergence gates)
+    would drop: the tokens on which the two policies agree best. ``mode="mask"`` keeps the units
+    whose statistic lies in ``[low, high]`` (a NaN statistic, an empty row's included, drops its
+    unit) and gives their tokens the weight ``e^d``, the others 0 (rejection plus importance
+    weights: OpenRLHF's ``is_correction_mode="mask"``); ``mode="clip"`` (token level, ratio gate)
+    gives every token ``clamp(e^d, low, high)`` (truncated importance sampling, two-sided). A
+    token's weight is that coefficient times ``m``.
 
     Args:
         old_logp: ``[S, T]`` the trainer's log-probs of the sampled tokens (float16/bfloat16/

@@ -29,7 +29,8 @@ def _clamp_prob(p):
 @triton.jit
 def _one_minus_exp(x, ex):
     """1 - e^x given ex = e^x: -expm1(x), by its Taylor series (to x^10) for |x| < 1/2, where
-    1 - ex keeps no digit of a probability near 1."""
+    1 - ex loses the digits of a probability near 1 (and 1 - clamp(p) misses the bound 1e-6:
+    1 - 1e-6 is not a float32)."""
     s = 1.0 / 3628800.0
     s = s * x + 1.0 / 362880.0
     s = s * x + 1.0 / 40320.0

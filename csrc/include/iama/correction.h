@@ -44,8 +44,9 @@ IAMA_HD inline acc_t correction_token_statistic(int gate, acc_t old, acc_t rollo
   acc_t p = ep < lo ? lo : (ep > hi ? hi : ep);  // (a NaN stays NaN, as torch.clamp)
   acc_t q = eq < lo ? lo : (eq > hi ? hi : eq);
   if (gate == kGateTv) return p > q ? p - q : q - p;
-  // 1 - p as -expm1(rollout) (k3 + x is expm1(x)): 1 - e^x in float32 keeps no digit of a
-  // probability within 1e-6 of 1, where a likely token's binary KL lives.
+  // 1 - p as -expm1(rollout) (k3 + x is expm1(x)), clamped itself: 1 - 1e-6 is not a float32,
+  // and 1 - p of a clamped p is 1.0133e-6, which puts a token's KL ~1e-5 off where the other
+  // probability is not clamped; 1 - e^x also loses the digits of any probability near 1.
   acc_t np = -(k3_from_exp(rollout, ep) + rollout), nq = -(k3_from_exp(old, eq) + old);
   np = np < lo ? lo : (np > hi ? hi : np);
   nq = nq < lo ? lo : (nq > hi ? hi : nq);
