@@ -38,11 +38,7 @@ void rows_kernel(const at::Tensor& old, const at::Tensor& rollout, const at::Ten
       const CorrectionRow row = correction_row<in_t, mask_t, acc_t, acc_t>(
           old_ptr + r * p.s_old, ro_ptr + r * p.s_rollout, mk_ptr + r * p.s_mask, p.T, p.sequence, p.gate, p.clip,
           p.low, p.high, w_ptr + r * p.T);
-      double* out = p.rows + r * kCorrectionFields;
-      out[0] = row.log_ratio_sum;
-      out[1] = row.mask_sum;
-      out[2] = row.dropped;
-      out[3] = row.statistic;
+      store_correction_row(row, p.rows + r * kCorrectionFields);
     }
   });
 }

@@ -11,6 +11,16 @@ namespace iama::cpu {
 // dropped share and the row's statistic (iama::CorrectionRow).
 constexpr int kCorrectionFields = 4;
 
+// Writes a row's iama::CorrectionRow to its kCorrectionFields (a template: each instruction-set
+// build has its own CorrectionRow type, in its own namespace).
+template <typename Row>
+inline void store_correction_row(const Row& row, double* out) {
+  out[0] = row.log_ratio_sum;
+  out[1] = row.mask_sum;
+  out[2] = row.dropped;
+  out[3] = row.statistic;
+}
+
 struct CorrectionProblem {
   int64_t S = 0, T = 0;
   int dtype = 0;                   // 0 float32, 1 bfloat16, 2 float16 (old and rollout alike)

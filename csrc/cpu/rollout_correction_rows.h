@@ -35,13 +35,8 @@ void correction_rows(const CorrectionProblem& p, int64_t begin, int64_t end, con
     const in_t* rollout = static_cast<const in_t*>(p.rollout);
     const mask_t* mask = static_cast<const mask_t*>(p.mask);
     for (int64_t r = begin; r < end; ++r) {
-      const CorrectionRow sums = row(old + r * p.s_old, rollout + r * p.s_rollout, mask + r * p.s_mask,
-                                     p.weights + r * p.T);
-      double* out = p.rows + r * kCorrectionFields;
-      out[0] = sums.log_ratio_sum;
-      out[1] = sums.mask_sum;
-      out[2] = sums.dropped;
-      out[3] = sums.statistic;
+      store_correction_row(row(old + r * p.s_old, rollout + r * p.s_rollout, mask + r * p.s_mask, p.weights + r * p.T),
+                           p.rows + r * kCorrectionFields);
     }
   };
   const auto by_mask = [&](auto in_tag) {

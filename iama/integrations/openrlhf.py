@@ -247,7 +247,7 @@ class PolicyLoss(torch.nn.Module):
         old = old_log_probs.detach()
         vllm_kl = is_filter_ratio = None
         weights = row_totals = None  # the correction's token weights and each row's mask total
-        if self.policy_loss_type == "gspo":
+        if gspo:
             if correcting:
                 old = rollout_log_probs.detach()
             if adv.ndim == 2:  # each response's mean advantage (see the module's note)
@@ -291,7 +291,7 @@ class PolicyLoss(torch.nn.Module):
                     sequences = (totals > 0).sum()
             if sequences is not None:
                 scale = _ratio_or_zero(numerator, sequences)
-        level = "sequence" if self.policy_loss_type == "gspo" else "token"
+        level = "sequence" if gspo else "token"
         out = policy_loss(log_probs, old, None, adv, mask, eps_low=self.clip_eps_low,
                           eps_high=self.clip_eps_high, loss_type=loss_type, max_completion_length=length,
                           dual_clip=self.dual_clip, ratio_level=level, row_stats=count_rows or count_tokens,
@@ -304,7 +304,7 @@ class PolicyLoss(torch.nn.Module):
             scale = local * dp / torch.as_tensor(batch_num_tokens, dtype=torch.float64, device=local.device)
         if scale is not None:
             loss = loss * torch.as_tensor(scale, dtype=torch.float64, device=loss.device).to(loss.dtype)
-        if self.policy_loss_type == "gspo" and correcting:  # the ratio was against the rollout's
+        if gspo and correcting:  # the ratio was against the rollout's
             ppo_kl = _mean(old_log_probs.detach() - log_probs.detach(), mf).to(out.loss.dtype)
         else:
             ppo_kl = -out.log_ratio_mean

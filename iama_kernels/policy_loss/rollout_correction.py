@@ -43,21 +43,14 @@ def _gate_statistic(gate: str, old: torch.Tensor, rollout: torch.Tensor, ratio: 
     return torch.where(kl < 0, 0.0, kl)  # (see rollout_correction's doc: held at >= 0)
 
 
-def _rollout_correction_ref(
-    old_logp: torch.Tensor,
-    rollout_logp: torch.Tensor,
-    mask: torch.Tensor,
-    sequence: bool,
-    gate: str,
-    clip: bool,
-    low: float,
-    high: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _rollout_correction_ref(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                            sequence: bool, gate: str, clip: bool, low: float, high: float
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 ``(weights [S, T], rows [S, 4])``: the tokens with a zero mask selected out first."""
     keep = mask != 0
     m = torch.where(keep, mask.double(), 0.0)
-    old = torch.where(keep, old_logp.detach().double(), 0.0)
-    rollout = torch.where(keep, rollout_logp.detach().double(), 0.0)
+    old = torch.where(keep, old_logp.double(), 0.0)
+    rollout = torch.where(keep, rollout_logp.double(), 0.0)
     d = old - rollout
     ratio = d.exp()
     rows = torch.zeros(old.shape[0], _ROW_FIELDS, dtype=torch.float64, device=old.device)
@@ -86,19 +79,10 @@ def _rollout_correction_ref(
     return weights, rows
 
 
-def _rollout_correction_cpu(
-    old_logp: torch.Tensor,
-    rollout_logp: torch.Tensor,
-    mask: torch.Tensor,
-    sequence: bool,
-    gate: str,
-    clip: bool,
-    low: float,
-    high: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.iama.rollout_correction(
-        old_logp.detach(), rollout_logp.detach(), mask, sequence, gate, clip, low, high
-    )
+def _rollout_correction_cpu(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                            sequence: bool, gate: str, clip: bool, low: float, high: float
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.iama.rollout_correction(old_logp, rollout_logp, mask, sequence, gate, clip, low, high)
 
 
 _BACKENDS: list[Backend] = [
@@ -164,10 +148,10 @@ def rollout_correction(
         row's mask total) and ``row_statistic`` (``[S]`` at sequence level, else ``None``). The
         two means are 0 where there is nothing to average; in the weights' dtype.
     """
-    old_logp = check_float("old_logp", old_logp)
+    old_logp = check_float("old_logp", old_logp).detach()  # (every backend reads them detached)
     if old_logp.dim() != 2:
         raise ValueError(f"old_logp must have shape [S, T], got {tuple(old_logp.shape)}")
-    rollout_logp = check_float("rollout_logp", rollout_logp)
+    rollout_logp = check_float("rollout_logp", rollout_logp).detach()
     mask = check_tensor("mask", mask)
     check_like_logp(old_logp, like="old_logp", rollout_logp=rollout_logp, mask=mask)
     if mask.is_complex():
@@ -198,24 +182,15 @@ def rollout_correction(
     return _output(weights.to(dtype), rows, sequence, dtype)
 
 
-def _output(
-    weights: torch.Tensor, rows: torch.Tensor, sequence: bool, dtype: torch.dtype
-) -> RolloutCorrectionOutput:
-    totals = (
-        rows.sum(0, dtype=torch.float64)
-        if rows.shape[0]
-        else rows.new_zeros(_ROW_FIELDS, dtype=torch.float64)
-    )
+def _output(weights: torch.Tensor, rows: torch.Tensor, sequence: bool, dtype: torch.dtype
+            ) -> RolloutCorrectionOutput:
+    totals = rows.sum(0, dtype=torch.float64)  # (zeros for S = 0)
     mass = totals[1]
     log_ratio_mean = torch.where(mass != 0, totals[0] / mass, 0.0)
     if sequence:
         filtered = totals[2] / max(rows.shape[0], 1)
     else:
         filtered = torch.where(mass != 0, totals[2] / mass, 0.0)
-    return RolloutCorrectionOutput(
-        weights,
-        log_ratio_mean.to(dtype),
-        filtered.to(dtype),
-        rows[:, 1].to(dtype),
-        rows[:, 3].to(dtype) if sequence else None,
-    )
+    statistic = rows[:, 3].to(dtype) if sequence else None
+    return RolloutCorrectionOutput(weights, log_ratio_mean.to(dtype), filtered.to(dtype),
+                                   rows[:, 1].to(dtype), statistic)

@@ -64,24 +64,9 @@ def _gate_statistic(old, rollout, ratio, GATE: tl.constexpr):
 
 @triton.jit
 def _rollout_correction_kernel(
-    old_ptr,
-    rollout_ptr,
-    mask_ptr,
-    w_ptr,
-    rows_ptr,
-    s_or,
-    s_ot,
-    s_rr,
-    s_rt,
-    s_mr,
-    s_mt,
-    T,
-    low,
-    high,
-    SEQUENCE: tl.constexpr,
-    GATE: tl.constexpr,
-    CLIP: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    old_ptr, rollout_ptr, mask_ptr, w_ptr, rows_ptr,
+    s_or, s_ot, s_rr, s_rt, s_mr, s_mt, T, low, high,
+    SEQUENCE: tl.constexpr, GATE: tl.constexpr, CLIP: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Row ``program_id`` (64-bit row offsets; 32-bit offsets within a row): its weights (a
     contiguous ``[S, T]`` float32 output) and its four sums (``rows [S, 4]`` float32)."""
@@ -148,16 +133,9 @@ def _rollout_correction_kernel(
 
 
 @torch.library.custom_op("iama_triton::rollout_correction", mutates_args=())
-def _rollout_correction_op(
-    old_logp: torch.Tensor,
-    rollout_logp: torch.Tensor,
-    mask: torch.Tensor,
-    sequence: bool,
-    gate: str,
-    clip: bool,
-    low: float,
-    high: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _rollout_correction_op(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                           sequence: bool, gate: str, clip: bool, low: float, high: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     S, T = old_logp.shape
     weights = torch.empty(S, T, dtype=torch.float32, device=old_logp.device)
     rows = torch.zeros(S, 4, dtype=torch.float32, device=old_logp.device)
@@ -166,22 +144,9 @@ def _rollout_correction_op(
         block_t, warps = token_block(T, max(old_logp.element_size(), rollout_logp.element_size()))
         with launch_device(old_logp.device):
             _rollout_correction_kernel[(S,)](
-                old_logp,
-                rollout_logp,
-                m,
-                weights,
-                rows,
-                *old_logp.stride(),
-                *rollout_logp.stride(),
-                *m.stride(),
-                T,
-                low,
-                high,
-                SEQUENCE=sequence,
-                GATE=_GATE_CODES[gate],
-                CLIP=clip,
-                BLOCK_T=block_t,
-                num_warps=warps,
+                old_logp, rollout_logp, m, weights, rows, *old_logp.stride(), *rollout_logp.stride(),
+                *m.stride(), T, low, high, SEQUENCE=sequence, GATE=_GATE_CODES[gate], CLIP=clip,
+                BLOCK_T=block_t, num_warps=warps,
             )
     elif S and sequence:  # empty rows: 0 / 0, dropped
         rows[:, 2] = 1.0
@@ -195,17 +160,9 @@ def _(old_logp, rollout_logp, mask, sequence, gate, clip, low, high):
     return old_logp.new_empty(S, T, dtype=torch.float32), old_logp.new_empty(S, 4, dtype=torch.float32)
 
 
-def rollout_correction_triton(
-    old_logp: torch.Tensor,
-    rollout_logp: torch.Tensor,
-    mask: torch.Tensor,
-    sequence: bool,
-    gate: str,
-    clip: bool,
-    low: float,
-    high: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weights [S, T] float32, rows [S, 4] float32)`` of :func:`iama_kernels.rollout_correction`."""
-    return _rollout_correction_op(
-        old_logp.detach(), rollout_logp.detach(), mask, sequence, gate, clip, low, high
-    )
+def rollout_correction_triton(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                              sequence: bool, gate: str, clip: bool, low: float, high: float
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights [S, T] float32, rows [S, 4] float32)`` of :func:`iama_kernels.rollout_correction`
+    (which passes the log-probs detached)."""
+    return _rollout_correction_op(old_logp, rollout_logp, mask, sequence, gate, clip, low, high)

@@ -35,21 +35,25 @@ struct CorrectionRow {
 
 constexpr double kCorrectionProbBound = 1e-6;
 
+// A probability clamped to [1e-6, 1 - 1e-6] (a NaN stays NaN, as torch.clamp).
+template <typename acc_t>
+IAMA_HD inline acc_t clamp_correction_prob(acc_t x) {
+  const acc_t lo = static_cast<acc_t>(kCorrectionProbBound), hi = static_cast<acc_t>(1.0 - kCorrectionProbBound);
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
 // The gate statistic of one token from its two log-probs (d = old - rollout, ratio = e^d).
 template <typename acc_t>
 IAMA_HD inline acc_t correction_token_statistic(int gate, acc_t old, acc_t rollout, acc_t ratio) {
   if (gate == kGateRatio) return ratio;
-  const acc_t lo = static_cast<acc_t>(kCorrectionProbBound), hi = static_cast<acc_t>(1.0 - kCorrectionProbBound);
   const acc_t ep = exp_acc(rollout), eq = exp_acc(old);
-  acc_t p = ep < lo ? lo : (ep > hi ? hi : ep);  // (a NaN stays NaN, as torch.clamp)
-  acc_t q = eq < lo ? lo : (eq > hi ? hi : eq);
+  const acc_t p = clamp_correction_prob(ep), q = clamp_correction_prob(eq);
   if (gate == kGateTv) return p > q ? p - q : q - p;
   // 1 - p as -expm1(rollout) (k3 + x is expm1(x)), clamped itself: 1 - 1e-6 is not a float32,
   // and 1 - p of a clamped p is 1.0133e-6, which puts a token's KL ~1e-5 off where the other
   // probability is not clamped; 1 - e^x also loses the digits of any probability near 1.
-  acc_t np = -(k3_from_exp(rollout, ep) + rollout), nq = -(k3_from_exp(old, eq) + old);
-  np = np < lo ? lo : (np > hi ? hi : np);
-  nq = nq < lo ? lo : (nq > hi ? hi : nq);
+  const acc_t np = clamp_correction_prob(-(k3_from_exp(rollout, ep) + rollout));
+  const acc_t nq = clamp_correction_prob(-(k3_from_exp(old, eq) + old));
   // A binary KL is >= 0; in float32 the two terms' rounding leaves it below 0 for about one token
   // in ten at a log-prob mismatch of 1e-3, which a lower bound of 0 would drop: held at 0.
   const acc_t kl = p * log_acc(p / q) + np * log_acc(np / nq);
